@@ -1,0 +1,1 @@
+//! wanmig benchmarks and WAN emulator.

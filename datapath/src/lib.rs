@@ -1,0 +1,13 @@
+//! The wanmig engine's library: everything that moves guest state across the WAN.
+//!
+//! wanmig migrates a running virtual machine between data centres over a slow,
+//! distant link with a *fractional hybrid copy*: it pre-copies the important
+//! fraction `M` of memory and `S` of storage while the guest runs, freezes it
+//! briefly, and post-copies the rest on demand at the destination.
+//!
+//! This crate is the data path of that engine:
+//! - [`wire`]: the frame format and the authenticated handshake spoken between a
+//!   source and a destination engine (the one place the wire format is defined).
+//! - [`transport`]: io_uring send and receive loops that move frames over TCP,
+//!   with buffers owned until their completion and bulk pacing that keeps the
+//!   fault connection out of deep queues.

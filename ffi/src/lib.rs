@@ -1,0 +1,1 @@
+//! wanmig C ABI.

@@ -1,0 +1,1 @@
+//! The wanmig planner (see issue 3).
