@@ -1,1 +1,3 @@
-//! wanmig benchmarks and WAN emulator.
+//! wanmig benchmarks and the emulated WAN.
+
+pub mod wan;

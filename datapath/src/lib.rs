@@ -11,3 +11,6 @@
 //! - [`transport`]: io_uring send and receive loops that move frames over TCP,
 //!   with buffers owned until their completion and bulk pacing that keeps the
 //!   fault connection out of deep queues.
+
+pub mod transport;
+pub mod wire;

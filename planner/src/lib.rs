@@ -1,1 +1,3 @@
-//! The wanmig planner (see issue 3).
+//! The wanmig planner (issue 3 fills in the model, profiles and search).
+
+pub mod units;

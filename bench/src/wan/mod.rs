@@ -1,0 +1,1 @@
+//! The emulated WAN (being written).

@@ -1,0 +1,1 @@
+//! The wanmig wire protocol (being written).
