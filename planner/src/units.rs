@@ -47,9 +47,7 @@ fn split_number(what: &'static str, s: &str) -> Result<(f64, String), ParseQuant
     if num.is_empty() {
         return Err(err(what, s, "expected a number first"));
     }
-    let value: f64 = num
-        .parse()
-        .map_err(|_| err(what, s, "malformed number"))?;
+    let value: f64 = num.parse().map_err(|_| err(what, s, "malformed number"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(err(what, s, "must be a finite, non-negative number"));
     }
@@ -64,7 +62,9 @@ fn to_u64(what: &'static str, s: &str, v: f64) -> Result<u64, ParseQuantityError
 }
 
 /// A link rate in bits per second.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct Rate {
     bits_per_second: u64,
@@ -113,7 +113,13 @@ impl FromStr for Rate {
                      write bits as '40mbit' or bytes as '5MB/s'",
                 ));
             }
-            _ => return Err(err(W, s, "unknown unit (use bit, kbit, mbit, gbit or MB/s)")),
+            _ => {
+                return Err(err(
+                    W,
+                    s,
+                    "unknown unit (use bit, kbit, mbit, gbit or MB/s)",
+                ));
+            }
         };
         let bits = to_u64(W, s, v * mult)?;
         if bits == 0 {
@@ -126,7 +132,11 @@ impl FromStr for Rate {
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.bits_per_second;
-        for (unit, m) in [("gbit", 1_000_000_000u64), ("mbit", 1_000_000), ("kbit", 1_000)] {
+        for (unit, m) in [
+            ("gbit", 1_000_000_000u64),
+            ("mbit", 1_000_000),
+            ("kbit", 1_000),
+        ] {
             if b >= m && b % m == 0 {
                 return write!(f, "{}{unit}", b / m);
             }
@@ -139,7 +149,9 @@ impl fmt::Display for Rate {
 }
 
 /// A size in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct ByteSize(pub u64);
 
@@ -166,7 +178,13 @@ impl FromStr for ByteSize {
             "MB" => 1e6,
             "GB" => 1e9,
             "TB" => 1e12,
-            _ => return Err(err(W, s, "unknown unit (use KiB, MiB, GiB, TiB or a plain byte count)")),
+            _ => {
+                return Err(err(
+                    W,
+                    s,
+                    "unknown unit (use KiB, MiB, GiB, TiB or a plain byte count)",
+                ));
+            }
         };
         let bytes = v * mult;
         if bytes.fract() != 0.0 {
@@ -229,14 +247,32 @@ mod tests {
 
     #[test]
     fn rates_are_bits_per_second_with_decimal_units() {
-        assert_eq!("40mbit".parse::<Rate>().unwrap().bits_per_second(), 40_000_000);
-        assert_eq!("40Mbit".parse::<Rate>().unwrap().bits_per_second(), 40_000_000);
-        assert_eq!("1.5gbit".parse::<Rate>().unwrap().bits_per_second(), 1_500_000_000);
-        assert_eq!("800kbit".parse::<Rate>().unwrap().bits_per_second(), 800_000);
-        assert_eq!("5MB/s".parse::<Rate>().unwrap().bits_per_second(), 40_000_000);
+        assert_eq!(
+            "40mbit".parse::<Rate>().unwrap().bits_per_second(),
+            40_000_000
+        );
+        assert_eq!(
+            "40Mbit".parse::<Rate>().unwrap().bits_per_second(),
+            40_000_000
+        );
+        assert_eq!(
+            "1.5gbit".parse::<Rate>().unwrap().bits_per_second(),
+            1_500_000_000
+        );
+        assert_eq!(
+            "800kbit".parse::<Rate>().unwrap().bits_per_second(),
+            800_000
+        );
+        assert_eq!(
+            "5MB/s".parse::<Rate>().unwrap().bits_per_second(),
+            40_000_000
+        );
         assert_eq!("40mbit".parse::<Rate>().unwrap().bytes_per_second(), 5e6);
         assert_eq!(Rate::from_bits_per_second(40_000_000).to_string(), "40mbit");
-        assert_eq!(Rate::from_bits_per_second(2_500_000).to_string(), "2500kbit");
+        assert_eq!(
+            Rate::from_bits_per_second(2_500_000).to_string(),
+            "2500kbit"
+        );
     }
 
     #[test]

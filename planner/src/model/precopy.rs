@@ -1,0 +1,237 @@
+//! Phase 1 (live pre-copy rounds) and the freeze that ends it.
+//!
+//! State per write-rate group `w` (all pre-copied units with `w` write
+//! intervals, pages and chunks together, in bytes): `x_w` = bytes in the
+//! pre-copy set, `s_w` = bytes sent in the current round. A round of length
+//! `t = bytes / B` dirties, in expectation,
+//!
+//! ```text
+//! d_w = s_w * (1 - (1 - e^{-l t}) / (l t))      sent at a uniform point, written after
+//!     + (x_w - s_w) * (1 - e^{-l t})            clean at the round start, written in it
+//! ```
+//!
+//! with `l = lambda_w`, and round `k + 1` sends `d_w`. Round 0 sends the whole
+//! set, except that zero/never-populated units cost nothing then (a flag);
+//! once re-dirtied they cost their full size. Units are grouped by `w` only,
+//! because the dynamics depend on nothing else: O(distinct w) per round.
+//!
+//! Stop rule, checked after each round `k` with `rem = sum d_w`:
+//! 1. `rem == 0` (nothing left to resend): stop;
+//! 2. a downtime target is set and the freeze time
+//!    `(rem + state)/B + RTT + overhead` meets it: stop;
+//! 3. *converged*: sending the remainder would add less than `converged`
+//!    (default 1 %) to the unavoidable freeze time:
+//!    `rem / B <= converged * (state/B + RTT + overhead)`; further rounds
+//!    could not lower `D` noticeably (without this, a converging dirty set
+//!    shrinks geometrically forever and only the round limit stops it);
+//! 4. the dirty set stopped shrinking: `rem >= (1 - min_shrink) * bytes_k`
+//!    (default `min_shrink` 5 %): stop;
+//! 5. `k + 1 == max_rounds` (default 30): stop.
+//!
+//! Rounds are pipelined: no per-round RTT (the source re-reads its dirty log
+//! locally).
+
+use serde::{Deserialize, Serialize};
+
+use super::rates::{p_any, p_redirty, redirty_and_any};
+
+/// Why pre-copy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Nothing was dirtied in the last round (or nothing is pre-copied).
+    Clean,
+    /// The predicted freeze time meets the downtime target.
+    TargetMet,
+    /// The remainder adds less than `converged` to the fixed freeze time.
+    Converged,
+    /// The dirty set shrank by less than `min_shrink` in the last round.
+    NotShrinking,
+    /// The round limit was reached.
+    RoundLimit,
+}
+
+/// One predicted pre-copy round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Round {
+    /// Round number, from 0.
+    pub index: u32,
+    /// Bytes sent in the round.
+    pub bytes: f64,
+    /// Round duration in seconds.
+    pub duration_s: f64,
+    /// Expected bytes of the pre-copy set dirty when the round ends.
+    pub dirty_bytes: f64,
+}
+
+/// Inputs the round recursion needs besides the per-group state.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PrecopyLink {
+    pub bandwidth: f64,
+    pub freeze_fixed: f64,
+    pub target: Option<f64>,
+    pub max_rounds: u32,
+    pub min_shrink: f64,
+    pub converged: f64,
+}
+
+impl PrecopyLink {
+    /// The stop rule after round `k` that sent `bytes` and left `rem` dirty.
+    pub(crate) fn stop(&self, k: u32, bytes: f64, rem: f64) -> Option<StopReason> {
+        let remainder_time = rem / self.bandwidth;
+        if rem <= 0.0 {
+            Some(StopReason::Clean)
+        } else if self
+            .target
+            .is_some_and(|target| remainder_time + self.freeze_fixed <= target)
+        {
+            Some(StopReason::TargetMet)
+        } else if remainder_time <= self.converged * self.freeze_fixed {
+            Some(StopReason::Converged)
+        } else if rem >= (1.0 - self.min_shrink) * bytes {
+            Some(StopReason::NotShrinking)
+        } else if k + 1 >= self.max_rounds {
+            Some(StopReason::RoundLimit)
+        } else {
+            None
+        }
+    }
+}
+
+/// The outcome of the pre-copy phase.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PrecopyOutcome {
+    pub duration: f64,
+    pub remainder: f64,
+    pub rounds: u32,
+    pub stop: StopReason,
+}
+
+/// One write-rate group: `lambda_w` (per second) and the bytes in the set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Group {
+    pub lambda: f64,
+    pub bytes: f64,
+}
+
+/// Runs the recursion. `groups` holds only groups with `lambda > 0` and
+/// `bytes > 0` (never-written units never need resending); `round0` is the
+/// round-0 byte count (every pre-copied populated unit). `sent` is scratch
+/// space. Each round is appended to `record` when given.
+pub(crate) fn run(
+    groups: &[Group],
+    round0: f64,
+    link: &PrecopyLink,
+    sent: &mut Vec<f64>,
+    mut record: Option<&mut Vec<Round>>,
+) -> PrecopyOutcome {
+    sent.clear();
+    sent.extend(groups.iter().map(|g| g.bytes));
+    let mut bytes = round0;
+    let mut duration = 0.0;
+    for k in 0..link.max_rounds.max(1) {
+        let t = bytes / link.bandwidth;
+        duration += t;
+        let mut rem = 0.0;
+        if t > 0.0 {
+            for (g, s) in groups.iter().zip(sent.iter_mut()) {
+                let (redirty, any) = redirty_and_any(g.lambda * t);
+                let d = *s * redirty + (g.bytes - *s) * any;
+                *s = d;
+                rem += d;
+            }
+        } else {
+            sent.iter_mut().for_each(|s| *s = 0.0);
+        }
+        if let Some(r) = record.as_deref_mut() {
+            r.push(Round {
+                index: k,
+                bytes,
+                duration_s: t,
+                dirty_bytes: rem,
+            });
+        }
+        let stop = link.stop(k, bytes, rem);
+        if let Some(stop) = stop {
+            return PrecopyOutcome {
+                duration,
+                remainder: rem.max(0.0),
+                rounds: k + 1,
+                stop,
+            };
+        }
+        bytes = rem;
+    }
+    unreachable!("the round limit stops the loop")
+}
+
+/// The per-group bytes sent in round `round` (rounds beyond the predicted
+/// ones repeat the last), for comparing a round with the engine's telemetry.
+pub(crate) fn sent_in_round(
+    groups: &[Group],
+    round0: f64,
+    link: &PrecopyLink,
+    round: u32,
+) -> Vec<f64> {
+    let mut sent: Vec<f64> = groups.iter().map(|g| g.bytes).collect();
+    let mut bytes = round0;
+    for k in 0..round {
+        let t = bytes / link.bandwidth;
+        let next: Vec<f64> = groups
+            .iter()
+            .zip(&sent)
+            .map(|(g, s)| {
+                let x = g.lambda * t;
+                s * p_redirty(x) + (g.bytes - s) * p_any(x)
+            })
+            .collect();
+        let rem: f64 = next.iter().sum();
+        let stop = link.stop(k, bytes, rem).is_some();
+        if stop {
+            break;
+        }
+        sent = next;
+        bytes = rem;
+    }
+    sent
+}
+
+/// Expected bytes of the pre-copy set dirtied during one round, given what
+/// that round sent, as a function of its duration and of a multiplier on
+/// the write rates (the planner fits the multiplier to telemetry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundDirty {
+    pub(crate) groups: Vec<Group>,
+    pub(crate) sent: Vec<f64>,
+}
+
+impl RoundDirty {
+    /// Expected dirty bytes at the end of a round of `duration` seconds with
+    /// every write rate multiplied by `factor`. Increasing in both.
+    pub fn bytes(&self, duration: f64, factor: f64) -> f64 {
+        self.groups
+            .iter()
+            .zip(&self.sent)
+            .map(|(g, s)| {
+                let x = g.lambda * factor * duration;
+                s * p_redirty(x) + (g.bytes - s) * p_any(x)
+            })
+            .sum()
+    }
+
+    /// The multiplier that makes [`RoundDirty::bytes`] equal `measured`,
+    /// searched in `[1e-4, 1e4]` (bisection on its logarithm); clamped to
+    /// the range when no multiplier fits.
+    pub fn fit_factor(&self, duration: f64, measured: f64) -> f64 {
+        let (mut lo, mut hi) = (1e-4f64.ln(), 1e4f64.ln());
+        for _ in 0..60 {
+            let mid = 0.5 * (lo + hi);
+            if self.bytes(duration, mid.exp()) < measured {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        (0.5 * (lo + hi)).exp()
+    }
+}

@@ -1,0 +1,185 @@
+//! The per-unit reference model (tests only): the same equations applied to
+//! every unit separately, with the unit order taken literally (rank, then
+//! pages before chunks, then address). The class model must agree with it.
+
+use std::cmp::Ordering;
+
+use super::rates::{RateTable, p_any, p_redirty};
+use super::{Link, ModelParams, Policy, Selection};
+use crate::profile::{Kind, UnitCounters};
+
+/// What the reference model predicts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RefResult {
+    pub precopy_s: f64,
+    pub remainder: f64,
+    pub rounds: u32,
+    pub downtime: f64,
+    pub uptime: f64,
+    pub total: f64,
+    pub penalty: f64,
+    pub faults: f64,
+    pub window_stall: f64,
+    pub gamma: f64,
+    pub gamma_weighted: f64,
+}
+
+/// A small per-unit profile.
+#[derive(Debug, Clone)]
+pub(crate) struct UnitProfile {
+    pub samples: u32,
+    pub interval_s: f64,
+    pub page_size: u64,
+    pub chunk_size: u64,
+    pub state_bytes: u64,
+    pub pages: Vec<UnitCounters>,
+    pub chunks: Vec<UnitCounters>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct U {
+    kind: Kind,
+    index: usize,
+    c: UnitCounters,
+    size: f64,
+    lam_w: f64,
+    lam_a: f64,
+}
+
+pub(crate) fn predict(
+    p: &UnitProfile,
+    link: Link,
+    params: &ModelParams,
+    sel: Selection,
+    memory_magic: bool,
+) -> RefResult {
+    let rates = RateTable::new(p.samples);
+    let lam = |k: u32| rates.ell(k) / p.interval_s;
+    let unit = |kind: Kind, index: usize, c: UnitCounters| {
+        let size = match kind {
+            Kind::Page => p.page_size as f64,
+            Kind::Chunk => p.chunk_size as f64,
+        };
+        let lam_w = lam(c.w) * params.write_scale;
+        let fetch = match kind {
+            Kind::Page => 1.0,
+            Kind::Chunk if c.w > 0 => 1.0 - f64::from(c.o) / f64::from(c.w),
+            Kind::Chunk => 0.0,
+        };
+        U {
+            kind,
+            index,
+            c,
+            size,
+            lam_w,
+            lam_a: lam(c.r) + lam_w * fetch,
+        }
+    };
+    let order = |a: &U, b: &U| -> Ordering {
+        rates
+            .rank_cmp(&a.c, &b.c)
+            .then(a.kind.cmp(&b.kind))
+            .then(a.index.cmp(&b.index))
+    };
+    let mut pages: Vec<U> = p
+        .pages
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| unit(Kind::Page, i, c))
+        .collect();
+    let mut chunks: Vec<U> = p
+        .chunks
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| unit(Kind::Chunk, i, c))
+        .collect();
+    pages.sort_by(order);
+    chunks.sort_by(order);
+    let kp = if memory_magic { 0 } else { sel.pages as usize };
+    let ks = sel.chunks as usize;
+    let mut set: Vec<U> = pages[..kp].to_vec();
+    set.extend_from_slice(&chunks[..ks]);
+    let mut rest: Vec<U> = if memory_magic {
+        Vec::new()
+    } else {
+        pages[kp..].to_vec()
+    };
+    rest.extend_from_slice(&chunks[ks..]);
+    rest.sort_by(order);
+
+    // Pre-copy, per unit, in bytes.
+    let b = link.bandwidth;
+    let state = params.state_bytes.unwrap_or(p.state_bytes) as f64;
+    let fixed = state / b + link.rtt + params.resume_overhead;
+    let mut sent: Vec<f64> = set.iter().map(|u| u.size).collect();
+    let mut bytes: f64 = set.iter().filter(|u| !u.c.zero).map(|u| u.size).sum();
+    let mut duration = 0.0;
+    let mut rounds = 0;
+    let remainder;
+    let mut k = 0;
+    loop {
+        let t = bytes / b;
+        duration += t;
+        let mut rem = 0.0;
+        for (u, s) in set.iter().zip(sent.iter_mut()) {
+            let x = u.lam_w * t;
+            let d = *s * p_redirty(x) + (u.size - *s) * p_any(x);
+            *s = d;
+            rem += d;
+        }
+        rounds += 1;
+        let met = params
+            .downtime_target
+            .is_some_and(|target| rem / b + fixed <= target);
+        let converged = rem / b <= params.converged * fixed;
+        if rem <= 0.0
+            || met
+            || converged
+            || rem >= (1.0 - params.min_shrink) * bytes
+            || k + 1 >= params.max_rounds
+        {
+            remainder = rem;
+            break;
+        }
+        bytes = rem;
+        k += 1;
+    }
+    let downtime = remainder / b + fixed;
+
+    // Post-copy, unit by unit.
+    let dt = params.delta_t;
+    let (mut a, mut faults, mut penalty, mut window) = (0.0, 0.0, 0.0, 0.0);
+    for u in &rest {
+        let q = if u.c.zero {
+            p_any(u.lam_w * duration)
+        } else {
+            1.0
+        };
+        if q <= 0.0 {
+            continue;
+        }
+        a += q * u.size / b;
+        let stall = link.rtt + u.size / b;
+        let f = q * p_any(u.lam_a * a);
+        faults += f;
+        penalty += f * stall;
+        window += q * p_any(u.lam_a * a.min(dt)) * stall;
+    }
+    let (w1, w2) = match params.policy {
+        Policy::Weighted { w1, w2 } => (w1, w2),
+        Policy::Gamma => (1.0, 1.0),
+    };
+    RefResult {
+        precopy_s: duration,
+        remainder,
+        rounds,
+        downtime,
+        uptime: a,
+        total: duration + downtime + a,
+        penalty,
+        faults,
+        window_stall: window,
+        gamma: dt / (downtime + dt + window),
+        gamma_weighted: 1.0 / (w1 * downtime + w2 * penalty).max(1e-12),
+    }
+}

@@ -1,0 +1,291 @@
+//! A plan: the search's answer, its full prediction, and the pre-copy rules
+//! the engine applies; plus the report printed by `wanmig-planner plan`.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Link, Model, ModelError, ModelParams, Prediction};
+use crate::profile::{ClassProfile, Kind, Profile};
+use crate::rule::{PrecopyRule, ResolveError};
+use crate::search::{Liveness, Point, SearchOptions, SearchResult, search};
+
+/// Why a plan could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// Invalid model inputs.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The rules could not be resolved against the per-unit profile.
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+}
+
+/// A finished plan.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The full prediction at the chosen point.
+    pub prediction: Prediction,
+    /// The search (grid, ternary, liveness).
+    pub search: SearchResult,
+    /// Pre-copy rule for pages.
+    pub page_rule: PrecopyRule,
+    /// Pre-copy rule for chunks.
+    pub chunk_rule: PrecopyRule,
+    /// The link assumed.
+    pub link: Link,
+    /// The parameters used.
+    pub params: ModelParams,
+    /// Model build + search time (what the benchmark measures).
+    pub elapsed: Duration,
+    /// Time spent resolving rule cutoffs against the per-unit profile.
+    pub resolve_elapsed: Duration,
+    /// Page and chunk class counts.
+    pub classes: (usize, usize),
+    /// Distinct write-rate groups.
+    pub write_groups: usize,
+    /// The profile figures.
+    pub profile: ProfileFigures,
+}
+
+/// Profile figures echoed in reports.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ProfileFigures {
+    /// `n`.
+    pub samples: u32,
+    /// `tau` (s).
+    pub interval_s: f64,
+    /// Pages.
+    pub page_count: u64,
+    /// Chunks.
+    pub chunk_count: u64,
+    /// Page size.
+    pub page_size: u64,
+    /// Chunk size.
+    pub chunk_size: u64,
+    /// Device state bytes used by the model.
+    pub state_bytes: f64,
+}
+
+/// Builds the model, searches, predicts the chosen point (model build and
+/// search are timed), and derives the rules (resolved when `units` is given).
+pub fn make_plan(
+    classes: &ClassProfile,
+    units: Option<&Profile>,
+    link: Link,
+    params: ModelParams,
+    opts: &SearchOptions,
+) -> Result<Plan, PlanError> {
+    let start = Instant::now();
+    let model = Model::new(classes, link, params)?;
+    let result = search(&model, opts);
+    let elapsed = start.elapsed();
+    let chosen = result.chosen;
+    let prediction = model.predict(chosen.m, chosen.s);
+    let sel = model.selection(chosen.m, chosen.s);
+    let t = Instant::now();
+    let mut page_rule = PrecopyRule::from_boundary(
+        Kind::Page,
+        classes.samples,
+        &model.boundary(Kind::Page, sel.pages),
+    );
+    let mut chunk_rule = PrecopyRule::from_boundary(
+        Kind::Chunk,
+        classes.samples,
+        &model.boundary(Kind::Chunk, sel.chunks),
+    );
+    if let Some(p) = units {
+        page_rule.resolve(p)?;
+        chunk_rule.resolve(p)?;
+    }
+    Ok(Plan {
+        prediction,
+        search: result,
+        page_rule,
+        chunk_rule,
+        link,
+        params,
+        elapsed,
+        resolve_elapsed: t.elapsed(),
+        classes: model.class_counts(),
+        write_groups: model.write_groups(),
+        profile: ProfileFigures {
+            samples: classes.samples,
+            interval_s: classes.interval_s,
+            page_count: classes.page_count,
+            chunk_count: classes.chunk_count,
+            page_size: classes.page_size,
+            chunk_size: classes.chunk_size,
+            state_bytes: model.state_bytes(),
+        },
+    })
+}
+
+/// The predicted figures in a report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictedReport {
+    /// `T` (s).
+    pub total_s: f64,
+    /// `U` (s).
+    pub uptime_s: f64,
+    /// `D` (s).
+    pub downtime_s: f64,
+    /// `P` (s).
+    pub penalty_s: f64,
+    /// `Gamma`.
+    pub gamma: f64,
+    /// `1 / (w1 D + w2 P)`.
+    pub gamma_weighted: f64,
+    /// Live pre-copy time (s).
+    pub precopy_s: f64,
+    /// `DeltaT` (s).
+    pub delta_t_s: f64,
+    /// Expected post-copy faults.
+    pub expected_faults: f64,
+    /// Pre-copy rounds.
+    pub rounds: usize,
+    /// Why pre-copy stops.
+    pub stop: crate::model::StopReason,
+    /// Bytes sent in the freeze besides the state.
+    pub remainder_bytes: f64,
+    /// Bytes pushed in post-copy.
+    pub postcopy_bytes: f64,
+    /// Whether `D` meets the downtime target.
+    pub meets_downtime_target: bool,
+}
+
+impl From<&Prediction> for PredictedReport {
+    fn from(p: &Prediction) -> Self {
+        PredictedReport {
+            total_s: p.total_s,
+            uptime_s: p.uptime_s,
+            downtime_s: p.downtime_s,
+            penalty_s: p.penalty_s,
+            gamma: p.gamma,
+            gamma_weighted: p.gamma_weighted,
+            precopy_s: p.precopy_s,
+            delta_t_s: p.delta_t_s,
+            expected_faults: p.expected_faults,
+            rounds: p.rounds.len(),
+            stop: p.stop,
+            remainder_bytes: p.remainder_bytes,
+            postcopy_bytes: p.postcopy_bytes,
+            meets_downtime_target: p.meets_downtime_target,
+        }
+    }
+}
+
+/// The ternary answer in a report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TernaryReport {
+    /// The point.
+    #[serde(flatten)]
+    pub point: Point,
+    /// Whether it reaches the grid optimum.
+    pub global: bool,
+    /// Distinct evaluations the two ternary searches made.
+    pub evaluations: usize,
+    /// Step 1's storage fraction (memory instantly copied).
+    pub storage_step_s: f64,
+}
+
+/// The link in a report.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LinkReport {
+    /// Bits per second.
+    pub bandwidth_bps: f64,
+    /// RTT (s).
+    pub rtt_s: f64,
+}
+
+/// The rules in a report.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RulesReport {
+    /// Pages.
+    pub pages: PrecopyRule,
+    /// Chunks.
+    pub chunks: PrecopyRule,
+}
+
+/// `wanmig-planner plan --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanReport {
+    /// Chosen memory fraction.
+    pub m: f64,
+    /// Chosen storage fraction.
+    pub s: f64,
+    /// Whether live migration is possible on this link.
+    pub live_possible: bool,
+    /// Why not, if not.
+    pub live_reason: Option<String>,
+    /// The liveness check's figures.
+    pub liveness: Liveness,
+    /// The prediction at `(m, s)`.
+    pub predicted: PredictedReport,
+    /// Best grid point.
+    pub grid: Point,
+    /// The seed recursion's answer.
+    pub ternary: TernaryReport,
+    /// `"grid"` or `"ternary"`.
+    pub chosen_by: String,
+    /// Model build + search (ms).
+    pub elapsed_ms: f64,
+    /// Rule cutoff resolution (ms).
+    pub resolve_ms: f64,
+    /// Model evaluations.
+    pub evaluations: usize,
+    /// The pre-copy rules.
+    pub rules: RulesReport,
+    /// The pre-copy rounds.
+    pub rounds: Vec<crate::model::Round>,
+    /// The link assumed.
+    pub link: LinkReport,
+    /// Parameters.
+    pub params: ModelParams,
+    /// Profile figures.
+    pub profile: ProfileFigures,
+    /// Page classes.
+    pub page_classes: usize,
+    /// Chunk classes.
+    pub chunk_classes: usize,
+}
+
+impl Plan {
+    /// The JSON report.
+    pub fn report(&self) -> PlanReport {
+        let r = &self.search;
+        PlanReport {
+            m: r.chosen.m,
+            s: r.chosen.s,
+            live_possible: r.live.possible,
+            live_reason: r.live.reason.clone(),
+            liveness: r.live.clone(),
+            predicted: (&self.prediction).into(),
+            grid: r.grid,
+            ternary: TernaryReport {
+                point: r.ternary,
+                global: r.ternary_is_global,
+                evaluations: r.ternary_evaluations,
+                storage_step_s: r.storage_step.s,
+            },
+            chosen_by: r.chosen_by.to_string(),
+            elapsed_ms: self.elapsed.as_secs_f64() * 1e3,
+            resolve_ms: self.resolve_elapsed.as_secs_f64() * 1e3,
+            evaluations: r.evaluations,
+            rules: RulesReport {
+                pages: self.page_rule,
+                chunks: self.chunk_rule,
+            },
+            rounds: self.prediction.rounds.clone(),
+            link: LinkReport {
+                bandwidth_bps: self.link.bandwidth * 8.0,
+                rtt_s: self.link.rtt,
+            },
+            params: self.params,
+            profile: self.profile,
+            page_classes: self.classes.0,
+            chunk_classes: self.classes.1,
+        }
+    }
+}

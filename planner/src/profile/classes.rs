@@ -1,0 +1,430 @@
+//! Class compression: units with equal counters are interchangeable for the
+//! model, so a profile collapses into a histogram `(r, w, o, zero) -> count`.
+//!
+//! With `n` samples there are at most `2 (n+1)^2` page classes and
+//! `2 (n+1)^2 (n+2) / 2` chunk classes whatever the guest size, and in
+//! practice far fewer; every model evaluation is O(classes).
+//!
+//! The histogram is built in one pass over the profile. Counts go into a
+//! dense array indexed by the key when it has at most 2^23 cells (64 MiB;
+//! always for pages with `n <= 2047`, for chunks with `n <= 160`), else into a
+//! hash map.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::format::{Profile, ProfileReadError};
+use super::{Kind, UnitCounters};
+
+/// One class: a counter key and how many units share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Class {
+    /// The counters every unit of the class has.
+    #[serde(flatten)]
+    pub key: UnitCounters,
+    /// Number of units.
+    pub count: u64,
+}
+
+/// A class-compressed profile: everything the model needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassProfile {
+    /// `n`: sample intervals.
+    pub samples: u32,
+    /// `tau`: interval length in seconds.
+    pub interval_s: f64,
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// Number of pages.
+    pub page_count: u64,
+    /// Number of chunks.
+    pub chunk_count: u64,
+    /// Device/CPU state estimate in bytes.
+    pub state_bytes: u64,
+    /// Page classes, sorted by key, counts > 0.
+    pub pages: Vec<Class>,
+    /// Chunk classes, sorted by key, counts > 0.
+    pub chunks: Vec<Class>,
+}
+
+/// A class profile that breaks its own invariants.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClassProfileError {
+    /// A header figure is impossible.
+    #[error("{field} = {value}: {reason}")]
+    BadField {
+        /// Field name.
+        field: &'static str,
+        /// Value.
+        value: f64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A class has counters out of range (`> n`, `o > w`, `o != 0` on a page).
+    #[error("{kind} class {index}: counters {key:?} invalid for n = {samples}")]
+    BadClass {
+        /// Page or chunk.
+        kind: Kind,
+        /// Position in the class list.
+        index: usize,
+        /// Its key.
+        key: UnitCounters,
+        /// The sample count.
+        samples: u32,
+    },
+    /// Class counts do not add up to the unit count.
+    #[error("{kind} classes hold {found} units, the profile has {expected}")]
+    CountMismatch {
+        /// Page or chunk.
+        kind: Kind,
+        /// Units in the profile.
+        expected: u64,
+        /// Sum of class counts.
+        found: u64,
+    },
+    /// The same key appears twice, or keys are not sorted.
+    #[error("{kind} class {index}: key {key:?} duplicated or out of order")]
+    Unsorted {
+        /// Page or chunk.
+        kind: Kind,
+        /// Position in the class list.
+        index: usize,
+        /// Its key.
+        key: UnitCounters,
+    },
+}
+
+const DENSE_LIMIT: u64 = 1 << 23;
+/// Sections with fewer units are scanned by one thread.
+const SPLIT_MIN: u64 = 1 << 22;
+
+/// Builds a class histogram one unit at a time.
+#[derive(Debug)]
+pub struct Histogram {
+    kind: Kind,
+    dim: u64,
+    dense: Vec<u64>,
+    sparse: HashMap<UnitCounters, u64>,
+}
+
+impl Histogram {
+    /// An empty histogram for units of `kind` with counters up to `samples`.
+    pub fn new(kind: Kind, samples: u32) -> Self {
+        let dim = u64::from(samples) + 1;
+        let cells = match kind {
+            Kind::Page => dim.checked_mul(dim).and_then(|c| c.checked_mul(2)),
+            Kind::Chunk => dim
+                .checked_mul(dim)
+                .and_then(|c| c.checked_mul(dim))
+                .and_then(|c| c.checked_mul(2)),
+        };
+        let dense = match cells {
+            Some(c) if c <= DENSE_LIMIT => vec![0; c as usize],
+            _ => Vec::new(),
+        };
+        Histogram {
+            kind,
+            dim,
+            dense,
+            sparse: HashMap::new(),
+        }
+    }
+
+    /// Adds `count` units with counters `c` (which must be within `n`).
+    #[inline]
+    pub fn add(&mut self, c: UnitCounters, count: u64) {
+        if self.dense.is_empty() {
+            *self.sparse.entry(c).or_insert(0) += count;
+            return;
+        }
+        let d = self.dim;
+        let mut i = (u64::from(c.zero) * d + u64::from(c.r)) * d + u64::from(c.w);
+        if self.kind == Kind::Chunk {
+            i = i * d + u64::from(c.o);
+        }
+        self.dense[i as usize] += count;
+    }
+
+    /// Merges another histogram of the same kind and size.
+    pub fn merge(&mut self, other: Histogram) {
+        for (a, b) in self.dense.iter_mut().zip(&other.dense) {
+            *a += b;
+        }
+        for (k, v) in other.sparse {
+            *self.sparse.entry(k).or_insert(0) += v;
+        }
+    }
+
+    /// The classes, sorted by key, empty ones dropped.
+    pub fn into_classes(self) -> Vec<Class> {
+        let d = self.dim;
+        let mut out: Vec<Class> = if self.dense.is_empty() {
+            self.sparse
+                .into_iter()
+                .filter(|&(_, count)| count > 0)
+                .map(|(key, count)| Class { key, count })
+                .collect()
+        } else {
+            let chunk = self.kind == Kind::Chunk;
+            self.dense
+                .iter()
+                .enumerate()
+                .filter(|&(_, &count)| count > 0)
+                .map(|(i, &count)| {
+                    let mut i = i as u64;
+                    let o = if chunk {
+                        let o = i % d;
+                        i /= d;
+                        o
+                    } else {
+                        0
+                    };
+                    let w = i % d;
+                    i /= d;
+                    let r = i % d;
+                    let zero = i / d == 1;
+                    Class {
+                        key: UnitCounters {
+                            r: r as u32,
+                            w: w as u32,
+                            o: o as u32,
+                            zero,
+                        },
+                        count,
+                    }
+                })
+                .collect()
+        };
+        out.sort_unstable_by_key(|c| c.key);
+        out
+    }
+}
+
+impl ClassProfile {
+    /// Builds the histogram from a binary profile in one validating pass per
+    /// section.
+    ///
+    /// Large sections are split across the available CPUs (each thread fills
+    /// its own histogram; they are merged). On error, the error of the
+    /// lowest-addressed part is returned.
+    pub fn from_profile(p: &Profile) -> Result<ClassProfile, ProfileReadError> {
+        let h = p.header();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pages = Self::histogram(p, Kind::Page, threads, SPLIT_MIN)?;
+        let chunks = Self::histogram(p, Kind::Chunk, threads, SPLIT_MIN)?;
+        Ok(ClassProfile {
+            samples: h.samples,
+            interval_s: h.interval_s(),
+            page_size: h.page_size.into(),
+            chunk_size: h.chunk_size.into(),
+            page_count: h.page_count,
+            chunk_count: h.chunk_count,
+            state_bytes: h.state_bytes,
+            pages: pages.into_classes(),
+            chunks: chunks.into_classes(),
+        })
+    }
+
+    fn histogram(
+        p: &Profile,
+        kind: Kind,
+        threads: usize,
+        split_min: u64,
+    ) -> Result<Histogram, ProfileReadError> {
+        let count = p.count(kind);
+        let samples = p.header().samples;
+        let scan = |range: std::ops::Range<u64>| {
+            let mut h = Histogram::new(kind, samples);
+            p.for_each_in(kind, range, |_, c| {
+                h.add(c, 1);
+                std::ops::ControlFlow::Continue(())
+            })
+            .map(|()| h)
+        };
+        if threads <= 1 || count < split_min {
+            return scan(0..count);
+        }
+        let step = count.div_ceil(threads as u64);
+        let parts: Vec<Result<Histogram, ProfileReadError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads as u64)
+                .map(|t| {
+                    let range = (t * step).min(count)..((t + 1) * step).min(count);
+                    s.spawn(move || scan(range))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("histogram worker panicked"))
+                .collect()
+        });
+        let mut total: Option<Histogram> = None;
+        for part in parts {
+            let part = part?;
+            match total.as_mut() {
+                None => total = Some(part),
+                Some(t) => t.merge(part),
+            }
+        }
+        Ok(total.expect("at least one part"))
+    }
+
+    /// Builds the histogram from per-unit counters held in memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_units(
+        samples: u32,
+        interval_s: f64,
+        page_size: u64,
+        chunk_size: u64,
+        state_bytes: u64,
+        pages: &[UnitCounters],
+        chunks: &[UnitCounters],
+    ) -> ClassProfile {
+        let mut hp = Histogram::new(Kind::Page, samples);
+        pages.iter().for_each(|&c| hp.add(c, 1));
+        let mut hc = Histogram::new(Kind::Chunk, samples);
+        chunks.iter().for_each(|&c| hc.add(c, 1));
+        ClassProfile {
+            samples,
+            interval_s,
+            page_size,
+            chunk_size,
+            page_count: pages.len() as u64,
+            chunk_count: chunks.len() as u64,
+            state_bytes,
+            pages: hp.into_classes(),
+            chunks: hc.into_classes(),
+        }
+    }
+
+    /// The classes of one kind.
+    pub fn classes(&self, kind: Kind) -> &[Class] {
+        match kind {
+            Kind::Page => &self.pages,
+            Kind::Chunk => &self.chunks,
+        }
+    }
+
+    /// Unit size of a kind in bytes.
+    pub fn unit_size(&self, kind: Kind) -> u64 {
+        match kind {
+            Kind::Page => self.page_size,
+            Kind::Chunk => self.chunk_size,
+        }
+    }
+
+    /// Unit count of a kind.
+    pub fn count(&self, kind: Kind) -> u64 {
+        match kind {
+            Kind::Page => self.page_count,
+            Kind::Chunk => self.chunk_count,
+        }
+    }
+
+    /// Total number of classes.
+    pub fn class_count(&self) -> usize {
+        self.pages.len() + self.chunks.len()
+    }
+
+    /// Checks the invariants (used on summaries read from JSON).
+    pub fn validate(&self) -> Result<(), ClassProfileError> {
+        let bad = |field, value: f64, reason| ClassProfileError::BadField {
+            field,
+            value,
+            reason,
+        };
+        if self.samples == 0 {
+            return Err(bad("samples", 0.0, "at least one interval is needed"));
+        }
+        if !(self.interval_s.is_finite() && self.interval_s > 0.0) {
+            return Err(bad("interval_s", self.interval_s, "must be positive"));
+        }
+        if self.page_size == 0 {
+            return Err(bad("page_size", 0.0, "must be positive"));
+        }
+        if self.chunk_size == 0 {
+            return Err(bad("chunk_size", 0.0, "must be positive"));
+        }
+        for kind in [Kind::Page, Kind::Chunk] {
+            let mut sum = 0u64;
+            let classes = self.classes(kind);
+            for (index, c) in classes.iter().enumerate() {
+                let k = c.key;
+                let n = self.samples;
+                if k.r > n || k.w > n || k.o > k.w || (kind == Kind::Page && k.o != 0) {
+                    return Err(ClassProfileError::BadClass {
+                        kind,
+                        index,
+                        key: k,
+                        samples: n,
+                    });
+                }
+                if index > 0 && classes[index - 1].key >= k {
+                    return Err(ClassProfileError::Unsorted {
+                        kind,
+                        index,
+                        key: k,
+                    });
+                }
+                sum = sum.saturating_add(c.count);
+            }
+            if sum != self.count(kind) {
+                return Err(ClassProfileError::CountMismatch {
+                    kind,
+                    expected: self.count(kind),
+                    found: sum,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dense_and_sparse_histograms_agree() {
+        let units: Vec<UnitCounters> = (0..500u32)
+            .map(|i| UnitCounters {
+                r: i % 7,
+                w: i % 5,
+                o: (i % 5) / 2,
+                zero: i % 11 == 0,
+            })
+            .collect();
+        let mut dense = Histogram::new(Kind::Chunk, 10);
+        let mut sparse = Histogram::new(Kind::Chunk, 10);
+        sparse.dense.clear();
+        for &u in &units {
+            dense.add(u, 1);
+            sparse.add(u, 1);
+        }
+        let a = dense.into_classes();
+        assert_eq!(a, sparse.into_classes());
+        assert_eq!(a.iter().map(|c| c.count).sum::<u64>(), 500);
+        assert!(a.windows(2).all(|w| w[0].key < w[1].key));
+    }
+
+    #[test]
+    fn split_scans_merge_to_the_same_histogram() {
+        use crate::synth::{SynthConfig, Workload, write_profile};
+        let cfg = SynthConfig::new(8 << 20, 64 << 20, Workload::Web);
+        let p = Profile::from_bytes(write_profile(&cfg, Vec::new()).unwrap()).unwrap();
+        for kind in [Kind::Page, Kind::Chunk] {
+            let one = ClassProfile::histogram(&p, kind, 1, 0)
+                .unwrap()
+                .into_classes();
+            for threads in [2, 3, 7] {
+                let many = ClassProfile::histogram(&p, kind, threads, 0)
+                    .unwrap()
+                    .into_classes();
+                assert_eq!(one, many, "{kind} with {threads} threads");
+            }
+        }
+    }
+}

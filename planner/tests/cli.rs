@@ -1,0 +1,361 @@
+//! The real binary, end to end: synth, plan (--json), predict, summary,
+//! heatmap, serve (SIGTERM cleans up), and clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wanmig_planner::segment::Segment;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wanmig-planner");
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("wanmig-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run wanmig-planner")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn synth(dir: &TempDir, workload: &str) -> PathBuf {
+    let f = dir.path(&format!("{workload}.wmp"));
+    ok(&[
+        "synth",
+        "--ram",
+        "64MiB",
+        "--disk",
+        "256MiB",
+        "--workload",
+        workload,
+        "--out",
+        f.to_str().unwrap(),
+        "--seed",
+        "7",
+    ]);
+    f
+}
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for k in path {
+        x = &x[*k];
+    }
+    x.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number in {v}"))
+}
+
+#[test]
+fn plan_json_has_the_documented_keys() {
+    let dir = TempDir::new("plan");
+    let f = synth(&dir, "web");
+    let text = ok(&[
+        "plan",
+        "--profile",
+        f.to_str().unwrap(),
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let (m, s) = (num(&v, &["m"]), num(&v, &["s"]));
+    assert!((0.0..=1.0).contains(&m) && (0.0..=1.0).contains(&s));
+    for k in ["total_s", "uptime_s", "downtime_s", "penalty_s", "gamma"] {
+        assert!(num(&v, &["predicted", k]) >= 0.0, "{k}");
+    }
+    for part in ["grid", "ternary"] {
+        for k in ["m", "s", "gamma"] {
+            num(&v, &[part, k]);
+        }
+    }
+    assert!(num(&v, &["elapsed_ms"]) > 0.0);
+    assert_eq!(v["live_possible"], Value::Bool(true));
+    assert!(v["ternary"]["global"].is_boolean());
+    assert!(v["rules"]["pages"]["mode"].is_string());
+    assert!(num(&v, &["grid", "gamma"]) >= num(&v, &["ternary", "gamma"]) - 1e-12);
+    let gamma = num(&v, &["predicted", "gamma"]);
+    let (d, dt) = (
+        num(&v, &["predicted", "downtime_s"]),
+        num(&v, &["predicted", "delta_t_s"]),
+    );
+    assert!((gamma - 20.0 / (d + dt)).abs() < 1e-12);
+
+    // The human form.
+    let human = ok(&[
+        "plan",
+        "--profile",
+        f.to_str().unwrap(),
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+    ]);
+    assert!(human.contains("plan: M = "), "{human}");
+
+    // A downtime target is honoured.
+    let text = ok(&[
+        "plan",
+        "--profile",
+        f.to_str().unwrap(),
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+        "--downtime-target",
+        "500ms",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(num(&v, &["predicted", "downtime_s"]) <= 0.5);
+}
+
+#[test]
+fn predict_summary_and_heatmap() {
+    let dir = TempDir::new("predict");
+    let f = synth(&dir, "io-heavy");
+    let fs = f.to_str().unwrap();
+    let text = ok(&[
+        "predict",
+        "--profile",
+        fs,
+        "--m",
+        "0.6",
+        "--s",
+        "0.5",
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(num(&v, &["m"]), 0.6);
+    assert_eq!(num(&v, &["s"]), 0.5);
+    let t = num(&v, &["predicted", "total_s"]);
+    let parts = num(&v, &["prediction", "precopy_s"])
+        + num(&v, &["predicted", "downtime_s"])
+        + num(&v, &["predicted", "uptime_s"]);
+    assert!((t - parts).abs() < 1e-9 * t);
+
+    // Summary, then plan from the summary: same answer, unresolved cutoffs.
+    let sum = dir.path("s.json");
+    ok(&["summary", "--profile", fs, "--out", sum.to_str().unwrap()]);
+    let a: Value = serde_json::from_str(&ok(&[
+        "plan",
+        "--profile",
+        fs,
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+        "--json",
+    ]))
+    .unwrap();
+    let b: Value = serde_json::from_str(&ok(&[
+        "plan",
+        "--profile",
+        sum.to_str().unwrap(),
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (a["m"].clone(), a["s"].clone()),
+        (b["m"].clone(), b["s"].clone())
+    );
+    assert_eq!(a["predicted"], b["predicted"]);
+    if b["rules"]["pages"]["mode"] == "boundary" && b["rules"]["pages"]["take"] != 0 {
+        assert!(b["rules"]["pages"]["cutoff"].is_null());
+        assert!(a["rules"]["pages"]["cutoff"].is_u64());
+    }
+
+    let png = dir.path("gamma.png");
+    ok(&[
+        "heatmap",
+        "--profile",
+        fs,
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+        "--out",
+        png.to_str().unwrap(),
+        "--width",
+        "480",
+        "--height",
+        "400",
+    ]);
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let out = run(&[
+        "heatmap",
+        "--profile",
+        fs,
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+        "--out",
+        png.to_str().unwrap(),
+        "--font",
+        "/nonexistent/font.ttf",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fonts-dejavu-core"));
+}
+
+#[test]
+fn errors_are_clear() {
+    let dir = TempDir::new("errors");
+    let bad = dir.path("bad.wmp");
+    std::fs::write(&bad, vec![7u8; 300]).unwrap();
+    let out = run(&[
+        "plan",
+        "--profile",
+        bad.to_str().unwrap(),
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
+
+    let f = synth(&dir, "idle");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes.truncate(bytes.len() - 10);
+    std::fs::write(&bad, bytes).unwrap();
+    let out = run(&[
+        "plan",
+        "--profile",
+        bad.to_str().unwrap(),
+        "--bandwidth",
+        "40mbit",
+        "--rtt",
+        "5ms",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
+
+    let out = run(&[
+        "plan",
+        "--profile",
+        f.to_str().unwrap(),
+        "--bandwidth",
+        "40mbps",
+        "--rtt",
+        "5ms",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ambiguous"));
+
+    // Live migration impossible: 1 GiB of device state over 1 Mbit.
+    let text = ok(&[
+        "plan",
+        "--profile",
+        f.to_str().unwrap(),
+        "--bandwidth",
+        "1mbit",
+        "--rtt",
+        "5ms",
+        "--state",
+        "1GiB",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["live_possible"], Value::Bool(false));
+    assert!(v["live_reason"].as_str().unwrap().contains("impossible"));
+}
+
+fn wait_for(path: &Path, timeout: Duration) -> Segment {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = Segment::open(path.to_str().unwrap()) {
+            if s.read_plan().is_some() {
+                return s;
+            }
+        }
+        assert!(start.elapsed() < timeout, "no plan published in {path:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_publishes_and_cleans_up_on_sigterm() {
+    let dir = TempDir::new("serve");
+    let f = synth(&dir, "memory-heavy");
+    let seg = dir.path("segment");
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--segment",
+            seg.to_str().unwrap(),
+            "--profile",
+            f.to_str().unwrap(),
+            "--bandwidth",
+            "40mbit",
+            "--rtt",
+            "5ms",
+            "--poll",
+            "10ms",
+        ])
+        .spawn()
+        .unwrap();
+    let s = wait_for(&seg, Duration::from_secs(60));
+    let plan = s.read_plan().unwrap();
+    assert_eq!(plan.generation, 1);
+    assert_eq!(plan.link.bandwidth, 5e6);
+    assert!(plan.page_rule.is_resolved());
+    drop(s);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = Instant::now();
+    let exit = loop {
+        if let Some(e) = child.try_wait().unwrap() {
+            break e;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "serve ignores SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit}");
+    assert!(!seg.exists(), "segment left behind");
+}
