@@ -12,5 +12,7 @@
 //!   with buffers owned until their completion and bulk pacing that keeps the
 //!   fault connection out of deep queues.
 
+pub mod connection;
 pub mod transport;
+pub mod unit_stream;
 pub mod wire;

@@ -1,1 +1,30 @@
-//! io_uring transport (being written).
+//! Moving frames over TCP with io_uring.
+//!
+//! Each migration uses two connections: `bulk` (pre-copy rounds, the freeze
+//! remainder, the post-copy background push) and `fault` (post-copy requests
+//! and their answers). [`FrameSender`] and [`FrameReceiver`] drive one socket
+//! each with their own small ring:
+//!
+//! - buffers are owned by the transport until the kernel's completion for them
+//!   arrives ([`buf::IoBuf`]);
+//! - one request is in flight per socket and direction, so a byte stream can
+//!   never be reordered;
+//! - the bulk sender is paced ([`pacing`]) so that the fault connection never
+//!   sits behind a deep queue on the path;
+//! - the kernel is probed once ([`probe`]); without a usable io_uring the same
+//!   code runs on blocking calls, or refuses to start if io_uring was required.
+
+pub mod buf;
+pub mod pacing;
+pub mod probe;
+pub mod recv;
+pub mod send;
+pub mod tcp;
+
+pub use pacing::{Pacer, PacingConfig};
+pub use probe::{
+    BackendChoice, IoBackend, IoPreference, ProbeError, select_backend, uring_support,
+};
+pub use recv::{Flow, FrameReceiver, RecvConfig, RecvEnd, RecvError, RecvStats};
+pub use send::{FrameSender, SendConfig, SendError, SendStats};
+pub use tcp::{ConnRole, TcpInfo};

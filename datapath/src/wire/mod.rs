@@ -1,1 +1,168 @@
-//! The wanmig wire protocol (being written).
+//! The wanmig wire protocol: the one place the format spoken between a source
+//! and a destination engine is defined.
+//!
+//! A migration uses two TCP connections opened by the source (client) to the
+//! destination (server): **bulk** carries pre-copy rounds, device state and the
+//! background post-copy push; **fault** carries post-copy fault requests and
+//! their answers, so that a fault never waits behind bulk data. Each connection
+//! starts with an authenticated [handshake] (version negotiation,
+//! migration id, guest [`Geometry`], HMAC-SHA256 challenge-response over a
+//! pre-shared [`PskKey`]); only then do data frames flow.
+//!
+//! # Frames
+//!
+//! Every frame is a 32-byte little-endian [`Header`] followed by `payload_len`
+//! payload bytes:
+//!
+//! | offset | size | field         | contents                                                     |
+//! |-------:|-----:|---------------|--------------------------------------------------------------|
+//! | 0      | 4    | magic         | `b"WMIG"`                                                    |
+//! | 4      | 2    | version       | negotiated version; handshake frames: [`HANDSHAKE_VERSION`]  |
+//! | 6      | 1    | frame type    | [`FrameType`]                                                |
+//! | 7      | 1    | flags         | bit 0 [`FLAG_LZ4`], bit 1 [`FLAG_ZERO`]; other bits: error   |
+//! | 8      | 1    | unit kind     | [`UnitKind`]: page, chunk, device state, control            |
+//! | 9      | 3    | reserved      | zero                                                         |
+//! | 12     | 4    | payload_len   | bytes after the header (≤ [`Limits::max_payload`])           |
+//! | 16     | 8    | unit index    | Unit/Request: index; else 0                                  |
+//! | 24     | 4    | unit_len      | Unit: uncompressed length; Request: unit count; else 0       |
+//! | 28     | 4    | crc32         | CRC32 of the header with this field zeroed, then the payload |
+//!
+//! | frame type        | kind               | payload                                                |
+//! |-------------------|--------------------|--------------------------------------------------------|
+//! | Hello 1           | Control            | [`Hello`] (88 bytes)                                   |
+//! | Challenge 2       | Control            | [`Challenge`] (72 bytes)                               |
+//! | Auth 3            | Control            | [`Auth`] (32 bytes)                                    |
+//! | Accept 4          | Control            | empty                                                  |
+//! | Reject 5          | Control            | [`Reject`] (8 bytes)                                   |
+//! | Unit 0x10         | Page/Chunk/DevState| raw unit; LZ4 block (only if smaller); empty if ZERO   |
+//! | Request 0x11      | Page/Chunk         | empty (index + count in the header)                    |
+//! | Control 0x20      | Control            | [`ControlMsg`] (20 bytes) → [`ControlCode`]            |
+//! | Ping 0x21/Pong 0x22 | Control          | [`PingMsg`]: nonce, sender timestamp (16 bytes)        |
+//! | Goodbye 0x30      | Control            | empty                                                  |
+//!
+//! Units are checked against the geometry: page units are exactly
+//! `page_size` bytes with index `< page_count`; chunks are 1..=`chunk_size`
+//! bytes with index `< chunk_count`; device state travels in pieces of
+//! [`DEVICE_STATE_PIECE`] bytes (the last one shorter) where piece `i` holds the
+//! bytes at `i * DEVICE_STATE_PIECE` and must end within `device_state_max`.
+//!
+//! Sending: copy the unit out of guest memory, then [`encode_unit`] into the
+//! send buffer (zero check → LZ4 → raw, then the CRC). Receiving: feed the
+//! bytes received so far to [`FrameDecoder::decode`]; it validates the header
+//! before asking for the payload, so a hostile length never makes the receiver
+//! buffer more than [`FrameDecoder::max_frame_len`]. Every malformed input is a
+//! typed [`DecodeError`]; nothing panics on peer data.
+//!
+//! # A migration
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as Source (client)
+//!     participant D as Destination (server)
+//!     Note over S,D: each connection: bulk and fault
+//!     S->>D: [bulk] Hello(versions, Bulk, migration id, nonce, geometry)
+//!     D->>S: [bulk] Challenge(version, nonce, server proof)
+//!     S->>D: [bulk] Auth(client proof)
+//!     D->>S: [bulk] Accept
+//!     S->>D: [fault] Hello(versions, Fault, same migration id, nonce, geometry)
+//!     D->>S: [fault] Challenge(version, nonce, server proof)
+//!     S->>D: [fault] Auth(client proof)
+//!     D->>S: [fault] Accept
+//!     loop pre-copy rounds (guest running)
+//!         S->>D: [bulk] Control RoundBegin{round}
+//!         S->>D: [bulk] Unit(Page/Chunk, index, raw | LZ4 | ZERO) ×N
+//!         S->>D: [bulk] Control RoundEnd{round, units_sent}
+//!     end
+//!     D-->>S: [fault] Ping(nonce, sent_ns)
+//!     S-->>D: [fault] Pong(same nonce, sent_ns): fault-path RTT under load
+//!     S->>D: [bulk] Control Freeze (guest stopped)
+//!     S->>D: [bulk] Unit(DeviceState, piece 0..k)
+//!     S->>D: [bulk] Control DeviceStateEnd{total_bytes}
+//!     S->>D: [bulk] Control PostcopyBegin
+//!     Note over D: guest resumes at the destination
+//!     par post-copy
+//!         D->>S: [fault] Request(Page, index, count)
+//!         S->>D: [fault] Unit(Page, index..index+count) (ahead of bulk)
+//!     and background push
+//!         S->>D: [bulk] Unit(remaining pages and chunks)
+//!     end
+//!     S->>D: [bulk] Control Done{units_total}
+//!     S->>D: [bulk] Goodbye
+//!     D->>S: [bulk] Goodbye
+//!     S->>D: [fault] Goodbye
+//!     D->>S: [fault] Goodbye
+//! ```
+//!
+//! Either side may send `Control Abort{reason}` and close both connections.
+//!
+//! # Versions
+//!
+//! The client offers `[MIN_PROTOCOL_VERSION, PROTOCOL_VERSION]`, the server
+//! picks the highest version in common (or rejects). Handshake frames always
+//! carry [`HANDSHAKE_VERSION`] in their header and keep their layout forever;
+//! data frames carry the negotiated version and [`FrameDecoder`] refuses any
+//! other. Today only version 1 exists and the encoders write it; a second
+//! version would add a version argument to the encoders (from the [`Session`]).
+//!
+//! # Example
+//!
+//! ```
+//! use wanmig_datapath::wire::*;
+//!
+//! let geometry = Geometry::new(4096, 1024, 1 << 20, 16, 1 << 20);
+//! let limits = Limits::from_geometry(&geometry)?;
+//! let decoder = FrameDecoder::new(limits, PROTOCOL_VERSION);
+//!
+//! let page = vec![b'x'; 4096]; // the caller's private copy of the page
+//! let mut send_buf = vec![0; encode_buffer_len(page.len(), Compression::Lz4)];
+//! let sent = encode_unit(&mut send_buf, UnitKind::Page, 7, &page, Compression::Lz4)?;
+//! assert_eq!(sent.encoding, Encoding::Lz4);
+//!
+//! let wire = &send_buf[..sent.len];
+//! assert_eq!(decoder.decode(&wire[..10])?, Decoded::NeedMore { at_least: HEADER_LEN });
+//! let Decoded::Frame { frame: FrameRef::Unit { kind, index, payload }, consumed } =
+//!     decoder.decode(wire)?
+//! else {
+//!     panic!("not a unit")
+//! };
+//! let mut dst = vec![0; 4096];
+//! payload.unpack_into(&mut dst)?;
+//! assert_eq!((kind, index, consumed, dst), (UnitKind::Page, 7, sent.len, page));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod frame;
+mod geometry;
+pub mod handshake;
+mod header;
+mod key;
+mod msg;
+
+#[cfg(test)]
+mod frame_tests;
+#[cfg(test)]
+mod proptests;
+
+pub use frame::{
+    Compression, DecodeError, Decoded, EncodeError, EncodedUnit, Encoding, Frame, FrameDecoder,
+    FrameRef, Lz4Fault, UnitPayload, encode_buffer_len, encode_control, encode_goodbye,
+    encode_ping, encode_pong, encode_request, encode_unit, is_zero, max_frame_len,
+};
+pub use geometry::{
+    DEVICE_STATE_PIECE, Geometry, GeometryError, Limits, MAX_CHUNK_SIZE, MAX_DEVICE_STATE,
+    MAX_PAGE_SIZE, MAX_REQUEST_UNITS, MIN_CHUNK_SIZE, MIN_PAGE_SIZE,
+};
+pub use handshake::{
+    ClientParams, HANDSHAKE_TIMEOUT, HandshakeError, Role, ServerPolicy, Session, client_handshake,
+    server_handshake,
+};
+pub use header::{
+    FLAG_LZ4, FLAG_ZERO, FrameType, HANDSHAKE_VERSION, HEADER_LEN, Header, KNOWN_FLAGS, MAGIC,
+    MAX_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, UnitKind,
+};
+pub use key::{KeyError, MAX_KEY_LEN, MIN_KEY_LEN, MigrationId, ParseMigrationIdError, PskKey};
+pub use msg::{
+    AUTH_LEN, AbortReason, Auth, CHALLENGE_LEN, CONTROL_LEN, Challenge, ConnKind, ControlCode,
+    ControlMsg, HELLO_LEN, Hello, NONCE_LEN, PING_LEN, PROOF_LEN, PingMsg, REJECT_LEN, Reject,
+    RejectReason,
+};

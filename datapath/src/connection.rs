@@ -1,0 +1,263 @@
+//! Opening a migration's two connections: TCP, socket tuning, the
+//! authenticated handshake, then the io_uring sender and receiver.
+//!
+//! The source connects (`bulk` first, then `fault`); the destination accepts
+//! both, in whatever order they arrive, and insists that the second belongs to
+//! the same migration and geometry as the first. Every connection carries
+//! frames both ways, so each becomes a [`Connection`]: a [`UnitSender`] and a
+//! [`FrameReceiver`] on two descriptors of the same socket.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::transport::{
+    ConnRole, FrameReceiver, FrameSender, IoPreference, RecvConfig, RecvError, SendConfig,
+    SendError, tcp,
+};
+use crate::unit_stream::UnitSender;
+use crate::wire::{
+    ClientParams, Compression, ConnKind, Geometry, HANDSHAKE_TIMEOUT, HandshakeError, MigrationId,
+    PskKey, ServerPolicy, Session, client_handshake, server_handshake,
+};
+
+/// One authenticated connection, ready for frames in both directions.
+#[derive(Debug)]
+pub struct Connection {
+    /// What the handshake settled.
+    pub session: Session,
+    /// Frames to the peer.
+    pub tx: UnitSender,
+    /// Frames from the peer.
+    pub rx: FrameReceiver,
+}
+
+/// A migration's connections.
+#[derive(Debug)]
+pub struct ConnectionPair {
+    /// Pre-copy rounds, device state, background post-copy push.
+    pub bulk: Connection,
+    /// Post-copy fault requests and answers.
+    pub fault: Connection,
+}
+
+/// Transport settings for both connections.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkConfig {
+    /// The bulk connection's sender (paced by default).
+    pub bulk: SendConfig,
+    /// The fault connection's sender (never paced).
+    pub fault: SendConfig,
+    /// Receivers.
+    pub recv: RecvConfig,
+    /// Whether units may be LZ4-compressed.
+    pub compression: Compression,
+    /// Limit for the TCP connect and the handshake of each connection.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            bulk: SendConfig::default(),
+            fault: SendConfig::fault(),
+            recv: RecvConfig::default(),
+            compression: Compression::Lz4,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+impl LinkConfig {
+    /// The same settings with every connection on the given I/O backend.
+    pub fn with_io(mut self, io: IoPreference) -> Self {
+        self.bulk.io = io;
+        self.fault.io = io;
+        self.recv.io = io;
+        self
+    }
+}
+
+/// Why a migration's connections could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect or accept failed.
+    #[error("{conn:?} connection to {peer}: {source}")]
+    Tcp {
+        /// Which connection.
+        conn: ConnKind,
+        /// The peer address (or the listening address when accepting).
+        peer: SocketAddr,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The handshake failed (wrong key, version, geometry, migration id...).
+    #[error("{conn:?} connection handshake with {peer}: {source}")]
+    Handshake {
+        /// Which connection (as far as we know).
+        conn: ConnKind,
+        /// The peer address.
+        peer: SocketAddr,
+        /// The error.
+        #[source]
+        source: HandshakeError,
+    },
+    /// A second connection of the same kind arrived.
+    #[error("a second {conn:?} connection arrived from {peer}")]
+    Duplicate {
+        /// The kind.
+        conn: ConnKind,
+        /// The peer.
+        peer: SocketAddr,
+    },
+    /// The transport could not be set up.
+    #[error("transport setup: {0}")]
+    Send(#[from] SendError),
+    /// The receive side could not be set up.
+    #[error("transport setup: {0}")]
+    Recv(#[from] RecvError<std::convert::Infallible>),
+}
+
+fn tcp_err(conn: ConnKind, peer: SocketAddr) -> impl FnOnce(io::Error) -> ConnectError {
+    move |source| ConnectError::Tcp { conn, peer, source }
+}
+
+/// Source side: connects `bulk` then `fault` to `dst`.
+pub fn connect(
+    dst: SocketAddr,
+    migration_id: MigrationId,
+    geometry: Geometry,
+    key: &PskKey,
+    cfg: &LinkConfig,
+) -> Result<ConnectionPair, ConnectError> {
+    let open = |conn: ConnKind| -> Result<Connection, ConnectError> {
+        let mut sock =
+            TcpStream::connect_timeout(&dst, cfg.handshake_timeout).map_err(tcp_err(conn, dst))?;
+        set_timeouts(&sock, Some(cfg.handshake_timeout)).map_err(tcp_err(conn, dst))?;
+        let params = ClientParams {
+            conn,
+            migration_id,
+            geometry,
+        };
+        let session = client_handshake(&mut sock, &params, key).map_err(|source| {
+            ConnectError::Handshake {
+                conn,
+                peer: dst,
+                source,
+            }
+        })?;
+        finish(sock, session, dst, cfg)
+    };
+    let bulk = open(ConnKind::Bulk)?;
+    let fault = open(ConnKind::Fault)?;
+    Ok(ConnectionPair { bulk, fault })
+}
+
+/// Destination side: accepts the two connections of one migration on
+/// `listener`, in either order. `policy` may pin the migration id and
+/// geometry; the second connection must match the first either way. A
+/// connection that fails its handshake is dropped and reported: nothing it
+/// sent has been accepted.
+pub fn accept(
+    listener: &TcpListener,
+    policy: &ServerPolicy,
+    key: &PskKey,
+    cfg: &LinkConfig,
+) -> Result<ConnectionPair, ConnectError> {
+    let local = listener
+        .local_addr()
+        .map_err(tcp_err(ConnKind::Bulk, unspecified()))?;
+    let mut policy = *policy;
+    let mut bulk = None;
+    let mut fault = None;
+    while bulk.is_none() || fault.is_none() {
+        let (mut sock, peer) = listener.accept().map_err(tcp_err(ConnKind::Bulk, local))?;
+        set_timeouts(&sock, Some(cfg.handshake_timeout)).map_err(tcp_err(ConnKind::Bulk, peer))?;
+        let want = match (&bulk, &fault) {
+            (None, None) => None,
+            (Some(_), None) => Some(ConnKind::Fault),
+            _ => Some(ConnKind::Bulk),
+        };
+        let this_policy = ServerPolicy {
+            accept_conn: want,
+            ..policy
+        };
+        let session = server_handshake(&mut sock, &this_policy, key).map_err(|source| {
+            ConnectError::Handshake {
+                conn: want.unwrap_or(ConnKind::Bulk),
+                peer,
+                source,
+            }
+        })?;
+        // The second connection must belong to the same migration.
+        policy.expect_migration_id = Some(session.migration_id);
+        policy.expect_geometry = Some(session.geometry);
+        let slot = match session.conn {
+            ConnKind::Bulk => &mut bulk,
+            ConnKind::Fault => &mut fault,
+        };
+        if slot.is_some() {
+            return Err(ConnectError::Duplicate {
+                conn: session.conn,
+                peer,
+            });
+        }
+        *slot = Some(finish(sock, session, peer, cfg)?);
+    }
+    Ok(ConnectionPair {
+        bulk: bulk.expect("loop ends with both"),
+        fault: fault.expect("loop ends with both"),
+    })
+}
+
+fn finish(
+    sock: TcpStream,
+    session: Session,
+    peer: SocketAddr,
+    cfg: &LinkConfig,
+) -> Result<Connection, ConnectError> {
+    let conn = session.conn;
+    set_timeouts(&sock, None).map_err(tcp_err(conn, peer))?;
+    let (role, send_cfg) = match conn {
+        ConnKind::Bulk => (ConnRole::Bulk, cfg.bulk),
+        ConnKind::Fault => (ConnRole::Fault, cfg.fault),
+    };
+    tcp::tune(&sock, role).map_err(tcp_err(conn, peer))?;
+    let rx_sock = sock.try_clone().map_err(tcp_err(conn, peer))?;
+    let tx = UnitSender::new(FrameSender::new(sock, send_cfg)?, cfg.compression);
+    let rx = FrameReceiver::new(rx_sock, cfg.recv)?;
+    Ok(Connection { session, tx, rx })
+}
+
+fn set_timeouts(sock: &TcpStream, t: Option<Duration>) -> io::Result<()> {
+    sock.set_read_timeout(t)?;
+    sock.set_write_timeout(t)
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// Connects, retrying while the destination is not listening yet (e.g. it is
+/// still starting), until `deadline`.
+pub fn connect_with_retry(
+    dst: SocketAddr,
+    migration_id: MigrationId,
+    geometry: Geometry,
+    key: &PskKey,
+    cfg: &LinkConfig,
+    deadline: Instant,
+) -> Result<ConnectionPair, ConnectError> {
+    loop {
+        match connect(dst, migration_id, geometry, key, cfg) {
+            Err(ConnectError::Tcp { source, .. })
+                if source.kind() == io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The receiving half of a connection: bytes arrive in one page-aligned
+//! buffer, complete frames are decoded in place and handed to a callback.
+//!
+//! One receive request is in flight at a time (a byte stream must not be
+//! reordered) and it is always waited for before the buffer is touched, so
+//! the kernel never writes where a decoded frame is being read. A partial
+//! frame at the end of the buffer is moved to the front before the next
+//! receive. The decoder checks each header as soon as it arrives, so a peer
+//! announcing a huge payload is refused before anything is buffered for it.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+
+use io_uring::{IoUring, opcode, types};
+
+use super::buf::IoBuf;
+use super::probe::{IoBackend, IoPreference, ProbeError, select_backend};
+use crate::wire::{DecodeError, Decoded, FrameDecoder, FrameRef};
+
+/// Tuning of a [`FrameReceiver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvConfig {
+    /// Initial buffer size; it grows to the largest frame the decoder allows.
+    pub buffer_size: usize,
+    /// I/O backend preference.
+    pub io: IoPreference,
+}
+
+impl Default for RecvConfig {
+    fn default() -> Self {
+        RecvConfig {
+            buffer_size: 2 << 20,
+            io: IoPreference::Auto,
+        }
+    }
+}
+
+/// What the frame callback wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Deliver the next frame.
+    Continue,
+    /// Return from [`FrameReceiver::run`]; later frames stay buffered.
+    Stop,
+}
+
+/// How [`FrameReceiver::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvEnd {
+    /// The callback returned [`Flow::Stop`].
+    Stopped,
+    /// The peer closed the connection at a frame boundary.
+    Closed,
+}
+
+/// Why receiving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError<E> {
+    /// The peer sent bytes that are not a valid frame.
+    #[error("bad frame at stream offset {offset}: {source}")]
+    Decode {
+        /// Offset of the frame in the byte stream.
+        offset: u64,
+        /// What is wrong with it.
+        #[source]
+        source: DecodeError,
+    },
+    /// The connection ended inside a frame.
+    #[error(
+        "the peer closed the connection inside a frame at stream offset {offset} ({buffered} bytes of it received)"
+    )]
+    Truncated {
+        /// Offset of the incomplete frame.
+        offset: u64,
+        /// Bytes of it that arrived.
+        buffered: usize,
+    },
+    /// The socket failed.
+    #[error("receive failed after {received} bytes: {source}")]
+    Io {
+        /// Bytes received before the failure.
+        received: u64,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The frame callback failed.
+    #[error("frame handler failed: {0}")]
+    Handler(E),
+    /// io_uring is unusable and was required.
+    #[error(transparent)]
+    Backend(#[from] ProbeError),
+    /// The ring could not be created or entered.
+    #[error("io_uring: {0}")]
+    Ring(#[source] io::Error),
+    /// An earlier error left the stream in an unknown state.
+    #[error("the receiver failed earlier and cannot continue")]
+    Poisoned,
+}
+
+/// What a receiver has done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RecvStats {
+    /// Frames delivered.
+    pub frames: u64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// Receive requests completed.
+    pub recvs: u64,
+}
+
+enum Engine {
+    Uring { ring: Box<IoUring>, in_flight: bool },
+    Blocking,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Engine::Uring { in_flight, .. } => f
+                .debug_struct("Uring")
+                .field("in_flight", in_flight)
+                .finish(),
+            Engine::Blocking => f.write_str("Blocking"),
+        }
+    }
+}
+
+const RECV_TAG: u64 = 1;
+const CANCEL_TAG: u64 = 2;
+
+/// Receives frames from one TCP connection.
+#[derive(Debug)]
+pub struct FrameReceiver {
+    sock: TcpStream,
+    engine: Engine,
+    buf: IoBuf,
+    /// Start of undelivered bytes.
+    start: usize,
+    /// End of received bytes.
+    end: usize,
+    /// Stream offset of `buf[start]`.
+    offset: u64,
+    stats: RecvStats,
+    poisoned: bool,
+}
+
+impl FrameReceiver {
+    /// Wraps a connected socket.
+    pub fn new(
+        sock: TcpStream,
+        cfg: RecvConfig,
+    ) -> Result<Self, RecvError<std::convert::Infallible>> {
+        let choice = select_backend(cfg.io)?;
+        let engine = match choice.backend {
+            IoBackend::Uring => Engine::Uring {
+                ring: Box::new(IoUring::new(4).map_err(RecvError::Ring)?),
+                in_flight: false,
+            },
+            IoBackend::Blocking => Engine::Blocking,
+        };
+        Ok(FrameReceiver {
+            sock,
+            engine,
+            buf: IoBuf::new(cfg.buffer_size.max(64 << 10)),
+            start: 0,
+            end: 0,
+            offset: 0,
+            stats: RecvStats::default(),
+            poisoned: false,
+        })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> IoBackend {
+        match self.engine {
+            Engine::Uring { .. } => IoBackend::Uring,
+            Engine::Blocking => IoBackend::Blocking,
+        }
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> RecvStats {
+        self.stats
+    }
+
+    /// Delivers frames to `on_frame` until it returns [`Flow::Stop`] or the
+    /// peer closes the connection.
+    pub fn run<E>(
+        &mut self,
+        decoder: &FrameDecoder,
+        mut on_frame: impl FnMut(FrameRef<'_>) -> Result<Flow, E>,
+    ) -> Result<RecvEnd, RecvError<E>> {
+        if self.poisoned {
+            return Err(RecvError::Poisoned);
+        }
+        loop {
+            // Deliver every complete frame in the buffer.
+            let need = loop {
+                let window = self.buf.slice(self.start, self.end);
+                match decoder.decode(window) {
+                    Ok(Decoded::Frame { frame, consumed }) => {
+                        self.start += consumed;
+                        self.offset += consumed as u64;
+                        self.stats.frames += 1;
+                        match on_frame(frame) {
+                            Ok(Flow::Continue) => {}
+                            Ok(Flow::Stop) => return Ok(RecvEnd::Stopped),
+                            Err(e) => {
+                                self.poisoned = true;
+                                return Err(RecvError::Handler(e));
+                            }
+                        }
+                    }
+                    Ok(Decoded::NeedMore { at_least }) => break at_least,
+                    Err(source) => {
+                        self.poisoned = true;
+                        return Err(RecvError::Decode {
+                            offset: self.offset,
+                            source,
+                        });
+                    }
+                }
+            };
+            self.make_room(need);
+            let n = self.receive()?;
+            if n == 0 {
+                return if self.start == self.end {
+                    Ok(RecvEnd::Closed)
+                } else {
+                    self.poisoned = true;
+                    Err(RecvError::Truncated {
+                        offset: self.offset,
+                        buffered: self.end - self.start,
+                    })
+                };
+            }
+        }
+    }
+
+    /// Makes sure `need` bytes (counted from `start`) fit: compacts, and grows
+    /// the buffer when one frame is larger than it.
+    fn make_room(&mut self, need: usize) {
+        let buffered = self.end - self.start;
+        let want = need.max(buffered + 1);
+        if want > self.buf.capacity() {
+            let mut bigger = IoBuf::new(want.next_power_of_two());
+            bigger
+                .slice_mut(0, buffered)
+                .copy_from_slice(self.buf.slice(self.start, self.end));
+            self.buf = bigger;
+        } else if self.start > 0
+            && (self.start == self.end || self.buf.capacity() - self.end < want - buffered)
+        {
+            self.buf.compact(self.start, self.end);
+        } else {
+            return;
+        }
+        self.start = 0;
+        self.end = buffered;
+    }
+
+    /// One receive into the free tail of the buffer; 0 means end of stream.
+    fn receive<E>(&mut self) -> Result<usize, RecvError<E>> {
+        let cap = self.buf.capacity();
+        let ptr = self.buf.ptr_at(self.end);
+        let len = (cap - self.end).min(u32::MAX as usize);
+        let fd = self.sock.as_raw_fd();
+        loop {
+            let res: i32 = match &mut self.engine {
+                Engine::Uring { ring, in_flight } => {
+                    if !*in_flight {
+                        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len as u32)
+                            .build()
+                            .user_data(RECV_TAG);
+                        // SAFETY: `ptr..ptr+len` is the unused tail of the
+                        // buffer; no Rust reference to it exists until the
+                        // completion is reaped below, and `Drop` cancels an
+                        // outstanding request before the buffer is freed.
+                        unsafe { ring.submission().push(&sqe) }
+                            .expect("the receive ring holds at most one request");
+                        *in_flight = true;
+                    }
+                    match ring.submit_and_wait(1) {
+                        Ok(_) => {}
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {
+                            continue;
+                        }
+                        Err(e) => {
+                            self.poisoned = true;
+                            return Err(RecvError::Ring(e));
+                        }
+                    }
+                    let Some(cqe) = ring.completion().find(|c| c.user_data() == RECV_TAG) else {
+                        continue;
+                    };
+                    *in_flight = false;
+                    cqe.result()
+                }
+                Engine::Blocking => {
+                    // SAFETY: `ptr..ptr+len` is the unused tail of the buffer,
+                    // written by the kernel before the call returns.
+                    let rc = unsafe { libc::recv(fd, ptr.cast(), len, 0) };
+                    if rc < 0 {
+                        -io::Error::last_os_error()
+                            .raw_os_error()
+                            .unwrap_or(libc::EIO)
+                    } else {
+                        rc as i32
+                    }
+                }
+            };
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                continue;
+            }
+            if res < 0 {
+                self.poisoned = true;
+                return Err(RecvError::Io {
+                    received: self.stats.bytes,
+                    source: io::Error::from_raw_os_error(-res),
+                });
+            }
+            let n = res as usize;
+            self.end += n;
+            self.stats.bytes += n as u64;
+            self.stats.recvs += 1;
+            return Ok(n);
+        }
+    }
+}
+
+impl Drop for FrameReceiver {
+    fn drop(&mut self) {
+        let Engine::Uring { ring, in_flight } = &mut self.engine else {
+            return;
+        };
+        if !*in_flight {
+            return;
+        }
+        // The kernel may still write into the buffer: cancel and wait for the
+        // request, or leak the buffer rather than free memory it writes to.
+        let cancel = opcode::AsyncCancel::new(RECV_TAG)
+            .build()
+            .user_data(CANCEL_TAG);
+        let mut done = false;
+        // SAFETY: a cancel request carries no buffers.
+        let pushed = unsafe { ring.submission().push(&cancel) }.is_ok();
+        if pushed {
+            for _ in 0..1000 {
+                if ring.submit_and_wait(1).is_err() {
+                    break;
+                }
+                if ring.completion().any(|c| c.user_data() == RECV_TAG) {
+                    done = true;
+                    break;
+                }
+            }
+        }
+        if !done {
+            let leaked = std::mem::replace(&mut self.buf, IoBuf::new(1));
+            std::mem::forget(leaked);
+        }
+    }
+}

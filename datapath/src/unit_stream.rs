@@ -1,0 +1,176 @@
+//! Sending guest units (pages, chunks, device-state pieces) as frames: copy
+//! the unit out of the memory it lives in, encode it (zero flag, LZ4 when it
+//! pays, CRC) straight into the transport's send buffer.
+
+use serde::Serialize;
+
+use crate::transport::{FrameSender, SendError};
+use crate::wire::{
+    Compression, ControlCode, EncodeError, Encoding, PingMsg, UnitKind, encode_buffer_len,
+    encode_control, encode_goodbye, encode_ping, encode_pong, encode_request,
+};
+
+/// Why a unit could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum UnitSendError {
+    /// The frame could not be encoded (a caller bug: wrong kind or size).
+    #[error("cannot encode {kind:?} unit {index}: {source}")]
+    Encode {
+        /// Kind of the unit.
+        kind: UnitKind,
+        /// Its index.
+        index: u64,
+        /// What was wrong.
+        #[source]
+        source: EncodeError,
+    },
+    /// The connection failed.
+    #[error(transparent)]
+    Send(#[from] SendError),
+}
+
+/// What a [`UnitSender`] has sent, by encoding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UnitStats {
+    /// Units sent.
+    pub units: u64,
+    /// Units sent raw.
+    pub raw: u64,
+    /// Units sent LZ4-compressed.
+    pub lz4: u64,
+    /// All-zero units (sent as a flag).
+    pub zero: u64,
+    /// Uncompressed bytes of the units.
+    pub unit_bytes: u64,
+    /// Frame bytes (headers and payloads) put on the wire for them.
+    pub wire_bytes: u64,
+}
+
+impl UnitStats {
+    /// Uncompressed bytes per wire byte (1.0 when nothing was sent).
+    pub fn compression_ratio(&self) -> f64 {
+        if self.wire_bytes == 0 {
+            1.0
+        } else {
+            self.unit_bytes as f64 / self.wire_bytes as f64
+        }
+    }
+}
+
+/// Encodes units into a [`FrameSender`].
+#[derive(Debug)]
+pub struct UnitSender {
+    tx: FrameSender,
+    compression: Compression,
+    scratch: Vec<u8>,
+    stats: UnitStats,
+}
+
+impl UnitSender {
+    /// Wraps a sender; `compression` decides whether LZ4 is tried.
+    pub fn new(tx: FrameSender, compression: Compression) -> Self {
+        UnitSender {
+            tx,
+            compression,
+            scratch: Vec::new(),
+            stats: UnitStats::default(),
+        }
+    }
+
+    /// Sends one unit of `len` bytes. `copy_out` fills the sender's private
+    /// scratch copy of it: guest memory may change while it is encoded, and the
+    /// zero check, LZ4 and CRC must all see the same bytes.
+    pub fn send_unit(
+        &mut self,
+        kind: UnitKind,
+        index: u64,
+        len: usize,
+        copy_out: impl FnOnce(&mut [u8]),
+    ) -> Result<Encoding, UnitSendError> {
+        self.scratch.resize(len, 0);
+        copy_out(&mut self.scratch);
+        let out = self.tx.reserve(encode_buffer_len(len, self.compression))?;
+        let encoded = crate::wire::encode_unit(out, kind, index, &self.scratch, self.compression)
+            .map_err(|source| UnitSendError::Encode {
+            kind,
+            index,
+            source,
+        })?;
+        self.tx.commit(encoded.len)?;
+        let s = &mut self.stats;
+        s.units += 1;
+        s.unit_bytes += len as u64;
+        s.wire_bytes += encoded.len as u64;
+        match encoded.encoding {
+            Encoding::Raw => s.raw += 1,
+            Encoding::Lz4 => s.lz4 += 1,
+            Encoding::Zero => s.zero += 1,
+        }
+        Ok(encoded.encoding)
+    }
+
+    /// Sends a control message.
+    pub fn send_control(&mut self, code: ControlCode) -> Result<(), UnitSendError> {
+        self.small(|out| encode_control(out, code))
+    }
+
+    /// Sends a post-copy request for `count` units from `index`.
+    pub fn send_request(
+        &mut self,
+        kind: UnitKind,
+        index: u64,
+        count: u32,
+    ) -> Result<(), UnitSendError> {
+        self.small(|out| encode_request(out, kind, index, count))
+    }
+
+    /// Sends a ping (fault-path latency probe).
+    pub fn send_ping(&mut self, ping: PingMsg) -> Result<(), UnitSendError> {
+        self.small(|out| encode_ping(out, ping))
+    }
+
+    /// Answers a ping.
+    pub fn send_pong(&mut self, pong: PingMsg) -> Result<(), UnitSendError> {
+        self.small(|out| encode_pong(out, pong))
+    }
+
+    /// Sends the end-of-stream frame.
+    pub fn send_goodbye(&mut self) -> Result<(), UnitSendError> {
+        self.small(encode_goodbye)
+    }
+
+    fn small(
+        &mut self,
+        encode: impl FnOnce(&mut [u8]) -> Result<usize, EncodeError>,
+    ) -> Result<(), UnitSendError> {
+        const SMALL_FRAME: usize = 256;
+        let out = self.tx.reserve(SMALL_FRAME)?;
+        let n = encode(out).map_err(|source| UnitSendError::Encode {
+            kind: UnitKind::Control,
+            index: 0,
+            source,
+        })?;
+        self.tx.commit(n)?;
+        Ok(())
+    }
+
+    /// Sends everything queued.
+    pub fn flush(&mut self) -> Result<(), UnitSendError> {
+        Ok(self.tx.flush()?)
+    }
+
+    /// Unit counters.
+    pub fn stats(&self) -> UnitStats {
+        self.stats
+    }
+
+    /// The underlying frame sender (stats, pacer, socket).
+    pub fn sender(&mut self) -> &mut FrameSender {
+        &mut self.tx
+    }
+
+    /// Gives the frame sender back.
+    pub fn into_inner(self) -> FrameSender {
+        self.tx
+    }
+}

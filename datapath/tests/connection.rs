@@ -1,0 +1,179 @@
+//! Opening a migration's two connections over real TCP: both sides agree on
+//! the session, the destination accepts the connections in either order, and
+//! a peer with the wrong key or another migration's id is refused before any
+//! frame of it is accepted.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+
+use wanmig_datapath::connection::{ConnectError, LinkConfig, accept, connect};
+use wanmig_datapath::transport::{Flow, RecvEnd};
+use wanmig_datapath::wire::{
+    ClientParams, ConnKind, ControlCode, FrameRef, Geometry, HandshakeError, MigrationId, PskKey,
+    ServerPolicy, client_handshake,
+};
+
+fn geometry() -> Geometry {
+    Geometry::new(4096, 1 << 16, 64 << 10, 1 << 12, 1 << 20)
+}
+
+fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+#[test]
+fn both_connections_authenticate_and_carry_frames_both_ways() {
+    let key = PskKey::generate();
+    let id = MigrationId::random();
+    let (l, addr) = listener();
+    let server_key = key.clone();
+    let server = std::thread::spawn(move || {
+        let mut pair = accept(
+            &l,
+            &ServerPolicy::default(),
+            &server_key,
+            &LinkConfig::default(),
+        )
+        .unwrap();
+        // Echo one control frame on each connection.
+        for conn in [&mut pair.bulk, &mut pair.fault] {
+            let mut got = None;
+            let dec = conn.session.decoder();
+            let end = conn
+                .rx
+                .run(&dec, |f| -> Result<Flow, ()> {
+                    if let FrameRef::Control(c) = f {
+                        got = Some(c);
+                    }
+                    Ok(Flow::Stop)
+                })
+                .unwrap();
+            assert_eq!(end, RecvEnd::Stopped);
+            conn.tx.send_control(got.unwrap()).unwrap();
+            conn.tx.flush().unwrap();
+        }
+        (pair.bulk.session, pair.fault.session)
+    });
+    let mut pair = connect(addr, id, geometry(), &key, &LinkConfig::default()).unwrap();
+    for (round, conn) in [&mut pair.bulk, &mut pair.fault].into_iter().enumerate() {
+        let code = ControlCode::RoundBegin {
+            round: round as u64 + 7,
+        };
+        conn.tx.send_control(code).unwrap();
+        conn.tx.flush().unwrap();
+        let mut echoed = None;
+        let dec = conn.session.decoder();
+        conn.rx
+            .run(&dec, |f| -> Result<Flow, ()> {
+                if let FrameRef::Control(c) = f {
+                    echoed = Some(c);
+                }
+                Ok(Flow::Stop)
+            })
+            .unwrap();
+        assert_eq!(echoed, Some(code));
+    }
+    let (sb, sf) = server.join().unwrap();
+    assert_eq!(sb, pair.bulk.session);
+    assert_eq!(sf, pair.fault.session);
+    assert_eq!((sb.conn, sf.conn), (ConnKind::Bulk, ConnKind::Fault));
+    assert_eq!(sb.migration_id, id);
+    assert_eq!(sb.geometry, geometry());
+}
+
+fn raw_client(
+    addr: SocketAddr,
+    conn: ConnKind,
+    id: MigrationId,
+    key: &PskKey,
+) -> Result<TcpStream, HandshakeError> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    client_handshake(
+        &mut s,
+        &ClientParams {
+            conn,
+            migration_id: id,
+            geometry: geometry(),
+        },
+        key,
+    )?;
+    Ok(s)
+}
+
+#[test]
+fn the_destination_accepts_fault_before_bulk() {
+    let key = PskKey::generate();
+    let id = MigrationId::random();
+    let (l, addr) = listener();
+    let k2 = key.clone();
+    let server = std::thread::spawn(move || {
+        accept(&l, &ServerPolicy::default(), &k2, &LinkConfig::default())
+    });
+    let _f = raw_client(addr, ConnKind::Fault, id, &key).unwrap();
+    let _b = raw_client(addr, ConnKind::Bulk, id, &key).unwrap();
+    let pair = server.join().unwrap().unwrap();
+    assert_eq!(pair.bulk.session.conn, ConnKind::Bulk);
+    assert_eq!(pair.fault.session.conn, ConnKind::Fault);
+}
+
+#[test]
+fn a_wrong_key_is_refused_on_both_sides() {
+    let (l, addr) = listener();
+    let server = std::thread::spawn(move || {
+        accept(
+            &l,
+            &ServerPolicy::default(),
+            &PskKey::generate(),
+            &LinkConfig::default(),
+        )
+    });
+    let client = connect(
+        addr,
+        MigrationId::random(),
+        geometry(),
+        &PskKey::generate(),
+        &LinkConfig::default(),
+    );
+    let c = client.unwrap_err();
+    assert!(
+        matches!(
+            &c,
+            ConnectError::Handshake {
+                conn: ConnKind::Bulk,
+                source: HandshakeError::AuthFailed { .. },
+                ..
+            }
+        ),
+        "client: {c:?}"
+    );
+    let s = server.join().unwrap().unwrap_err();
+    assert!(
+        matches!(&s, ConnectError::Handshake { .. }),
+        "server: {s:?}"
+    );
+}
+
+#[test]
+fn a_second_connection_from_another_migration_is_refused() {
+    let key = PskKey::generate();
+    let (l, addr) = listener();
+    let k2 = key.clone();
+    let server = std::thread::spawn(move || {
+        accept(&l, &ServerPolicy::default(), &k2, &LinkConfig::default())
+    });
+    let _b = raw_client(addr, ConnKind::Bulk, MigrationId::random(), &key).unwrap();
+    let other = raw_client(addr, ConnKind::Fault, MigrationId::random(), &key);
+    assert!(other.is_err(), "a stranger's fault connection was accepted");
+    let s = server.join().unwrap().unwrap_err();
+    assert!(
+        matches!(
+            &s,
+            ConnectError::Handshake {
+                conn: ConnKind::Fault,
+                ..
+            }
+        ),
+        "server: {s:?}"
+    );
+}
