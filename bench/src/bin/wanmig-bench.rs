@@ -1,1 +1,601 @@
-fn main() {}
+//! `wanmig-bench`: benchmarks and the emulated WAN.
+//!
+//! ```text
+//! wanmig-bench wan up     --rate 40mbit --rtt 5ms [--name N] [--mtu M] [--loss-ppm P] [--queue Q] [--foreground]
+//! wanmig-bench wan down   [--name N]
+//! wanmig-bench wan status [--name N] [--json]
+//! wanmig-bench wan check  [--name N] [--rate R --rtt T] [--seconds S] [--json]
+//! wanmig-bench link       --rate 40mbit --rtt 5ms --content random|text|zero|mixed [--size 256MiB] [--json]
+//! ```
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use wanmig_bench::content::Content;
+use wanmig_bench::link::{self, LinkOptions, LinkReport};
+use wanmig_bench::wan::check::{self, WanMeasurement};
+use wanmig_bench::wan::daemon::{self, Probe, WanState};
+use wanmig_bench::wan::{self, Wan, WanConfig};
+use wanmig_datapath::transport::IoPreference;
+use wanmig_datapath::wire::Compression;
+use wanmig_planner::units::{ByteSize, Rate, format_duration, parse_duration};
+
+/// Default WAN name.
+const DEFAULT_NAME: &str = "wan";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wanmig-bench",
+    version,
+    about = "wanmig benchmarks and the emulated WAN"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The emulated WAN: two network namespaces joined by tbf + a userspace delay line.
+    #[command(subcommand)]
+    Wan(WanCommand),
+    /// Push pages through the real datapath over the emulated WAN and compare
+    /// the goodput with iperf3 on the same link in the same run.
+    Link(LinkBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct LinkBenchArgs {
+    /// Name of the WAN the benchmark brings up (and tears down).
+    #[arg(long, default_value = "bench")]
+    name: String,
+    /// Link rate, e.g. 40mbit.
+    #[arg(long, default_value = "40mbit")]
+    rate: Rate,
+    /// Round-trip time, e.g. 5ms.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    rtt: Duration,
+    /// The path's queue (tbf) as time at full rate [default: max(rtt, 20ms)];
+    /// real WAN routers often buffer 100 ms or more.
+    #[arg(long, value_parser = parse_duration)]
+    queue: Option<Duration>,
+    /// Page contents: random, text, zero or mixed.
+    #[arg(long, default_value = "random")]
+    content: Content,
+    /// Bytes of pages to move.
+    #[arg(long, default_value = "256MiB")]
+    size: ByteSize,
+    /// Length of the iperf3 reference run, seconds.
+    #[arg(long, default_value_t = 10)]
+    iperf_seconds: u64,
+    /// Turn bulk pacing off (TCP fills the path's queue).
+    #[arg(long)]
+    no_pacing: bool,
+    /// Never try LZ4.
+    #[arg(long)]
+    no_compression: bool,
+    /// I/O backend: auto, uring or blocking.
+    #[arg(long, default_value = "auto")]
+    io: IoPreference,
+    /// Interval between post-copy fault probes during the transfer.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    probe_interval: Duration,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum WanCommand {
+    /// Bring a WAN up (idempotent). Without --foreground a detached daemon keeps it up.
+    Up(UpArgs),
+    /// Tear a WAN down (idempotent; nothing up is not an error).
+    Down(NameArg),
+    /// Show what is up.
+    Status(StatusArgs),
+    /// Measure a WAN with iperf3 and ping against its settings (exit 1 if a target is missed).
+    Check(CheckArgs),
+    /// The daemon started by `wan up` (internal).
+    #[command(hide = true)]
+    DelayLine(LinkArgs),
+}
+
+#[derive(Debug, Args)]
+struct NameArg {
+    /// WAN name (1-10 of a-z0-9): namespaces wanmig-NAME-src and wanmig-NAME-dst.
+    #[arg(long, default_value = DEFAULT_NAME)]
+    name: String,
+}
+
+#[derive(Debug, Args)]
+struct LinkArgs {
+    #[command(flatten)]
+    name: NameArg,
+    /// Rate of each direction, e.g. 40mbit, 1gbit.
+    #[arg(long, default_value = "40mbit")]
+    rate: Rate,
+    /// Round-trip time added by the delay line, e.g. 5ms.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    rtt: Duration,
+    /// MTU of the link.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
+    /// Packets lost per million, in each direction.
+    #[arg(long, default_value_t = 0)]
+    loss_ppm: u32,
+    /// tbf queue as time at full rate [default: max(rtt, 20ms)].
+    #[arg(long, value_parser = parse_duration)]
+    queue: Option<Duration>,
+}
+
+impl LinkArgs {
+    fn config(&self) -> WanConfig {
+        let mut c = WanConfig::new(self.name.name.clone(), self.rate, self.rtt);
+        c.mtu = self.mtu;
+        c.loss_ppm = self.loss_ppm;
+        if let Some(q) = self.queue {
+            c.queue = q;
+        }
+        c
+    }
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    #[command(flatten)]
+    link: LinkArgs,
+    /// Stay in the foreground until Ctrl-C/SIGTERM, then tear down (replaces a WAN of that name that is up).
+    #[arg(long)]
+    foreground: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Only this WAN [default: all].
+    #[arg(long)]
+    name: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    name: NameArg,
+    /// Rate for a WAN brought up for the check [default: 40mbit].
+    #[arg(long)]
+    rate: Option<Rate>,
+    /// RTT for a WAN brought up for the check [default: 5ms].
+    #[arg(long, value_parser = parse_duration)]
+    rtt: Option<Duration>,
+    /// MTU for a WAN brought up for the check.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
+    /// Loss for a WAN brought up for the check (ppm).
+    #[arg(long, default_value_t = 0)]
+    loss_ppm: u32,
+    /// tbf queue for a WAN brought up for the check [default: max(rtt, 20ms)].
+    #[arg(long, value_parser = parse_duration)]
+    queue: Option<Duration>,
+    /// iperf3 test length in seconds (ping runs about half as long before it).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Wan(cmd) => run_wan(cmd),
+        Command::Link(args) => link_cmd(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("wanmig-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_wan(cmd: WanCommand) -> Result<ExitCode> {
+    match cmd {
+        WanCommand::Up(args) => up(args),
+        WanCommand::Down(args) => down(&args.name),
+        WanCommand::Status(args) => status(args),
+        WanCommand::Check(args) => check_cmd(args),
+        WanCommand::DelayLine(args) => serve(args.config(), false),
+    }
+}
+
+/// A flag set by SIGINT, SIGTERM and SIGHUP.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, flag.clone()).context("installing a signal handler")?;
+    }
+    Ok(flag)
+}
+
+fn describe(state: &WanState) -> String {
+    format!(
+        "WAN {:?}: {}  {} {} <-> {} {}",
+        state.name,
+        state.config().summary(),
+        state.src_ns,
+        state.src_addr,
+        state.dst_ns,
+        state.dst_addr
+    )
+}
+
+fn up(args: UpArgs) -> Result<ExitCode> {
+    let config = args.link.config();
+    config.validate()?;
+    wan::preflight(&["ip", "tc", "ping"])?;
+    if args.foreground {
+        return serve(config, true);
+    }
+    match daemon::probe(&config.name) {
+        Probe::Up(state) if state.config() == config => {
+            println!("{} (pid {}) is already up", describe(&state), state.pid);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Probe::Up(state) => println!(
+            "WAN {:?} is up with other settings ({}): rebuilding",
+            config.name,
+            state.config().summary()
+        ),
+        Probe::Broken { reason, .. } => {
+            println!("WAN {:?} is broken ({reason}): rebuilding", config.name)
+        }
+        Probe::Down => {}
+    }
+    Wan::down_by_name(&config.name)?;
+    let exe = std::env::current_exe().context("locating the wanmig-bench binary")?;
+    let state = daemon::spawn_detached(&exe, &config, Duration::from_secs(15))?;
+    println!(
+        "{} is up; delay line daemon pid {}, log {}",
+        describe(&state),
+        state.pid,
+        daemon::log_path(&config.name).display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Holds a WAN until a signal: `wan up --foreground` and the daemon.
+fn serve(config: WanConfig, foreground: bool) -> Result<ExitCode> {
+    let stop = stop_flag()?;
+    let stats = daemon::serve(config, foreground, &stop, |_, state| {
+        println!("{} is up (pid {})", describe(state), state.pid);
+        if foreground {
+            println!("press Ctrl-C to tear it down");
+        }
+    })?;
+    println!(
+        "torn down; delay line forwarded {} / {} packets (src->dst / dst->src), dropped {} / {}",
+        stats.src_to_dst.forwarded_packets,
+        stats.dst_to_src.forwarded_packets,
+        stats.src_to_dst.dropped(),
+        stats.dst_to_src.dropped()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn down(name: &str) -> Result<ExitCode> {
+    wan::validate_name(name)?;
+    let was = daemon::probe(name);
+    Wan::down_by_name(name)?;
+    match was {
+        Probe::Down => println!("WAN {name:?} was not up"),
+        _ => println!("WAN {name:?} is down"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, serde::Serialize)]
+struct StatusEntry {
+    name: String,
+    status: &'static str,
+    reason: Option<String>,
+    state: Option<WanState>,
+}
+
+fn status(args: StatusArgs) -> Result<ExitCode> {
+    let names = match &args.name {
+        Some(n) => {
+            wan::validate_name(n)?;
+            vec![n.clone()]
+        }
+        None => daemon::known_wans(),
+    };
+    let entries: Vec<StatusEntry> = names
+        .into_iter()
+        .map(|name| match daemon::probe(&name) {
+            Probe::Down => StatusEntry {
+                name,
+                status: "down",
+                reason: None,
+                state: None,
+            },
+            Probe::Up(state) => StatusEntry {
+                name,
+                status: "up",
+                reason: None,
+                state: Some(state),
+            },
+            Probe::Broken { reason, state } => StatusEntry {
+                name,
+                status: "broken",
+                reason: Some(reason),
+                state,
+            },
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if entries.is_empty() {
+        println!("no WAN is up");
+    }
+    for e in &entries {
+        match (&e.state, e.status) {
+            (Some(s), "up") => {
+                println!("{}", describe(s));
+                if s.foreground {
+                    println!("  up: foreground process {}", s.pid);
+                } else {
+                    println!(
+                        "  up: daemon pid {}, log {}",
+                        s.pid,
+                        daemon::log_path(&s.name).display()
+                    );
+                }
+                println!(
+                    "  emulator's own round trip {} us (subtracted from the delay)",
+                    s.base_rtt_ns / 1000
+                );
+                if let Some(st) = &s.stats {
+                    println!(
+                        "  delay line: src->dst {} pkts {} B, {} dropped; dst->src {} pkts {} B, {} dropped; wake lead {} us",
+                        st.src_to_dst.forwarded_packets,
+                        st.src_to_dst.forwarded_bytes,
+                        st.src_to_dst.dropped(),
+                        st.dst_to_src.forwarded_packets,
+                        st.dst_to_src.forwarded_bytes,
+                        st.dst_to_src.dropped(),
+                        st.wake_lead_ns / 1000
+                    );
+                }
+            }
+            _ => println!(
+                "WAN {:?}: {}{}",
+                e.name,
+                e.status,
+                e.reason
+                    .as_ref()
+                    .map(|r| format!(
+                        " ({r}); `wanmig-bench wan down --name {}` cleans up",
+                        e.name
+                    ))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_cmd(args: CheckArgs) -> Result<ExitCode> {
+    let name = args.name.name.clone();
+    wan::validate_name(&name)?;
+    wan::preflight(&["ip", "tc", "iperf3", "ping"])?;
+    let stop = stop_flag()?;
+    let duration = Duration::from_secs(args.seconds.max(1));
+
+    let (wan, ours) = match daemon::probe(&name) {
+        Probe::Up(state) => {
+            let running = state.config();
+            if args.rate.is_some_and(|r| r != running.rate)
+                || args.rtt.is_some_and(|t| t != running.rtt)
+            {
+                eprintln!(
+                    "note: WAN {name:?} is up with {}; measuring it as it is",
+                    running.summary()
+                );
+            }
+            (Wan::attach(&name)?, false)
+        }
+        _ => {
+            let mut c = WanConfig::new(
+                name.clone(),
+                args.rate.unwrap_or(Rate::from_bits_per_second(40_000_000)),
+                args.rtt.unwrap_or(Duration::from_millis(5)),
+            );
+            c.mtu = args.mtu;
+            c.loss_ppm = args.loss_ppm;
+            if let Some(q) = args.queue {
+                c.queue = q;
+            }
+            if !args.json {
+                println!("bringing up WAN {name:?} ({}) for the check", c.summary());
+            }
+            (Wan::up(c)?, true)
+        }
+    };
+
+    // The measurement runs on its own thread so that a signal can end the
+    // command while iperf3/ping are still running.
+    let wan = Arc::new(wan);
+    let worker = {
+        let wan = wan.clone();
+        std::thread::spawn(move || check::measure(&wan, duration))
+    };
+    while !worker.is_finished() && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if stop.load(Ordering::Relaxed) {
+        // Tear down what we built and exit; our iperf3/ping children die with
+        // us (PR_SET_PDEATHSIG).
+        eprintln!("interrupted");
+        if ours {
+            let _ = Wan::down_by_name(&name);
+        }
+        std::process::exit(130);
+    }
+    let measurement = match worker.join() {
+        Ok(r) => r,
+        Err(_) => bail!("the measuring thread panicked"),
+    };
+    if ours {
+        if let Ok(wan) = Arc::try_unwrap(wan) {
+            wan.down()?;
+        }
+    }
+    let measurement = measurement?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&measurement)?);
+    } else {
+        print_measurement(&measurement);
+    }
+    Ok(if measurement.pass() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn verdict(pass: bool) -> &'static str {
+    if pass { "PASS" } else { "FAIL" }
+}
+
+fn print_measurement(m: &WanMeasurement) {
+    println!(
+        "iperf3: {:.2} Mbit/s = {:.1} % of {} Mbit/s (target >= {:.0} %, {} retransmits, {:.0} s)  {}",
+        m.iperf3_mbps,
+        m.rate_ratio * 100.0,
+        m.rate_mbps,
+        m.rate_target * 100.0,
+        m.iperf3_retransmits
+            .map_or("?".to_string(), |r| r.to_string()),
+        m.iperf3_seconds,
+        verdict(m.rate_pass)
+    );
+    println!(
+        "ping:   rtt avg {:.3} ms (min {:.3}, max {:.3}, mdev {:.3}; {}/{} replies) = {:+.2} % vs {} (target within {:.0} %)  {}",
+        m.rtt_ms_avg,
+        m.rtt_ms_min,
+        m.rtt_ms_max,
+        m.rtt_ms_mdev,
+        m.ping_received,
+        m.ping_sent,
+        m.rtt_error * 100.0,
+        format_duration(Duration::from_secs_f64(m.rtt_ms / 1e3)),
+        m.rtt_tolerance * 100.0,
+        verdict(m.rtt_pass)
+    );
+}
+
+fn link_cmd(args: LinkBenchArgs) -> Result<ExitCode> {
+    wan::validate_name(&args.name)?;
+    wan::preflight(&["ip", "tc", "iperf3", "ping"])?;
+    let stop = stop_flag()?;
+    let mut opts = LinkOptions::new(args.name.clone(), args.rate, args.rtt, args.content);
+    opts.size = args.size.bytes();
+    opts.queue = args.queue;
+    opts.iperf_seconds = args.iperf_seconds;
+    opts.pacing = !args.no_pacing;
+    opts.io = args.io;
+    opts.probe_interval = args.probe_interval;
+    if args.no_compression {
+        opts.compression = Compression::None;
+    }
+    if !args.json {
+        println!(
+            "link benchmark: {} of {} pages over {} / {} (iperf3 reference {} s first)",
+            args.size,
+            args.content,
+            args.rate,
+            format_duration(args.rtt),
+            args.iperf_seconds
+        );
+    }
+    // The run owns the WAN it brings up; on Ctrl-C tear it down by name.
+    let worker = std::thread::spawn(move || link::run(&opts));
+    while !worker.is_finished() && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if stop.load(Ordering::Relaxed) {
+        eprintln!("interrupted");
+        let _ = Wan::down_by_name(&args.name);
+        std::process::exit(130);
+    }
+    let report = match worker.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("the benchmark thread panicked"),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_link(&report);
+    }
+    if report.integrity.pages_differing != 0 || report.fault_latency.wrong_answers != 0 {
+        eprintln!("wanmig-bench: DATA MISMATCH: the destination does not hold the source's pages");
+        return Ok(ExitCode::from(2));
+    }
+    Ok(if report.target.met {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_link(r: &LinkReport) {
+    let u = &r.units;
+    println!(
+        "moved {} MiB in {:.2} s: goodput {:.2} Mbit/s, iperf3 {:.2} Mbit/s, ratio {:.3}",
+        r.size_bytes >> 20,
+        r.seconds,
+        r.goodput_mbps,
+        r.iperf3_mbps,
+        r.ratio
+    );
+    println!(
+        "effective {:.2} Mbit/s of page data, compression {:.2}x ({} raw, {} lz4, {} zero pages)",
+        r.effective_mbps, r.compression_ratio, u.raw, u.lz4, u.zero
+    );
+    let f = &r.fault_latency;
+    println!(
+        "fault round trip: idle p50 {:.2} ms; during the push p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} probes)",
+        f.idle_p50_ms, f.loaded_p50_ms, f.loaded_p99_ms, f.loaded_max_ms, f.loaded_samples
+    );
+    println!(
+        "pacing: {} (largest in-flight limit {} KiB, {} waits); backend {}",
+        if r.pacing { "on" } else { "off" },
+        r.send.max_pacing_limit >> 10,
+        r.send.pacing_waits,
+        r.backend
+    );
+    println!(
+        "integrity: {} pages compared, {} differing",
+        r.integrity.pages_compared, r.integrity.pages_differing
+    );
+    println!(
+        "target: {} -> measured {:.3} vs {:.3}: {}",
+        r.target.rule,
+        r.target.measured,
+        r.target.threshold,
+        if r.target.met { "MET" } else { "MISSED" }
+    );
+}

@@ -1,0 +1,579 @@
+//! `wanmig-bench link`: how close the real datapath comes to what TCP itself
+//! achieves on the same emulated link, in the same run.
+//!
+//! One run brings up the emulated WAN, measures iperf3 across it, then moves a
+//! region of pages from a source to a destination through the engine's own
+//! datapath: the authenticated handshake on a `bulk` and a `fault` connection,
+//! pages copied out and encoded (zero flag, LZ4 when it pays, CRC) straight into
+//! io_uring send buffers, paced bulk, and decoded at the destination into a
+//! second region. While the bulk transfer runs, the destination sends post-copy
+//! fault requests on the fault connection at a fixed interval and times the
+//! answers, which shows what pacing does for faults. At the end every
+//! destination page is compared with the source page.
+//!
+//! Figures (JSON with `--json`):
+//! - `goodput_mbps`: frame bytes (headers + payloads) the destination received
+//!   per second, comparable to iperf3's goodput;
+//! - `ratio` = `goodput_mbps / iperf3_mbps`;
+//! - `effective_mbps`: uncompressed page bytes per second;
+//! - `compression_ratio`: page bytes per frame byte.
+//!
+//! Targets: on random pages `ratio >= 0.98`; on compressible content
+//! `effective_mbps >= 0.9 × compression_ratio × iperf3_mbps`.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wanmig_datapath::connection::{self, Connection, LinkConfig};
+use wanmig_datapath::transport::{Flow, IoPreference, SendStats};
+use wanmig_datapath::unit_stream::UnitStats;
+use wanmig_datapath::wire::{
+    Compression, DecodeError, FrameRef, Geometry, MigrationId, PingMsg, PskKey, ServerPolicy,
+    UnitKind,
+};
+use wanmig_planner::units::Rate;
+
+use crate::content::{Content, fill_page, fill_region};
+use crate::wan::{Wan, WanConfig, WanError, check, netns};
+
+/// Guest page size used by the benchmark.
+pub const PAGE: usize = 4096;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    /// WAN name (namespaces `wanmig-<name>-src/dst`).
+    pub wan_name: String,
+    /// Link rate.
+    pub rate: Rate,
+    /// Round-trip time.
+    pub rtt: Duration,
+    /// The path's queue (tbf) as time at full rate; `None` = the WAN default.
+    pub queue: Option<Duration>,
+    /// Page contents.
+    pub content: Content,
+    /// Bytes of pages to move.
+    pub size: u64,
+    /// Length of the iperf3 reference run (0 skips it).
+    pub iperf_seconds: u64,
+    /// Whether the bulk sender is paced.
+    pub pacing: bool,
+    /// I/O backend.
+    pub io: IoPreference,
+    /// Whether LZ4 is tried.
+    pub compression: Compression,
+    /// Interval between fault probes during the transfer.
+    pub probe_interval: Duration,
+    /// Seed of the page contents.
+    pub seed: u64,
+}
+
+impl LinkOptions {
+    /// The default run: 256 MiB over 40 Mbit/s, 5 ms.
+    pub fn new(wan_name: impl Into<String>, rate: Rate, rtt: Duration, content: Content) -> Self {
+        LinkOptions {
+            wan_name: wan_name.into(),
+            rate,
+            rtt,
+            queue: None,
+            content,
+            size: 256 << 20,
+            iperf_seconds: 10,
+            pacing: true,
+            io: IoPreference::Auto,
+            compression: Compression::Lz4,
+            probe_interval: Duration::from_millis(100),
+            seed: 1,
+        }
+    }
+}
+
+/// Post-copy fault round trips measured on the fault connection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FaultLatency {
+    /// Median with the link idle, ms.
+    pub idle_p50_ms: f64,
+    /// Median while the bulk transfer runs, ms.
+    pub loaded_p50_ms: f64,
+    /// 99th percentile while the bulk transfer runs, ms.
+    pub loaded_p99_ms: f64,
+    /// Worst while the bulk transfer runs, ms.
+    pub loaded_max_ms: f64,
+    /// Probes answered while loaded.
+    pub loaded_samples: usize,
+    /// Answers whose page differed from the source's.
+    pub wrong_answers: u64,
+}
+
+/// Page-by-page comparison of the two regions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Integrity {
+    /// Pages compared.
+    pub pages_compared: u64,
+    /// Pages whose bytes differ.
+    pub pages_differing: u64,
+}
+
+/// The target that applies to this content and whether it was met.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Target {
+    /// The rule.
+    pub rule: String,
+    /// The threshold the measured figure is held to.
+    pub threshold: f64,
+    /// The measured figure.
+    pub measured: f64,
+    /// Whether it was met.
+    pub met: bool,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LinkReport {
+    /// Set rate, Mbit/s.
+    pub rate_mbps: f64,
+    /// Set RTT, ms.
+    pub rtt_ms: f64,
+    /// Page contents.
+    pub content: Content,
+    /// Bytes of pages moved.
+    pub size_bytes: u64,
+    /// I/O backend of the bulk sender.
+    pub backend: String,
+    /// Whether the bulk sender was paced.
+    pub pacing: bool,
+    /// Frame bytes per second at the destination, Mbit/s.
+    pub goodput_mbps: f64,
+    /// iperf3 on the same link in the same run, Mbit/s.
+    pub iperf3_mbps: f64,
+    /// `goodput_mbps / iperf3_mbps`.
+    pub ratio: f64,
+    /// Uncompressed page bytes per second, Mbit/s.
+    pub effective_mbps: f64,
+    /// Page bytes per frame byte.
+    pub compression_ratio: f64,
+    /// Transfer time, s.
+    pub seconds: f64,
+    /// Frame bytes received on the bulk connection.
+    pub wire_bytes: u64,
+    /// Units by encoding.
+    pub units: UnitStats,
+    /// Bulk sender counters (sends, pacing).
+    pub send: SendStats,
+    /// Fault round trips.
+    pub fault_latency: FaultLatency,
+    /// Data integrity.
+    pub integrity: Integrity,
+    /// The applicable target.
+    pub target: Target,
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The WAN could not be brought up.
+    #[error(transparent)]
+    Wan(#[from] WanError),
+    /// The iperf3 reference failed.
+    #[error("iperf3 reference: {0}")]
+    Iperf(#[from] check::CheckError),
+    /// A namespace thread could not start or panicked.
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    /// Setting up the connections failed.
+    #[error(transparent)]
+    Connect(#[from] connection::ConnectError),
+    /// The transfer failed.
+    #[error("{side}: {message}")]
+    Transfer {
+        /// Source or destination.
+        side: &'static str,
+        /// What happened.
+        message: String,
+    },
+    /// A bad option.
+    #[error("invalid option: {0}")]
+    Options(String),
+}
+
+fn transfer(side: &'static str) -> impl Fn(String) -> LinkError {
+    move |message| LinkError::Transfer { side, message }
+}
+
+/// What the destination measured.
+struct DstOutcome {
+    region: Vec<u8>,
+    rx_bytes: u64,
+    end: Instant,
+    latency: FaultLatency,
+}
+
+/// What the source measured.
+struct SrcOutcome {
+    start: Instant,
+    units: UnitStats,
+    send: SendStats,
+    backend: String,
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &LinkOptions) -> Result<LinkReport, LinkError> {
+    if opts.size < PAGE as u64 || opts.size % PAGE as u64 != 0 {
+        return Err(LinkError::Options(format!(
+            "size {} is not a positive multiple of {PAGE}",
+            opts.size
+        )));
+    }
+    let mut wan_config = WanConfig::new(opts.wan_name.clone(), opts.rate, opts.rtt);
+    if let Some(q) = opts.queue {
+        wan_config.queue = q;
+    }
+    let wan = Wan::up(wan_config)?;
+    let iperf3_mbps = if opts.iperf_seconds > 0 {
+        check::iperf3_throughput(&wan, Duration::from_secs(opts.iperf_seconds))?.mbps
+    } else {
+        f64::NAN
+    };
+    let pages = opts.size / PAGE as u64;
+    let mut src = vec![0u8; opts.size as usize];
+    fill_region(opts.content, opts.seed, PAGE, &mut src);
+    let src = Arc::new(src);
+    let (dst, source) = transfer_pages(&wan, opts, pages, &src)?;
+    drop(wan);
+
+    let integrity = compare(&src, &dst.region);
+    let seconds = dst
+        .end
+        .saturating_duration_since(source.start)
+        .as_secs_f64();
+    let goodput_mbps = dst.rx_bytes as f64 * 8.0 / seconds / 1e6;
+    let effective_mbps = source.units.unit_bytes as f64 * 8.0 / seconds / 1e6;
+    let compression_ratio = source.units.compression_ratio();
+    let ratio = goodput_mbps / iperf3_mbps;
+    let target = if opts.content == Content::Random {
+        Target {
+            rule: "goodput_mbps / iperf3_mbps >= 0.98".into(),
+            threshold: 0.98,
+            measured: ratio,
+            met: ratio >= 0.98,
+        }
+    } else {
+        let threshold = 0.9 * compression_ratio * iperf3_mbps;
+        Target {
+            rule: "effective_mbps >= 0.9 * compression_ratio * iperf3_mbps".into(),
+            threshold,
+            measured: effective_mbps,
+            met: effective_mbps >= threshold,
+        }
+    };
+    Ok(LinkReport {
+        rate_mbps: opts.rate.mbit(),
+        rtt_ms: opts.rtt.as_secs_f64() * 1e3,
+        content: opts.content,
+        size_bytes: opts.size,
+        backend: source.backend,
+        pacing: opts.pacing,
+        goodput_mbps,
+        iperf3_mbps,
+        ratio,
+        effective_mbps,
+        compression_ratio,
+        seconds,
+        wire_bytes: dst.rx_bytes,
+        units: source.units,
+        send: source.send,
+        fault_latency: dst.latency,
+        integrity,
+        target,
+    })
+}
+
+fn compare(src: &[u8], dst: &[u8]) -> Integrity {
+    let pages_differing = src
+        .chunks(PAGE)
+        .zip(dst.chunks(PAGE))
+        .filter(|(a, b)| a != b)
+        .count() as u64;
+    Integrity {
+        pages_compared: (src.len() / PAGE) as u64,
+        pages_differing,
+    }
+}
+
+fn link_config(opts: &LinkOptions) -> LinkConfig {
+    let mut cfg = LinkConfig::default().with_io(opts.io);
+    cfg.compression = opts.compression;
+    if !opts.pacing {
+        cfg.bulk.pacing = None;
+    }
+    cfg
+}
+
+fn transfer_pages(
+    wan: &Wan,
+    opts: &LinkOptions,
+    pages: u64,
+    src: &Arc<Vec<u8>>,
+) -> Result<(DstOutcome, SrcOutcome), LinkError> {
+    let key = PskKey::generate();
+    let id = MigrationId::random();
+    let geometry = Geometry::new(PAGE as u32, pages, 64 << 10, 1, 1 << 20);
+    let cfg = link_config(opts);
+    let listener = netns::run_in(wan.dst_ns(), {
+        let addr = wan.dst_addr();
+        move || TcpListener::bind((addr, 0))
+    })?
+    .map_err(|e| transfer("destination")(format!("listen: {e}")))?;
+    let addr: SocketAddr = listener
+        .local_addr()
+        .map_err(|e| transfer("destination")(e.to_string()))?;
+
+    let dst_thread = netns::spawn_in(wan.dst_ns(), {
+        let (key, src, opts) = (key.clone(), src.clone(), opts.clone());
+        move || destination(listener, &key, &cfg, geometry, &opts, &src)
+    })?;
+    let src_thread = netns::spawn_in(wan.src_ns(), {
+        let src = src.clone();
+        move || source(addr, id, geometry, &key, &cfg, &src)
+    })?;
+    let src_res = src_thread
+        .join()
+        .map_err(|_| transfer("source")("panicked".into()));
+    let dst_res = dst_thread
+        .join()
+        .map_err(|_| transfer("destination")("panicked".into()));
+    // Report the destination's error first: a source failure is usually its echo.
+    let dst_out = dst_res??;
+    let src_out = src_res??;
+    Ok((dst_out, src_out))
+}
+
+/// The source: serves fault requests on one thread, pushes every page on the
+/// bulk connection once the destination says go.
+fn source(
+    dst: SocketAddr,
+    id: MigrationId,
+    geometry: Geometry,
+    key: &PskKey,
+    cfg: &LinkConfig,
+    src: &Arc<Vec<u8>>,
+) -> Result<SrcOutcome, LinkError> {
+    let err = transfer("source");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pair = connection::connect_with_retry(dst, id, geometry, key, cfg, deadline)?;
+    let (mut bulk, fault) = (pair.bulk, pair.fault);
+    let server = {
+        let src = src.clone();
+        std::thread::spawn(move || serve_faults(fault, &src))
+    };
+    // Wait for the destination's go (a Ping on bulk).
+    let dec = bulk.session.decoder();
+    bulk.rx
+        .run(&dec, |f| -> Result<Flow, String> {
+            match f {
+                FrameRef::Ping(_) => Ok(Flow::Stop),
+                other => Err(format!("expected the go ping, got {other:?}")),
+            }
+        })
+        .map_err(|e| err(e.to_string()))?;
+    let start = Instant::now();
+    for (i, page) in src.chunks(PAGE).enumerate() {
+        bulk.tx
+            .send_unit(UnitKind::Page, i as u64, PAGE, |out| {
+                out.copy_from_slice(page)
+            })
+            .map_err(|e| err(e.to_string()))?;
+    }
+    bulk.tx.send_goodbye().map_err(|e| err(e.to_string()))?;
+    bulk.tx.flush().map_err(|e| err(e.to_string()))?;
+    let served = server
+        .join()
+        .map_err(|_| err("fault server panicked".into()))?;
+    served.map_err(err)?;
+    let backend = bulk.tx.sender().backend().to_string();
+    Ok(SrcOutcome {
+        start,
+        units: bulk.tx.stats(),
+        send: bulk.tx.sender().stats(),
+        backend,
+    })
+}
+
+/// Answers page requests until the destination says goodbye.
+fn serve_faults(mut fault: Connection, src: &[u8]) -> Result<(), String> {
+    let dec = fault.session.decoder();
+    let Connection { tx, rx, .. } = &mut fault;
+    rx.run(&dec, |f| -> Result<Flow, String> {
+        match f {
+            FrameRef::Request {
+                kind: UnitKind::Page,
+                index,
+                count,
+            } => {
+                for i in index..index + u64::from(count) {
+                    let at = i as usize * PAGE;
+                    let page = src
+                        .get(at..at + PAGE)
+                        .ok_or(format!("page {i} out of range"))?;
+                    tx.send_unit(UnitKind::Page, i, PAGE, |out| out.copy_from_slice(page))
+                        .map_err(|e| e.to_string())?;
+                }
+                tx.flush().map_err(|e| e.to_string())?;
+                Ok(Flow::Continue)
+            }
+            FrameRef::Goodbye => Ok(Flow::Stop),
+            other => Err(format!(
+                "unexpected frame on the fault connection: {other:?}"
+            )),
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// One fault round trip: request a page, wait for it, check it.
+fn probe_once(
+    fault: &mut Connection,
+    index: u64,
+    expected: &[u8],
+) -> Result<(Duration, bool), String> {
+    let t = Instant::now();
+    fault
+        .tx
+        .send_request(UnitKind::Page, index, 1)
+        .map_err(|e| e.to_string())?;
+    fault.tx.flush().map_err(|e| e.to_string())?;
+    let dec = fault.session.decoder();
+    let mut page = vec![0u8; PAGE];
+    let mut got = None;
+    fault
+        .rx
+        .run(&dec, |f| -> Result<Flow, DecodeError> {
+            if let FrameRef::Unit {
+                index: i, payload, ..
+            } = f
+            {
+                payload.unpack_into(&mut page)?;
+                got = Some(i);
+            }
+            Ok(Flow::Stop)
+        })
+        .map_err(|e| e.to_string())?;
+    let rtt = t.elapsed();
+    Ok((rtt, got == Some(index) && page == expected))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The destination: idle fault probes, then the bulk transfer with probes
+/// running alongside.
+fn destination(
+    listener: TcpListener,
+    key: &PskKey,
+    cfg: &LinkConfig,
+    geometry: Geometry,
+    opts: &LinkOptions,
+    src: &Arc<Vec<u8>>,
+) -> Result<DstOutcome, LinkError> {
+    let err = transfer("destination");
+    let policy = ServerPolicy {
+        expect_geometry: Some(geometry),
+        ..ServerPolicy::default()
+    };
+    let pair = connection::accept(&listener, &policy, key, cfg)?;
+    let (mut bulk, mut fault) = (pair.bulk, pair.fault);
+    let pages = geometry.page_count();
+    let expected = |i: u64| {
+        let at = i as usize * PAGE;
+        src[at..at + PAGE].to_vec()
+    };
+    let pick = move |n: u64| (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % pages;
+
+    let mut idle = Vec::new();
+    let mut wrong = 0u64;
+    for n in 0..20 {
+        let (rtt, ok) = probe_once(&mut fault, pick(n), &expected(pick(n))).map_err(&err)?;
+        idle.push(rtt.as_secs_f64() * 1e3);
+        wrong += u64::from(!ok);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (stop, src, interval) = (stop.clone(), src.clone(), opts.probe_interval);
+        std::thread::spawn(move || -> Result<(Vec<f64>, u64), String> {
+            let mut loaded = Vec::new();
+            let mut wrong = 0u64;
+            let mut n = 1000;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(interval);
+                let i = pick(n);
+                n += 1;
+                let at = i as usize * PAGE;
+                let (rtt, ok) = probe_once(&mut fault, i, &src[at..at + PAGE])?;
+                loaded.push(rtt.as_secs_f64() * 1e3);
+                wrong += u64::from(!ok);
+            }
+            fault.tx.send_goodbye().map_err(|e| e.to_string())?;
+            fault.tx.flush().map_err(|e| e.to_string())?;
+            Ok((loaded, wrong))
+        })
+    };
+
+    let mut region = vec![0u8; (pages as usize) * PAGE];
+    bulk.tx
+        .send_ping(PingMsg {
+            nonce: 0,
+            sent_ns: 0,
+        })
+        .and_then(|_| bulk.tx.flush())
+        .map_err(|e| err(e.to_string()))?;
+    let dec = bulk.session.decoder();
+    let received = bulk.rx.run(&dec, |f| -> Result<Flow, DecodeError> {
+        match f {
+            FrameRef::Unit {
+                kind: UnitKind::Page,
+                index,
+                payload,
+            } => {
+                let at = index as usize * PAGE;
+                payload.unpack_into(&mut region[at..at + PAGE])?;
+                Ok(Flow::Continue)
+            }
+            _ => Ok(Flow::Stop),
+        }
+    });
+    let end = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    let probes = prober.join().map_err(|_| err("prober panicked".into()))?;
+    received.map_err(|e| err(e.to_string()))?;
+    let (mut loaded, wrong_loaded) = probes.map_err(&err)?;
+    idle.sort_by(f64::total_cmp);
+    loaded.sort_by(f64::total_cmp);
+    Ok(DstOutcome {
+        rx_bytes: bulk.rx.stats().bytes,
+        end,
+        latency: FaultLatency {
+            idle_p50_ms: percentile(&idle, 0.5),
+            loaded_p50_ms: percentile(&loaded, 0.5),
+            loaded_p99_ms: percentile(&loaded, 0.99),
+            loaded_max_ms: loaded.last().copied().unwrap_or(f64::NAN),
+            loaded_samples: loaded.len(),
+            wrong_answers: wrong + wrong_loaded,
+        },
+        region,
+    })
+}
+
+/// Fills one page the way [`run`] does (for tests that check a region).
+pub fn expected_page(opts: &LinkOptions, index: u64, out: &mut [u8]) {
+    fill_page(opts.content, opts.seed, index, out);
+}
