@@ -13,6 +13,7 @@
 //!   fault connection out of deep queues.
 
 pub mod connection;
+pub mod qemu;
 pub mod transport;
 pub mod unit_stream;
 pub mod wire;
