@@ -13,7 +13,9 @@
 //!   fault connection out of deep queues.
 
 pub mod connection;
+pub mod guest;
 pub mod qemu;
 pub mod transport;
+pub mod uffd;
 pub mod unit_stream;
 pub mod wire;
