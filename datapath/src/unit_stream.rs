@@ -7,7 +7,8 @@ use serde::Serialize;
 use crate::transport::{FrameSender, SendError};
 use crate::wire::{
     Compression, ControlCode, EncodeError, Encoding, PingMsg, UnitKind, encode_buffer_len,
-    encode_control, encode_goodbye, encode_ping, encode_pong, encode_request,
+    encode_control, encode_digest, encode_goodbye, encode_ping, encode_pong, encode_request,
+    max_frame_len,
 };
 
 /// Why a unit could not be sent.
@@ -132,6 +133,23 @@ impl UnitSender {
     /// Answers a ping.
     pub fn send_pong(&mut self, pong: PingMsg) -> Result<(), UnitSendError> {
         self.small(|out| encode_pong(out, pong))
+    }
+
+    /// Sends the CRC32 digests of units `first..first + crcs.len()`.
+    pub fn send_digest(
+        &mut self,
+        kind: UnitKind,
+        first: u64,
+        crcs: &[u32],
+    ) -> Result<(), UnitSendError> {
+        let out = self.tx.reserve(max_frame_len(crcs.len() * 4))?;
+        let n = encode_digest(out, kind, first, crcs).map_err(|source| UnitSendError::Encode {
+            kind,
+            index: first,
+            source,
+        })?;
+        self.tx.commit(n)?;
+        Ok(())
     }
 
     /// Sends the end-of-stream frame.

@@ -3,7 +3,7 @@
 use thiserror::Error;
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::geometry::{DEVICE_STATE_PIECE, Limits, MAX_REQUEST_UNITS};
+use super::geometry::{DEVICE_STATE_PIECE, Limits, MAX_DIGEST_UNITS, MAX_REQUEST_UNITS};
 use super::header::{
     FLAG_LZ4, FLAG_ZERO, FrameType, HANDSHAKE_VERSION, HEADER_LEN, Header, KNOWN_FLAGS, MAGIC,
     MAX_PAYLOAD, UnitKind,
@@ -82,6 +82,14 @@ pub enum EncodeError {
         frame_type: FrameType,
         /// The refused kind.
         kind: UnitKind,
+    },
+    /// A Digest frame for zero or more than [`MAX_DIGEST_UNITS`] units.
+    #[error("digest frame for {count} units (allowed 1..={max})")]
+    DigestCount {
+        /// Digests given.
+        count: usize,
+        /// [`MAX_DIGEST_UNITS`].
+        max: u32,
     },
     /// A Request for zero or more than [`MAX_REQUEST_UNITS`] units.
     #[error("request for {count} units (allowed 1..={max})")]
@@ -277,6 +285,38 @@ pub fn encode_goodbye(out: &mut [u8]) -> Result<usize, EncodeError> {
     write_plain(out, FrameType::Goodbye, &[])
 }
 
+/// Encodes the CRC32 digests of units `first..first + crcs.len()` of `kind`
+/// (Page or Chunk). `out` must hold `HEADER_LEN + 4 * crcs.len()` bytes.
+pub fn encode_digest(
+    out: &mut [u8],
+    kind: UnitKind,
+    first: u64,
+    crcs: &[u32],
+) -> Result<usize, EncodeError> {
+    if !matches!(kind, UnitKind::Page | UnitKind::Chunk) {
+        return Err(EncodeError::WrongKind {
+            frame_type: FrameType::Digest,
+            kind,
+        });
+    }
+    if crcs.is_empty() || crcs.len() > MAX_DIGEST_UNITS as usize {
+        return Err(EncodeError::DigestCount {
+            count: crcs.len(),
+            max: MAX_DIGEST_UNITS,
+        });
+    }
+    let payload_len = crcs.len() * 4;
+    buffer(out, max_frame_len(payload_len))?;
+    if let Some(body) = out.get_mut(HEADER_LEN..HEADER_LEN + payload_len) {
+        for (dst, crc) in body.chunks_exact_mut(4).zip(crcs) {
+            dst.copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+    let header = Header::new(FrameType::Digest, 0, kind, payload_u32(payload_len))
+        .with_unit(first, payload_u32(crcs.len()));
+    seal_in_place(out, header)
+}
+
 /// A frame without unit fields (kind Control, no flags).
 fn write_plain(
     out: &mut [u8],
@@ -331,6 +371,15 @@ pub enum Frame {
     Pong(PingMsg),
     /// Orderly end of a connection.
     Goodbye,
+    /// CRC32 digests of consecutive units.
+    Digest {
+        /// Page or Chunk.
+        kind: UnitKind,
+        /// First unit.
+        first: u64,
+        /// One CRC32 per unit (1..=[`MAX_DIGEST_UNITS`]).
+        crcs: Vec<u32>,
+    },
 }
 
 impl Frame {
@@ -338,6 +387,7 @@ impl Frame {
     pub fn encode_buffer_len(&self) -> usize {
         match self {
             Self::Unit { data, .. } => encode_buffer_len(data.len(), Compression::Lz4),
+            Self::Digest { crcs, .. } => max_frame_len(crcs.len() * 4),
             _ => max_frame_len(fixed_payload_len(self.frame_type()).unwrap_or(0)),
         }
     }
@@ -356,6 +406,7 @@ impl Frame {
             Self::Ping(_) => FrameType::Ping,
             Self::Pong(_) => FrameType::Pong,
             Self::Goodbye => FrameType::Goodbye,
+            Self::Digest { .. } => FrameType::Digest,
         }
     }
 
@@ -375,6 +426,7 @@ impl Frame {
             Self::Ping(p) => encode_ping(out, *p),
             Self::Pong(p) => encode_pong(out, *p),
             Self::Goodbye => encode_goodbye(out),
+            Self::Digest { kind, first, crcs } => encode_digest(out, *kind, *first, crcs),
         }
     }
 
@@ -523,6 +575,22 @@ pub enum DecodeError {
         /// The header's unit length.
         unit_len: u32,
     },
+    /// A Digest frame whose count or payload does not fit.
+    #[error(
+        "digest frame for {count} {kind:?} units from {first} with {payload_len} payload bytes (allowed 1..={max} units, 4 bytes each)"
+    )]
+    BadDigest {
+        /// Kind of the units.
+        kind: UnitKind,
+        /// First unit.
+        first: u64,
+        /// Announced count.
+        count: u32,
+        /// Payload bytes.
+        payload_len: u32,
+        /// Most units allowed from `first`.
+        max: u64,
+    },
     /// A Request for 0 units or past the limits.
     #[error("request for {count} {kind:?} units from {index} (allowed 1..={max})")]
     BadRequestCount {
@@ -662,6 +730,40 @@ pub enum FrameRef<'a> {
     Pong(PingMsg),
     /// Orderly end of the connection.
     Goodbye,
+    /// CRC32 digests of consecutive units (count and range verified).
+    Digest {
+        /// Page or Chunk.
+        kind: UnitKind,
+        /// First unit.
+        first: u64,
+        /// The digests.
+        crcs: DigestList<'a>,
+    },
+}
+
+/// The CRC32 digests carried by a Digest frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestList<'a> {
+    bytes: &'a [u8],
+}
+
+impl DigestList<'_> {
+    /// Number of digests.
+    pub fn len(&self) -> usize {
+        self.bytes.len() / 4
+    }
+
+    /// Whether there are none (never true for a decoded frame).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The digests in order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+    }
 }
 
 /// A unit's payload as received.
@@ -896,6 +998,7 @@ impl FrameDecoder {
         match (frame_type, limits) {
             (FrameType::Unit, Some(l)) => parse_unit(&l, h, kind, payload),
             (FrameType::Request, Some(l)) => parse_request(&l, h, kind),
+            (FrameType::Digest, Some(l)) => parse_digest(&l, h, kind, payload),
             _ => {
                 check_unused(h, frame_type)?;
                 parse_fixed(frame_type, payload, limits.as_ref())
@@ -907,7 +1010,7 @@ impl FrameDecoder {
 fn check_kind(frame_type: FrameType, kind: UnitKind) -> Result<(), DecodeError> {
     let ok = match frame_type {
         FrameType::Unit => kind != UnitKind::Control,
-        FrameType::Request => matches!(kind, UnitKind::Page | UnitKind::Chunk),
+        FrameType::Request | FrameType::Digest => matches!(kind, UnitKind::Page | UnitKind::Chunk),
         _ => kind == UnitKind::Control,
     };
     if ok {
@@ -1044,6 +1147,33 @@ fn parse_request<'a>(
     Ok(FrameRef::Request { kind, index, count })
 }
 
+fn parse_digest<'a>(
+    limits: &Limits,
+    h: &Header,
+    kind: UnitKind,
+    payload: &'a [u8],
+) -> Result<FrameRef<'a>, DecodeError> {
+    let (first, count) = (h.unit_index.get(), h.unit_len.get());
+    check_index(limits, kind, first)?;
+    let room = limits.index_limit(kind).saturating_sub(first);
+    let max = room.min(u64::from(MAX_DIGEST_UNITS));
+    let payload_len = payload_u32(payload.len());
+    if count == 0 || u64::from(count) > max || u64::from(payload_len) != u64::from(count) * 4 {
+        return Err(DecodeError::BadDigest {
+            kind,
+            first,
+            count,
+            payload_len,
+            max,
+        });
+    }
+    Ok(FrameRef::Digest {
+        kind,
+        first,
+        crcs: DigestList { bytes: payload },
+    })
+}
+
 /// Parses the fixed-size payloads (length already checked against the type).
 fn parse_fixed<'a>(
     frame_type: FrameType,
@@ -1085,7 +1215,7 @@ fn parse_fixed<'a>(
         FrameType::Goodbye => FrameRef::Goodbye,
         // Unit and Request are parsed by their own functions in data mode and
         // refused by check_header in handshake mode.
-        FrameType::Unit | FrameType::Request => {
+        FrameType::Unit | FrameType::Request | FrameType::Digest => {
             return Err(DecodeError::UnexpectedFrame {
                 frame_type,
                 during_handshake: limits.is_none(),
@@ -1096,6 +1226,16 @@ fn parse_fixed<'a>(
 
 fn parse_control(msg: &ControlMsg, limits: Option<&Limits>) -> Result<ControlCode, DecodeError> {
     let code = ControlCode::from_wire(msg)?;
+    if let (ControlCode::ZeroPages { first, count }, Some(l)) = (code, limits) {
+        let pages = l.index_limit(UnitKind::Page);
+        if first >= pages || count > pages - first {
+            return Err(DecodeError::BadControl {
+                code: msg.code.get(),
+                arg0: first,
+                arg1: count,
+            });
+        }
+    }
     if let (ControlCode::DeviceStateEnd { total_bytes }, Some(l)) = (code, limits) {
         if total_bytes > l.geometry().device_state_max() {
             return Err(DecodeError::BadControl {
@@ -1123,6 +1263,7 @@ impl FrameRef<'_> {
             Self::Ping(_) => FrameType::Ping,
             Self::Pong(_) => FrameType::Pong,
             Self::Goodbye => FrameType::Goodbye,
+            Self::Digest { .. } => FrameType::Digest,
         }
     }
 
@@ -1148,6 +1289,11 @@ impl FrameRef<'_> {
             Self::Ping(p) => Frame::Ping(p),
             Self::Pong(p) => Frame::Pong(p),
             Self::Goodbye => Frame::Goodbye,
+            Self::Digest { kind, first, crcs } => Frame::Digest {
+                kind,
+                first,
+                crcs: crcs.iter().collect(),
+            },
         })
     }
 }

@@ -895,3 +895,109 @@ fn error_messages_carry_context() {
     };
     assert_eq!(e.to_string(), "Unit payload of 5 bytes exceeds the limit 4");
 }
+
+#[test]
+fn digests_round_trip_and_bad_digests_are_refused() {
+    let crcs: Vec<u32> = (0..100u32).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+    let f = Frame::Digest {
+        kind: UnitKind::Page,
+        first: 7,
+        crcs: crcs.clone(),
+    }
+    .encode_to_vec()
+    .unwrap();
+    assert_eq!(f.len(), HEADER_LEN + 400);
+    let Decoded::Frame { frame, consumed } = decoder().decode(&f).unwrap() else {
+        panic!("incomplete")
+    };
+    assert_eq!(consumed, f.len());
+    let FrameRef::Digest {
+        kind,
+        first,
+        crcs: got,
+    } = frame
+    else {
+        panic!("not a digest: {frame:?}")
+    };
+    assert_eq!((kind, first, got.len()), (UnitKind::Page, 7, 100));
+    assert_eq!(got.iter().collect::<Vec<_>>(), crcs);
+
+    let pages = limits().index_limit(UnitKind::Page);
+    // Count that disagrees with the payload, zero count, past the last page.
+    let cases = [
+        (patched(&f, |h| h.unit_len = U32::new(99)), 7, 99, 400),
+        (with_payload(&f, &[], |h| h.unit_len = U32::new(0)), 7, 0, 0),
+        (
+            patched(&f, |h| h.unit_index = U64::new(pages - 50)),
+            pages - 50,
+            100,
+            400,
+        ),
+    ];
+    for (frame, first, count, payload_len) in cases {
+        match err(&frame) {
+            DecodeError::BadDigest {
+                kind: UnitKind::Page,
+                first: f0,
+                count: c0,
+                payload_len: p0,
+                ..
+            } => assert_eq!((f0, c0, p0), (first, count, payload_len)),
+            other => panic!("expected BadDigest, got {other:?}"),
+        }
+    }
+    // Digests are for pages and chunks only.
+    let dev = patched(&f, |h| h.unit_kind = UnitKind::DeviceState as u8);
+    assert!(matches!(err(&dev), DecodeError::KindMismatch { .. }));
+    let mut out = vec![0u8; 1 << 20];
+    assert!(matches!(
+        encode_digest(&mut out, UnitKind::DeviceState, 0, &[1]),
+        Err(EncodeError::WrongKind { .. })
+    ));
+    assert!(matches!(
+        encode_digest(&mut out, UnitKind::Page, 0, &[]),
+        Err(EncodeError::DigestCount { count: 0, .. })
+    ));
+    let too_many = vec![0u32; MAX_DIGEST_UNITS as usize + 1];
+    assert!(matches!(
+        encode_digest(&mut out, UnitKind::Page, 0, &too_many),
+        Err(EncodeError::DigestCount { .. })
+    ));
+}
+
+#[test]
+fn zero_page_ranges_must_lie_within_the_guest() {
+    let pages = limits().index_limit(UnitKind::Page);
+    let ok = control(ControlCode::ZeroPages {
+        first: pages - 3,
+        count: 3,
+    });
+    assert!(decoder().decode(&ok).is_ok());
+    for (first, count) in [(pages - 3, 4), (pages, 1), (0, u64::MAX)] {
+        let f = control(ControlCode::ZeroPages { first, count });
+        assert_eq!(
+            err(&f),
+            DecodeError::BadControl {
+                code: 8,
+                arg0: first,
+                arg1: count
+            }
+        );
+    }
+    // A zero count is not a range.
+    let msg = ControlMsg {
+        code: U32::new(8),
+        arg0: U64::new(1),
+        arg1: U64::new(0),
+    };
+    let f = with_payload(&ok, msg.as_bytes(), |_| {});
+    assert!(matches!(err(&f), DecodeError::BadControl { code: 8, .. }));
+    // Resumed carries no arguments.
+    let msg = ControlMsg {
+        code: U32::new(9),
+        arg0: U64::new(1),
+        arg1: U64::new(0),
+    };
+    let f = with_payload(&ok, msg.as_bytes(), |_| {});
+    assert!(matches!(err(&f), DecodeError::BadControl { code: 9, .. }));
+}

@@ -23,6 +23,8 @@ pub const DEVICE_STATE_PIECE: u32 = 1 << 20;
 pub const MAX_DEVICE_STATE: u64 = 1 << 30;
 /// Most units one post-copy Request may ask for.
 pub const MAX_REQUEST_UNITS: u32 = 1024;
+/// Most digests in one Digest frame (64 KiB of CRCs).
+pub const MAX_DIGEST_UNITS: u32 = 16 << 10;
 
 /// The shape of what is migrated: guest memory pages, storage chunks and the
 /// upper bound of the device state. Sent by the client in Hello (32 bytes, LE).

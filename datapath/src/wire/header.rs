@@ -142,6 +142,10 @@ pub enum FrameType {
     Pong = 0x22,
     /// Orderly end of a connection.
     Goodbye = 0x30,
+    /// CRC32 digests of consecutive units as the source froze them, for the
+    /// destination's end-to-end integrity check: `unit_index` = first unit,
+    /// `unit_len` = count, payload = `count` little-endian u32.
+    Digest = 0x40,
 }
 
 impl FrameType {
@@ -170,6 +174,7 @@ impl TryFrom<u8> for FrameType {
             0x21 => Self::Ping,
             0x22 => Self::Pong,
             0x30 => Self::Goodbye,
+            0x40 => Self::Digest,
             other => return Err(other),
         })
     }

@@ -23,8 +23,8 @@
 //! | 8      | 1    | unit kind     | [`UnitKind`]: page, chunk, device state, control            |
 //! | 9      | 3    | reserved      | zero                                                         |
 //! | 12     | 4    | payload_len   | bytes after the header (≤ [`Limits::max_payload`])           |
-//! | 16     | 8    | unit index    | Unit/Request: index; else 0                                  |
-//! | 24     | 4    | unit_len      | Unit: uncompressed length; Request: unit count; else 0       |
+//! | 16     | 8    | unit index    | Unit/Request/Digest: (first) index; else 0                   |
+//! | 24     | 4    | unit_len      | Unit: uncompressed length; Request/Digest: unit count; else 0|
 //! | 28     | 4    | crc32         | CRC32 of the header with this field zeroed, then the payload |
 //!
 //! | frame type        | kind               | payload                                                |
@@ -39,6 +39,7 @@
 //! | Control 0x20      | Control            | [`ControlMsg`] (20 bytes) → [`ControlCode`]            |
 //! | Ping 0x21/Pong 0x22 | Control          | [`PingMsg`]: nonce, sender timestamp (16 bytes)        |
 //! | Goodbye 0x30      | Control            | empty                                                  |
+//! | Digest 0x40       | Page/Chunk         | `count` CRC32s (u32 LE) of units `index..index+count`  |
 //!
 //! Units are checked against the geometry: page units are exactly
 //! `page_size` bytes with index `< page_count`; chunks are 1..=`chunk_size`
@@ -144,13 +145,14 @@ mod frame_tests;
 mod proptests;
 
 pub use frame::{
-    Compression, DecodeError, Decoded, EncodeError, EncodedUnit, Encoding, Frame, FrameDecoder,
-    FrameRef, Lz4Fault, UnitPayload, encode_buffer_len, encode_control, encode_goodbye,
-    encode_ping, encode_pong, encode_request, encode_unit, is_zero, max_frame_len,
+    Compression, DecodeError, Decoded, DigestList, EncodeError, EncodedUnit, Encoding, Frame,
+    FrameDecoder, FrameRef, Lz4Fault, UnitPayload, encode_buffer_len, encode_control,
+    encode_digest, encode_goodbye, encode_ping, encode_pong, encode_request, encode_unit, is_zero,
+    max_frame_len,
 };
 pub use geometry::{
     DEVICE_STATE_PIECE, Geometry, GeometryError, Limits, MAX_CHUNK_SIZE, MAX_DEVICE_STATE,
-    MAX_PAGE_SIZE, MAX_REQUEST_UNITS, MIN_CHUNK_SIZE, MIN_PAGE_SIZE,
+    MAX_DIGEST_UNITS, MAX_PAGE_SIZE, MAX_REQUEST_UNITS, MIN_CHUNK_SIZE, MIN_PAGE_SIZE,
 };
 pub use handshake::{
     ClientParams, HANDSHAKE_TIMEOUT, HandshakeError, Role, ServerPolicy, Session, client_handshake,

@@ -91,6 +91,17 @@ pub enum ControlCode {
         /// Why.
         reason: AbortReason,
     },
+    /// Pages `first..first + count` are all zero at the source (never
+    /// populated): the destination must not fetch them (code 8, arg0 = first,
+    /// arg1 = count ≥ 1, within the geometry).
+    ZeroPages {
+        /// First page.
+        first: u64,
+        /// Number of pages.
+        count: u64,
+    },
+    /// Destination → source: the guest runs at the destination (code 9).
+    Resumed,
 }
 
 impl ControlCode {
@@ -104,6 +115,8 @@ impl ControlCode {
             Self::PostcopyBegin => (5, 0, 0),
             Self::Done { units_total } => (6, units_total, 0),
             Self::Abort { reason } => (7, reason as u64, 0),
+            Self::ZeroPages { first, count } => (8, first, count),
+            Self::Resumed => (9, 0, 0),
         };
         ControlMsg {
             code: U32::new(code),
@@ -130,6 +143,8 @@ impl ControlCode {
             (7, 0) => Self::Abort {
                 reason: AbortReason::from_u64(arg0).ok_or(bad)?,
             },
+            (8, count) if count > 0 => Self::ZeroPages { first: arg0, count },
+            (9, 0) if arg0 == 0 => Self::Resumed,
             _ => return Err(bad),
         };
         Ok(parsed)
@@ -338,7 +353,7 @@ pub(crate) fn fixed_payload_len(frame_type: FrameType) -> Option<usize> {
         FrameType::Control => CONTROL_LEN,
         FrameType::Ping | FrameType::Pong => PING_LEN,
         FrameType::Accept | FrameType::Request | FrameType::Goodbye => 0,
-        FrameType::Unit => return None,
+        FrameType::Unit | FrameType::Digest => return None,
     })
 }
 

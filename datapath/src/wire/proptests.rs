@@ -60,6 +60,7 @@ fn unit_frame() -> impl Strategy<Value = Frame> {
 
 fn control_code() -> impl Strategy<Value = ControlCode> {
     let dsm = test_geometry().device_state_max();
+    let pages = test_geometry().page_count();
     let reason = prop_oneof![
         Just(AbortReason::Cancelled),
         Just(AbortReason::SourceFailed),
@@ -76,6 +77,10 @@ fn control_code() -> impl Strategy<Value = ControlCode> {
         Just(ControlCode::PostcopyBegin),
         any::<u64>().prop_map(|units_total| ControlCode::Done { units_total }),
         reason.prop_map(|reason| ControlCode::Abort { reason }),
+        (0..pages)
+            .prop_flat_map(move |first| (Just(first), 1..=pages - first))
+            .prop_map(|(first, count)| ControlCode::ZeroPages { first, count }),
+        Just(ControlCode::Resumed),
     ]
 }
 
@@ -89,7 +94,19 @@ fn data_frame() -> impl Strategy<Value = Frame> {
         })
         .prop_map(|(kind, index, count)| Frame::Request { kind, index, count });
     let ping = (any::<u64>(), any::<u64>()).prop_map(|(nonce, sent_ns)| PingMsg { nonce, sent_ns });
+    let digest = prop_oneof![Just(UnitKind::Page), Just(UnitKind::Chunk)]
+        .prop_flat_map(move |kind| (Just(kind), 0..l.index_limit(kind)))
+        .prop_flat_map(move |(kind, first)| {
+            let room = (l.index_limit(kind) - first).min(64) as usize;
+            (
+                Just(kind),
+                Just(first),
+                proptest::collection::vec(any::<u32>(), 1..=room),
+            )
+        })
+        .prop_map(|(kind, first, crcs)| Frame::Digest { kind, first, crcs });
     prop_oneof![
+        1 => digest,
         4 => unit_frame(),
         1 => request,
         1 => control_code().prop_map(Frame::Control),
