@@ -42,7 +42,7 @@
 
 mod diag;
 mod preload;
-pub mod proto;
+pub use wanmig_preload_proto as proto;
 mod uffd_sys;
 
 /// Environment variable: the path prefix of guest-RAM files to register.
