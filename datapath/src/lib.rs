@@ -12,7 +12,9 @@
 //!   with buffers owned until their completion and bulk pacing that keeps the
 //!   fault connection out of deep queues.
 
+pub mod backend;
 pub mod connection;
+pub mod engine;
 pub mod guest;
 pub mod qemu;
 pub mod transport;

@@ -1,0 +1,141 @@
+//! The hypervisor behind the engine.
+//!
+//! The migration phases (pre-copy rounds, freeze-and-copy, post-copy) are
+//! written once, against two traits: [`SourceBackend`] on the host the guest
+//! leaves and [`DestBackend`] on the host it arrives at. A backend knows how
+//! to read and write guest memory, track what the guest dirties, pause and
+//! resume it, move its device state and deliver post-copy faults; it knows
+//! nothing about the network or the plan.
+//!
+//! - [`qemu`]: QEMU with guest RAM in a shared `/dev/shm` file, a preload
+//!   library handing the engine a userfaultfd (write-protect dirty log on the
+//!   source, missing-page faults on the destination), QMP for control and
+//!   device state, `x-ignore-shared` so QEMU itself moves no RAM.
+//! - Xen (dom0, the deployment target) plugs in through the same traits:
+//!   foreign mappings and log-dirty on the source, the `mem_paging` ring for
+//!   post-copy faults on the destination (see `xen-patches/`).
+
+pub mod qemu;
+
+use std::time::Duration;
+
+use crate::uffd::DirtyBitmap;
+
+/// What a backend operation failed at, with the backend's own error.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} backend: {op}: {source}")]
+pub struct BackendError {
+    /// Which backend.
+    pub backend: &'static str,
+    /// What was being done.
+    pub op: &'static str,
+    /// The underlying error.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl BackendError {
+    /// Wraps `source`.
+    pub fn new(
+        backend: &'static str,
+        op: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        BackendError {
+            backend,
+            op,
+            source: source.into(),
+        }
+    }
+}
+
+/// Reads guest pages; shared between the bulk pusher and the fault server.
+pub trait PageReader: Send + Sync {
+    /// Copies page `index` into `out` (`page_size` bytes): a snapshot of a page
+    /// the guest may be writing.
+    fn copy_page(&self, index: u64, out: &mut [u8]);
+}
+
+/// The source side of a hypervisor.
+pub trait SourceBackend: Send {
+    /// Bytes per guest page.
+    fn page_size(&self) -> usize;
+    /// Pages of guest RAM.
+    fn page_count(&self) -> u64;
+    /// Upper bound of the device state, bytes.
+    fn device_state_max(&self) -> u64;
+    /// The guest's memory.
+    fn memory(&self) -> std::sync::Arc<dyn PageReader>;
+    /// Page runs `(first, count)` the guest has ever populated; every other
+    /// page is zero and never needs to cross the link.
+    fn populated_runs(&self) -> Result<Vec<(u64, u64)>, BackendError>;
+    /// Starts logging guest writes: every page written after this returns is
+    /// reported by the next [`dirty_log_collect`](Self::dirty_log_collect).
+    fn dirty_log_start(&mut self) -> Result<(), BackendError>;
+    /// Adds the pages written since the last start/collect to `out` and
+    /// re-arms logging for them.
+    fn dirty_log_collect(&mut self, out: &mut DirtyBitmap) -> Result<(), BackendError>;
+    /// Stops the guest (vCPUs and devices).
+    fn pause(&mut self) -> Result<(), BackendError>;
+    /// Resumes the guest here (a migration that is given up).
+    fn resume(&mut self) -> Result<(), BackendError>;
+    /// Saves the device and CPU state of the paused guest, handing it to
+    /// `sink` in pieces; returns the total length.
+    fn save_device_state(
+        &mut self,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), BackendError>,
+    ) -> Result<u64, BackendError>;
+}
+
+/// How an install went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// The page is now in place (and any vCPU waiting for it was woken).
+    Installed,
+    /// Something else installed it first.
+    AlreadyPresent,
+}
+
+/// Installs pages into the running destination guest and delivers its
+/// post-copy faults; shared between the bulk receiver and the fault server.
+pub trait PageInstaller: Send + Sync {
+    /// Waits up to `timeout` for faults and appends the faulting page
+    /// indices to `out` (possibly repeated, possibly for pages installed in
+    /// the meantime).
+    fn wait_faults(&self, timeout: Duration, out: &mut Vec<u64>) -> Result<(), BackendError>;
+    /// Installs `data` as page `index` and wakes its waiters.
+    fn install(&self, index: u64, data: &[u8]) -> Result<Install, BackendError>;
+    /// Installs a zero page.
+    fn install_zero(&self, index: u64) -> Result<Install, BackendError>;
+    /// Wakes vCPUs waiting for page `index` (after losing an install race).
+    fn wake(&self, index: u64) -> Result<(), BackendError>;
+}
+
+/// The destination side of a hypervisor.
+pub trait DestBackend: Send {
+    /// Bytes per guest page.
+    fn page_size(&self) -> usize;
+    /// Pages of guest RAM.
+    fn page_count(&self) -> u64;
+    /// Writes page `index` before the guest runs (pages may be rewritten).
+    fn write_page(&mut self, index: u64, data: &[u8]) -> Result<(), BackendError>;
+    /// Makes page `index` absent again before the guest runs (it will read as
+    /// zero or fault, as the engine decides).
+    fn discard_page(&mut self, index: u64) -> Result<(), BackendError>;
+    /// The installer for pages arriving after the resume.
+    fn installer(&self) -> std::sync::Arc<dyn PageInstaller>;
+    /// Starts tracking guest writes (called just before the device state is
+    /// loaded), so the integrity check can skip pages the guest changed.
+    fn track_writes(&mut self) -> Result<(), BackendError>;
+    /// Loads the device state saved by the source.
+    fn load_device_state(&mut self, state: &[u8]) -> Result<(), BackendError>;
+    /// Runs the guest.
+    fn resume(&mut self) -> Result<(), BackendError>;
+    /// Adds the pages written since [`track_writes`](Self::track_writes) to `out`.
+    fn written_pages(&mut self, out: &mut DirtyBitmap) -> Result<(), BackendError>;
+    /// Reads page `index` as the guest sees it now.
+    fn read_page(&self, index: u64, out: &mut [u8]) -> Result<(), BackendError>;
+    /// Every page is in place: stop intercepting the guest's memory, so the
+    /// engine can go away.
+    fn release(&mut self) -> Result<(), BackendError>;
+}

@@ -1,0 +1,207 @@
+//! The guest's serial console, as QEMU writes it to a file: markers and the
+//! page checker's heartbeats (`HB <n> t=<s> written=<p> verified=<p>
+//! errors=<n> gen=<g>`).
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// One heartbeat of the page checker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Heartbeat {
+    /// Sequence number.
+    pub n: u64,
+    /// Pages written so far.
+    pub written: u64,
+    /// Pages verified so far.
+    pub verified: u64,
+    /// Verification errors so far.
+    pub errors: u64,
+}
+
+impl Heartbeat {
+    /// Parses a heartbeat line.
+    pub fn parse(line: &str) -> Option<Heartbeat> {
+        let mut it = line.split_whitespace();
+        if it.next()? != "HB" {
+            return None;
+        }
+        let n = it.next()?.parse().ok()?;
+        let mut hb = Heartbeat {
+            n,
+            ..Heartbeat::default()
+        };
+        for field in it {
+            let (k, v) = field.split_once('=')?;
+            let v: u64 = match v.parse() {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            match k {
+                "written" => hb.written = v,
+                "verified" => hb.verified = v,
+                "errors" => hb.errors = v,
+                _ => {}
+            }
+        }
+        Some(hb)
+    }
+}
+
+/// Follows a serial log file.
+#[derive(Debug)]
+pub struct SerialLog {
+    path: PathBuf,
+    file: Option<File>,
+    partial: String,
+    lines: Vec<String>,
+    heartbeats: Vec<(Instant, Heartbeat)>,
+}
+
+impl SerialLog {
+    /// Follows `path` (it may not exist yet).
+    pub fn new(path: &Path) -> Self {
+        SerialLog {
+            path: path.to_path_buf(),
+            file: None,
+            partial: String::new(),
+            lines: Vec::new(),
+            heartbeats: Vec::new(),
+        }
+    }
+
+    /// Reads what is new; returns the number of new complete lines.
+    pub fn poll(&mut self) -> io::Result<usize> {
+        if self.file.is_none() {
+            match File::open(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut buf = Vec::new();
+        if let Some(f) = self.file.as_mut() {
+            f.read_to_end(&mut buf)?;
+        }
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let now = Instant::now();
+        let mut new = 0;
+        while let Some(i) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=i).collect();
+            let line = line.trim_end_matches(['\r', '\n']).to_string();
+            if let Some(hb) = Heartbeat::parse(&line) {
+                self.heartbeats.push((now, hb));
+            }
+            self.lines.push(line);
+            new += 1;
+        }
+        Ok(new)
+    }
+
+    /// All complete lines so far.
+    pub fn lines(&self) -> &[String] {
+        &self.lines
+    }
+
+    /// Heartbeats so far, with the time they were read.
+    pub fn heartbeats(&self) -> &[(Instant, Heartbeat)] {
+        &self.heartbeats
+    }
+
+    /// The latest heartbeat.
+    pub fn last_heartbeat(&self) -> Option<Heartbeat> {
+        self.heartbeats.last().map(|&(_, h)| h)
+    }
+
+    /// Lines reporting a checker error or a guest crash.
+    pub fn error_lines(&self) -> impl Iterator<Item = &String> {
+        self.lines.iter().filter(|l| {
+            l.starts_with("PAGECHECK-ERROR")
+                || l.contains("Kernel panic")
+                || l.contains("BUG:")
+                || l.contains("Oops")
+        })
+    }
+
+    /// Waits until a line containing `marker` appears.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> io::Result<bool> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = 0;
+        loop {
+            self.poll()?;
+            if self.lines[seen..].iter().any(|l| l.contains(marker)) {
+                return Ok(true);
+            }
+            seen = self.lines.len();
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `count` heartbeats arrived after `after`.
+    pub fn wait_heartbeats(
+        &mut self,
+        count: usize,
+        after: Instant,
+        timeout: Duration,
+    ) -> io::Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.poll()?;
+            if self.heartbeats.iter().filter(|(t, _)| *t > after).count() >= count {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_parse() {
+        let hb = Heartbeat::parse("HB 12 t=5.3 written=100 verified=2000 errors=0 gen=7").unwrap();
+        assert_eq!(
+            hb,
+            Heartbeat {
+                n: 12,
+                written: 100,
+                verified: 2000,
+                errors: 0
+            }
+        );
+        assert_eq!(Heartbeat::parse("HB x t=1").map(|h| h.n), None);
+        assert_eq!(Heartbeat::parse("WANMIG-GUEST-UP uptime=1"), None);
+    }
+
+    #[test]
+    fn the_log_is_followed_line_by_line() {
+        let p = std::env::temp_dir().join(format!("wanmig-serial-test-{}", std::process::id()));
+        std::fs::write(
+            &p,
+            "WANMIG-GUEST-UP uptime=1\nHB 1 t=1 written=5 verified=6 errors=0 gen=1\nHB 2 t=2 wri",
+        )
+        .unwrap();
+        let mut log = SerialLog::new(&p);
+        assert_eq!(log.poll().unwrap(), 2);
+        assert_eq!(log.last_heartbeat().unwrap().n, 1);
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(
+            b"tten=9 verified=9 errors=1 gen=2\nPAGECHECK-ERROR page=3 expected_gen=2 found=zero\n",
+        )
+        .unwrap();
+        assert_eq!(log.poll().unwrap(), 2);
+        assert_eq!(log.last_heartbeat().unwrap().errors, 1);
+        assert_eq!(log.error_lines().count(), 1);
+        std::fs::remove_file(&p).unwrap();
+    }
+}

@@ -1,0 +1,307 @@
+//! Starting QEMU for a migration: the same machine on both sides, guest RAM
+//! in a shared `/dev/shm` file, the preload library that hands the engine the
+//! RAM's userfaultfd, QMP on a unix socket, the serial console in a file.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use wanmig_preload_proto::UffdMode;
+
+use crate::qemu::{QmpClient, QmpError};
+
+/// The guest to run: kernel, initramfs, command line, memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSpec {
+    /// Uncompressed kernel (PVH boot).
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub append: String,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// More QEMU arguments (disks, devices): identical on both sides.
+    pub extra_args: Vec<String>,
+}
+
+/// Default location of the built-in guest built by `scripts/setup`.
+pub const DEFAULT_GUEST_DIR: &str = "/var/cache/wanmig/guest/current";
+
+impl GuestSpec {
+    /// The built-in guest (`WANMIG_GUEST_DIR` or [`DEFAULT_GUEST_DIR`]) with
+    /// the given `wanmig.*` parameters appended to its command line.
+    pub fn builtin(memory_mib: u64, params: &str) -> Result<Self, LaunchError> {
+        let dir = std::env::var_os("WANMIG_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR));
+        let kernel = dir.join("vmlinux");
+        let initrd = dir.join("initramfs.cpio");
+        for p in [&kernel, &initrd] {
+            if !p.is_file() {
+                return Err(LaunchError::GuestMissing { path: p.clone() });
+            }
+        }
+        Ok(GuestSpec {
+            kernel,
+            initrd,
+            append: format!("console=ttyS0 quiet {params}").trim().to_string(),
+            memory_mib,
+            extra_args: Vec::new(),
+        })
+    }
+
+    /// Bytes of guest RAM.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+/// Where one QEMU's sockets and files go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuPaths {
+    /// Guest RAM file (must start with the preload library's prefix,
+    /// `/dev/shm/wanmig-`).
+    pub ram: PathBuf,
+    /// QMP socket.
+    pub qmp: PathBuf,
+    /// Serial console log.
+    pub serial: PathBuf,
+    /// QEMU's stderr.
+    pub log: PathBuf,
+    /// The engine's socket the preload library registers with.
+    pub uffd_sock: PathBuf,
+}
+
+impl QemuPaths {
+    /// Paths for `role` of migration `tag` under `run_dir`.
+    pub fn new(run_dir: &Path, tag: &str, role: &str) -> Self {
+        QemuPaths {
+            ram: PathBuf::from(format!("/dev/shm/wanmig-{tag}-{role}")),
+            qmp: run_dir.join(format!("{role}.qmp")),
+            serial: run_dir.join(format!("{role}.serial")),
+            log: run_dir.join(format!("{role}.log")),
+            uffd_sock: run_dir.join(format!("{role}.uffd")),
+        }
+    }
+}
+
+/// QEMU could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The built-in guest has not been built.
+    #[error("guest image file {path} is missing: run scripts/setup")]
+    GuestMissing {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// The preload library was not found.
+    #[error(
+        "the preload library libwanmig_ffi.so was not found (looked in {looked}); build it with `cargo build -p wanmig-ffi` or set WANMIG_PRELOAD"
+    )]
+    PreloadMissing {
+        /// Where it was looked for.
+        looked: String,
+    },
+    /// Spawning failed.
+    #[error("starting {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating a file failed.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// QMP did not come up.
+    #[error("QEMU's QMP socket: {0}")]
+    Qmp(#[from] QmpError),
+    /// QEMU exited early.
+    #[error("QEMU exited during start-up ({status}); its log: {log}")]
+    Exited {
+        /// Exit status.
+        status: String,
+        /// The log file.
+        log: PathBuf,
+    },
+}
+
+/// Finds `libwanmig_ffi.so`: `WANMIG_PRELOAD`, else next to the running
+/// executable or one directory up (cargo puts test binaries in `deps/`).
+pub fn locate_preload() -> Result<PathBuf, LaunchError> {
+    if let Some(p) = std::env::var_os("WANMIG_PRELOAD") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut looked = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        let mut dir = exe.parent().map(Path::to_path_buf);
+        for _ in 0..2 {
+            let Some(d) = dir else { break };
+            let candidate = d.join("libwanmig_ffi.so");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            looked.push(d.display().to_string());
+            dir = d.parent().map(Path::to_path_buf);
+        }
+    }
+    Err(LaunchError::PreloadMissing {
+        looked: looked.join(", "),
+    })
+}
+
+/// A running QEMU, killed when dropped.
+#[derive(Debug)]
+pub struct QemuProcess {
+    child: Child,
+    /// Its QMP connection (after [`connect_qmp`](Self::connect_qmp)).
+    qmp: Option<QmpClient>,
+    /// Its paths.
+    pub paths: QemuPaths,
+}
+
+impl QemuProcess {
+    /// Starts QEMU for `guest`. With `incoming` it waits for the device state
+    /// (`-incoming defer`) and stays paused (`-S`). The preload library
+    /// registers the RAM mapping in `mode` with the engine listening on
+    /// `paths.uffd_sock` (bind it first: QEMU blocks until it is answered,
+    /// then call [`connect_qmp`](Self::connect_qmp)).
+    pub fn spawn(
+        guest: &GuestSpec,
+        paths: &QemuPaths,
+        mode: UffdMode,
+        incoming: bool,
+    ) -> Result<Self, LaunchError> {
+        let preload = locate_preload()?;
+        let program = std::env::var("WANMIG_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+        let log = File::create(&paths.log).map_err(|source| LaunchError::File {
+            path: paths.log.clone(),
+            source,
+        })?;
+        let log_err = log.try_clone().map_err(|source| LaunchError::File {
+            path: paths.log.clone(),
+            source,
+        })?;
+        let _ = std::fs::remove_file(&paths.qmp);
+        let mut cmd = Command::new(&program);
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
+        .arg("-m")
+        .arg(guest.memory_mib.to_string())
+        .arg("-object")
+        .arg(format!(
+            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+            guest.memory_mib,
+            paths.ram.display()
+        ))
+        .args(["-machine", "pc,memory-backend=ram0"])
+        .arg("-kernel")
+        .arg(&guest.kernel)
+        .arg("-initrd")
+        .arg(&guest.initrd)
+        .arg("-append")
+        .arg(&guest.append)
+        .arg("-serial")
+        .arg(format!("file:{}", paths.serial.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", paths.qmp.display()))
+        .args(&guest.extra_args);
+        if incoming {
+            cmd.args(["-incoming", "defer", "-S"]);
+        }
+        cmd.env("LD_PRELOAD", &preload)
+            .env("WANMIG_UFFD_SOCK", &paths.uffd_sock)
+            .env("WANMIG_UFFD_MODE", mode.env_value())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        Ok(QemuProcess {
+            child,
+            qmp: None,
+            paths: paths.clone(),
+        })
+    }
+
+    /// Connects to QMP (after the RAM registration was answered: QEMU maps
+    /// guest RAM, and waits for the engine, before it serves QMP).
+    pub fn connect_qmp(&mut self) -> Result<(), LaunchError> {
+        match QmpClient::connect(&self.paths.qmp, Duration::from_secs(30)) {
+            Ok(qmp) => {
+                self.qmp = Some(qmp);
+                Ok(())
+            }
+            Err(e) => match self.child.try_wait().ok().flatten() {
+                Some(s) => Err(LaunchError::Exited {
+                    status: s.to_string(),
+                    log: self.paths.log.clone(),
+                }),
+                None => Err(e.into()),
+            },
+        }
+    }
+
+    /// The QMP connection.
+    ///
+    /// # Panics
+    /// Before [`connect_qmp`](Self::connect_qmp) succeeded.
+    pub fn qmp(&mut self) -> &mut QmpClient {
+        self.qmp.as_mut().expect("QMP is connected after start-up")
+    }
+
+    /// Why QEMU is gone, if it is.
+    pub fn exit_status(&mut self) -> Option<String> {
+        self.child.try_wait().ok().flatten().map(|s| s.to_string())
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether QEMU still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Asks QEMU to quit, then kills it if it does not.
+    pub fn shutdown(mut self) {
+        if let Some(q) = self.qmp.as_mut() {
+            let _ = q.quit();
+        }
+        for _ in 0..50 {
+            if !self.is_running() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,155 @@
+//! The QEMU source: guest RAM read through a read-only mapping of its file,
+//! guest writes logged through the write-protect-async userfaultfd the preload
+//! library registered, with `PAGEMAP_SCAN` on QEMU's pagemap.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wanmig_preload_proto::UffdMode;
+
+use super::launch::{GuestSpec, QemuPaths, QemuProcess};
+use super::registration::RegistrationListener;
+use super::{B, PAGE_SIZE, devstate};
+use crate::backend::{BackendError, PageReader, SourceBackend};
+use crate::guest::SourceMemory;
+use crate::uffd::{
+    DirtyBitmap, PagemapScanner, RemoteAddr, RemoteRange, Userfaultfd, write_protect_all,
+};
+
+impl PageReader for SourceMemory {
+    fn copy_page(&self, index: u64, out: &mut [u8]) {
+        SourceMemory::copy_page(self, index, out);
+    }
+}
+
+/// A QEMU guest on the source host.
+#[derive(Debug)]
+pub struct QemuSource {
+    process: QemuProcess,
+    uffd: Userfaultfd,
+    range: RemoteRange,
+    scanner: PagemapScanner,
+    scratch: DirtyBitmap,
+    memory: Arc<SourceMemory>,
+    devstate_sock: PathBuf,
+    pages: u64,
+}
+
+impl QemuSource {
+    /// Starts `guest` with its RAM registered for dirty logging.
+    pub fn start(
+        guest: &GuestSpec,
+        paths: &QemuPaths,
+        run_dir: &std::path::Path,
+    ) -> Result<Self, BackendError> {
+        let len = guest.memory_bytes();
+        let listener = RegistrationListener::bind(&paths.uffd_sock)
+            .map_err(|e| BackendError::new(B, "registration socket", e))?;
+        let _ = std::fs::remove_file(&paths.ram);
+        let mut process = QemuProcess::spawn(guest, paths, UffdMode::WpAsync, false)
+            .map_err(|e| BackendError::new(B, "starting QEMU", e))?;
+        let reg = listener
+            .accept(
+                &paths.ram,
+                len,
+                UffdMode::WpAsync,
+                Duration::from_secs(60),
+                || match process.exit_status() {
+                    Some(s) => Err(s),
+                    None => Ok(()),
+                },
+            )
+            .map_err(|e| BackendError::new(B, "RAM registration", e))?;
+        process
+            .connect_qmp()
+            .map_err(|e| BackendError::new(B, "QMP", e))?;
+        process
+            .qmp()
+            .migrate_set_capabilities(&[("x-ignore-shared", true)])
+            .map_err(|e| BackendError::new(B, "x-ignore-shared", e))?;
+        let range = RemoteRange::new(RemoteAddr(reg.info.base), reg.info.len);
+        let scanner = PagemapScanner::open(process.pid(), range)
+            .map_err(|e| BackendError::new(B, "pagemap", e))?;
+        let pages = len / PAGE_SIZE as u64;
+        let memory = SourceMemory::open(&paths.ram, PAGE_SIZE, pages)
+            .map_err(|e| BackendError::new(B, "guest RAM", e))?;
+        Ok(QemuSource {
+            process,
+            uffd: reg.uffd,
+            range,
+            scanner,
+            scratch: DirtyBitmap::new(range).map_err(|e| BackendError::new(B, "bitmap", e))?,
+            memory: Arc::new(memory),
+            devstate_sock: run_dir.join("source.migrate"),
+            pages,
+        })
+    }
+
+    /// The QEMU process (QMP, serial log).
+    pub fn process(&mut self) -> &mut QemuProcess {
+        &mut self.process
+    }
+}
+
+impl SourceBackend for QemuSource {
+    fn page_size(&self) -> usize {
+        PAGE_SIZE
+    }
+
+    fn page_count(&self) -> u64 {
+        self.pages
+    }
+
+    fn device_state_max(&self) -> u64 {
+        64 << 20
+    }
+
+    fn memory(&self) -> Arc<dyn PageReader> {
+        self.memory.clone()
+    }
+
+    fn populated_runs(&self) -> Result<Vec<(u64, u64)>, BackendError> {
+        self.memory
+            .populated_runs()
+            .map_err(|e| BackendError::new(B, "populated ranges", e))
+    }
+
+    fn dirty_log_start(&mut self) -> Result<(), BackendError> {
+        write_protect_all(&self.uffd, self.range)
+            .map_err(|e| BackendError::new(B, "arming the dirty log", e))
+    }
+
+    fn dirty_log_collect(&mut self, out: &mut DirtyBitmap) -> Result<(), BackendError> {
+        self.scratch.clear();
+        self.scanner
+            .scan_written_and_protect(&mut self.scratch)
+            .map_err(|e| BackendError::new(B, "dirty scan", e))?;
+        for (first, count) in self.scratch.iter_runs() {
+            out.set_range(first, count);
+        }
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), BackendError> {
+        self.process
+            .qmp()
+            .stop()
+            .map_err(|e| BackendError::new(B, "stop", e))
+    }
+
+    fn resume(&mut self) -> Result<(), BackendError> {
+        self.process
+            .qmp()
+            .cont()
+            .map_err(|e| BackendError::new(B, "cont", e))
+    }
+
+    fn save_device_state(
+        &mut self,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), BackendError>,
+    ) -> Result<u64, BackendError> {
+        let sock = self.devstate_sock.clone();
+        devstate::save(self.process.qmp(), &sock, Duration::from_secs(60), sink)
+    }
+}

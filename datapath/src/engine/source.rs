@@ -1,0 +1,585 @@
+//! The source engine: live pre-copy of the plan's pages, freeze-and-copy,
+//! then the post-copy push with faults served ahead of it.
+//!
+//! ```text
+//! round 0      arm the dirty log; send the pre-copy set (holes as ZeroPages)
+//! round k ≥ 1  send the pre-copy pages the guest dirtied during round k-1
+//!              … until the stop rule says freeze
+//! freeze       pause; send the dirty remainder of the pre-copy set, the
+//!              post-copy set's holes (ZeroPages) and the device state;
+//!              PostcopyBegin (from here on the destination owns the guest)
+//! post-copy    push the rest hottest first, skipping pages the destination
+//!              already fetched; a separate thread answers fault requests on
+//!              the fault connection; Done, then per-page digests of the
+//!              frozen memory for the destination's integrity check
+//! ```
+//!
+//! Until `PostcopyBegin` is sent, any failure resumes the guest here: a
+//! migration that fails before the destination runs the guest leaves it
+//! running, intact, at the source.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::error::EngineError;
+use super::page_order::PageOrder;
+use crate::backend::{PageReader, SourceBackend};
+use crate::connection::{Connection, ConnectionPair};
+use crate::transport::Flow;
+use crate::uffd::{DirtyBitmap, RemoteAddr, RemoteRange};
+use crate::unit_stream::UnitSender;
+use crate::wire::{ControlCode, FrameRef, MAX_DIGEST_UNITS, UnitKind};
+
+/// Tuning of the source engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    /// Freeze once the predicted downtime is at most this.
+    pub downtime_target: Duration,
+    /// Freeze after this many rounds at the latest.
+    pub max_rounds: u32,
+    /// Freeze when a round's dirty set is not below this fraction of the
+    /// previous one (pre-copy stopped converging).
+    pub min_shrink: f64,
+    /// Device state size assumed by the stop rule before it is known, bytes.
+    pub device_state_estimate: u64,
+    /// Send per-page digests of the frozen memory at the end.
+    pub integrity: bool,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            downtime_target: Duration::from_millis(300),
+            max_rounds: 30,
+            min_shrink: 0.95,
+            device_state_estimate: 400 << 10,
+            integrity: true,
+        }
+    }
+}
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RoundReport {
+    /// Round number (0 sends the whole pre-copy set).
+    pub round: u64,
+    /// Pages sent.
+    pub pages: u64,
+    /// Frame bytes sent.
+    pub bytes: u64,
+    /// Duration, s.
+    pub seconds: f64,
+}
+
+/// Instants of the source's milestones.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceTimes {
+    /// Migration start (before round 0).
+    pub start: Instant,
+    /// The guest was paused.
+    pub paused: Instant,
+    /// `PostcopyBegin` was sent.
+    pub postcopy_begin: Instant,
+    /// The post-copy push finished (`Done` sent).
+    pub push_done: Instant,
+    /// Everything finished.
+    pub end: Instant,
+}
+
+/// What the source did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceReport {
+    /// Fraction of pages in the pre-copy set.
+    pub m: f64,
+    /// Pages of the guest.
+    pub pages: u64,
+    /// Pages in the pre-copy set.
+    pub precopy_pages: u64,
+    /// The live rounds.
+    pub rounds: Vec<RoundReport>,
+    /// Why pre-copy stopped.
+    pub stop_reason: String,
+    /// Pre-copy pages sent while frozen.
+    pub remainder_pages: u64,
+    /// Device state bytes.
+    pub device_state_bytes: u64,
+    /// Post-copy pages pushed in the background.
+    pub postcopy_pushed: u64,
+    /// Post-copy pages not pushed because a fault had fetched them.
+    pub postcopy_skipped: u64,
+    /// Pages announced as zero (never populated).
+    pub zero_pages: u64,
+    /// Pages sent in answer to faults.
+    pub fault_pages_served: u64,
+    /// Frame bytes sent on both connections.
+    pub bytes_sent: u64,
+    /// Pre-copy duration (start to pause), s.
+    pub precopy_s: f64,
+    /// Post-copy push duration (`PostcopyBegin` to `Done`), s.
+    pub push_s: f64,
+    /// Milestones.
+    #[serde(skip)]
+    pub times: Option<SourceTimes>,
+}
+
+/// Pages the fault path has sent (the push skips them).
+#[derive(Debug)]
+struct SentByFault {
+    words: Vec<AtomicU64>,
+}
+
+impl SentByFault {
+    fn new(pages: u64) -> Self {
+        SentByFault {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+    fn mark(&self, p: u64) {
+        if let Some(w) = self.words.get((p / 64) as usize) {
+            w.fetch_or(1 << (p % 64), Ordering::AcqRel);
+        }
+    }
+    fn get(&self, p: u64) -> bool {
+        self.words
+            .get((p / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (p % 64)) != 0)
+    }
+}
+
+/// A bitmap in the engine's page-index space.
+pub(crate) fn page_bitmap(pages: u64, page_size: usize) -> DirtyBitmap {
+    let len = (pages * page_size as u64).max(page_size as u64);
+    DirtyBitmap::with_page_size(RemoteRange::new(RemoteAddr(0), len), page_size as u64)
+        .expect("page-aligned range from 0")
+}
+
+fn runs_of(pages: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in pages {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == p => *count += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
+}
+
+fn send_page(
+    tx: &mut UnitSender,
+    mem: &dyn PageReader,
+    p: u64,
+    ps: usize,
+) -> Result<(), EngineError> {
+    tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
+        .map(drop)
+        .map_err(EngineError::send("bulk"))
+}
+
+/// Runs the source side of a migration over `conns`.
+pub fn run_source(
+    backend: &mut dyn SourceBackend,
+    conns: ConnectionPair,
+    order: &PageOrder,
+    cfg: &SourceConfig,
+) -> Result<SourceReport, EngineError> {
+    let ConnectionPair { bulk, fault } = conns;
+    let mut bulk = bulk;
+    let mut fault = Some(fault);
+    let mut paused = false;
+    match migrate(backend, &mut bulk, &mut fault, order, cfg, &mut paused) {
+        Ok(r) => Ok(r),
+        Err(PhaseError::BeforeResume(e)) => {
+            // The destination never ran the guest: it must go on here.
+            let _ = bulk.tx.send_control(ControlCode::Abort {
+                reason: crate::wire::AbortReason::SourceFailed,
+            });
+            let _ = bulk.tx.flush();
+            if paused {
+                backend.resume()?;
+            }
+            Err(e)
+        }
+        Err(PhaseError::AfterResume(e)) => Err(e),
+    }
+}
+
+/// An error, and whether the destination may already run the guest.
+enum PhaseError {
+    BeforeResume(EngineError),
+    AfterResume(EngineError),
+}
+
+impl<E: Into<EngineError>> From<E> for PhaseError {
+    fn from(e: E) -> Self {
+        PhaseError::BeforeResume(e.into())
+    }
+}
+
+fn migrate(
+    backend: &mut dyn SourceBackend,
+    bulk: &mut Connection,
+    fault: &mut Option<Connection>,
+    order: &PageOrder,
+    cfg: &SourceConfig,
+    paused: &mut bool,
+) -> Result<SourceReport, PhaseError> {
+    let pages = backend.page_count();
+    let ps = backend.page_size();
+    if order.pages() != pages {
+        return Err(EngineError::Protocol(format!(
+            "the plan covers {} pages, the guest has {pages}",
+            order.pages()
+        ))
+        .into());
+    }
+    let mem = backend.memory();
+    let start = Instant::now();
+    let mut rounds = Vec::new();
+    let mut zero_pages = 0u64;
+
+    // Round 0: arm the log first, so nothing written after a page is copied
+    // goes unnoticed.
+    backend.dirty_log_start()?;
+    let mut populated = page_bitmap(pages, ps);
+    for (first, count) in backend.populated_runs()? {
+        populated.set_range(first, count);
+    }
+    let t = Instant::now();
+    let before = bulk.tx.stats().wire_bytes;
+    let tx = &mut bulk.tx;
+    tx.send_control(ControlCode::RoundBegin { round: 0 })
+        .map_err(EngineError::send("bulk"))?;
+    let holes = runs_of(
+        order
+            .precopy()
+            .iter()
+            .copied()
+            .filter(|&p| !populated.get(p))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter(),
+    );
+    for &(first, count) in &holes {
+        tx.send_control(ControlCode::ZeroPages { first, count })
+            .map_err(EngineError::send("bulk"))?;
+        zero_pages += count;
+    }
+    let mut sent0 = 0u64;
+    for &p in order.precopy() {
+        if populated.get(p) {
+            send_page(tx, mem.as_ref(), p, ps)?;
+            sent0 += 1;
+        }
+    }
+    tx.send_control(ControlCode::RoundEnd {
+        round: 0,
+        units_sent: sent0,
+    })
+    .map_err(EngineError::send("bulk"))?;
+    tx.flush().map_err(EngineError::send("bulk"))?;
+    rounds.push(RoundReport {
+        round: 0,
+        pages: sent0,
+        bytes: tx.stats().wire_bytes - before,
+        seconds: t.elapsed().as_secs_f64(),
+    });
+
+    // Rounds k ≥ 1 while the guest runs.
+    let mut dirty = page_bitmap(pages, ps);
+    let mut previous = u64::MAX;
+    let stop_reason;
+    let mut round = 1u64;
+    loop {
+        dirty.clear();
+        backend.dirty_log_collect(&mut dirty)?;
+        let todo: Vec<u64> = dirty
+            .iter_set()
+            .filter(|&p| p < pages && order.is_precopy(p))
+            .collect();
+        let n = todo.len() as u64;
+        let last = rounds.last().copied();
+        let bandwidth = last
+            .filter(|r| r.seconds > 0.05 && r.bytes > 0)
+            .map(|r| r.bytes as f64 / r.seconds)
+            .or_else(|| bulk.tx.sender().pacer().bandwidth().map(|b| b as f64))
+            .unwrap_or(1e6);
+        let rtt = bulk
+            .tx
+            .sender()
+            .pacer()
+            .min_rtt()
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        let freeze_s = (n * (ps as u64 + 32) + cfg.device_state_estimate) as f64 / bandwidth + rtt;
+        if n == 0 {
+            stop_reason = "clean: nothing dirtied".to_string();
+            break;
+        }
+        if freeze_s <= cfg.downtime_target.as_secs_f64() {
+            stop_reason = format!(
+                "downtime target met: {n} dirty pages, predicted freeze {:.0} ms",
+                freeze_s * 1e3
+            );
+            break;
+        }
+        if round > 1 && n as f64 >= cfg.min_shrink * previous as f64 {
+            stop_reason = format!("not converging: {n} dirty pages after {previous}");
+            break;
+        }
+        if round > u64::from(cfg.max_rounds) {
+            stop_reason = format!("round limit {} reached", cfg.max_rounds);
+            break;
+        }
+        let t = Instant::now();
+        let before = bulk.tx.stats().wire_bytes;
+        bulk.tx
+            .send_control(ControlCode::RoundBegin { round })
+            .map_err(EngineError::send("bulk"))?;
+        for &p in &todo {
+            send_page(&mut bulk.tx, mem.as_ref(), p, ps)?;
+        }
+        bulk.tx
+            .send_control(ControlCode::RoundEnd {
+                round,
+                units_sent: n,
+            })
+            .map_err(EngineError::send("bulk"))?;
+        bulk.tx.flush().map_err(EngineError::send("bulk"))?;
+        rounds.push(RoundReport {
+            round,
+            pages: n,
+            bytes: bulk.tx.stats().wire_bytes - before,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        previous = n;
+        round += 1;
+    }
+
+    // Freeze.
+    backend.pause()?;
+    *paused = true;
+    let paused_at = Instant::now();
+    let tx = &mut bulk.tx;
+    tx.send_control(ControlCode::Freeze)
+        .map_err(EngineError::send("bulk"))?;
+    dirty.clear();
+    backend.dirty_log_collect(&mut dirty)?;
+    let mut remainder = 0u64;
+    for p in dirty
+        .iter_set()
+        .filter(|&p| p < pages && order.is_precopy(p))
+    {
+        send_page(tx, mem.as_ref(), p, ps)?;
+        remainder += 1;
+    }
+    // The post-copy set's holes, as of now (the guest is stopped).
+    populated.clear();
+    for (first, count) in backend.populated_runs()? {
+        populated.set_range(first, count);
+    }
+    let post_holes: std::collections::BTreeSet<u64> = order
+        .postcopy()
+        .iter()
+        .copied()
+        .filter(|&p| !populated.get(p))
+        .collect();
+    for (first, count) in runs_of(post_holes.iter().copied()) {
+        tx.send_control(ControlCode::ZeroPages { first, count })
+            .map_err(EngineError::send("bulk"))?;
+        zero_pages += count;
+    }
+    let mut piece = 0u64;
+    let device_state_bytes = backend.save_device_state(&mut |bytes| {
+        let i = piece;
+        piece += 1;
+        tx.send_unit(UnitKind::DeviceState, i, bytes.len(), |out| {
+            out.copy_from_slice(bytes)
+        })
+        .map(drop)
+        .map_err(|e| crate::backend::BackendError::new("engine", "sending device state", e))
+    })?;
+    tx.send_control(ControlCode::DeviceStateEnd {
+        total_bytes: device_state_bytes,
+    })
+    .map_err(EngineError::send("bulk"))?;
+
+    // From PostcopyBegin on, the destination may run the guest.
+    let sent_by_fault = Arc::new(SentByFault::new(pages));
+    let server = {
+        let fault = fault
+            .take()
+            .expect("fault connection present until post-copy");
+        let (mem, sent_by_fault) = (mem.clone(), sent_by_fault.clone());
+        std::thread::Builder::new()
+            .name("wanmig-fault-server".into())
+            .spawn(move || serve_faults(fault, mem.as_ref(), ps, &sent_by_fault))
+            .map_err(|_| EngineError::Panicked("fault server"))?
+    };
+    let after = |e: EngineError| PhaseError::AfterResume(e);
+    tx.send_control(ControlCode::PostcopyBegin)
+        .map_err(EngineError::send("bulk"))
+        .map_err(after)?;
+    tx.flush()
+        .map_err(EngineError::send("bulk"))
+        .map_err(after)?;
+    let postcopy_begin = Instant::now();
+
+    // Post-copy push, hottest first.
+    let (mut pushed, mut skipped) = (0u64, 0u64);
+    for &p in order.postcopy() {
+        if !populated.get(p) {
+            continue;
+        }
+        if sent_by_fault.get(p) {
+            skipped += 1;
+            continue;
+        }
+        send_page(&mut bulk.tx, mem.as_ref(), p, ps).map_err(after)?;
+        pushed += 1;
+    }
+    let units_total = bulk.tx.stats().units;
+    bulk.tx
+        .send_control(ControlCode::Done { units_total })
+        .map_err(EngineError::send("bulk"))
+        .map_err(after)?;
+    bulk.tx
+        .flush()
+        .map_err(EngineError::send("bulk"))
+        .map_err(after)?;
+    let push_done = Instant::now();
+
+    if cfg.integrity {
+        send_digests(&mut bulk.tx, mem.as_ref(), &populated, pages, ps).map_err(after)?;
+    }
+    bulk.tx
+        .send_goodbye()
+        .map_err(EngineError::send("bulk"))
+        .map_err(after)?;
+    bulk.tx
+        .flush()
+        .map_err(EngineError::send("bulk"))
+        .map_err(after)?;
+
+    // The destination says goodbye once it has everything.
+    let dec = bulk.session.decoder();
+    bulk.rx
+        .run(&dec, |f| -> Result<Flow, EngineError> {
+            match f {
+                FrameRef::Control(ControlCode::Resumed) => Ok(Flow::Continue),
+                FrameRef::Goodbye => Ok(Flow::Stop),
+                FrameRef::Control(ControlCode::Abort { reason }) => Err(EngineError::Protocol(
+                    format!("the destination aborted: {reason:?}"),
+                )),
+                other => Err(EngineError::Protocol(format!(
+                    "unexpected {:?} from the destination",
+                    other.frame_type()
+                ))),
+            }
+        })
+        .map_err(|e| after(EngineError::from_recv("bulk", e)))?;
+    let fault_stats = server
+        .join()
+        .map_err(|_| after(EngineError::Panicked("fault server")))?
+        .map_err(after)?;
+    let end = Instant::now();
+    Ok(SourceReport {
+        m: order.m(),
+        pages,
+        precopy_pages: order.precopy().len() as u64,
+        rounds,
+        stop_reason,
+        remainder_pages: remainder,
+        device_state_bytes,
+        postcopy_pushed: pushed,
+        postcopy_skipped: skipped,
+        zero_pages,
+        fault_pages_served: fault_stats.0,
+        bytes_sent: bulk.tx.stats().wire_bytes + fault_stats.1,
+        precopy_s: paused_at.duration_since(start).as_secs_f64(),
+        push_s: push_done.duration_since(postcopy_begin).as_secs_f64(),
+        times: Some(SourceTimes {
+            start,
+            paused: paused_at,
+            postcopy_begin,
+            push_done,
+            end,
+        }),
+    })
+}
+
+/// CRC32 of every page of the frozen guest, in Digest frames.
+fn send_digests(
+    tx: &mut UnitSender,
+    mem: &dyn PageReader,
+    populated: &DirtyBitmap,
+    pages: u64,
+    ps: usize,
+) -> Result<(), EngineError> {
+    let zero_crc = crc32fast::hash(&vec![0u8; ps]);
+    let mut page = vec![0u8; ps];
+    let mut crcs = Vec::with_capacity(MAX_DIGEST_UNITS as usize);
+    let mut first = 0u64;
+    while first < pages {
+        let n = (pages - first).min(u64::from(MAX_DIGEST_UNITS));
+        crcs.clear();
+        for p in first..first + n {
+            if populated.get(p) {
+                mem.copy_page(p, &mut page);
+                crcs.push(crc32fast::hash(&page));
+            } else {
+                crcs.push(zero_crc);
+            }
+        }
+        tx.send_digest(UnitKind::Page, first, &crcs)
+            .map_err(EngineError::send("bulk"))?;
+        first += n;
+    }
+    Ok(())
+}
+
+/// Answers the destination's fault requests until it says goodbye; returns
+/// (pages served, wire bytes).
+fn serve_faults(
+    mut fault: Connection,
+    mem: &dyn PageReader,
+    ps: usize,
+    sent: &SentByFault,
+) -> Result<(u64, u64), EngineError> {
+    let dec = fault.session.decoder();
+    let Connection { tx, rx, .. } = &mut fault;
+    let mut served = 0u64;
+    rx.run(&dec, |f| -> Result<Flow, EngineError> {
+        match f {
+            FrameRef::Request {
+                kind: UnitKind::Page,
+                index,
+                count,
+            } => {
+                for p in index..index + u64::from(count) {
+                    sent.mark(p);
+                    tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
+                        .map_err(EngineError::send("fault"))?;
+                    served += 1;
+                }
+                tx.flush().map_err(EngineError::send("fault"))?;
+                Ok(Flow::Continue)
+            }
+            FrameRef::Ping(p) => {
+                tx.send_pong(p).map_err(EngineError::send("fault"))?;
+                tx.flush().map_err(EngineError::send("fault"))?;
+                Ok(Flow::Continue)
+            }
+            FrameRef::Goodbye => Ok(Flow::Stop),
+            other => Err(EngineError::Protocol(format!(
+                "unexpected {:?} on the fault connection",
+                other.frame_type()
+            ))),
+        }
+    })
+    .map_err(|e| EngineError::from_recv("fault", e))?;
+    tx.send_goodbye().map_err(EngineError::send("fault"))?;
+    tx.flush().map_err(EngineError::send("fault"))?;
+    Ok((served, tx.stats().wire_bytes))
+}
