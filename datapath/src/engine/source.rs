@@ -364,7 +364,8 @@ fn migrate(
     let tx = &mut bulk.tx;
     tx.send_control(ControlCode::Freeze)
         .map_err(EngineError::send("bulk"))?;
-    dirty.clear();
+    // `dirty` still holds what the last live scan found (the stop rule chose
+    // not to send it live); add what was written since.
     backend.dirty_log_collect(&mut dirty)?;
     let mut remainder = 0u64;
     for p in dirty
