@@ -8,7 +8,10 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -79,15 +82,19 @@ fn echo_once(listener: TcpListener) -> thread::JoinHandle<()> {
 }
 
 /// Round-trip times of `rounds` 1-byte TCP ping-pongs from `from_ns` to an echo
-/// server on `to` (after a few warm-up rounds): `(min, mean)`.
-fn tcp_ping_pong(from_ns: &str, server: TcpListener, rounds: u32) -> (Duration, Duration) {
+/// server on `server` (after a few warm-up rounds), `gap` apart.
+fn tcp_round_trips(
+    from_ns: &str,
+    server: TcpListener,
+    rounds: u32,
+    gap: Duration,
+) -> Vec<Duration> {
     let to = server.local_addr().unwrap();
     let echo = echo_once(server);
     let mut c = connect_from(from_ns, to, Duration::from_secs(2)).unwrap();
     c.set_nodelay(true).unwrap();
     let mut b = [0u8; 1];
-    let mut min = Duration::MAX;
-    let mut total = Duration::ZERO;
+    let mut rtts = Vec::with_capacity(rounds as usize);
     for i in 0..rounds + 3 {
         let t = Instant::now();
         c.write_all(&[i as u8]).unwrap();
@@ -95,15 +102,21 @@ fn tcp_ping_pong(from_ns: &str, server: TcpListener, rounds: u32) -> (Duration, 
         let rtt = t.elapsed();
         assert_eq!(b[0], i as u8);
         if i >= 3 {
-            min = min.min(rtt);
-            total += rtt;
+            rtts.push(rtt);
         }
         // Like ping: one exchange at a time with idle gaps, not back to back.
-        thread::sleep(Duration::from_millis(2));
+        thread::sleep(gap);
     }
     drop(c);
     echo.join().unwrap();
-    (min, total / rounds)
+    rtts
+}
+
+/// `(min, mean)` of `rounds` TCP ping-pongs 2 ms apart; see [`tcp_round_trips`].
+fn tcp_ping_pong(from_ns: &str, server: TcpListener, rounds: u32) -> (Duration, Duration) {
+    let rtts = tcp_round_trips(from_ns, server, rounds, Duration::from_millis(2));
+    let min = rtts.iter().copied().min().unwrap();
+    (min, rtts.iter().sum::<Duration>() / rounds)
 }
 
 fn assert_rtt_near(what: &str, setting: Duration, (min, mean): (Duration, Duration)) {
@@ -162,10 +175,14 @@ fn tcp_round_trip_matches_the_setting() {
 #[test]
 fn namespaces_reach_each_other_only_through_the_wan() {
     let wan = up("iso", "100mbit", 1);
-    // Each namespace has exactly its loopback and its TUN device.
-    for (ns, tun) in [
-        (wan.src_ns(), &wan.names().src_tun),
-        (wan.dst_ns(), &wan.names().dst_tun),
+    let n = wan.names();
+    // Each host has its loopback and its veth to its router; each router has
+    // its loopback, its veth to its host and its TUN.
+    for (ns, devices) in [
+        (wan.src_ns(), vec![n.host_veth.as_str()]),
+        (wan.src_router_ns(), vec![&n.router_veth, &n.src_tun]),
+        (wan.dst_router_ns(), vec![&n.router_veth, &n.dst_tun]),
+        (wan.dst_ns(), vec![&n.host_veth]),
     ] {
         let dev = netns::run_in(ns, || std::fs::read_to_string("/proc/thread-self/net/dev"))
             .unwrap()
@@ -176,9 +193,23 @@ fn namespaces_reach_each_other_only_through_the_wan() {
             .filter_map(|l| l.split(':').next().map(str::trim))
             .collect();
         ifaces.sort();
-        let mut want = vec!["lo", tun.as_str()];
+        let mut want = devices;
+        want.push("lo");
         want.sort();
         assert_eq!(ifaces, want, "interfaces in {ns}");
+    }
+    // Only the routers forward.
+    for (ns, forwarding) in [
+        (wan.src_ns(), "0"),
+        (wan.src_router_ns(), "1"),
+        (wan.dst_router_ns(), "1"),
+        (wan.dst_ns(), "0"),
+    ] {
+        let v = netns::run_in(ns, || {
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap()
+        })
+        .unwrap();
+        assert_eq!(v.trim(), forwarding, "ip_forward in {ns}");
     }
     let short = Duration::from_millis(300);
 
@@ -214,12 +245,11 @@ fn drop_tears_everything_down() {
     let wan = up("drop", "100mbit", 1);
     let names = wan.names().clone();
     // Handles keep the namespaces reachable after their names are deleted.
-    let src = netns::open(&names.src_ns).unwrap();
-    let dst = netns::open(&names.dst_ns).unwrap();
-    assert!(netns::has_interface(&names.src_ns, &names.src_tun).unwrap());
+    let src_router = netns::open(&names.src_router_ns).unwrap();
+    let dst_router = netns::open(&names.dst_router_ns).unwrap();
+    assert!(src_router.has_interface(&names.src_tun).unwrap());
     drop(wan);
     let listed = netns::list().unwrap();
-    assert!(!listed.contains(&names.src_ns) && !listed.contains(&names.dst_ns));
     let ip = String::from_utf8(
         Command::new("ip")
             .args(["netns", "list"])
@@ -228,16 +258,19 @@ fn drop_tears_everything_down() {
             .stdout,
     )
     .unwrap();
-    assert!(
-        !ip.contains(&names.src_ns) && !ip.contains(&names.dst_ns),
-        "{ip}"
-    );
-    // The delay line stopped and closed its fds, so the devices are gone. A
+    for ns in names.namespaces() {
+        assert!(!listed.iter().any(|l| l == ns), "{ns} still listed");
+        assert!(
+            !ip.lines().any(|l| l.split_whitespace().next() == Some(ns)),
+            "{ip}"
+        );
+    }
+    // The delay line stopped and closed its fds, so the TUNs are gone. A
     // child forked by a parallel test holds a copy of every fd until its exec
     // (close-on-exec), so allow a moment for the last copy to close.
     let deadline = Instant::now() + Duration::from_secs(2);
     let gone = |h: &netns::NsHandle, dev: &str| !h.has_interface(dev).unwrap();
-    while !(gone(&src, &names.src_tun) && gone(&dst, &names.dst_tun)) {
+    while !(gone(&src_router, &names.src_tun) && gone(&dst_router, &names.dst_tun)) {
         assert!(
             Instant::now() < deadline,
             "TUN devices still exist after drop"
@@ -256,16 +289,17 @@ fn down_by_name_is_idempotent() {
     // A WAN torn down by name under its owner, then dropped.
     let wan = up("idem", "100mbit", 1);
     Wan::down_by_name(&name).unwrap();
-    assert!(!netns::exists(wan.src_ns()) && !netns::exists(wan.dst_ns()));
+    assert!(!wan.names().namespaces().iter().any(|ns| netns::exists(ns)));
     Wan::down_by_name(&name).unwrap();
     drop(wan);
 
     // Leftovers of a crash: namespaces, a process inside one, and a pidfile
     // naming a process that is gone.
     let names = WanNames::new(&name).unwrap();
-    netns::add(&names.src_ns).unwrap();
-    netns::add(&names.dst_ns).unwrap();
-    let mut sleeper = netns::command(&names.dst_ns, "sleep")
+    for ns in names.namespaces() {
+        netns::add(ns).unwrap();
+    }
+    let mut sleeper = netns::command(&names.dst_router_ns, "sleep")
         .arg("60")
         .spawn()
         .unwrap();
@@ -279,7 +313,7 @@ fn down_by_name_is_idempotent() {
         sleeper.try_wait().unwrap().is_some(),
         "process in the namespace survived"
     );
-    assert!(!netns::exists(&names.src_ns) && !netns::exists(&names.dst_ns));
+    assert!(!names.namespaces().iter().any(|ns| netns::exists(ns)));
     assert!(!daemon::pid_path(&name).exists());
     assert_eq!(daemon::probe(&name), daemon::Probe::Down);
     Wan::down_by_name(&name).unwrap();
@@ -378,7 +412,7 @@ fn commands_and_threads_run_inside_the_namespace() {
         .output()
         .unwrap();
     let dev = String::from_utf8_lossy(&out.stdout);
-    assert!(dev.contains(&wan.names().src_tun), "{dev}");
+    assert!(dev.contains(&wan.names().host_veth), "{dev}");
     let ping = netns::command(wan.src_ns(), "ping")
         .args(["-c", "2", "-i", "0.05", "-q", &wan.dst_addr().to_string()])
         .output()
@@ -390,7 +424,7 @@ fn commands_and_threads_run_inside_the_namespace() {
     .unwrap()
     .join()
     .unwrap();
-    assert!(joined.contains(&wan.names().dst_tun));
+    assert!(joined.contains(&wan.names().host_veth));
 }
 
 #[test]
@@ -443,4 +477,167 @@ fn cli_daemon_keeps_the_wan_up_until_down() {
     assert_eq!(daemon::probe(&name), daemon::Probe::Down);
     let twice = run(&["wan", "down", "--name", &name]);
     assert!(twice.contains("was not up"), "{twice}");
+}
+
+/// Sets a socket's congestion control (`TCP_CONGESTION`).
+fn set_congestion_control(s: &TcpStream, name: &str) {
+    // SAFETY: the fd is an open TCP socket for the whole call; the option value
+    // is `name.len()` readable bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "TCP_CONGESTION {name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// What [`round_trips_under_bulk_load`] saw.
+struct LoadedRtt {
+    /// Median TCP round trip on the idle WAN.
+    idle: Duration,
+    /// TCP round trips while the bulk flow ran, sorted.
+    loaded: Vec<Duration>,
+    /// The bulk flow's goodput, Mbit/s.
+    bulk_mbps: f64,
+}
+
+fn median(sorted: &[Duration]) -> Duration {
+    sorted[sorted.len() / 2]
+}
+
+/// Brings up a 40 Mbit/s, 5 ms WAN with a bottleneck queue of `queue`, starts
+/// one bulk TCP flow from the source to the destination, and times 1-byte TCP
+/// ping-pongs on a second connection, in the same direction, while it runs.
+///
+/// The bulk flow uses cubic, a loss-based congestion control like most bulk
+/// senders: it grows its window until the bottleneck queue overflows, so at
+/// a bottleneck that behaves like a router the queue stays between about 70 %
+/// and 100 % full and every other flow waits behind it. (BBR, this machine's
+/// default, paces itself and keeps the queue short on its own.)
+fn round_trips_under_bulk_load(tag: &str, queue: Duration) -> LoadedRtt {
+    require_root();
+    let mut config = WanConfig::new(unique(tag), rate("40mbit"), Duration::from_millis(5));
+    config.queue = queue;
+    let wan = Wan::up(config).unwrap();
+    let idle = {
+        let mut rtts = tcp_round_trips(
+            wan.src_ns(),
+            listen_in(wan.dst_ns(), wan.dst_addr()),
+            10,
+            Duration::from_millis(10),
+        );
+        rtts.sort();
+        median(&rtts)
+    };
+
+    let sink = listen_in(wan.dst_ns(), wan.dst_addr());
+    let to = sink.local_addr().unwrap();
+    let sink = thread::spawn(move || {
+        let (mut s, _) = sink.accept().unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break total,
+                Ok(n) => total += n as u64,
+            }
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut bulk = connect_from(wan.src_ns(), to, Duration::from_secs(2)).unwrap();
+    set_congestion_control(&bulk, "cubic");
+    let started = Instant::now();
+    let sender = thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let chunk = vec![0x5au8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                bulk.write_all(&chunk).unwrap();
+            }
+            bulk.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+    });
+    // Slow start overshoots and then settles into the sawtooth.
+    thread::sleep(Duration::from_millis(1500));
+    let mut loaded = tcp_round_trips(
+        wan.src_ns(),
+        listen_in(wan.dst_ns(), wan.dst_addr()),
+        20,
+        Duration::from_millis(20),
+    );
+    stop.store(true, Ordering::Relaxed);
+    sender.join().unwrap();
+    let bytes = sink.join().unwrap();
+    let bulk_mbps = bytes as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e6;
+    loaded.sort();
+    eprintln!(
+        "queue {queue:?}: idle {idle:?}; under load median {:?}, min {:?}, max {:?}; bulk {bulk_mbps:.1} Mbit/s",
+        median(&loaded),
+        loaded[0],
+        loaded[loaded.len() - 1]
+    );
+    LoadedRtt {
+        idle,
+        loaded,
+        bulk_mbps,
+    }
+}
+
+/// The bottleneck is a router's queue, remote to both hosts: a bulk flow fills
+/// it and a concurrent flow's round trip grows by up to the queue. If the queue
+/// were on a device of the sending host's own stack, TCP Small Queues would let
+/// each socket keep only about two 64 KiB GSO packets in it (~26 ms at 40
+/// Mbit/s; 9 ms measured with the tbf on the source host's TUN), and the
+/// deep queue would never fill.
+#[test]
+fn a_bulk_flow_fills_a_deep_bottleneck_queue() {
+    let queue = Duration::from_millis(200);
+    let rtt = Duration::from_millis(5);
+    let m = round_trips_under_bulk_load("deepq", queue);
+    let loaded = median(&m.loaded);
+    assert!(m.idle < 2 * rtt, "idle RTT {:?}", m.idle);
+    assert!(
+        m.bulk_mbps > 30.0,
+        "bulk flow only {:.1} Mbit/s",
+        m.bulk_mbps
+    );
+    let floor = (3 * rtt).max(queue / 4);
+    assert!(
+        loaded > floor,
+        "median RTT under load {loaded:?} is not above {floor:?}: the bulk flow does not fill the {queue:?} bottleneck queue"
+    );
+    // ... and the queue is bounded by its setting.
+    let ceiling = queue + rtt + Duration::from_millis(30);
+    assert!(
+        loaded < ceiling,
+        "median RTT under load {loaded:?} is above {ceiling:?}: the queue is longer than set"
+    );
+}
+
+/// With a short queue the same load delays other flows by at most the queue.
+#[test]
+fn a_short_bottleneck_queue_bounds_the_delay() {
+    let queue = Duration::from_millis(20);
+    let rtt = Duration::from_millis(5);
+    let m = round_trips_under_bulk_load("shortq", queue);
+    let loaded = median(&m.loaded);
+    assert!(
+        m.bulk_mbps > 30.0,
+        "bulk flow only {:.1} Mbit/s",
+        m.bulk_mbps
+    );
+    let ceiling = 2 * rtt + queue;
+    assert!(
+        loaded < ceiling,
+        "median RTT under load {loaded:?} is above {ceiling:?} with a {queue:?} queue"
+    );
 }

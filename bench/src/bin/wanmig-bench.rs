@@ -40,7 +40,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The emulated WAN: two network namespaces joined by tbf + a userspace delay line.
+    /// The emulated WAN: two host namespaces, each behind a router namespace whose tbf is the
+    /// bottleneck, the routers joined by a userspace delay line.
     #[command(subcommand)]
     Wan(WanCommand),
     /// Push pages through the real datapath over the emulated WAN and compare
@@ -106,7 +107,8 @@ enum WanCommand {
 
 #[derive(Debug, Args)]
 struct NameArg {
-    /// WAN name (1-10 of a-z0-9): namespaces wanmig-NAME-src and wanmig-NAME-dst.
+    /// WAN name (1-10 of a-z0-9): hosts wanmig-NAME-src and wanmig-NAME-dst, routers
+    /// wanmig-NAME-src-router and wanmig-NAME-dst-router.
     #[arg(long, default_value = DEFAULT_NAME)]
     name: String,
 }
@@ -127,7 +129,7 @@ struct LinkArgs {
     /// Packets lost per million, in each direction.
     #[arg(long, default_value_t = 0)]
     loss_ppm: u32,
-    /// tbf queue as time at full rate [default: max(rtt, 20ms)].
+    /// Bottleneck queue (the routers' tbf) as time at full rate [default: max(rtt, 20ms)].
     #[arg(long, value_parser = parse_duration)]
     queue: Option<Duration>,
 }
@@ -179,7 +181,7 @@ struct CheckArgs {
     /// Loss for a WAN brought up for the check (ppm).
     #[arg(long, default_value_t = 0)]
     loss_ppm: u32,
-    /// tbf queue for a WAN brought up for the check [default: max(rtt, 20ms)].
+    /// Bottleneck queue for a WAN brought up for the check [default: max(rtt, 20ms)].
     #[arg(long, value_parser = parse_duration)]
     queue: Option<Duration>,
     /// iperf3 test length in seconds (ping runs about half as long before it).
@@ -361,6 +363,18 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
                         "  up: daemon pid {}, log {}",
                         s.pid,
                         daemon::log_path(&s.name).display()
+                    );
+                }
+                if let Ok(names) = wan::WanNames::new(&s.name) {
+                    let a = wan::address_plan(&s.name);
+                    println!(
+                        "  routers: {} {} (tbf on {}), {} {} (tbf on {})",
+                        names.src_router_ns,
+                        a.src_router,
+                        names.src_tun,
+                        names.dst_router_ns,
+                        a.dst_router,
+                        names.dst_tun
                     );
                 }
                 println!(

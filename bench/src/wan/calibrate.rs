@@ -1,14 +1,15 @@
 //! Calibration: the round trip of the emulator itself, measured at zero delay.
 //!
-//! Even with no delay, a packet from one namespace to the other crosses two
-//! TUN devices and wakes the delay line thread, and the answer wakes the
-//! sender; in this VM that costs 35–110 µs per round trip, 1–2 % of a 5 ms RTT.
+//! Even with no delay, a packet from one host to the other crosses two veths,
+//! is forwarded by both routers, crosses two TUN devices and wakes the delay
+//! line thread, and the answer does the same and wakes the sender; in this VM
+//! that costs about 40–120 µs per round trip, 1–2 % of a 5 ms RTT.
 //! [`Wan::up`] starts the delay line with no delay, measures the *smallest*
 //! round trip of [`PROBES`] ICMP echoes sent by `ping` from the source
-//! namespace ([`INTERVAL`] apart, so each starts from idle CPUs as sparse
+//! host's namespace ([`INTERVAL`] apart, so each starts from idle CPUs as sparse
 //! traffic does), and then delays each direction by `(rtt - base_rtt) / 2`.
 //!
-//! The fastest exchange between the namespaces (an echo the destination's
+//! The fastest exchange between the hosts (an echo the destination's
 //! kernel answers without waking any process) then takes the set RTT, never
 //! less; other exchanges see the setting plus only the part of the forwarding
 //! cost that varies. `ping` runs as its own process, on whichever CPU the

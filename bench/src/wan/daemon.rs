@@ -339,7 +339,7 @@ pub enum Probe {
     /// Nothing: no namespaces, no files.
     Down,
     /// Kept up by a live daemon (or `--foreground` process): its state file, a
-    /// live recorded process, both namespaces and both devices.
+    /// live recorded process, all four namespaces and all six devices.
     Up(WanState),
     /// Some of it exists but not all (crashed daemon, a WAN held by another
     /// process without a daemon, ...).
@@ -358,8 +358,7 @@ pub fn probe(name: &str) -> Probe {
     };
     let state = read_state(name);
     let pidfile = read_pidfile(name);
-    let ns_src = netns::exists(&names.src_ns);
-    let ns_dst = netns::exists(&names.dst_ns);
+    let any_ns = names.namespaces().iter().any(|ns| netns::exists(ns));
     let state = match state {
         Ok(s) => s,
         Err(e) => {
@@ -369,7 +368,7 @@ pub fn probe(name: &str) -> Probe {
             };
         }
     };
-    if state.is_none() && pidfile.is_none() && !ns_src && !ns_dst {
+    if state.is_none() && pidfile.is_none() && !any_ns {
         return Probe::Down;
     }
     let broken = |reason: String, state: Option<WanState>| Probe::Broken { reason, state };
@@ -386,10 +385,7 @@ pub fn probe(name: &str) -> Probe {
             Some(state),
         );
     }
-    for (ns, dev) in [
-        (&names.src_ns, &names.src_tun),
-        (&names.dst_ns, &names.dst_tun),
-    ] {
+    for (ns, dev) in names.devices() {
         match netns::has_interface(ns, dev) {
             Ok(true) => {}
             Ok(false) => return broken(format!("device {dev} missing in {ns}"), Some(state)),

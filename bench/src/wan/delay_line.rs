@@ -4,9 +4,9 @@
 //! One thread holds the fds of both TUN devices. Every packet read from one
 //! device is stamped `release = arrival + one_way_delay` and appended to that
 //! direction's FIFO queue; when its time comes it is written into the other
-//! device, which hands it to the other namespace's network stack. The delay is
-//! the same for every packet of a direction, so release times are monotonic and
-//! a FIFO per direction is an exact timer wheel.
+//! device, which hands it to the other router's stack (which forwards it to its
+//! host). The delay is the same for every packet of a direction, so release
+//! times are monotonic and a FIFO per direction is an exact timer wheel.
 //!
 //! The thread sleeps in `ppoll` on both TUN fds and a stop `eventfd`, with a
 //! timeout that ends at the earliest release time; the thread's timer slack is
@@ -119,9 +119,9 @@ impl DirectionStats {
 /// A snapshot of the delay line's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DelayLineStats {
-    /// Source namespace towards destination namespace.
+    /// Source host towards destination host.
     pub src_to_dst: DirectionStats,
-    /// Destination namespace towards source namespace.
+    /// Destination host towards source host.
     pub dst_to_src: DirectionStats,
     /// The smallest lateness of the kernel's last [`LEAD_WINDOW`] timed
     /// wake-ups from `ppoll`, in ns. The delay line schedules its wake-ups and
@@ -180,7 +180,7 @@ pub struct DelayLine {
 
 impl DelayLine {
     /// Starts the delay line between the packet files of two TUN devices
-    /// (non-blocking, `IFF_NO_PI`): `src` is the source namespace's device,
+    /// (non-blocking, `IFF_NO_PI`): `src` is the source router's device,
     /// `dst` the destination's.
     pub fn start(
         src: File,

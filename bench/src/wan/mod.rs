@@ -1,38 +1,75 @@
-//! The emulated WAN: two network namespaces as the two hosts, joined by a pair of
-//! TUN devices and a userspace delay line, with a `tbf` rate limit on each TUN.
+//! The emulated WAN: two hosts, each behind its own WAN router, the routers
+//! joined by a pair of TUN devices and a userspace delay line. The rate limit
+//! (`tbf`: rate, burst, drop-tail queue) sits on each router's TUN egress, so
+//! the bottleneck queue is remote to both hosts, as on a real WAN.
 //!
 //! ```text
-//!   netns wanmig-<name>-src                       netns wanmig-<name>-dst
-//!   src_addr (TCP/IP stack)                       dst_addr (TCP/IP stack)
-//!        │ egress          ▲ ingress         ingress ▲          │ egress
-//!        ▼                 │                         │          ▼
-//!   tbf (rate)             │                         │     tbf (rate)
-//!   TUN wm-<name>-s ───────┼──── fd          fd ─────┼─── TUN wm-<name>-d
-//!                          │      │          │       │
-//!                   ┌──────┴──────▼──────────▼───────┴──────┐
-//!                   │ delay line thread (this process)      │
-//!                   │ src→dst FIFO: write to dst at t+d     │
-//!                   │ dst→src FIFO: write to src at t+d     │
-//!                   └───────────────────────────────────────┘
-//!                      d = (rtt - base_rtt) / 2, optional loss
+//!  netns wanmig-<n>-src                    the source host
+//!    src_addr on wm-<n>-h
+//!        ║ veth   (crossing into another namespace ends TSQ's hold on a packet)
+//!  netns wanmig-<n>-src-router             its WAN router (ip_forward)
+//!    wm-<n>-r ─▶ forward ─▶ tbf ─▶ TUN wm-<n>-s ──fd──┐
+//!    wm-<n>-r ◀─ forward ◀──────── TUN wm-<n>-s ◀─fd──┼──┐
+//!                                                     ▼  │
+//!  root netns: delay line thread (this process)       │  │
+//!    src→dst FIFO: write to wm-<n>-d at arrival + d   │  │
+//!    dst→src FIFO: write to wm-<n>-s at arrival + d   │  ▲
+//!                                                     │  │
+//!  netns wanmig-<n>-dst-router             its WAN router (ip_forward)
+//!    wm-<n>-r ◀─ forward ◀──────── TUN wm-<n>-d ◀─fd──┘  │
+//!    wm-<n>-r ─▶ forward ─▶ tbf ─▶ TUN wm-<n>-d ──fd─────┘
+//!        ║ veth
+//!  netns wanmig-<n>-dst                    the destination host
+//!    dst_addr on wm-<n>-h
+//!
+//!  d = (rtt - base_rtt) / 2, optional loss. Each direction has its own tbf,
+//!  on the TUN of the router it enters the WAN by.
 //! ```
 //!
-//! - Each direction is limited by the tbf on the sending side's TUN ([`tc`]),
+//! - Each direction is limited by the tbf on its entry router's TUN ([`tc`]),
 //!   then delayed in the delay line ([`delay_line`]), so a ping sees `rtt` and a
-//!   bulk TCP flow sees `rate`. TCP runs end to end between the two
-//!   namespaces' stacks. `base_rtt` is the emulator's own fastest round trip,
+//!   bulk TCP flow sees `rate`. TCP runs end to end between the two hosts'
+//!   stacks; the routers only forward. `base_rtt` is the emulator's own fastest
+//!   round trip (four veth crossings, four forwards, two TUN round trips),
 //!   measured when the WAN comes up and subtracted ([`calibrate`]).
-//! - Addresses: a point-to-point pair `10.213.X.Y+1 ↔ 10.213.X.Y+2` from a
-//!   /30 picked by a hash of the name ([`addresses`]). Every WAN has its own pair
-//!   of namespaces, so WANs never share a routing table and even two names that
-//!   hash to the same /30 can be up at once; distinct addresses only make traces
-//!   and logs unambiguous.
-//! - Names: `name` is 1–[`MAX_NAME_LEN`] characters `[a-z0-9]`, so that the TUN
-//!   names `wm-<name>-s` / `wm-<name>-d` fit the kernel's 15-byte limit.
+//! - Why routers: Linux TCP Small Queues (TSQ) limits the bytes of each socket
+//!   that sit in its own host's qdiscs and device queues to about 1 ms at its
+//!   pacing rate (at least two packets, which with GSO can be two 64 KiB
+//!   super-packets). With the tbf on a device of the sending host a bulk flow
+//!   therefore never builds a queue at the bottleneck (9 ms round trips under
+//!   a cubic flow with a 200 ms queue at 40 Mbit/s, 5 ms), unlike a real WAN
+//!   where a remote router's buffer fills and delays every other flow. A
+//!   packet that crosses the veth into the router's namespace is orphaned
+//!   there (`ip_rcv` drops its socket reference), so TSQ no longer counts it,
+//!   and the router's tbf fills like a real router's buffer (160 ms median
+//!   round trip under the same cubic flow; see `bench/tests/wan.rs`).
+//!   The routers' shaping also keeps the delay line's input at the link rate.
+//!   Rejected alternatives, measured on this kernel (which has `ifb`, `mirred`
+//!   and `u32`, but neither netem nor matchall): a tbf on an `ifb` fed from the
+//!   destination TUN's ingress (after the delay line) fills too, but nothing
+//!   then shapes what the sender pushes into the TUN ring and the single
+//!   delay-line thread: at 1 Gbit/s, 5 ms iperf3 reached 709–802 Mbit/s with
+//!   BBR and 731–954 with cubic (one run with 220 TUN-ring drops), against
+//!   957–961 through the routers. Rate and queue inside the delay line would
+//!   sit at the same place, with the same unshaped input and a userspace timer
+//!   per packet besides.
+//! - Addresses: an /29 per WAN picked by a hash of the name ([`address_plan`]):
+//!   `+1` source host, `+2` destination host, `+3` source router, `+4`
+//!   destination router, each as a `/32` with a point-to-point peer. Hosts
+//!   route only the other host's address via their router; routers route the
+//!   far host into their TUN and their own host into the veth. Every WAN has
+//!   its own namespaces, so WANs never share a routing table or a queue, and
+//!   even two names that hash to the same /29 can be up at once; distinct
+//!   addresses only make traces and logs unambiguous.
+//! - Names: `name` is 1–[`MAX_NAME_LEN`] characters `[a-z0-9]`, so that device
+//!   names `wm-<name>-X` fit the kernel's 15-byte limit ([`WanNames`]). The
+//!   veths are created straight into their namespaces, the TUNs inside theirs,
+//!   so no device of a WAN ever exists in the root namespace.
 //! - A [`Wan`] made by [`Wan::up`] owns everything: dropping it stops the delay
-//!   line (closing the TUN fds deletes the devices) and deletes the namespaces.
-//!   A WAN kept by a daemon (`wanmig-bench wan up`) is found with [`Wan::attach`]
-//!   and torn down with [`Wan::down_by_name`] ([`daemon`]).
+//!   line (closing the TUN fds deletes the devices) and deletes the four
+//!   namespaces (which deletes the veths). A WAN kept by a daemon
+//!   (`wanmig-bench wan up`) is found with [`Wan::attach`] and torn down with
+//!   [`Wan::down_by_name`] ([`daemon`]).
 
 pub mod calibrate;
 pub mod check;
@@ -103,15 +140,30 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
 /// The names of a WAN's namespaces and devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WanNames {
-    /// Source namespace, `wanmig-<name>-src`.
+    /// Source host namespace, `wanmig-<name>-src`.
     pub src_ns: String,
-    /// Destination namespace, `wanmig-<name>-dst`.
+    /// Destination host namespace, `wanmig-<name>-dst`.
     pub dst_ns: String,
-    /// TUN device in the source namespace, `wm-<name>-s`.
+    /// The source host's router, `wanmig-<name>-src-router`.
+    pub src_router_ns: String,
+    /// The destination host's router, `wanmig-<name>-dst-router`.
+    pub dst_router_ns: String,
+    /// TUN device in the source router, `wm-<name>-s`; its tbf limits
+    /// source → destination.
     pub src_tun: String,
-    /// TUN device in the destination namespace, `wm-<name>-d`.
+    /// TUN device in the destination router, `wm-<name>-d`; its tbf limits
+    /// destination → source.
     pub dst_tun: String,
+    /// A host's end of the veth to its router, `wm-<name>-h` (the same name in
+    /// both hosts).
+    pub host_veth: String,
+    /// A router's end of the veth to its host, `wm-<name>-r` (the same name in
+    /// both routers).
+    pub router_veth: String,
 }
+
+/// Suffixes of a WAN's namespace names after `wanmig-<name>`.
+const NS_SUFFIXES: [&str; 4] = ["-src", "-dst", "-src-router", "-dst-router"];
 
 impl WanNames {
     /// The names for WAN `name` (which must be valid).
@@ -120,51 +172,106 @@ impl WanNames {
         Ok(WanNames {
             src_ns: format!("wanmig-{name}-src"),
             dst_ns: format!("wanmig-{name}-dst"),
+            src_router_ns: format!("wanmig-{name}-src-router"),
+            dst_router_ns: format!("wanmig-{name}-dst-router"),
             src_tun: format!("wm-{name}-s"),
             dst_tun: format!("wm-{name}-d"),
+            host_veth: format!("wm-{name}-h"),
+            router_veth: format!("wm-{name}-r"),
         })
     }
 
-    /// The WAN name back from a namespace name `wanmig-<name>-src|dst`.
+    /// The four namespaces in path order: source host, source router,
+    /// destination router, destination host.
+    pub fn namespaces(&self) -> [&str; 4] {
+        [
+            &self.src_ns,
+            &self.src_router_ns,
+            &self.dst_router_ns,
+            &self.dst_ns,
+        ]
+    }
+
+    /// Every device of the WAN with its namespace, in path order.
+    pub fn devices(&self) -> [(&str, &str); 6] {
+        [
+            (&self.src_ns, &self.host_veth),
+            (&self.src_router_ns, &self.router_veth),
+            (&self.src_router_ns, &self.src_tun),
+            (&self.dst_router_ns, &self.dst_tun),
+            (&self.dst_router_ns, &self.router_veth),
+            (&self.dst_ns, &self.host_veth),
+        ]
+    }
+
+    /// The WAN name back from one of its namespace names,
+    /// `wanmig-<name>-src|dst|src-router|dst-router`.
     pub fn wan_of_namespace(ns: &str) -> Option<&str> {
         let rest = ns.strip_prefix("wanmig-")?;
-        let name = rest
-            .strip_suffix("-src")
-            .or_else(|| rest.strip_suffix("-dst"))?;
+        let name = NS_SUFFIXES
+            .iter()
+            .find_map(|suffix| rest.strip_suffix(suffix))?;
         validate_name(name).ok().map(|()| name)
     }
 }
 
-/// The address pair of WAN `name`: `(src, dst)`, the first two hosts of a /30
-/// in [`ADDRESS_BASE`]/16 chosen by an FNV-1a hash of the name.
-pub fn addresses(name: &str) -> (Ipv4Addr, Ipv4Addr) {
+/// The addresses of one WAN (see [`address_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WanAddresses {
+    /// The source host, `+1`.
+    pub src: Ipv4Addr,
+    /// The destination host, `+2`.
+    pub dst: Ipv4Addr,
+    /// The source router (its veth to the source host), `+3`.
+    pub src_router: Ipv4Addr,
+    /// The destination router (its veth to the destination host), `+4`.
+    pub dst_router: Ipv4Addr,
+}
+
+/// The addresses of WAN `name`: hosts 1 and 2 of a /29 in [`ADDRESS_BASE`]/16
+/// chosen by an FNV-1a hash of the name, routers 3 and 4.
+pub fn address_plan(name: &str) -> WanAddresses {
     let mut h: u32 = 0x811c_9dc5;
     for b in name.bytes() {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    let subnet = (h % (1 << 14)) << 2; // one of 16384 /30s
+    let subnet = (h % (1 << 13)) << 3; // one of 8192 /29s
     let base = u32::from(ADDRESS_BASE) | subnet;
-    (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+    WanAddresses {
+        src: Ipv4Addr::from(base + 1),
+        dst: Ipv4Addr::from(base + 2),
+        src_router: Ipv4Addr::from(base + 3),
+        dst_router: Ipv4Addr::from(base + 4),
+    }
+}
+
+/// The hosts' address pair of WAN `name`: `(src, dst)` (see [`address_plan`]).
+pub fn addresses(name: &str) -> (Ipv4Addr, Ipv4Addr) {
+    let a = address_plan(name);
+    (a.src, a.dst)
 }
 
 /// The settings of an emulated WAN.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WanConfig {
-    /// Name (1–10 of `[a-z0-9]`); namespaces are `wanmig-<name>-src|dst`.
+    /// Name (1–10 of `[a-z0-9]`); namespaces are
+    /// `wanmig-<name>-src|dst|src-router|dst-router`.
     pub name: String,
     /// Rate of each direction (IP bytes; see [`tc`]).
     pub rate: Rate,
-    /// Round-trip time between the namespaces: the smallest ICMP round trip
+    /// Round-trip time between the two hosts: the smallest ICMP round trip
     /// is this (the delay line delays each direction by
     /// `(rtt - base_rtt) / 2`, see [`calibrate`]).
     pub rtt: Duration,
-    /// MTU of the TUN devices; default 1500.
+    /// MTU of every device on the path (veths and TUNs); default 1500.
     pub mtu: u32,
     /// Packets lost per million, independently in each direction; default 0.
     pub loss_ppm: u32,
-    /// The tbf queue as time at full rate (tc's `latency`): the most queueing
-    /// delay a packet can see before it is dropped. Default
+    /// The bottleneck queue (each router's tbf) as time at full rate (tc's
+    /// `latency`): the most queueing delay a packet can see before it is
+    /// dropped. A loss-based bulk flow (cubic) keeps it mostly full, and every
+    /// other flow in that direction waits behind it. Default
     /// [`WanConfig::default_queue`].
     pub queue: Duration,
 }
@@ -212,7 +319,7 @@ impl WanConfig {
         self.rtt / 2
     }
 
-    /// The tbf parameters used on both TUN devices.
+    /// The tbf parameters used on both routers' TUN devices.
     pub fn tbf(&self) -> TbfParams {
         TbfParams::for_link(self.rate, self.mtu, self.queue)
     }
@@ -303,10 +410,14 @@ pub enum WanError {
         /// What failed.
         source: Box<NetnsError>,
     },
+    /// Setting a sysctl (IP forwarding, IPv6 off) in a namespace failed.
+    #[error(transparent)]
+    Sysctl(Box<NetnsError>),
     /// Creating a TUN device failed.
     #[error(transparent)]
     Tun(#[from] TunError),
-    /// Configuring addresses, MTU or links with `ip` failed.
+    /// Creating a veth or configuring addresses, routes, MTU or links with
+    /// `ip` failed.
     #[error("configuring {dev} in {ns}: {source}")]
     Link {
         /// Namespace.
@@ -390,7 +501,7 @@ pub fn preflight(tools: &[&str]) -> Result<(), WanError> {
     Ok(())
 }
 
-/// An emulated WAN between two namespaces.
+/// An emulated WAN between two host namespaces (see the module docs).
 ///
 /// Made by [`Wan::up`], it owns the namespaces, devices and delay line, and
 /// dropping it tears them down. Made by [`Wan::attach`], it only describes a
@@ -399,8 +510,7 @@ pub fn preflight(tools: &[&str]) -> Result<(), WanError> {
 pub struct Wan {
     config: WanConfig,
     names: WanNames,
-    src_addr: Ipv4Addr,
-    dst_addr: Ipv4Addr,
+    addresses: WanAddresses,
     base_rtt: Duration,
     delay_line: Option<DelayLine>,
     owned: bool,
@@ -418,8 +528,9 @@ impl Drop for NamespaceGuard {
 }
 
 impl Wan {
-    /// Brings WAN `config.name` up: namespaces, TUN devices, addresses, tbf, and
-    /// the delay line thread (in this process).
+    /// Brings WAN `config.name` up: the four namespaces, the two veths, the
+    /// TUN devices, addresses and routes, IP forwarding in the routers, the
+    /// tbf on each router's TUN, and the delay line thread (in this process).
     ///
     /// A leftover WAN of the same name (from a crashed run, or a daemon) is torn
     /// down first with [`Wan::down_by_name`].
@@ -433,21 +544,62 @@ impl Wan {
         })?;
 
         let mut guard = NamespaceGuard(Vec::new());
-        for ns in [&names.src_ns, &names.dst_ns] {
+        for ns in names.namespaces() {
             netns::add(ns).map_err(|source| WanError::Netns {
-                ns: ns.clone(),
+                ns: ns.into(),
                 source: Box::new(source),
             })?;
-            guard.0.push(ns.clone());
+            guard.0.push(ns.into());
+            // No IPv6 on the devices created from now on: no router
+            // solicitations, MLD reports or DAD on the path, so the delay
+            // line carries only the traffic under test and its counters are
+            // exact.
+            sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")?;
+            ip(ns, "lo", ["link", "set", "dev", "lo", "up"])?;
         }
-        let src_tun = Tun::create_in(&names.src_ns, &names.src_tun)?;
-        let dst_tun = Tun::create_in(&names.dst_ns, &names.dst_tun)?;
-        let (src_addr, dst_addr) = addresses(&config.name);
+        for router in [&names.src_router_ns, &names.dst_router_ns] {
+            sysctl(router, "net.ipv4.ip_forward", "1")?;
+        }
+        for (host, router) in [
+            (&names.src_ns, &names.src_router_ns),
+            (&names.dst_ns, &names.dst_router_ns),
+        ] {
+            // Created straight into both namespaces: never in the root one.
+            ip(
+                host,
+                &names.host_veth,
+                [
+                    "link",
+                    "add",
+                    &names.host_veth,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &names.router_veth,
+                    "netns",
+                    router,
+                ],
+            )?;
+        }
+        let src_tun = Tun::create_in(&names.src_router_ns, &names.src_tun)?;
+        let dst_tun = Tun::create_in(&names.dst_router_ns, &names.dst_tun)?;
+        let addresses = address_plan(&config.name);
+        configure_side(
+            &config,
+            [&names.src_ns, &names.src_router_ns],
+            [&names.host_veth, &names.router_veth, &names.src_tun],
+            [addresses.src, addresses.src_router, addresses.dst],
+        )?;
+        configure_side(
+            &config,
+            [&names.dst_ns, &names.dst_router_ns],
+            [&names.host_veth, &names.router_veth, &names.dst_tun],
+            [addresses.dst, addresses.dst_router, addresses.src],
+        )?;
         let tbf = config.tbf();
-        configure(&names.src_ns, &names.src_tun, src_addr, dst_addr, &config)?;
-        configure(&names.dst_ns, &names.dst_tun, dst_addr, src_addr, &config)?;
-        tc::apply_tbf(&names.src_ns, &names.src_tun, &tbf)?;
-        tc::apply_tbf(&names.dst_ns, &names.dst_tun, &tbf)?;
+        tc::apply_tbf(&names.src_router_ns, &names.src_tun, &tbf)?;
+        tc::apply_tbf(&names.dst_router_ns, &names.dst_tun, &tbf)?;
         // Start without delay or loss, measure the emulator's own round trip,
         // then delay by what is left of the RTT (see `calibrate`).
         let settings = config.delay_line();
@@ -460,14 +612,13 @@ impl Wan {
                 ..settings
             },
         )?;
-        let base_rtt = calibrate::base_rtt(&names.src_ns, dst_addr)?;
+        let base_rtt = calibrate::base_rtt(&names.src_ns, addresses.dst)?;
         delay_line.set(config.rtt.saturating_sub(base_rtt) / 2, config.loss_ppm);
         guard.0.clear();
         Ok(Wan {
             config,
             names,
-            src_addr,
-            dst_addr,
+            addresses,
             base_rtt,
             delay_line: Some(delay_line),
             owned: true,
@@ -483,8 +634,11 @@ impl Wan {
             daemon::Probe::Up(state) => Ok(Wan {
                 config: state.config(),
                 names,
-                src_addr: state.src_addr,
-                dst_addr: state.dst_addr,
+                addresses: WanAddresses {
+                    src: state.src_addr,
+                    dst: state.dst_addr,
+                    ..address_plan(name)
+                },
                 base_rtt: Duration::from_nanos(state.base_rtt_ns),
                 delay_line: None,
                 owned: false,
@@ -502,17 +656,23 @@ impl Wan {
 
     /// Tears down WAN `name`, whatever is left of it: stops its daemon (from the
     /// pidfile; SIGTERM, then SIGKILL), ends the processes still inside its
-    /// namespaces (never this process), deletes both namespaces and any device
-    /// of its names left in the root namespace, and removes its state files.
-    /// Nothing left is not an error, so this is idempotent.
+    /// namespaces (never this process), deletes the four namespaces (with them
+    /// the veths) and any device of its names left in the root namespace, and
+    /// removes its state files. Nothing left is not an error, so this is
+    /// idempotent.
     pub fn down_by_name(name: &str) -> Result<(), TeardownError> {
         let names = WanNames::new(name)?;
         daemon::stop_daemon(name)?;
-        for ns in [&names.src_ns, &names.dst_ns] {
+        for ns in names.namespaces() {
             daemon::end_processes(&netns::pids(ns)?, &format!("process in {ns}"))?;
             netns::delete(ns)?;
         }
-        for dev in [&names.src_tun, &names.dst_tun] {
+        for dev in [
+            &names.src_tun,
+            &names.dst_tun,
+            &names.host_veth,
+            &names.router_veth,
+        ] {
             if Path::new("/sys/class/net").join(dev).exists() {
                 cmd::run("ip", ["link", "del", "dev", dev.as_str()])?;
             }
@@ -532,7 +692,7 @@ impl Wan {
         }
         self.owned = false;
         let stats = self.delay_line.take().map(DelayLine::stop).transpose();
-        for ns in [&self.names.src_ns, &self.names.dst_ns] {
+        for ns in self.names.namespaces() {
             netns::delete(ns)?;
         }
         Ok(stats?)
@@ -563,14 +723,29 @@ impl Wan {
         &self.names.dst_ns
     }
 
+    /// The source host's router (holds the source → destination tbf).
+    pub fn src_router_ns(&self) -> &str {
+        &self.names.src_router_ns
+    }
+
+    /// The destination host's router (holds the destination → source tbf).
+    pub fn dst_router_ns(&self) -> &str {
+        &self.names.dst_router_ns
+    }
+
     /// The source host's address (in [`Wan::src_ns`]).
     pub fn src_addr(&self) -> Ipv4Addr {
-        self.src_addr
+        self.addresses.src
     }
 
     /// The destination host's address (in [`Wan::dst_ns`]).
     pub fn dst_addr(&self) -> Ipv4Addr {
-        self.dst_addr
+        self.addresses.dst
+    }
+
+    /// All addresses, routers' included.
+    pub fn addresses(&self) -> WanAddresses {
+        self.addresses
     }
 
     /// The emulator's own smallest round trip, measured when the WAN came up
@@ -614,44 +789,90 @@ impl Drop for Wan {
     }
 }
 
-/// Loopback up, the point-to-point address, MTU and link up on `dev`.
-fn configure(
-    ns: &str,
-    dev: &str,
-    local: Ipv4Addr,
-    peer: Ipv4Addr,
-    config: &WanConfig,
-) -> Result<(), WanError> {
-    let link_err = |source| WanError::Link {
+/// Sets a sysctl inside `ns`.
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), WanError> {
+    netns::set_sysctl(ns, key, value).map_err(|e| WanError::Sysctl(Box::new(e)))
+}
+
+/// Runs `ip -n <ns> <args>`; a failure names `dev`.
+fn ip<I, S>(ns: &str, dev: &str, args: I) -> Result<(), WanError>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut full: Vec<std::ffi::OsString> = vec!["-n".into(), ns.into()];
+    full.extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+    cmd::run("ip", full).map_err(|source| WanError::Link {
         ns: ns.into(),
         dev: dev.into(),
         source: Box::new(source),
-    };
-    let (local, peer) = (local.to_string(), peer.to_string());
+    })?;
+    Ok(())
+}
+
+/// Addresses, routes, MTU and links of one side of the WAN: a host and its
+/// router. `[host_ns, router_ns]`, `[host_veth, router_veth, tun]`,
+/// `[host_addr, router_addr, far_host_addr]`.
+///
+/// - host: `host_addr/32 peer router_addr` on its veth, and a route to the far
+///   host via the router (nothing else is reachable);
+/// - router: `router_addr/32 peer host_addr` on its veth, and a route to the
+///   far host into its TUN (a point-to-point device: no neighbours, no
+///   address needed); packets for its host arrive from the TUN and leave by
+///   the veth's peer route.
+fn configure_side(
+    config: &WanConfig,
+    [host, router]: [&str; 2],
+    [host_veth, router_veth, tun]: [&str; 3],
+    [host_addr, router_addr, far]: [Ipv4Addr; 3],
+) -> Result<(), WanError> {
+    let (host_addr, router_addr, far) = (
+        host_addr.to_string(),
+        router_addr.to_string(),
+        far.to_string(),
+    );
     let (mtu, txqueuelen) = (config.mtu.to_string(), config.txqueuelen().to_string());
-    cmd::run("ip", ["-n", ns, "link", "set", "dev", "lo", "up"]).map_err(link_err)?;
-    cmd::run(
-        "ip",
-        ["-n", ns, "addr", "add", &local, "peer", &peer, "dev", dev],
-    )
-    .map_err(link_err)?;
-    cmd::run(
-        "ip",
+    let up = |ns: &str, dev: &str, extra: &[&str]| {
+        let mut args = vec!["link", "set", "dev", dev, "mtu", &mtu];
+        args.extend_from_slice(extra);
+        args.push("up");
+        ip(ns, dev, args)
+    };
+    up(host, host_veth, &[])?;
+    up(router, router_veth, &[])?;
+    up(router, tun, &["txqueuelen", &txqueuelen])?;
+    ip(
+        host,
+        host_veth,
         [
-            "-n",
-            ns,
-            "link",
-            "set",
+            "addr",
+            "add",
+            &host_addr,
+            "peer",
+            &router_addr,
             "dev",
-            dev,
-            "mtu",
-            &mtu,
-            "txqueuelen",
-            &txqueuelen,
-            "up",
+            host_veth,
         ],
-    )
-    .map_err(link_err)?;
+    )?;
+    ip(
+        router,
+        router_veth,
+        [
+            "addr",
+            "add",
+            &router_addr,
+            "peer",
+            &host_addr,
+            "dev",
+            router_veth,
+        ],
+    )?;
+    ip(
+        host,
+        host_veth,
+        ["route", "add", &far, "via", &router_addr, "dev", host_veth],
+    )?;
+    ip(router, tun, ["route", "add", &far, "dev", tun])?;
     Ok(())
 }
 
@@ -668,21 +889,36 @@ mod tests {
         }
         let n = WanNames::new("a1b2c3d4e5").unwrap();
         assert_eq!(n.src_tun, "wm-a1b2c3d4e5-s");
-        assert!(n.src_tun.len() <= tun::MAX_IFNAME);
+        for (_, dev) in n.devices() {
+            assert!(tun::validate_ifname(dev).is_ok(), "{dev}");
+        }
         assert_eq!(n.dst_ns, "wanmig-a1b2c3d4e5-dst");
+        assert_eq!(n.src_router_ns, "wanmig-a1b2c3d4e5-src-router");
+        for ns in n.namespaces() {
+            assert_eq!(WanNames::wan_of_namespace(ns), Some("a1b2c3d4e5"));
+        }
         assert_eq!(WanNames::wan_of_namespace("wanmig-x1-dst"), Some("x1"));
+        assert_eq!(
+            WanNames::wan_of_namespace("wanmig-x1-dst-router"),
+            Some("x1")
+        );
         assert_eq!(WanNames::wan_of_namespace("wanmig-X-src"), None);
+        assert_eq!(WanNames::wan_of_namespace("wanmig-x1-router"), None);
         assert_eq!(WanNames::wan_of_namespace("other"), None);
     }
 
     #[test]
-    fn address_pairs_are_a_slash_30_in_the_base() {
+    fn addresses_are_a_slash_29_in_the_base() {
         for name in ["wan", "a", "zz9", "test1", "test2"] {
-            let (s, d) = addresses(name);
-            let (s, d) = (u32::from(s), u32::from(d));
+            let a = address_plan(name);
+            let s = u32::from(a.src);
             assert_eq!(s & 0xffff_0000, u32::from(ADDRESS_BASE));
-            assert_eq!(s & 3, 1);
-            assert_eq!(d, s + 1);
+            assert_eq!(s & 7, 1);
+            assert_eq!(
+                [a.dst, a.src_router, a.dst_router].map(u32::from),
+                [s + 1, s + 2, s + 3]
+            );
+            assert_eq!(addresses(name), (a.src, a.dst));
         }
         assert_ne!(addresses("test1"), addresses("test2"));
     }

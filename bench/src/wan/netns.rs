@@ -83,6 +83,18 @@ pub enum NetnsError {
         /// The namespace name.
         ns: String,
     },
+    /// Writing a sysctl inside the namespace failed.
+    #[error("cannot set {key} = {value} in network namespace {ns:?}: {source}")]
+    Sysctl {
+        /// The namespace name.
+        ns: String,
+        /// The sysctl, e.g. `net.ipv4.ip_forward`.
+        key: String,
+        /// The value written.
+        value: String,
+        /// The write error.
+        source: io::Error,
+    },
 }
 
 /// The bind-mount path of a named namespace, `/run/netns/<ns>`.
@@ -276,6 +288,24 @@ where
     open(ns)?.run(f)
 }
 
+/// Sets sysctl `key` (dotted, e.g. `net.ipv4.ip_forward`; its path is
+/// `/proc/sys/<key with '.' as '/'>`, so interface names in it must not contain
+/// dots) to `value` inside namespace `ns`.
+///
+/// `/proc/sys/net` shows the network namespace of the thread that opens the
+/// file, so the write runs on a helper thread inside `ns` ([`run_in`]) and
+/// needs no `sysctl` program.
+pub fn set_sysctl(ns: &str, key: &str, value: &str) -> Result<(), NetnsError> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let v = value.to_string();
+    run_in(ns, move || std::fs::write(path, v))?.map_err(|source| NetnsError::Sysctl {
+        ns: ns.into(),
+        key: key.into(),
+        value: value.into(),
+        source,
+    })
+}
+
 /// Whether interface `ifname` exists in namespace `ns`.
 pub fn has_interface(ns: &str, ifname: &str) -> Result<bool, NetnsError> {
     open(ns)?.has_interface(ifname)
@@ -377,5 +407,9 @@ mod tests {
         let err = command("wanmig-no-such-ns", "true").status().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(pids("wanmig-no-such-ns").unwrap().is_empty());
+        assert!(matches!(
+            set_sysctl("wanmig-no-such-ns", "net.ipv4.ip_forward", "1"),
+            Err(NetnsError::NotFound { .. })
+        ));
     }
 }

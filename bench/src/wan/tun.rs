@@ -1,4 +1,4 @@
-//! TUN devices: one per namespace, the two ends of the delay line.
+//! TUN devices: one in each router namespace, the two ends of the delay line.
 //!
 //! A device is created with `TUNSETIFF` (`IFF_TUN | IFF_NO_PI`: raw IP packets,
 //! no packet-information header) by a helper thread that has first `setns`ed
