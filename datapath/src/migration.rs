@@ -1,0 +1,232 @@
+//! One whole migration on one machine: both QEMUs, both engines, the report.
+//!
+//! This is what `wanmig migrate` and `wanmig demo` run (and the end-to-end
+//! tests): a source QEMU running the guest, a destination QEMU waiting for
+//! it, the two engines connected over TCP (across an emulated WAN when the
+//! caller puts the two sockets in two network namespaces), then a look at the
+//! guest at the destination. On real hosts the same engines run one per host
+//! (`wanmig source` / `wanmig destination`).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::backend::qemu::{GuestSpec, QemuDest, QemuPaths, QemuSource, SerialLog};
+use crate::backend::{BackendError, SourceBackend};
+use crate::connection::{self, ConnectError, ConnectionPair, LinkConfig};
+use crate::engine::{
+    DestConfig, EngineError, PageOrder, PageOrderError, SourceConfig, run_destination, run_source,
+};
+use crate::report::MigrationReport;
+use crate::wire::{Geometry, MigrationId, PskKey, ServerPolicy};
+
+/// What to migrate and how.
+#[derive(Debug, Clone)]
+pub struct LocalMigration {
+    /// The guest.
+    pub guest: GuestSpec,
+    /// Fraction of memory to pre-copy (address order) unless `order` is set.
+    pub m: f64,
+    /// A priority order of the pages (hottest first), from a profile.
+    pub order: Option<Vec<u64>>,
+    /// Source engine tuning.
+    pub source: SourceConfig,
+    /// Destination engine tuning.
+    pub dest: DestConfig,
+    /// Transport tuning.
+    pub link: LinkConfig,
+    /// Directory for sockets, logs and pid files.
+    pub run_dir: PathBuf,
+    /// Names the RAM files (`/dev/shm/wanmig-<tag>-source`...).
+    pub tag: String,
+    /// Heartbeats to see at the source before migrating.
+    pub warmup_heartbeats: usize,
+    /// Heartbeats to see at the destination afterwards.
+    pub observe_heartbeats: usize,
+}
+
+/// Why a local migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// A QEMU or its guest failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The engines failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Connecting failed.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The plan does not fit the guest.
+    #[error(transparent)]
+    Plan(#[from] PageOrderError),
+    /// The guest misbehaved.
+    #[error("guest: {0}")]
+    Guest(String),
+    /// Files or directories.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A finished migration, with both QEMUs still there (the source paused with
+/// its frozen RAM, the destination running the guest).
+#[derive(Debug)]
+pub struct LocalOutcome {
+    /// The report.
+    pub report: MigrationReport,
+    /// The source QEMU (paused).
+    pub source: QemuSource,
+    /// The destination QEMU.
+    pub dest: QemuDest,
+    /// The source's serial console.
+    pub source_log: SerialLog,
+    /// The destination's serial console.
+    pub dest_log: SerialLog,
+    /// Source paths.
+    pub source_paths: QemuPaths,
+    /// Destination paths.
+    pub dest_paths: QemuPaths,
+}
+
+impl LocalOutcome {
+    /// Removes the RAM files (the QEMUs are killed when dropped).
+    pub fn cleanup(self) {
+        let (a, b) = (self.source_paths.ram.clone(), self.dest_paths.ram.clone());
+        drop(self);
+        let _ = std::fs::remove_file(a);
+        let _ = std::fs::remove_file(b);
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
+    let what = what.into();
+    move |source| MigrationError::Io { what, source }
+}
+
+/// Runs a whole migration. `listener` is the destination engine's listening
+/// socket (bind it where the destination lives); `connect` opens the source
+/// engine's connections to it (from where the source lives).
+pub fn run_local(
+    spec: &LocalMigration,
+    listener: TcpListener,
+    connect: impl FnOnce(
+        SocketAddr,
+        MigrationId,
+        Geometry,
+        &PskKey,
+        &LinkConfig,
+    ) -> Result<ConnectionPair, ConnectError>,
+) -> Result<LocalOutcome, MigrationError> {
+    std::fs::create_dir_all(&spec.run_dir)
+        .map_err(io(format!("creating {}", spec.run_dir.display())))?;
+    let source_paths = QemuPaths::new(&spec.run_dir, &spec.tag, "source");
+    let dest_paths = QemuPaths::new(&spec.run_dir, &spec.tag, "destination");
+
+    let mut source = QemuSource::start(&spec.guest, &source_paths, &spec.run_dir)?;
+    write_pid(&spec.run_dir, "source", source.process().pid())?;
+    let mut source_log = SerialLog::new(&source_paths.serial);
+    let warm = source_log
+        .wait_heartbeats(
+            spec.warmup_heartbeats,
+            Instant::now(),
+            Duration::from_secs(120),
+        )
+        .map_err(io("reading the source console"))?;
+    if !warm {
+        return Err(MigrationError::Guest(format!(
+            "no heartbeat from the guest at the source (see {})",
+            source_paths.serial.display()
+        )));
+    }
+    let mut dest = QemuDest::start(&spec.guest, &dest_paths, &spec.run_dir)?;
+    write_pid(&spec.run_dir, "destination", dest.process().pid())?;
+
+    let pages = source.page_count();
+    let order = match &spec.order {
+        Some(o) => PageOrder::new(o.clone(), spec.m)?,
+        None => PageOrder::by_address(pages, spec.m)?,
+    };
+    let geometry = Geometry::new(
+        source.page_size() as u32,
+        pages,
+        64 << 10,
+        1,
+        source.device_state_max(),
+    );
+    let key = PskKey::generate();
+    let id = MigrationId::random();
+    let addr = listener.local_addr().map_err(io("listening socket"))?;
+
+    let dest_cfg = spec.dest.clone();
+    let link = spec.link;
+    let server_key = key.clone();
+    let dest_thread = std::thread::Builder::new()
+        .name("wanmig-destination".into())
+        .spawn(move || {
+            let policy = ServerPolicy {
+                expect_migration_id: Some(id),
+                expect_geometry: Some(geometry),
+                accept_conn: None,
+            };
+            let result = connection::accept(&listener, &policy, &server_key, &link)
+                .map_err(MigrationError::from)
+                .and_then(|pair| {
+                    run_destination(&mut dest, pair, &dest_cfg).map_err(MigrationError::from)
+                });
+            (result, dest)
+        })
+        .map_err(io("starting the destination engine"))?;
+
+    let source_result = connect(addr, id, geometry, &key, &spec.link)
+        .map_err(MigrationError::from)
+        .and_then(|pair| {
+            run_source(&mut source, pair, &order, &spec.source).map_err(MigrationError::from)
+        });
+    let (dest_result, dest) = dest_thread
+        .join()
+        .map_err(|_| MigrationError::Guest("the destination engine panicked".into()))?;
+    // The destination's error explains a source failure better than the
+    // other way round (a broken connection is usually its echo).
+    let dest_report = dest_result?;
+    let source_report = source_result?;
+
+    let mut dest_log = SerialLog::new(&dest_paths.serial);
+    let after = dest_report.times.map_or_else(Instant::now, |t| t.resumed);
+    let alive = dest_log
+        .wait_heartbeats(spec.observe_heartbeats, after, Duration::from_secs(60))
+        .map_err(io("reading the destination console"))?;
+    if !alive {
+        return Err(MigrationError::Guest(format!(
+            "the guest did not keep running at the destination (see {})",
+            dest_paths.serial.display()
+        )));
+    }
+    let checker_errors = dest_log.last_heartbeat().map_or(0, |h| h.errors);
+    let report = MigrationReport::combine(
+        source_report,
+        dest_report,
+        checker_errors,
+        spec.dest.dt,
+        0.0,
+    );
+    Ok(LocalOutcome {
+        report,
+        source,
+        dest,
+        source_log,
+        dest_log,
+        source_paths,
+        dest_paths,
+    })
+}
+
+fn write_pid(dir: &std::path::Path, role: &str, pid: u32) -> Result<(), MigrationError> {
+    let p = dir.join(format!("{role}.pid"));
+    std::fs::write(&p, format!("{pid}\n")).map_err(io(format!("writing {}", p.display())))
+}
