@@ -198,8 +198,14 @@ pub fn run_local(
 
     let mut dest_log = SerialLog::new(&dest_paths.serial);
     let after = dest_report.times.map_or_else(Instant::now, |t| t.resumed);
+    // A held guest is still paused: the caller looks at it.
+    let observe = if spec.dest.hold {
+        0
+    } else {
+        spec.observe_heartbeats
+    };
     let alive = dest_log
-        .wait_heartbeats(spec.observe_heartbeats, after, Duration::from_secs(60))
+        .wait_heartbeats(observe, after, Duration::from_secs(60))
         .map_err(io("reading the destination console"))?;
     if !alive {
         return Err(MigrationError::Guest(format!(
@@ -229,4 +235,33 @@ pub fn run_local(
 fn write_pid(dir: &std::path::Path, role: &str, pid: u32) -> Result<(), MigrationError> {
     let p = dir.join(format!("{role}.pid"));
     std::fs::write(&p, format!("{pid}\n")).map_err(io(format!("writing {}", p.display())))
+}
+
+/// Runs a whole migration across an emulated WAN: the destination engine
+/// listens in the WAN's destination namespace, the source engine connects
+/// from its source namespace.
+pub fn run_over_wan(
+    spec: &LocalMigration,
+    wan: &wanmig_wan::Wan,
+) -> Result<LocalOutcome, MigrationError> {
+    use wanmig_wan::netns;
+    let dst = wan.dst_addr();
+    let listener = netns::run_in(wan.dst_ns(), move || TcpListener::bind((dst, 0)))
+        .map_err(|e| MigrationError::Io {
+            what: format!("entering {}", wan.dst_ns()),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(io("binding the destination engine"))?;
+    let src_ns = wan.src_ns().to_string();
+    run_local(spec, listener, move |addr, id, geometry, key, link| {
+        let (key, link) = (key.clone(), *link);
+        netns::run_in(&src_ns, move || {
+            connection::connect(addr, id, geometry, &key, &link)
+        })
+        .map_err(|e| ConnectError::Tcp {
+            conn: crate::wire::ConnKind::Bulk,
+            peer: addr,
+            source: std::io::Error::other(format!("entering the source namespace: {e}")),
+        })?
+    })
 }

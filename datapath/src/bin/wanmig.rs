@@ -9,7 +9,7 @@
 //! wanmig demo [--json]                         the built-in guest over 40 Mbit/s, 5 ms
 //! ```
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,12 +19,12 @@ use clap::{Args, Parser, Subcommand};
 use wanmig_datapath::backend::qemu::GuestSpec;
 use wanmig_datapath::connection::{self, LinkConfig};
 use wanmig_datapath::engine::{DestConfig, SourceConfig};
-use wanmig_datapath::migration::{LocalMigration, LocalOutcome, run_local};
+use wanmig_datapath::migration::{LocalMigration, LocalOutcome, run_local, run_over_wan};
 use wanmig_datapath::report::MigrationReport;
 use wanmig_datapath::transport::IoPreference;
 use wanmig_datapath::wire::PskKey;
 use wanmig_planner::units::{Rate, format_duration, parse_duration};
-use wanmig_wan::{Wan, WanConfig, netns};
+use wanmig_wan::{Wan, WanConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -196,25 +196,7 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
         })?
     } else {
         let wan = Wan::up(WanConfig::new(args.wan_name.clone(), args.rate, args.rtt))?;
-        let dst = wan.dst_addr();
-        let listener = netns::run_in(wan.dst_ns(), move || TcpListener::bind((dst, 0)))?
-            .context("binding the destination engine in the destination namespace")?;
-        let src_ns = wan.src_ns().to_string();
-        let outcome = run_local(
-            &spec,
-            listener,
-            move |addr: SocketAddr, id, geometry, key, link| {
-                let (key, link) = (key.clone(), *link);
-                netns::run_in(&src_ns, move || {
-                    connection::connect(addr, id, geometry, &key, &link)
-                })
-                .map_err(|e| connection::ConnectError::Tcp {
-                    conn: wanmig_datapath::wire::ConnKind::Bulk,
-                    peer: addr,
-                    source: std::io::Error::other(e.to_string()),
-                })?
-            },
-        );
+        let outcome = run_over_wan(&spec, &wan);
         drop(wan);
         outcome?
     };

@@ -36,8 +36,9 @@ use crate::wire::{ControlCode, DEVICE_STATE_PIECE, FrameDecoder, FrameRef, UnitK
 /// Tuning of the destination engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DestConfig {
-    /// Keep the guest paused until every page has arrived (a check mode: the
-    /// destination's RAM then equals the source's frozen RAM).
+    /// Never resume the guest: it stays paused with every page in place, so
+    /// its RAM can be compared with the source's frozen RAM (a check mode; the
+    /// caller resumes it).
     pub hold: bool,
     /// The Γ window: stalls met during the first `dt` after the resume.
     pub dt: Duration,
@@ -343,10 +344,8 @@ pub fn run_destination(
         std::thread::sleep(Duration::from_millis(2));
     }
     let complete = Instant::now();
-    if cfg.hold {
-        backend.resume()?;
-        resumed = Some(Instant::now());
-    }
+    // With `hold` the guest stays paused: the caller checks the memory and
+    // resumes it.
     let resumed = resumed.unwrap_or(complete);
 
     // Integrity: compare every page the guest has not written since the
