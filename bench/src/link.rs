@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use wanmig_datapath::connection::{self, Connection, LinkConfig};
-use wanmig_datapath::transport::{Flow, IoPreference, SendStats};
+use wanmig_datapath::transport::{Flow, IoPreference, PacingConfig, SendStats};
 use wanmig_datapath::unit_stream::UnitStats;
 use wanmig_datapath::wire::{
     Compression, DecodeError, FrameRef, Geometry, MigrationId, PingMsg, PskKey, ServerPolicy,
@@ -61,6 +61,8 @@ pub struct LinkOptions {
     pub iperf_seconds: u64,
     /// Whether the bulk sender is paced.
     pub pacing: bool,
+    /// The pacer's tuning when it is on.
+    pub pacing_config: PacingConfig,
     /// I/O backend.
     pub io: IoPreference,
     /// Whether LZ4 is tried.
@@ -83,6 +85,7 @@ impl LinkOptions {
             size: 256 << 20,
             iperf_seconds: 10,
             pacing: true,
+            pacing_config: PacingConfig::default(),
             io: IoPreference::Auto,
             compression: Compression::Lz4,
             probe_interval: Duration::from_millis(100),
@@ -306,9 +309,7 @@ fn compare(src: &[u8], dst: &[u8]) -> Integrity {
 fn link_config(opts: &LinkOptions) -> LinkConfig {
     let mut cfg = LinkConfig::default().with_io(opts.io);
     cfg.compression = opts.compression;
-    if !opts.pacing {
-        cfg.bulk.pacing = None;
-    }
+    cfg.bulk.pacing = opts.pacing.then_some(opts.pacing_config);
     cfg
 }
 

@@ -76,6 +76,12 @@ struct LinkBenchArgs {
     /// Turn bulk pacing off (TCP fills the path's queue).
     #[arg(long)]
     no_pacing: bool,
+    /// Smallest in-flight limit of the pacer [default: the engine's].
+    #[arg(long)]
+    pacing_floor: Option<ByteSize>,
+    /// The pacer's multiple of the estimated bandwidth-delay product.
+    #[arg(long)]
+    pacing_gain: Option<f64>,
     /// Never try LZ4.
     #[arg(long)]
     no_compression: bool,
@@ -530,6 +536,12 @@ fn link_cmd(args: LinkBenchArgs) -> Result<ExitCode> {
     opts.queue = args.queue;
     opts.iperf_seconds = args.iperf_seconds;
     opts.pacing = !args.no_pacing;
+    if let Some(f) = args.pacing_floor {
+        opts.pacing_config.floor = f.bytes() as usize;
+    }
+    if let Some(g) = args.pacing_gain {
+        opts.pacing_config.gain = g;
+    }
     opts.io = args.io;
     opts.probe_interval = args.probe_interval;
     if args.no_compression {
