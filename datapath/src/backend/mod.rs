@@ -105,6 +105,10 @@ pub trait PageInstaller: Send + Sync {
     fn wait_faults(&self, timeout: Duration, out: &mut Vec<u64>) -> Result<(), BackendError>;
     /// Installs `data` as page `index` and wakes its waiters.
     fn install(&self, index: u64, data: &[u8]) -> Result<Install, BackendError>;
+    /// Installs consecutive pages `first..` (`data` holds whole pages) in one
+    /// go and wakes their waiters; pages something else installed first are
+    /// left as they are. Returns how many this call installed.
+    fn install_run(&self, first: u64, data: &[u8]) -> Result<u64, BackendError>;
     /// Installs a zero page.
     fn install_zero(&self, index: u64) -> Result<Install, BackendError>;
     /// Wakes vCPUs waiting for page `index` (after losing an install race).

@@ -132,6 +132,66 @@ impl Stalls {
     }
 }
 
+/// Consecutive pushed pages gathered for one `install_run`.
+#[derive(Debug)]
+struct InstallRun {
+    ps: usize,
+    first: u64,
+    len: usize,
+    buf: Vec<u8>,
+}
+
+impl InstallRun {
+    /// Pages per batch (1 MiB of 4 KiB pages).
+    const MAX: usize = 256;
+
+    fn new(ps: usize) -> Self {
+        InstallRun {
+            ps,
+            first: 0,
+            len: 0,
+            buf: vec![0; ps * Self::MAX],
+        }
+    }
+
+    fn extends(&self, p: u64) -> bool {
+        self.len > 0 && self.len < Self::MAX && p == self.first + self.len as u64
+    }
+
+    fn start(&mut self, p: u64) {
+        self.first = p;
+        self.len = 0;
+    }
+
+    /// The slot for the next page.
+    fn push(&mut self) -> &mut [u8] {
+        let at = self.len * self.ps;
+        self.len += 1;
+        &mut self.buf[at..at + self.ps]
+    }
+
+    fn flush(
+        &mut self,
+        installer: &dyn PageInstaller,
+        states: &PageStates,
+        stalls: &Stalls,
+    ) -> Result<(), EngineError> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        installer.install_run(self.first, &self.buf[..self.len * self.ps])?;
+        let now = Instant::now();
+        for p in self.first..self.first + self.len as u64 {
+            if states.get(p) == PageState::Requested {
+                stalls.resolved(p, now);
+            }
+            states.set(p, PageState::Present);
+        }
+        self.len = 0;
+        Ok(())
+    }
+}
+
 fn install_into(
     installer: &dyn PageInstaller,
     states: &PageStates,
@@ -183,23 +243,39 @@ pub fn run_destination(
         ..
     } = &mut bulk;
 
+    let mut run = InstallRun::new(ps);
     let received = bulk_rx.run(&dec, |f| -> Result<Flow, EngineError> {
+        if !matches!(
+            f,
+            FrameRef::Unit {
+                kind: UnitKind::Page,
+                ..
+            }
+        ) {
+            run.flush(installer.as_ref(), &states, &stalls)?;
+        }
         match f {
             FrameRef::Unit {
                 kind: UnitKind::Page,
                 index,
                 payload,
             } => {
-                payload.unpack_into(&mut page)?;
                 if workers.is_none() {
                     // QEMU has not touched guest RAM yet: plain writes (a
                     // page may be rewritten by later rounds).
+                    payload.unpack_into(&mut page)?;
                     backend.write_page(index, &page)?;
                     states.set(index, PageState::Present);
                     precopy_pages += 1;
                 } else {
-                    // QEMU may fault on it: install atomically, waking it.
-                    install_into(installer.as_ref(), &states, &stalls, index, &page)?;
+                    // QEMU may fault on it: install atomically, waking it,
+                    // consecutive pages in one batch.
+                    if !run.extends(index) {
+                        run.flush(installer.as_ref(), &states, &stalls)?;
+                        run.start(index);
+                    }
+                    let slot = run.push();
+                    payload.unpack_into(slot)?;
                     pushed_pages += 1;
                 }
                 Ok(Flow::Continue)

@@ -31,7 +31,7 @@ use crate::connection::{Connection, ConnectionPair};
 use crate::transport::Flow;
 use crate::uffd::{DirtyBitmap, RemoteAddr, RemoteRange};
 use crate::unit_stream::UnitSender;
-use crate::wire::{ControlCode, FrameRef, MAX_DIGEST_UNITS, UnitKind};
+use crate::wire::{ControlCode, FrameRef, MAX_DIGEST_UNITS, UnitKind, is_zero};
 
 /// Tuning of the source engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +110,8 @@ pub struct SourceReport {
     pub postcopy_pushed: u64,
     /// Post-copy pages not pushed because a fault had fetched them.
     pub postcopy_skipped: u64,
-    /// Pages announced as zero (never populated).
+    /// Pages announced as zero (never populated, or all zero since round 0
+    /// and not written after).
     pub zero_pages: u64,
     /// Pages sent in answer to faults.
     pub fault_pages_served: u64,
@@ -273,6 +274,19 @@ fn migrate(
             sent0 += 1;
         }
     }
+    // Post-copy pages that hold only zeros now: unless the guest writes them
+    // (the dirty log says), they are announced at the freeze and never
+    // fetched or pushed.
+    let mut zero = page_bitmap(pages, ps);
+    let mut scratch = vec![0u8; ps];
+    for &p in order.postcopy() {
+        if populated.get(p) {
+            mem.copy_page(p, &mut scratch);
+            if is_zero(&scratch) {
+                zero.set(p);
+            }
+        }
+    }
     tx.send_control(ControlCode::RoundEnd {
         round: 0,
         units_sent: sent0,
@@ -294,6 +308,9 @@ fn migrate(
     loop {
         dirty.clear();
         backend.dirty_log_collect(&mut dirty)?;
+        for p in dirty.iter_set() {
+            zero.unset(p);
+        }
         let todo: Vec<u64> = dirty
             .iter_set()
             .filter(|&p| p < pages && order.is_precopy(p))
@@ -367,6 +384,9 @@ fn migrate(
     // `dirty` still holds what the last live scan found (the stop rule chose
     // not to send it live); add what was written since.
     backend.dirty_log_collect(&mut dirty)?;
+    for p in dirty.iter_set() {
+        zero.unset(p);
+    }
     let mut remainder = 0u64;
     for p in dirty
         .iter_set()
@@ -380,11 +400,17 @@ fn migrate(
     for (first, count) in backend.populated_runs()? {
         populated.set_range(first, count);
     }
+    // Zero at the freeze: never populated, or all zero since round 0.
+    for p in 0..pages {
+        if !populated.get(p) {
+            zero.set(p);
+        }
+    }
     let post_holes: std::collections::BTreeSet<u64> = order
         .postcopy()
         .iter()
         .copied()
-        .filter(|&p| !populated.get(p))
+        .filter(|&p| zero.get(p))
         .collect();
     for (first, count) in runs_of(post_holes.iter().copied()) {
         tx.send_control(ControlCode::ZeroPages { first, count })
@@ -430,7 +456,7 @@ fn migrate(
     // Post-copy push, hottest first.
     let (mut pushed, mut skipped) = (0u64, 0u64);
     for &p in order.postcopy() {
-        if !populated.get(p) {
+        if zero.get(p) {
             continue;
         }
         if sent_by_fault.get(p) {

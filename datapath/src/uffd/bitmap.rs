@@ -108,6 +108,15 @@ impl DirtyBitmap {
         self.words[(page / 64) as usize] |= 1 << (page % 64);
     }
 
+    /// Removes `page`.
+    ///
+    /// # Panics
+    /// If `page >= page_count()` (like slice indexing).
+    pub fn unset(&mut self, page: u64) {
+        assert!(page < self.pages, "page {page} out of {}", self.pages);
+        self.words[(page / 64) as usize] &= !(1 << (page % 64));
+    }
+
     /// Adds pages `first .. first + count`.
     ///
     /// # Panics

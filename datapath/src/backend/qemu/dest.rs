@@ -89,6 +89,29 @@ impl PageInstaller for UffdInstaller {
         self.copy(index, data)
     }
 
+    fn install_run(&self, first: u64, data: &[u8]) -> Result<u64, BackendError> {
+        let count = (data.len() / PAGE_SIZE) as u64;
+        if count == 0 {
+            return Ok(0);
+        }
+        let addr = self.addr(first)?;
+        self.addr(first + count - 1)?;
+        let flags = CopyFlags {
+            dontwake: false,
+            wp: true,
+        };
+        let outcome = self
+            .uffd
+            .copy(addr, data, flags)
+            .map_err(|e| BackendError::new(B, "UFFDIO_COPY", e))?;
+        if outcome.lost_race() {
+            self.uffd
+                .wake(RemoteRange::new(addr, count * PAGE_SIZE as u64))
+                .map_err(|e| BackendError::new(B, "UFFDIO_WAKE", e))?;
+        }
+        Ok(outcome.installed / PAGE_SIZE as u64)
+    }
+
     fn install_zero(&self, index: u64) -> Result<Install, BackendError> {
         // Not UFFDIO_ZEROPAGE: a zero page installed that way counts as
         // written by the guest.
