@@ -13,7 +13,8 @@
 //!
 //! Figures (JSON with `--json`):
 //! - `goodput_mbps`: frame bytes (headers + payloads) the destination received
-//!   per second, comparable to iperf3's goodput;
+//!   per second on both connections (the bulk push and the answers to the
+//!   fault probes share the link), comparable to iperf3's goodput;
 //! - `ratio` = `goodput_mbps / iperf3_mbps`;
 //! - `effective_mbps`: uncompressed page bytes per second;
 //! - `compression_ratio`: page bytes per frame byte.
@@ -148,7 +149,7 @@ pub struct LinkReport {
     pub backend: String,
     /// Whether the bulk sender was paced.
     pub pacing: bool,
-    /// Frame bytes per second at the destination, Mbit/s.
+    /// Frame bytes per second at the destination (both connections), Mbit/s.
     pub goodput_mbps: f64,
     /// iperf3 on the same link in the same run, Mbit/s.
     pub iperf3_mbps: f64,
@@ -160,8 +161,11 @@ pub struct LinkReport {
     pub compression_ratio: f64,
     /// Transfer time, s.
     pub seconds: f64,
-    /// Frame bytes received on the bulk connection.
+    /// Frame bytes the destination received (bulk push and fault answers:
+    /// both cross the same link).
     pub wire_bytes: u64,
+    /// Of those, on the bulk connection.
+    pub bulk_wire_bytes: u64,
     /// Units by encoding.
     pub units: UnitStats,
     /// Bulk sender counters (sends, pacing).
@@ -210,6 +214,7 @@ fn transfer(side: &'static str) -> impl Fn(String) -> LinkError {
 struct DstOutcome {
     region: Vec<u8>,
     rx_bytes: u64,
+    bulk_rx_bytes: u64,
     end: Instant,
     latency: FaultLatency,
 }
@@ -286,6 +291,7 @@ pub fn run(opts: &LinkOptions) -> Result<LinkReport, LinkError> {
         compression_ratio,
         seconds,
         wire_bytes: dst.rx_bytes,
+        bulk_wire_bytes: dst.bulk_rx_bytes,
         units: source.units,
         send: source.send,
         fault_latency: dst.latency,
@@ -507,10 +513,12 @@ fn destination(
         wrong += u64::from(!ok);
     }
 
+    // Only the answers that arrive during the push count towards goodput.
+    let idle_fault_bytes = fault.rx.stats().bytes;
     let stop = Arc::new(AtomicBool::new(false));
     let prober = {
         let (stop, src, interval) = (stop.clone(), src.clone(), opts.probe_interval);
-        std::thread::spawn(move || -> Result<(Vec<f64>, u64), String> {
+        std::thread::spawn(move || -> Result<(Vec<f64>, u64, u64), String> {
             let mut loaded = Vec::new();
             let mut wrong = 0u64;
             let mut n = 1000;
@@ -525,7 +533,7 @@ fn destination(
             }
             fault.tx.send_goodbye().map_err(|e| e.to_string())?;
             fault.tx.flush().map_err(|e| e.to_string())?;
-            Ok((loaded, wrong))
+            Ok((loaded, wrong, fault.rx.stats().bytes))
         })
     };
 
@@ -556,11 +564,12 @@ fn destination(
     stop.store(true, Ordering::Relaxed);
     let probes = prober.join().map_err(|_| err("prober panicked".into()))?;
     received.map_err(|e| err(e.to_string()))?;
-    let (mut loaded, wrong_loaded) = probes.map_err(&err)?;
+    let (mut loaded, wrong_loaded, fault_rx_bytes) = probes.map_err(&err)?;
     idle.sort_by(f64::total_cmp);
     loaded.sort_by(f64::total_cmp);
     Ok(DstOutcome {
-        rx_bytes: bulk.rx.stats().bytes,
+        rx_bytes: bulk.rx.stats().bytes + fault_rx_bytes - idle_fault_bytes,
+        bulk_rx_bytes: bulk.rx.stats().bytes,
         end,
         latency: FaultLatency {
             idle_p50_ms: percentile(&idle, 0.5),

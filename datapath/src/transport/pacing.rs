@@ -163,16 +163,25 @@ impl Pacer {
     /// Bytes that may be submitted now, given `outq` bytes already in the
     /// socket; 0 means wait.
     pub fn allowance(&self, outq: usize) -> usize {
-        let Some(cfg) = self.cfg else {
+        if self.cfg.is_none() {
             return usize::MAX;
-        };
+        }
         let room = self.limit().saturating_sub(outq);
-        if room < cfg.min_send { 0 } else { room }
+        if room < self.min_send() { 0 } else { room }
     }
 
-    /// Smallest send worth submitting.
+    /// Bytes that must still drain from a socket holding `outq` before the
+    /// next send is allowed.
+    pub fn deficit(&self, outq: usize) -> usize {
+        (outq + self.min_send()).saturating_sub(self.limit())
+    }
+
+    /// Smallest send worth submitting: the configured size, but at most a
+    /// quarter of the limit, so a small bandwidth-delay product is refilled
+    /// in steps small enough to keep it full.
     pub fn min_send(&self) -> usize {
-        self.cfg.map_or(1, |c| c.min_send)
+        self.cfg
+            .map_or(1, |c| c.min_send.min((self.limit() / 4).max(4096)))
     }
 
     /// How long to wait before checking again when `deficit` more bytes must
@@ -218,9 +227,15 @@ mod tests {
         let mut q = Pacer::new(cfg);
         q.observe(&info(5_000_000, 1_000, false), t);
         assert_eq!(q.limit(), cfg.floor);
+        // A 16 KiB limit is refilled in 4 KiB steps.
+        assert_eq!(q.min_send(), 4096);
         assert_eq!(q.allowance(cfg.floor), 0);
-        assert_eq!(q.allowance(cfg.floor - cfg.min_send + 1), 0);
-        assert_eq!(q.allowance(cfg.floor - cfg.min_send), cfg.min_send);
+        assert_eq!(q.allowance(cfg.floor - 4095), 0);
+        assert_eq!(q.allowance(cfg.floor - 4096), 4096);
+        assert_eq!(q.deficit(cfg.floor), 4096);
+        assert_eq!(q.deficit(0), 0);
+        // A large limit keeps the configured step.
+        assert_eq!(p.min_send(), cfg.min_send);
     }
 
     #[test]

@@ -173,8 +173,8 @@ enum NextSend {
     Go(usize),
     /// Nothing worth sending.
     Idle,
-    /// The pacer holds data back.
-    Paced,
+    /// The pacer holds data back until this many bytes drain.
+    Paced(usize),
 }
 
 const SEND_TAG: u64 = 1;
@@ -385,7 +385,7 @@ impl FrameSender {
         self.stats.max_pacing_limit = self.stats.max_pacing_limit.max(limit as u64);
         let n = pending.min(self.pacer.allowance(queued));
         if n == 0 {
-            Ok(NextSend::Paced)
+            Ok(NextSend::Paced(self.pacer.deficit(queued)))
         } else if n >= self.pacer.min_send() || (n == pending && finishing) {
             Ok(NextSend::Go(n))
         } else {
@@ -417,9 +417,9 @@ impl FrameSender {
                     }
                     return Ok(());
                 }
-                NextSend::Paced => {
+                NextSend::Paced(deficit) => {
                     if wait {
-                        let pause = self.pacer.wait_hint(self.pacer.min_send());
+                        let pause = self.pacer.wait_hint(deficit);
                         let t = Instant::now();
                         std::thread::sleep(pause);
                         self.stats.pacing_waits += 1;
