@@ -6,7 +6,7 @@
 //! [`DEFAULT_FONT`] (Debian package `fonts-dejavu-core`).
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use plotters::prelude::*;
 use plotters::style::FontStyle;
@@ -22,7 +22,9 @@ pub const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 #[non_exhaustive]
 pub enum HeatmapError {
     /// The font file could not be read.
-    #[error("font {path}: {source} (install fonts-dejavu-core, or pass --font PATH to a .ttf)")]
+    #[error(
+        "font {path}: cannot read it (install fonts-dejavu-core, or pass --font PATH to a .ttf)"
+    )]
     FontMissing {
         /// The font path.
         path: PathBuf,
@@ -69,24 +71,29 @@ impl Default for HeatmapOptions {
     }
 }
 
-static FONT: OnceLock<PathBuf> = OnceLock::new();
+/// The font file registered with plotters (process-wide), if any.
+static FONT: Mutex<Option<PathBuf>> = Mutex::new(None);
 
+/// Registers `path` as the labels' font unless it already is. plotters
+/// keeps fonts in a process-wide registry for the life of the process, so
+/// each distinct font file is read and leaked once; a later call with
+/// another file replaces the registration.
 fn load_font(path: &Path) -> Result<(), HeatmapError> {
-    if FONT.get().is_some() {
+    let mut current = FONT.lock().unwrap_or_else(|e| e.into_inner());
+    if current.as_deref() == Some(path) {
         return Ok(());
     }
     let bytes = std::fs::read(path).map_err(|source| HeatmapError::FontMissing {
         path: path.to_path_buf(),
         source,
     })?;
-    // plotters keeps fonts for the life of the process; leak it once.
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| {
         HeatmapError::FontInvalid {
             path: path.to_path_buf(),
         }
     })?;
-    let _ = FONT.set(path.to_path_buf());
+    *current = Some(path.to_path_buf());
     Ok(())
 }
 
@@ -196,7 +203,7 @@ pub fn draw(out: &Path, result: &SearchResult, opts: &HeatmapOptions) -> Result<
             BLACK.stroke_width(2),
         )))
         .map_err(|e| draw_err(&e))?
-        .label(format!("chosen ({})", result.chosen_by))
+        .label("chosen plan (grid optimum)")
         .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
     chart
         .configure_series_labels()

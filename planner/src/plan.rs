@@ -1,6 +1,7 @@
 //! A plan: the search's answer, its full prediction, and the pre-copy rules
 //! the engine applies; plus the report printed by `wanmig-planner plan`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,7 @@ use crate::search::{Liveness, Point, SearchOptions, SearchResult, search};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PlanError {
-    /// Invalid model inputs.
+    /// Invalid model inputs, or a non-finite prediction.
     #[error(transparent)]
     Model(#[from] ModelError),
     /// The rules could not be resolved against the per-unit profile.
@@ -37,7 +38,10 @@ pub struct Plan {
     pub link: Link,
     /// The parameters used.
     pub params: ModelParams,
-    /// Model build + search time (what the benchmark measures).
+    /// The model the plan was made with (shared, for re-use by `serve`).
+    pub model: Arc<Model>,
+    /// Model build + search + the chosen point's prediction (what the
+    /// benchmark measures).
     pub elapsed: Duration,
     /// Time spent resolving rule cutoffs against the per-unit profile.
     pub resolve_elapsed: Duration,
@@ -66,10 +70,15 @@ pub struct ProfileFigures {
     pub chunk_size: u64,
     /// Device state bytes used by the model.
     pub state_bytes: f64,
+    /// The class profile's fingerprint
+    /// ([`ClassProfile::fingerprint`](crate::profile::ClassProfile::fingerprint)).
+    pub fingerprint: u64,
 }
 
-/// Builds the model, searches, predicts the chosen point (model build and
-/// search are timed), and derives the rules (resolved when `units` is given).
+/// Builds the model, searches, predicts the chosen point (these three are
+/// timed as [`Plan::elapsed`]), and derives the rules, resolved against
+/// `units` when given (pages and chunks concurrently; timed as
+/// [`Plan::resolve_elapsed`]).
 pub fn make_plan(
     classes: &ClassProfile,
     units: Option<&Profile>,
@@ -80,24 +89,28 @@ pub fn make_plan(
     let start = Instant::now();
     let model = Model::new(classes, link, params)?;
     let result = search(&model, opts);
-    let elapsed = start.elapsed();
     let chosen = result.chosen;
     let prediction = model.predict(chosen.m, chosen.s);
+    let elapsed = start.elapsed();
+    prediction.check_finite()?;
+    result.check_finite()?;
     let sel = model.selection(chosen.m, chosen.s);
+    let fingerprint = classes.fingerprint();
     let t = Instant::now();
     let mut page_rule = PrecopyRule::from_boundary(
         Kind::Page,
         classes.samples,
         &model.boundary(Kind::Page, sel.pages),
+        fingerprint,
     );
     let mut chunk_rule = PrecopyRule::from_boundary(
         Kind::Chunk,
         classes.samples,
         &model.boundary(Kind::Chunk, sel.chunks),
+        fingerprint,
     );
     if let Some(p) = units {
-        page_rule.resolve(p)?;
-        chunk_rule.resolve(p)?;
+        resolve_both(&mut page_rule, &mut chunk_rule, p, opts.threads)?;
     }
     Ok(Plan {
         prediction,
@@ -118,8 +131,36 @@ pub fn make_plan(
             page_size: classes.page_size,
             chunk_size: classes.chunk_size,
             state_bytes: model.state_bytes(),
+            fingerprint,
         },
+        model: Arc::new(model),
     })
+}
+
+/// Resolves both rules: concurrently when both need a scan, else the one
+/// that does on every thread.
+fn resolve_both(
+    pages: &mut PrecopyRule,
+    chunks: &mut PrecopyRule,
+    profile: &Profile,
+    threads: usize,
+) -> Result<(), ResolveError> {
+    let threads = threads.max(1);
+    match (pages.is_resolved(), chunks.is_resolved()) {
+        (false, false) if threads > 1 => {
+            let per = (threads / 2).max(1);
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(|| pages.resolve_with(profile, per));
+                let b = chunks.resolve_with(profile, threads - per);
+                (a.join().expect("resolve worker panicked"), b)
+            });
+            a.and(b)
+        }
+        _ => {
+            pages.resolve_with(profile, threads)?;
+            chunks.resolve_with(profile, threads)
+        }
+    }
 }
 
 /// The predicted figures in a report.
@@ -151,8 +192,10 @@ pub struct PredictedReport {
     pub remainder_bytes: f64,
     /// Bytes pushed in post-copy.
     pub postcopy_bytes: f64,
-    /// Whether `D` meets the downtime target.
-    pub meets_downtime_target: bool,
+    /// The downtime limit `L` (s): the target, or `dT` without one.
+    pub downtime_limit_s: f64,
+    /// Whether `D <= L`.
+    pub meets_downtime_limit: bool,
 }
 
 impl From<&Prediction> for PredictedReport {
@@ -171,7 +214,8 @@ impl From<&Prediction> for PredictedReport {
             stop: p.stop,
             remainder_bytes: p.remainder_bytes,
             postcopy_bytes: p.postcopy_bytes,
-            meets_downtime_target: p.meets_downtime_target,
+            downtime_limit_s: p.downtime_limit_s,
+            meets_downtime_limit: p.meets_downtime_limit,
         }
     }
 }
@@ -227,9 +271,7 @@ pub struct PlanReport {
     pub grid: Point,
     /// The seed recursion's answer.
     pub ternary: TernaryReport,
-    /// `"grid"` or `"ternary"`.
-    pub chosen_by: String,
-    /// Model build + search (ms).
+    /// Model build + search + prediction (ms).
     pub elapsed_ms: f64,
     /// Rule cutoff resolution (ms).
     pub resolve_ms: f64,
@@ -269,7 +311,6 @@ impl Plan {
                 evaluations: r.ternary_evaluations,
                 storage_step_s: r.storage_step.s,
             },
-            chosen_by: r.chosen_by.to_string(),
             elapsed_ms: self.elapsed.as_secs_f64() * 1e3,
             resolve_ms: self.resolve_elapsed.as_secs_f64() * 1e3,
             evaluations: r.evaluations,

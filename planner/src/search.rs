@@ -11,26 +11,41 @@
 //!
 //! Ternary searches run on the integer lattice `0..=100`, so their answer is
 //! comparable with the grid's; `ternary_is_global` says whether it reaches
-//! the grid optimum. The plan uses the better of the two (the grid's on a
-//! tie in value, since its tie-break is canonical: smallest `M + S`, then
-//! smallest `M`).
+//! the grid optimum. The plan uses the better of the two, which is always
+//! the grid's (the ternary answer is one of the grid's points; on a tie in
+//! value the grid's canonical tie-break applies: smallest `M + S`, then
+//! smallest `M`). **Plateaus**: when the two probes of a ternary step are
+//! equal, the search walks right from the upper probe until the value
+//! changes, and keeps the side that rises (a flat stretch below a later
+//! peak is not mistaken for the top).
 //!
-//! **Live migration impossible.** With a downtime limit `L` (the downtime
-//! target, or `dT` when none is given: a pause as long as the whole
-//! restoration window is not a live migration), live migration is
-//! impossible on the link iff, with memory instantly copied, no storage
-//! fraction `S` gives `D <= L`. Because `D` is smallest when nothing is
-//! pre-copied, in this model that is exactly
-//! `state / B + RTT + resume overhead > L`: the link cannot carry even the
-//! device state within the limit. Storage itself never makes migration
-//! impossible, as un-pre-copied storage can always be post-copied; a storage
-//! set whose pre-copy would not converge just gets a small `S`.
+//! **Downtime limit.** `L` = the downtime target, or `dT` without one
+//! ([`ModelParams::downtime_limit`](crate::model::ModelParams::downtime_limit)).
+//! A plan with `D > L` is infeasible (objective `-D`, below every feasible
+//! plan) and is never called live.
+//!
+//! **Live migration possible** on the link iff some storage fraction
+//! `S >= 1 %` can be pre-copied live with memory instantly copied (the
+//! seed's first step): its storage-only pre-copy *converges* (stops because
+//! nothing is dirty, because the remainder is below the converged threshold,
+//! or because the downtime target is met: `Clean`, `Converged`,
+//! `TargetMet`; not `NotShrinking` or `RoundLimit`, where the guest dirties
+//! storage as fast as the link sends it) **and** its downtime `D <= L`.
+//! [`Liveness::max_live_s`] reports the largest such `S`. Live migration is
+//! impossible when no `S >= 1 %` qualifies: either the device state alone
+//! cannot cross within `L` (`state / B + RTT + overhead > L`), or even the
+//! hottest 1 % of storage is rewritten faster than the link can pre-copy it.
+//! A guest with no storage (or fewer than 50 chunks, so that 1 % rounds to
+//! none) pre-copies nothing at `S = 1 %`: it is live iff `D <= L` there.
+//! The search still returns the best plan it can (for example a
+//! post-copy-heavy one with `S = 0`), and `wanmig-planner plan` exits with
+//! status 2.
 
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Evaluation, GRID_STEPS, Model, Scratch, grid_fraction};
+use crate::model::{Evaluation, GRID_STEPS, Model, ModelError, Scratch, StopReason, grid_fraction};
 
 /// Search options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,21 +78,29 @@ pub struct Point {
     pub downtime_s: f64,
 }
 
-/// Whether any plan on this link can be live.
+/// Whether live migration is possible on this link (see the module docs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Liveness {
-    /// Some storage fraction (memory instantly copied) meets the limit.
+    /// Some storage fraction `S >= 1 %` (memory instantly copied) converges
+    /// with `D <= L`.
     pub possible: bool,
     /// The downtime limit `L` used (s).
     pub limit_s: f64,
-    /// The smallest storage-only downtime found (s).
+    /// The largest such `S` (`None` when impossible).
+    pub max_live_s: Option<f64>,
+    /// `state / B + RTT + resume overhead`: the smallest possible downtime.
     pub min_downtime_s: f64,
+    /// The storage-only pre-copy at `S = 1 %`: how it stopped.
+    pub first_stop: StopReason,
+    /// Its downtime (s).
+    pub first_downtime_s: f64,
     /// Why not, when impossible.
     pub reason: Option<String>,
 }
 
 /// Objective values over the grid (row-major: index `i * 101 + j` for
-/// `M = i/100`, `S = j/100`).
+/// `M = i/100`, `S = j/100`). `gamma` is NaN where the plan misses the
+/// downtime limit (not computed: the objective is `-D` there).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GridValues {
     /// The objective.
@@ -99,10 +122,8 @@ pub struct SearchResult {
     pub storage_step: Point,
     /// Whether the ternary answer reaches the grid's objective.
     pub ternary_is_global: bool,
-    /// The point the plan uses.
+    /// The point the plan uses (the grid optimum, see the module docs).
     pub chosen: Point,
-    /// `"grid"` or `"ternary"`.
-    pub chosen_by: &'static str,
     /// Liveness on this link.
     pub live: Liveness,
     /// Distinct model evaluations made by the ternary searches.
@@ -113,6 +134,37 @@ pub struct SearchResult {
     pub elapsed: Duration,
     /// All grid values (for heatmaps).
     pub values: GridValues,
+}
+
+impl SearchResult {
+    /// `Err` naming the first reported figure (the grid, ternary and
+    /// storage-step points, the liveness figures) that is not finite: such
+    /// a figure is never printed or published as if it were a number.
+    pub fn check_finite(&self) -> Result<(), ModelError> {
+        let points = [
+            ("grid point", &self.grid),
+            ("ternary point", &self.ternary),
+            ("storage-step point", &self.storage_step),
+        ];
+        for (what, p) in points {
+            for value in [p.m, p.s, p.objective, p.gamma, p.downtime_s] {
+                if !value.is_finite() {
+                    return Err(ModelError::NonFinite { what, value });
+                }
+            }
+        }
+        let l = &self.live;
+        for (what, value) in [
+            ("downtime limit", l.limit_s),
+            ("minimum downtime", l.min_downtime_s),
+            ("storage-only downtime", l.first_downtime_s),
+        ] {
+            if !value.is_finite() {
+                return Err(ModelError::NonFinite { what, value });
+            }
+        }
+        Ok(())
+    }
 }
 
 fn point(i: usize, j: usize, e: &Evaluation) -> Point {
@@ -134,7 +186,9 @@ fn better(a: (usize, usize, f64), b: (usize, usize, f64)) -> bool {
 }
 
 /// Ternary search for a maximum of `f` over `0..=GRID_STEPS`; returns the
-/// index and the number of distinct evaluations.
+/// index and the number of distinct evaluations. Exact for unimodal `f`
+/// (non-decreasing, then non-increasing), plateaus included (see the module
+/// docs).
 pub fn ternary(mut f: impl FnMut(usize) -> f64) -> (usize, usize) {
     let mut memo = vec![None; GRID_STEPS + 1];
     let mut evals = 0;
@@ -148,10 +202,26 @@ pub fn ternary(mut f: impl FnMut(usize) -> f64) -> (usize, usize) {
     while hi - lo > 2 {
         let m1 = lo + (hi - lo) / 3;
         let m2 = hi - (hi - lo) / 3;
-        if g(m1) < g(m2) {
+        let (a, b) = (g(m1), g(m2));
+        if a < b {
             lo = m1 + 1;
-        } else {
+        } else if a > b {
             hi = m2 - 1;
+        } else {
+            // A plateau through m1 and m2: find where it ends on the right.
+            let v = b;
+            let mut r = m2 + 1;
+            while r <= hi && g(r) == v {
+                r += 1;
+            }
+            if r <= hi && g(r) > v {
+                // Still rising: the peak is right of the plateau.
+                lo = r;
+            } else {
+                // Falling after m2 (or flat to `hi`): m2 is on the falling
+                // side or ends the top plateau, so [lo, m2] holds a maximum.
+                hi = m2;
+            }
         }
     }
     let mut best = lo;
@@ -173,36 +243,11 @@ pub fn search(model: &Model, opts: &SearchOptions) -> SearchResult {
     let storage: Vec<Evaluation> = (0..n)
         .map(|j| model.evaluate_storage_only(&mut scratch, j))
         .collect();
-    let params = model.params();
-    let limit = params.downtime_target.unwrap_or(params.delta_t);
-    let min_d = storage
-        .iter()
-        .map(|e| e.downtime)
-        .fold(f64::INFINITY, f64::min);
-    let possible = min_d <= limit * (1.0 + 1e-12);
-    let reason = (!possible).then(|| {
-        let link = model.link();
-        format!(
-            "live migration impossible on this link: even with memory copied instantly and no \
-             storage pre-copied, the freeze takes {min_d:.3} s (device state {:.0} bytes at \
-             {:.0} bytes/s + RTT {:.3} s + resume overhead {:.3} s), more than the downtime \
-             limit {limit:.3} s{}",
-            model.state_bytes(),
-            link.bandwidth,
-            link.rtt,
-            params.resume_overhead,
-            if params.downtime_target.is_some() {
-                " (--downtime-target)"
-            } else {
-                " (dT, no downtime target given)"
-            }
-        )
-    });
+    let live = liveness(model, &storage);
     let (s_star, e1) = ternary(|j| storage[j].objective);
 
     // Step 2: S fixed, ternary on M.
     let (m_star, e2) = ternary(|i| model.evaluate_grid(&mut scratch, i, s_star).objective);
-    let tern_eval = model.evaluate_grid(&mut scratch, m_star, s_star);
 
     // Step 3: the grid, rows split over threads.
     let threads = opts.threads.clamp(1, n);
@@ -232,52 +277,108 @@ pub fn search(model: &Model, opts: &SearchOptions) -> SearchResult {
             .collect()
     });
     let mut best = (0, 0, f64::NEG_INFINITY);
-    let mut best_eval = None;
+    let mut seen = false;
     for (i, row) in rows {
         for (j, e) in row.into_iter().enumerate() {
             let k = i * n + j;
             values.objective[k] = e.objective;
             values.gamma[k] = e.gamma;
             values.feasible[k] = e.feasible;
-            if best_eval.is_none() || better((i, j, e.objective), best) {
+            if !seen || better((i, j, e.objective), best) {
                 best = (i, j, e.objective);
-                best_eval = Some(e);
+                seen = true;
             }
         }
     }
-    let grid = point(best.0, best.1, &best_eval.expect("grid is not empty"));
-    let tern = point(m_star, s_star, &tern_eval);
+    // The reported points, with DeltaT and Gamma even when infeasible.
+    let grid = point(
+        best.0,
+        best.1,
+        &model.evaluate_grid_point(&mut scratch, best.0, best.1),
+    );
+    let tern = point(
+        m_star,
+        s_star,
+        &model.evaluate_grid_point(&mut scratch, m_star, s_star),
+    );
     let storage_step = point(0, s_star, &storage[s_star]);
     let ternary_is_global = tern.objective >= grid.objective;
-    let (chosen, chosen_by) = if tern.objective > grid.objective {
-        (tern, "ternary")
-    } else {
-        (grid, "grid")
-    };
     SearchResult {
         grid,
         ternary: tern,
         storage_step,
         ternary_is_global,
-        chosen,
-        chosen_by,
-        live: Liveness {
-            possible,
-            limit_s: limit,
-            min_downtime_s: min_d,
-            reason,
-        },
+        chosen: grid,
+        live,
         ternary_evaluations: e1 + e2,
-        evaluations: n * n + n + e2 + 1,
+        evaluations: n * n + n + e2 + 2,
         elapsed: start.elapsed(),
         values,
+    }
+}
+
+/// The liveness verdict from the storage-only evaluations (module docs).
+fn liveness(model: &Model, storage: &[Evaluation]) -> Liveness {
+    let params = model.params();
+    let limit = params.downtime_limit();
+    let converges = |e: &Evaluation| {
+        matches!(
+            e.stop,
+            StopReason::Clean | StopReason::Converged | StopReason::TargetMet
+        ) && e.feasible
+    };
+    let max_live = (1..storage.len()).rev().find(|&j| converges(&storage[j]));
+    let first = &storage[1];
+    let min_d = model.min_downtime();
+    let limit_name = if params.downtime_target.is_some() {
+        "the downtime target"
+    } else {
+        "dT (no downtime target given)"
+    };
+    let reason = max_live.is_none().then(|| {
+        if min_d > limit * (1.0 + 1e-12) {
+            let link = model.link();
+            format!(
+                "live migration impossible on this link: even with memory copied instantly and \
+                 no storage pre-copied, the freeze takes {min_d:.3} s (device state {:.0} bytes \
+                 at {:.0} bytes/s + RTT {:.3} s + resume overhead {:.3} s), more than the \
+                 downtime limit {limit:.3} s, {limit_name}",
+                model.state_bytes(),
+                link.bandwidth,
+                link.rtt,
+                params.resume_overhead,
+            )
+        } else if !first.feasible {
+            format!(
+                "live migration impossible on this link: with memory copied instantly, \
+                 pre-copying even 1 % of storage ends with a downtime of {:.3} s, more than the \
+                 downtime limit {limit:.3} s, {limit_name}",
+                first.downtime
+            )
+        } else {
+            format!(
+                "live migration impossible on this link: with memory copied instantly, \
+                 pre-copying even the hottest 1 % of storage does not converge (pre-copy stops: \
+                 {:?}): the guest rewrites it faster than the link sends it",
+                first.stop
+            )
+        }
+    });
+    Liveness {
+        possible: max_live.is_some(),
+        limit_s: limit,
+        max_live_s: max_live.map(grid_fraction),
+        min_downtime_s: min_d,
+        first_stop: first.stop,
+        first_downtime_s: first.downtime,
+        reason,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Link, ModelParams};
+    use crate::model::{Link, ModelParams, StopReason};
     use crate::profile::ClassProfile;
     use crate::synth::{SynthConfig, Workload, class_profile};
 
@@ -364,6 +465,29 @@ mod tests {
         // A plateau: any point of it is a maximum.
         let (i, _) = ternary(|x| if (30..=60).contains(&x) { 1.0 } else { 0.0 });
         assert!((30..=60).contains(&i));
+        // A flat stretch below a later peak (both probes of the first step
+        // land on it): the peak is still found.
+        for peak in [70, 85, 99, 100] {
+            let f = |x: usize| {
+                if x <= 68 {
+                    0.0
+                } else {
+                    1.0 - (x as f64 - peak as f64).abs() / 100.0
+                }
+            };
+            assert_eq!(ternary(f).0, peak, "peak {peak}");
+        }
+        // ... and a flat stretch after an earlier peak.
+        for peak in [0, 5, 20] {
+            let f = |x: usize| {
+                if x >= 30 {
+                    0.0
+                } else {
+                    1.0 - (x as f64 - peak as f64).abs() / 100.0
+                }
+            };
+            assert_eq!(ternary(f).0, peak, "peak {peak}");
+        }
     }
 
     #[test]
@@ -373,11 +497,12 @@ mod tests {
         p.state_bytes = 100_000_000;
         let r = run(&p, 1.0, 0.005, ModelParams::default());
         assert!(!r.live.possible);
+        assert_eq!(r.live.max_live_s, None);
         assert!(r.live.min_downtime_s > r.live.limit_s);
         let reason = r.live.reason.unwrap();
         assert!(reason.contains("impossible"), "{reason}");
-        assert!(reason.contains("downtime limit"), "{reason}");
-        // The same link is fine at 1 Gbit.
+        assert!(reason.contains("device state"), "{reason}");
+        // The same guest is fine at 1 Gbit.
         let r = run(&p, 1000.0, 0.005, ModelParams::default());
         assert!(r.live.possible && r.live.reason.is_none());
         // A downtime target below the RTT is never met.
@@ -390,16 +515,66 @@ mod tests {
         assert_eq!(r.live.limit_s, 0.004);
     }
 
+    /// A guest whose hottest storage is rewritten faster than the link can
+    /// send it: storage alone cannot be pre-copied live (the seed's
+    /// criterion), although the device state crosses in milliseconds.
+    /// More bandwidth makes it converge.
     #[test]
-    fn liveness_is_exactly_the_minimum_downtime_test() {
-        for (state, mbit, target) in [
-            (1u64 << 20, 40.0, None),
-            (1 << 30, 40.0, None),
-            (1 << 20, 40.0, Some(0.01)),
-            (1 << 20, 40.0, Some(1.0)),
-            (0, 1.0, Some(0.005)),
+    fn live_migration_is_impossible_when_storage_outpaces_the_link() {
+        use crate::profile::{Class, UnitCounters};
+        let chunk = |r, w, o, count| Class {
+            key: UnitCounters {
+                r,
+                w,
+                o,
+                zero: false,
+            },
+            count,
+        };
+        // 4096 chunks (256 MiB): 64 written in every interval (logs), the
+        // rest read now and then.
+        let mut chunks = vec![chunk(0, 60, 60, 64), chunk(3, 0, 0, 4032)];
+        chunks.sort_by_key(|c| c.key);
+        let p = ClassProfile {
+            samples: 60,
+            interval_s: 1.0,
+            page_size: 4096,
+            chunk_size: 65536,
+            page_count: 0,
+            chunk_count: 4096,
+            state_bytes: 1 << 20,
+            pages: vec![],
+            chunks,
+        };
+        let slow = run(&p, 10.0, 0.005, ModelParams::default());
+        assert!(slow.live.min_downtime_s < 1.0);
+        assert!(!slow.live.possible, "{:?}", slow.live);
+        assert!(matches!(
+            slow.live.first_stop,
+            StopReason::NotShrinking | StopReason::RoundLimit
+        ));
+        let reason = slow.live.reason.clone().unwrap();
+        assert!(reason.contains("does not converge"), "{reason}");
+        // The search still returns its best (feasible) plan.
+        assert!(slow.values.feasible.iter().any(|&f| f));
+        let fast = run(&p, 10_000.0, 0.005, ModelParams::default());
+        assert!(fast.live.possible, "{:?}", fast.live);
+        assert!(fast.live.max_live_s.unwrap() >= 0.01);
+    }
+
+    /// The verdict is exactly the documented criterion, recomputed from
+    /// full storage-only predictions.
+    #[test]
+    fn liveness_is_exactly_the_documented_criterion() {
+        for (w, state, mbit, target) in [
+            (Workload::Web, 1u64 << 20, 40.0, None),
+            (Workload::Web, 1 << 30, 40.0, None),
+            (Workload::IoHeavy, 1 << 20, 40.0, Some(0.5)),
+            (Workload::IoHeavy, 1 << 20, 1000.0, Some(1.0)),
+            (Workload::MemoryHeavy, 1 << 20, 100.0, Some(0.01)),
+            (Workload::Idle, 0, 1.0, Some(0.005)),
         ] {
-            let mut p = profile(Workload::Web);
+            let mut p = profile(w);
             p.state_bytes = state;
             let params = ModelParams {
                 downtime_target: target,
@@ -412,11 +587,34 @@ mod tests {
             let model = Model::new(&p, link, params).unwrap();
             let r = search(&model, &SearchOptions { threads: 1 });
             let limit = target.unwrap_or(params.delta_t);
+            let live = |j: usize| {
+                let pred = model.predict_storage_only(grid_fraction(j));
+                matches!(
+                    pred.stop,
+                    StopReason::Clean | StopReason::Converged | StopReason::TargetMet
+                ) && pred.downtime_s <= limit * (1.0 + 1e-12)
+            };
+            let max = (1..=GRID_STEPS).rev().find(|&j| live(j));
             assert_eq!(
-                r.live.possible,
-                model.min_downtime() <= limit,
-                "{state} {mbit} {target:?}"
+                r.live.max_live_s,
+                max.map(grid_fraction),
+                "{w} {state} {mbit} {target:?}"
             );
+            assert_eq!(r.live.possible, max.is_some());
+            if model.min_downtime() > limit {
+                assert!(!r.live.possible);
+            }
+        }
+    }
+
+    /// A guest without storage is live iff the freeze fits the limit.
+    #[test]
+    fn guests_without_storage_are_live_iff_the_freeze_fits() {
+        let p = class_profile(&SynthConfig::new(GIB, 0, Workload::Web));
+        for (mbit, live) in [(40.0, true), (0.1, false)] {
+            let r = run(&p, mbit, 0.005, ModelParams::default());
+            assert_eq!(r.live.possible, live, "{mbit}: {:?}", r.live);
+            assert_eq!(r.live.first_stop, StopReason::Clean);
         }
     }
 
@@ -449,7 +647,110 @@ mod tests {
         let model = Model::new(&p, link, ModelParams::default()).unwrap();
         let a = search(&model, &SearchOptions { threads: 1 });
         let b = search(&model, &SearchOptions { threads: 2 });
-        assert_eq!(a.values, b.values);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.values.objective), bits(&b.values.objective));
+        assert_eq!(bits(&a.values.gamma), bits(&b.values.gamma));
+        assert_eq!(a.values.feasible, b.values.feasible);
         assert_eq!(a.chosen, b.chosen);
+    }
+}
+
+#[cfg(test)]
+mod bandwidth_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::model::{Link, ModelParams};
+    use crate::profile::{ClassProfile, UnitCounters};
+
+    fn counters(n: u32, chunk: bool) -> impl Strategy<Value = UnitCounters> {
+        (0..=n, 0..=n, 0..=n, prop::bool::weighted(0.15)).prop_map(move |(r, w, o, zero)| {
+            UnitCounters {
+                r,
+                w,
+                o: if chunk { o.min(w) } else { 0 },
+                zero,
+            }
+        })
+    }
+
+    fn profile() -> impl Strategy<Value = ClassProfile> {
+        (1u32..=8).prop_flat_map(|n| {
+            (
+                Just(n),
+                prop::sample::select(vec![0.1, 1.0, 5.0]),
+                prop::sample::select(vec![0u64, 10_000, 200_000]),
+                prop::collection::vec(counters(n, false), 1..30),
+                prop::collection::vec(counters(n, true), 0..20),
+            )
+                .prop_map(|(n, tau, state, pages, chunks)| {
+                    ClassProfile::from_units(n, tau, 4096, 65536, state, &pages, &chunks)
+                })
+        })
+    }
+
+    /// The documented bound on "more bandwidth never lowers Gamma" (crate
+    /// docs, "Bandwidth monotonicity"): with `Gamma*(B)` the optimum at
+    /// `B`, `A(B) = dT / Gamma*(B) = D + DeltaT`, and `B1 < B2`,
+    ///
+    /// `A(B2) <= A(B1) + thr / B2 + max(0, L - D(B1))`   (target set)
+    /// `A(B2) <= A(B1) + thr / B2`                       (no target)
+    ///
+    /// `thr = converged x (state + one unit)`: a faster link can reach the
+    /// converged threshold (or the downtime target) a round earlier, with a
+    /// larger remainder.
+    fn check(
+        p: &ClassProfile,
+        rtt: f64,
+        target: Option<f64>,
+        mbits: &[f64],
+    ) -> Result<(), TestCaseError> {
+        let params = ModelParams {
+            downtime_target: target,
+            ..ModelParams::default()
+        };
+        let thr = params.converged * (p.state_bytes + p.chunk_size.max(p.page_size)) as f64;
+        let mut last: Option<(f64, f64, f64)> = None; // (A, D, B)
+        let mut worst: f64 = 0.0;
+        for &mbit in mbits {
+            let link = Link {
+                bandwidth: mbit * 1e6 / 8.0,
+                rtt,
+            };
+            let model = Model::new(p, link, params).unwrap();
+            let r = search(&model, &SearchOptions { threads: 1 });
+            let pred = model.predict(r.chosen.m, r.chosen.s);
+            if !pred.meets_downtime_limit {
+                last = None;
+                continue;
+            }
+            let a = params.delta_t / pred.gamma;
+            if let Some((a1, d1, _)) = last {
+                let slack =
+                    thr / link.bandwidth + target.map_or(0.0, |l| (l - d1).max(0.0)) + 1e-9 * a1;
+                worst = worst.max(a - a1);
+                prop_assert!(
+                    a <= a1 + slack,
+                    "{mbit} mbit: D + DeltaT {a} > {a1} + {slack} (Gamma {})",
+                    pred.gamma
+                );
+            }
+            last = Some((a, pred.downtime_s, link.bandwidth));
+        }
+        let _ = worst;
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn more_bandwidth_never_lowers_gamma_beyond_the_documented_bound(
+            p in profile(),
+            rtt in prop::sample::select(vec![0.0, 0.005, 0.05]),
+            target in prop::option::of(prop::sample::select(vec![0.1, 1.0])),
+        ) {
+            check(&p, rtt, target, &[0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1000.0])?;
+        }
     }
 }

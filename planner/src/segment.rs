@@ -1,15 +1,15 @@
 //! The shared-memory segment between the planner and the engine.
 //!
 //! One file of [`SEGMENT_SIZE`] bytes in `/dev/shm` (or any path containing
-//! a `/`), created with mode 0600 by the planner (`O_EXCL`) and opened by the
-//! engine, which refuses a segment not owned by its own user or open to
-//! group/others. The planner unlinks it when its [`Segment`] is dropped.
-//! A named file rather than a memfd: the engine, a separate process started
-//! independently, opens the segment by name without needing a unix socket
-//! to receive a file descriptor; ownership and mode checks give the same
-//! protection.
+//! a `/`), created with mode 0600 by the planner (`O_EXCL | O_NOFOLLOW`)
+//! and opened by the engine (`O_NOFOLLOW`), which refuses a segment not
+//! owned by its own user or open to group/others. The planner unlinks it
+//! when its [`Segment`] is dropped. A named file rather than a memfd: the
+//! engine, a separate process started independently, opens the segment by
+//! name without needing a unix socket to receive a file descriptor;
+//! ownership and mode checks give the same protection.
 //!
-//! # Layout (version 1, little-endian `u64` words, all accessed atomically)
+//! # Layout (version 2, little-endian `u64` words, all accessed atomically)
 //!
 //! ```text
 //! offset  size  region
@@ -20,35 +20,67 @@
 //!   1152  2944  reserved (zero)
 //! ```
 //!
-//! Field offsets are fixed by `#[repr(C)]` structs of `AtomicU64` and checked
-//! at compile time. Floating-point figures are stored as their IEEE-754 bits.
+//! Field offsets are fixed by `#[repr(C)]` structs of `AtomicU64` (zerocopy
+//! `FromBytes + IntoBytes`: every bit pattern valid, no padding) and checked
+//! at compile time. Floating-point figures are stored as their IEEE-754
+//! bits. Version 2 added the profile fingerprint (also in each rule word
+//! block), `DeltaT`, the downtime limit and the largest live storage
+//! fraction.
+//!
+//! # One writer per region
+//!
+//! Each region has exactly one writer at a time, enforced by an
+//! open-file-description byte-range lock (`fcntl(F_OFD_SETLK)`, write lock)
+//! on the region's bytes of the segment file: the planner takes the plan
+//! region's lock when it creates the segment, the engine takes the
+//! telemetry region's on its first publication (or
+//! [`Segment::claim_telemetry_writer`]). A second writer (another process,
+//! or another [`Segment`] handle in the same process) is refused with
+//! [`SegmentError::WriterBusy`] while the first holds the lock; threads
+//! sharing one handle are serialised by a mutex. The kernel releases the
+//! lock when its holder closes the segment or dies, and only then can
+//! another writer take the region.
 //!
 //! # Seqlock
 //!
-//! Each region starts with a sequence counter, even when stable. A writer
-//! makes it odd (compare-and-swap, so two writers exclude each other), issues
-//! a release fence, stores every field with relaxed atomic stores, and
-//! publishes `seq + 2` with a release store. A reader loads `seq` (acquire),
-//! retries while it is odd, loads every field (relaxed), issues an acquire
-//! fence and reloads `seq`: the snapshot is accepted only if both loads are
+//! Each region starts with a sequence counter, even when stable. The
+//! writer (holding the lock) stores an odd `seq`, issues a release fence,
+//! stores every field with relaxed atomic stores, and publishes `seq + 1`
+//! (even) with a release store. A reader loads `seq` (acquire), retries
+//! while it is odd, loads every field (relaxed), issues an acquire fence
+//! and reloads `seq`: the snapshot is accepted only if both loads are
 //! equal. If the reader saw any store of a newer write, the fences order
 //! that write's odd `seq` before the second load, so the check fails: a
 //! torn snapshot is never accepted. Every access is atomic, so there is no
 //! data race in Rust's memory model, across threads or processes (each
 //! process maps the same physical page).
 //!
-//! A writer that finds `seq` odd for longer than [`STALE_WRITER`] (a
-//! writer that died mid-update) takes the region over by moving `seq` to the
-//! next odd value, so readers still see a change. Readers give up (return
-//! `None`) after [`READ_ATTEMPTS`] unstable attempts.
+//! **A writer that died mid-update** leaves `seq` odd. Its lock died with
+//! it, so the next writer to take the lock knows nobody else can be
+//! writing, and *repairs* the region: it moves `seq` to the next odd value
+//! and rewrites every field. (There is no time-based takeover: a writer
+//! that is merely slow, preempted or stopped keeps its lock, and nobody
+//! writes under it.) A reader that keeps finding `seq` odd asks the kernel
+//! whether anyone holds the region's lock (`F_OFD_GETLK`): if not, it
+//! reports [`SegmentError::WriterDied`] at once instead of spinning; if the
+//! writer is alive but stays mid-update for more than [`READ_PATIENCE`],
+//! it reports [`SegmentError::Busy`].
+//!
+//! The segment itself is memory-mapped (both sides need the same physical
+//! page). What that leaves open: a process of the same user that truncates
+//! the segment file would make accesses to the mapping fault (`SIGBUS`);
+//! the 0600 mode and the owner check confine this to the user who could
+//! equally kill the planner or the engine.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use zerocopy::{FromBytes, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::model::Link;
 use crate::plan::Plan;
@@ -58,16 +90,18 @@ use crate::rule::{PrecopyRule, RULE_WORDS, RuleDecodeError};
 /// `"WMSEG\0\0\x01"` as a little-endian word.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"WMSEG\0\0\x01");
 /// The layout version.
-pub const LAYOUT_VERSION: u64 = 1;
+pub const LAYOUT_VERSION: u64 = 2;
 /// The segment size in bytes.
 pub const SEGMENT_SIZE: usize = 4096;
-/// How long a writer waits on an odd sequence before taking over.
-pub const STALE_WRITER: Duration = Duration::from_millis(200);
-/// Unstable read attempts before a reader gives up.
-pub const READ_ATTEMPTS: u32 = 100_000;
+/// How long a reader waits for a live writer to finish an update.
+pub const READ_PATIENCE: Duration = Duration::from_millis(50);
+/// Byte range of the plan region (its writer lock).
+pub const PLAN_REGION: std::ops::Range<u64> = 128..640;
+/// Byte range of the telemetry region (its writer lock).
+pub const TELEMETRY_REGION: std::ops::Range<u64> = 640..1152;
 
 /// Segment header.
-#[derive(Debug, FromBytes, IntoBytes, KnownLayout)]
+#[derive(Debug, FromBytes, IntoBytes)]
 #[repr(C)]
 pub struct HeaderRegion {
     /// [`SEGMENT_MAGIC`], stored last when the segment is created.
@@ -83,7 +117,7 @@ pub struct HeaderRegion {
 }
 
 /// The plan region (written by the planner).
-#[derive(Debug, FromBytes, IntoBytes, KnownLayout)]
+#[derive(Debug, FromBytes, IntoBytes)]
 #[repr(C)]
 pub struct PlanRegion {
     /// Seqlock sequence.
@@ -126,12 +160,20 @@ pub struct PlanRegion {
     pub live_possible: AtomicU64,
     /// Publication time, ns since the Unix epoch.
     pub published_unix_ns: AtomicU64,
+    /// Fingerprint of the class profile the plan was made from.
+    pub profile_fingerprint: AtomicU64,
+    /// Predicted `DeltaT` (f64 bits).
+    pub delta_t_s: AtomicU64,
+    /// The downtime limit `L` (f64 bits).
+    pub downtime_limit_s: AtomicU64,
+    /// The largest live storage fraction (f64 bits; NaN bits = none).
+    pub max_live_s: AtomicU64,
     /// Reserved.
-    pub reserved: [AtomicU64; 28],
+    pub reserved: [AtomicU64; 22],
 }
 
 /// The telemetry region (written by the engine).
-#[derive(Debug, FromBytes, IntoBytes, KnownLayout)]
+#[derive(Debug, FromBytes, IntoBytes)]
 #[repr(C)]
 pub struct TelemetryRegion {
     /// Seqlock sequence (0: never published).
@@ -171,7 +213,7 @@ pub struct TelemetryRegion {
 }
 
 /// The whole segment.
-#[derive(Debug, FromBytes, IntoBytes, KnownLayout)]
+#[derive(Debug, FromBytes, IntoBytes)]
 #[repr(C)]
 pub struct SegmentLayout {
     /// Header.
@@ -188,16 +230,28 @@ pub struct SegmentLayout {
 
 const _: () = {
     use std::mem::offset_of;
+    // The mapping is viewed as a `SegmentLayout`: every bit pattern must be
+    // a valid value (`FromBytes`) and there must be no padding
+    // (`IntoBytes`); zerocopy's derives prove both at compile time.
+    const fn zerocopy_layout<T: FromBytes + IntoBytes>() {}
+    zerocopy_layout::<SegmentLayout>();
     assert!(size_of::<HeaderRegion>() == 64);
     assert!(size_of::<PlanRegion>() == 512);
     assert!(size_of::<TelemetryRegion>() == 512);
     assert!(size_of::<SegmentLayout>() == SEGMENT_SIZE);
-    assert!(offset_of!(SegmentLayout, plan) == 128);
-    assert!(offset_of!(SegmentLayout, telemetry) == 640);
+    assert!(offset_of!(SegmentLayout, plan) as u64 == PLAN_REGION.start);
+    assert!(offset_of!(SegmentLayout, telemetry) as u64 == TELEMETRY_REGION.start);
+    assert!(offset_of!(SegmentLayout, telemetry) as u64 == PLAN_REGION.end);
+    assert!(
+        offset_of!(SegmentLayout, reserved1) as u64 == TELEMETRY_REGION.end,
+        "regions are contiguous"
+    );
     assert!(offset_of!(PlanRegion, page_rule) == 32);
-    assert!(offset_of!(PlanRegion, chunk_rule) == 104);
-    assert!(offset_of!(PlanRegion, total_s) == 176);
-    assert!(offset_of!(PlanRegion, published_unix_ns) == 280);
+    assert!(offset_of!(PlanRegion, chunk_rule) == 112);
+    assert!(offset_of!(PlanRegion, total_s) == 192);
+    assert!(offset_of!(PlanRegion, published_unix_ns) == 296);
+    assert!(offset_of!(PlanRegion, profile_fingerprint) == 304);
+    assert!(offset_of!(PlanRegion, max_live_s) == 328);
     assert!(offset_of!(TelemetryRegion, bandwidth_bps) == 56);
     assert!(offset_of!(TelemetryRegion, faults_served) == 120);
     assert!(align_of::<SegmentLayout>() == 8);
@@ -270,6 +324,8 @@ pub struct PlanFigures {
     pub precopy_s: f64,
     /// Pre-copy rounds.
     pub rounds: u64,
+    /// `DeltaT` (s).
+    pub delta_t_s: f64,
 }
 
 /// A consistent copy of the plan region.
@@ -295,6 +351,15 @@ pub struct PlanSnapshot {
     pub write_scale: f64,
     /// Whether live migration is possible on the link.
     pub live_possible: bool,
+    /// The largest live storage fraction (see [`crate::search`]).
+    pub max_live_s: Option<f64>,
+    /// The downtime limit `L` (s).
+    pub downtime_limit_s: f64,
+    /// Fingerprint of the class profile the plan was made from: the engine
+    /// checks it against its own profile
+    /// ([`Profile::fingerprint`](crate::profile::Profile::fingerprint)), and
+    /// [`PrecopyRule::resolve`] does.
+    pub profile_fingerprint: u64,
     /// Publication time (ns since the Unix epoch; set on publish).
     pub published_unix_ns: u64,
 }
@@ -318,11 +383,15 @@ impl PlanSnapshot {
                 gamma_weighted: p.gamma_weighted,
                 precopy_s: p.precopy_s,
                 rounds: p.rounds.len() as u64,
+                delta_t_s: p.delta_t_s,
             },
             link: plan.link,
             downtime_target_s: plan.params.downtime_target,
             write_scale: plan.params.write_scale,
             live_possible: plan.search.live.possible,
+            max_live_s: plan.search.live.max_live_s,
+            downtime_limit_s: plan.params.downtime_limit(),
+            profile_fingerprint: plan.profile.fingerprint,
             published_unix_ns: 0,
         }
     }
@@ -385,6 +454,34 @@ impl Default for Telemetry {
     }
 }
 
+/// Which region of the segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Region {
+    /// The plan region (written by the planner).
+    Plan,
+    /// The telemetry region (written by the engine).
+    Telemetry,
+}
+
+impl Region {
+    fn range(self) -> std::ops::Range<u64> {
+        match self {
+            Region::Plan => PLAN_REGION,
+            Region::Telemetry => TELEMETRY_REGION,
+        }
+    }
+}
+
+impl std::fmt::Display for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Region::Plan => "plan",
+            Region::Telemetry => "telemetry",
+        })
+    }
+}
+
 /// Segment errors.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -397,8 +494,8 @@ pub enum SegmentError {
         /// Why.
         reason: &'static str,
     },
-    /// Creating, opening, sizing or mapping failed.
-    #[error("segment {path}: {op}: {source}")]
+    /// Creating, opening, sizing, locking or mapping failed.
+    #[error("segment {path}: {op} failed")]
     Io {
         /// The segment path.
         path: PathBuf,
@@ -406,6 +503,14 @@ pub enum SegmentError {
         op: &'static str,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// The segment already exists.
+    #[error("segment {path} already exists: {hint}")]
+    Exists {
+        /// The segment path.
+        path: PathBuf,
+        /// Whether a planner still serves it, and what to do.
+        hint: String,
     },
     /// The segment belongs to another user.
     #[error("segment {path}: owned by uid {found}, not by this user (uid {expected})")]
@@ -454,20 +559,61 @@ pub enum SegmentError {
         found: u64,
     },
     /// A published rule does not decode.
-    #[error("segment plan region: {kind} rule: {source}")]
+    #[error("segment plan region: {kind} rule does not decode")]
     BadRule {
         /// Pages or chunks.
         kind: Kind,
         /// The decode error.
         source: RuleDecodeError,
     },
+    /// Another writer holds the region's lock.
+    #[error(
+        "segment {path}: the {region} region already has a writer (another process or handle holds its lock)"
+    )]
+    WriterBusy {
+        /// The segment path.
+        path: PathBuf,
+        /// The region.
+        region: Region,
+    },
+    /// The region was left mid-update by a writer that no longer exists.
+    #[error(
+        "segment {path}: the {region} region was left mid-update by a writer that died; it stays unreadable until a new writer publishes"
+    )]
+    WriterDied {
+        /// The segment path.
+        path: PathBuf,
+        /// The region.
+        region: Region,
+    },
+    /// A live writer stayed mid-update longer than [`READ_PATIENCE`].
+    #[error("segment {path}: the {region} region's writer is stuck mid-update")]
+    Busy {
+        /// The segment path.
+        path: PathBuf,
+        /// The region.
+        region: Region,
+    },
+}
+
+/// One region's writer state in this handle.
+#[derive(Debug, Default)]
+struct Writer {
+    /// This handle holds the region's OFD lock.
+    locked: AtomicBool,
+    /// Serialises writers sharing this handle (and the lock attempt).
+    mutex: Mutex<()>,
 }
 
 /// A mapped segment.
 pub struct Segment {
     path: PathBuf,
+    /// Kept open: the OFD locks belong to this open file description.
+    file: File,
     map: memmap2::MmapRaw,
     owner: bool,
+    plan_writer: Writer,
+    telemetry_writer: Writer,
 }
 
 impl std::fmt::Debug for Segment {
@@ -515,71 +661,77 @@ fn fb(v: u64) -> f64 {
     f64::from_bits(v)
 }
 
-/// Starts a write: makes `seq` odd and returns the value to publish at the end.
-fn write_begin(seq: &AtomicU64) -> u64 {
-    let mut odd_since: Option<Instant> = None;
-    let mut spins = 0u32;
-    loop {
-        let s = seq.load(Ordering::Relaxed);
-        let next = if s & 1 == 0 {
-            odd_since = None;
-            s + 1
-        } else {
-            // Another writer is mid-update, or died there.
-            let since = *odd_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < STALE_WRITER {
-                spins += 1;
-                if spins % 64 == 0 {
-                    std::thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
-                }
-                continue;
-            }
-            s + 2
-        };
-        if seq
-            .compare_exchange_weak(s, next, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
-            fence(Ordering::Release);
-            return next + 1;
-        }
+/// `fcntl` with an OFD record lock on `range` (`F_OFD_SETLK` to take a
+/// write lock, `F_OFD_GETLK` to ask whether anyone else holds one).
+/// Returns the lock type the kernel reports (`F_UNLCK` when free).
+fn ofd_lock(file: &File, cmd: libc::c_int, range: &std::ops::Range<u64>) -> std::io::Result<i16> {
+    // SAFETY: an all-zero `flock` is a valid value (plain integers); the
+    // fields OFD locks need are set below (`l_pid` must stay 0).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = range.start as libc::off_t;
+    fl.l_len = (range.end - range.start) as libc::off_t;
+    // SAFETY: `fcntl` with F_OFD_SETLK / F_OFD_GETLK takes a pointer to a
+    // `flock` that lives for the call; the descriptor is open (owned by
+    // `file`, borrowed for the call).
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
+    if rc == -1 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(fl.l_type)
     }
 }
 
-/// Reads a consistent snapshot with `read`, or `None` if the region never
-/// became stable, or if `accept(seq)` refuses the sequence value.
+/// Reads a consistent snapshot with `read`, or `None` when `accept(seq)`
+/// refuses the (stable) sequence value. On a region that stays odd, asks
+/// `writer_alive` after a while: a dead writer is reported at once, a live
+/// one after [`READ_PATIENCE`].
 fn read_stable<T>(
     seq: &AtomicU64,
     accept: impl Fn(u64) -> bool,
     read: impl Fn() -> T,
-) -> Option<T> {
-    for attempt in 0..READ_ATTEMPTS {
+    writer_alive: impl Fn() -> bool,
+) -> Result<Option<T>, bool> {
+    let mut started: Option<Instant> = None;
+    let mut attempt = 0u32;
+    loop {
         let s1 = seq.load(Ordering::Acquire);
         if s1 & 1 == 0 {
             if !accept(s1) {
-                return None;
+                return Ok(None);
             }
             let v = read();
             fence(Ordering::Acquire);
             if seq.load(Ordering::Relaxed) == s1 {
-                return Some(v);
+                return Ok(Some(v));
             }
         }
-        if attempt % 64 == 63 {
-            std::thread::yield_now();
-        } else {
+        attempt += 1;
+        if attempt % 64 != 0 {
             std::hint::spin_loop();
+            continue;
+        }
+        std::thread::yield_now();
+        if attempt % 1024 == 0 && s1 & 1 == 1 {
+            // Odd for a while: is anybody writing?
+            if !writer_alive() {
+                return Err(false);
+            }
+            let since = *started.get_or_insert_with(Instant::now);
+            if since.elapsed() > READ_PATIENCE {
+                return Err(true);
+            }
         }
     }
-    None
 }
 
 impl Segment {
-    /// Creates a new segment (fails if it exists), mode 0600, and
-    /// initialises its header. The segment is unlinked when this handle is
-    /// dropped.
+    /// Creates a new segment (mode 0600, `O_EXCL | O_NOFOLLOW`), initialises
+    /// its header and takes the plan region's writer lock. The segment is
+    /// unlinked when this handle is dropped. If the name exists, the error
+    /// says whether a planner still serves it (its plan region is locked)
+    /// or it is a stale file left by one that died.
     pub fn create(name: &str) -> Result<Segment, SegmentError> {
         let path = segment_path(name)?;
         let io = |op, source| SegmentError::Io {
@@ -587,13 +739,23 @@ impl Segment {
             op,
             source,
         };
-        let file = OpenOptions::new()
+        let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .map_err(|e| io("create", e))?;
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(SegmentError::Exists {
+                    hint: Self::stale_hint(&path),
+                    path,
+                });
+            }
+            Err(e) => return Err(io("create", e)),
+        };
         let cleanup = |e: SegmentError| {
             let _ = std::fs::remove_file(&path);
             e
@@ -603,9 +765,13 @@ impl Segment {
         let map = Self::map(&path, &file).map_err(cleanup)?;
         let seg = Segment {
             path: path.clone(),
+            file,
             map,
             owner: true,
+            plan_writer: Writer::default(),
+            telemetry_writer: Writer::default(),
         };
+        seg.lock(Region::Plan).map_err(cleanup)?;
         let h = &seg.layout().header;
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
         h.size.store(SEGMENT_SIZE as u64, Ordering::Relaxed);
@@ -613,6 +779,28 @@ impl Segment {
             .store(std::process::id().into(), Ordering::Relaxed);
         h.magic.store(SEGMENT_MAGIC, Ordering::Release);
         Ok(seg)
+    }
+
+    /// What to say about an existing segment file.
+    fn stale_hint(path: &Path) -> String {
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        else {
+            return "it cannot be opened (not a segment?); remove it if no planner uses it".into();
+        };
+        match ofd_lock(&file, libc::F_OFD_GETLK, &PLAN_REGION) {
+            Ok(t) if t == libc::F_UNLCK as i16 => format!(
+                "no planner holds it (its plan region is not locked): a stale segment left by a \
+                 planner that exited without cleaning up; remove {} and retry",
+                path.display()
+            ),
+            Ok(_) => "a running planner serves it (its plan region is locked); use another name \
+                      or stop that planner"
+                .into(),
+            Err(_) => "remove it if no planner uses it".into(),
+        }
     }
 
     fn map(path: &Path, file: &File) -> Result<memmap2::MmapRaw, SegmentError> {
@@ -641,13 +829,15 @@ impl Segment {
             })
     }
 
-    /// Opens an existing segment, checking owner, mode, size, magic and
-    /// version. Dropping the handle does not unlink it.
+    /// Opens an existing segment (`O_NOFOLLOW`), checking owner, mode,
+    /// size, magic and version. Dropping the handle does not unlink it. The
+    /// handle takes no writer lock until it publishes.
     pub fn open(name: &str) -> Result<Segment, SegmentError> {
         let path = segment_path(name)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|source| SegmentError::Io {
                 path: path.clone(),
@@ -681,8 +871,11 @@ impl Segment {
         }
         let seg = Segment {
             map: Self::map(&path, &file)?,
+            file,
             path,
             owner: false,
+            plan_writer: Writer::default(),
+            telemetry_writer: Writer::default(),
         };
         let h = &seg.layout().header;
         let magic = h.magic.load(Ordering::Acquire);
@@ -712,60 +905,138 @@ impl Segment {
         debug_assert!(self.map.len() >= SEGMENT_SIZE);
         // SAFETY: the mapping is SEGMENT_SIZE bytes, page-aligned (so aligned
         // for AtomicU64), readable and writable, and lives as long as `self`.
-        // `SegmentLayout` is `repr(C)` and made only of `AtomicU64`s: every
-        // bit pattern is valid (`FromBytes`), and all access goes through
-        // atomic operations, which is sound for memory shared with other
-        // threads and processes. No `&mut` to this memory is ever created.
+        // `SegmentLayout` is `repr(C)`, exactly SEGMENT_SIZE bytes, made only
+        // of `AtomicU64`s, and `FromBytes + IntoBytes` (checked at compile
+        // time above): every bit pattern is a valid value and there is no
+        // padding. All access goes through atomic operations, which is sound
+        // for memory shared with other threads and processes. No `&mut` to
+        // this memory is ever created.
         unsafe { &*self.map.as_ptr().cast::<SegmentLayout>() }
+    }
+
+    fn writer(&self, region: Region) -> &Writer {
+        match region {
+            Region::Plan => &self.plan_writer,
+            Region::Telemetry => &self.telemetry_writer,
+        }
+    }
+
+    /// Takes the region's writer lock for this handle (idempotent).
+    fn lock(&self, region: Region) -> Result<(), SegmentError> {
+        let w = self.writer(region);
+        if w.locked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match ofd_lock(&self.file, libc::F_OFD_SETLK, &region.range()) {
+            Ok(_) => {
+                w.locked.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => {
+                Err(SegmentError::WriterBusy {
+                    path: self.path.clone(),
+                    region,
+                })
+            }
+            Err(source) => Err(SegmentError::Io {
+                path: self.path.clone(),
+                op: "fcntl(F_OFD_SETLK)",
+                source,
+            }),
+        }
+    }
+
+    /// Whether some writer (this handle, or another holder of the region's
+    /// lock) is alive.
+    fn writer_alive(&self, region: Region) -> bool {
+        if self.writer(region).locked.load(Ordering::Acquire) {
+            return true;
+        }
+        // Unknown (the query failed): assume alive, so readers only wait.
+        ofd_lock(&self.file, libc::F_OFD_GETLK, &region.range())
+            .map_or(true, |t| t != libc::F_UNLCK as i16)
+    }
+
+    /// Takes the telemetry region's writer lock now (the engine side;
+    /// [`Segment::publish_telemetry`] does it on first use).
+    pub fn claim_telemetry_writer(&self) -> Result<(), SegmentError> {
+        let _g = self.telemetry_writer.mutex.lock();
+        self.lock(Region::Telemetry)
+    }
+
+    /// Runs `write` as the region's writer: lock (once), in-process mutex,
+    /// odd `seq` (repairing a region a dead writer left odd), release fence,
+    /// the stores, then the even `seq`.
+    fn write<T>(
+        &self,
+        region: Region,
+        seq: &AtomicU64,
+        write: impl FnOnce() -> T,
+    ) -> Result<T, SegmentError> {
+        let w = self.writer(region);
+        let _g = w.mutex.lock().unwrap_or_else(|e| e.into_inner());
+        self.lock(region)?;
+        // We hold the lock and the mutex: nobody else writes this region.
+        // An odd value was left by a writer that died mid-update; moving
+        // to the next odd value keeps readers from accepting its data.
+        let s = seq.load(Ordering::Relaxed);
+        let odd = if s & 1 == 0 { s + 1 } else { s + 2 };
+        seq.store(odd, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let out = write();
+        seq.store(odd + 1, Ordering::Release);
+        Ok(out)
     }
 
     /// Publishes a plan (planner side) under the next generation, which is
     /// returned. The snapshot's `generation` and `published_unix_ns` are
-    /// replaced.
-    pub fn publish_plan(&self, plan: &PlanSnapshot) -> u64 {
+    /// replaced. Fails with [`SegmentError::WriterBusy`] when another
+    /// handle holds the plan region's lock.
+    pub fn publish_plan(&self, plan: &PlanSnapshot) -> Result<u64, SegmentError> {
         let r = &self.layout().plan;
-        let end = write_begin(&r.seq);
-        let generation = r.generation.load(Ordering::Relaxed) + 1;
-        let relaxed = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
-        relaxed(&r.generation, generation);
-        relaxed(&r.m, f(plan.m));
-        relaxed(&r.s, f(plan.s));
-        for (a, v) in r.page_rule.iter().zip(plan.page_rule.encode()) {
-            relaxed(a, v);
-        }
-        for (a, v) in r.chunk_rule.iter().zip(plan.chunk_rule.encode()) {
-            relaxed(a, v);
-        }
-        let p = &plan.predicted;
-        relaxed(&r.total_s, f(p.total_s));
-        relaxed(&r.uptime_s, f(p.uptime_s));
-        relaxed(&r.downtime_s, f(p.downtime_s));
-        relaxed(&r.penalty_s, f(p.penalty_s));
-        relaxed(&r.gamma, f(p.gamma));
-        relaxed(&r.gamma_weighted, f(p.gamma_weighted));
-        relaxed(&r.precopy_s, f(p.precopy_s));
-        relaxed(&r.rounds, p.rounds);
-        relaxed(&r.bandwidth, f(plan.link.bandwidth));
-        relaxed(&r.rtt, f(plan.link.rtt));
-        relaxed(
-            &r.downtime_target,
-            f(plan.downtime_target_s.unwrap_or(f64::NAN)),
-        );
-        relaxed(&r.write_scale, f(plan.write_scale));
-        relaxed(&r.live_possible, plan.live_possible.into());
-        relaxed(&r.published_unix_ns, now_unix_ns());
-        r.seq.store(end, Ordering::Release);
-        generation
+        self.write(Region::Plan, &r.seq, || {
+            let generation = r.generation.load(Ordering::Relaxed) + 1;
+            let relaxed = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+            relaxed(&r.generation, generation);
+            relaxed(&r.m, f(plan.m));
+            relaxed(&r.s, f(plan.s));
+            for (a, v) in r.page_rule.iter().zip(plan.page_rule.encode()) {
+                relaxed(a, v);
+            }
+            for (a, v) in r.chunk_rule.iter().zip(plan.chunk_rule.encode()) {
+                relaxed(a, v);
+            }
+            let p = &plan.predicted;
+            relaxed(&r.total_s, f(p.total_s));
+            relaxed(&r.uptime_s, f(p.uptime_s));
+            relaxed(&r.downtime_s, f(p.downtime_s));
+            relaxed(&r.penalty_s, f(p.penalty_s));
+            relaxed(&r.gamma, f(p.gamma));
+            relaxed(&r.gamma_weighted, f(p.gamma_weighted));
+            relaxed(&r.precopy_s, f(p.precopy_s));
+            relaxed(&r.rounds, p.rounds);
+            relaxed(&r.bandwidth, f(plan.link.bandwidth));
+            relaxed(&r.rtt, f(plan.link.rtt));
+            relaxed(
+                &r.downtime_target,
+                f(plan.downtime_target_s.unwrap_or(f64::NAN)),
+            );
+            relaxed(&r.write_scale, f(plan.write_scale));
+            relaxed(&r.live_possible, plan.live_possible.into());
+            relaxed(&r.published_unix_ns, now_unix_ns());
+            relaxed(&r.profile_fingerprint, plan.profile_fingerprint);
+            relaxed(&r.delta_t_s, f(p.delta_t_s));
+            relaxed(&r.downtime_limit_s, f(plan.downtime_limit_s));
+            relaxed(&r.max_live_s, f(plan.max_live_s.unwrap_or(f64::NAN)));
+            generation
+        })
     }
 
-    /// The current plan, or `None` before the first publication (or if the
-    /// region never became stable, see the module docs).
-    pub fn read_plan(&self) -> Option<PlanSnapshot> {
-        self.try_read_plan().ok().flatten()
-    }
-
-    /// Like [`Segment::read_plan`], but reports an undecodable rule.
-    pub fn try_read_plan(&self) -> Result<Option<PlanSnapshot>, SegmentError> {
+    /// The current plan: `Ok(None)` before the first publication; an error
+    /// when a published rule does not decode ([`SegmentError::BadRule`]),
+    /// when the planner died mid-update ([`SegmentError::WriterDied`]) or
+    /// stays mid-update ([`SegmentError::Busy`]).
+    pub fn read_plan(&self) -> Result<Option<PlanSnapshot>, SegmentError> {
         let r = &self.layout().plan;
         let raw = read_stable(
             &r.seq,
@@ -794,12 +1065,18 @@ impl Segment {
                         l(&r.write_scale),
                         l(&r.live_possible),
                         l(&r.published_unix_ns),
+                        l(&r.profile_fingerprint),
+                        l(&r.delta_t_s),
+                        l(&r.downtime_limit_s),
+                        l(&r.max_live_s),
                     ],
                     words(&r.page_rule),
                     words(&r.chunk_rule),
                 )
             },
-        );
+            || self.writer_alive(Region::Plan),
+        )
+        .map_err(|alive| self.unstable(Region::Plan, alive))?;
         let Some((v, pw, cw)) = raw else {
             return Ok(None);
         };
@@ -810,6 +1087,7 @@ impl Segment {
             PrecopyRule::decode(kind, w).map_err(|source| SegmentError::BadRule { kind, source })
         };
         let target = fb(v[13]);
+        let max_live = fb(v[20]);
         Ok(Some(PlanSnapshot {
             generation: v[0],
             m: fb(v[1]),
@@ -825,6 +1103,7 @@ impl Segment {
                 gamma_weighted: fb(v[8]),
                 precopy_s: fb(v[9]),
                 rounds: v[10],
+                delta_t_s: fb(v[18]),
             },
             link: Link {
                 bandwidth: fb(v[11]),
@@ -833,41 +1112,78 @@ impl Segment {
             downtime_target_s: (!target.is_nan()).then_some(target),
             write_scale: fb(v[14]),
             live_possible: v[15] != 0,
+            max_live_s: (!max_live.is_nan()).then_some(max_live),
+            downtime_limit_s: fb(v[19]),
+            profile_fingerprint: v[17],
             published_unix_ns: v[16],
         }))
     }
 
-    /// Publishes telemetry (engine side). `updated_unix_ns` is stored as
-    /// given (0 is replaced by the current time).
-    pub fn publish_telemetry(&self, t: &Telemetry) {
-        let r = &self.layout().telemetry;
-        let end = write_begin(&r.seq);
-        let relaxed = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
-        relaxed(&r.phase, t.phase.to_raw());
-        relaxed(&r.round, t.round);
-        relaxed(&r.plan_generation, t.plan_generation);
-        relaxed(&r.bytes_sent, t.bytes_sent);
-        relaxed(&r.pages_sent, t.pages_sent);
-        relaxed(&r.chunks_sent, t.chunks_sent);
-        relaxed(&r.bandwidth_bps, t.bandwidth_bps);
-        relaxed(&r.rtt_ns, t.rtt_ns);
-        relaxed(&r.last_round, t.last_round);
-        relaxed(&r.last_round_duration_ns, t.last_round_duration_ns);
-        relaxed(&r.dirty_pages_last_round, t.dirty_pages_last_round);
-        relaxed(&r.dirty_chunks_last_round, t.dirty_chunks_last_round);
-        relaxed(&r.round_started_unix_ns, t.round_started_unix_ns);
-        let updated = if t.updated_unix_ns == 0 {
-            now_unix_ns()
+    fn unstable(&self, region: Region, alive: bool) -> SegmentError {
+        let path = self.path.clone();
+        if alive {
+            SegmentError::Busy { path, region }
         } else {
-            t.updated_unix_ns
-        };
-        relaxed(&r.updated_unix_ns, updated);
-        relaxed(&r.faults_served, t.faults_served);
-        r.seq.store(end, Ordering::Release);
+            SegmentError::WriterDied { path, region }
+        }
     }
 
-    /// The latest telemetry, or `None` before the engine's first publication.
-    pub fn read_telemetry(&self) -> Option<Telemetry> {
+    /// Publishes telemetry (engine side). `updated_unix_ns` is stored as
+    /// given (0 is replaced by the current time). The first call takes the
+    /// telemetry region's writer lock ([`SegmentError::WriterBusy`] if
+    /// another handle holds it).
+    pub fn publish_telemetry(&self, t: &Telemetry) -> Result<(), SegmentError> {
+        self.publish_telemetry_inner(t, || ())
+    }
+
+    /// Test hook: [`Segment::publish_telemetry`] that calls `pause` halfway
+    /// through its stores (the region is then mid-update: `seq` odd, half
+    /// the fields new). Not part of the API.
+    #[doc(hidden)]
+    pub fn __publish_telemetry_pausing(
+        &self,
+        t: &Telemetry,
+        pause: impl FnOnce(),
+    ) -> Result<(), SegmentError> {
+        self.publish_telemetry_inner(t, pause)
+    }
+
+    fn publish_telemetry_inner(
+        &self,
+        t: &Telemetry,
+        pause: impl FnOnce(),
+    ) -> Result<(), SegmentError> {
+        let r = &self.layout().telemetry;
+        self.write(Region::Telemetry, &r.seq, || {
+            let relaxed = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+            relaxed(&r.phase, t.phase.to_raw());
+            relaxed(&r.round, t.round);
+            relaxed(&r.plan_generation, t.plan_generation);
+            relaxed(&r.bytes_sent, t.bytes_sent);
+            relaxed(&r.pages_sent, t.pages_sent);
+            relaxed(&r.chunks_sent, t.chunks_sent);
+            relaxed(&r.bandwidth_bps, t.bandwidth_bps);
+            pause();
+            relaxed(&r.rtt_ns, t.rtt_ns);
+            relaxed(&r.last_round, t.last_round);
+            relaxed(&r.last_round_duration_ns, t.last_round_duration_ns);
+            relaxed(&r.dirty_pages_last_round, t.dirty_pages_last_round);
+            relaxed(&r.dirty_chunks_last_round, t.dirty_chunks_last_round);
+            relaxed(&r.round_started_unix_ns, t.round_started_unix_ns);
+            let updated = if t.updated_unix_ns == 0 {
+                now_unix_ns()
+            } else {
+                t.updated_unix_ns
+            };
+            relaxed(&r.updated_unix_ns, updated);
+            relaxed(&r.faults_served, t.faults_served);
+        })
+    }
+
+    /// The latest telemetry: `Ok(None)` before the engine's first
+    /// publication; [`SegmentError::WriterDied`] / [`SegmentError::Busy`]
+    /// when the engine died or stays mid-update.
+    pub fn read_telemetry(&self) -> Result<Option<Telemetry>, SegmentError> {
         let r = &self.layout().telemetry;
         read_stable(
             &r.seq,
@@ -892,7 +1208,9 @@ impl Segment {
                     faults_served: l(&r.faults_served),
                 }
             },
+            || self.writer_alive(Region::Telemetry),
         )
+        .map_err(|alive| self.unstable(Region::Telemetry, alive))
     }
 }
 
@@ -948,17 +1266,18 @@ mod tests {
     fn plan(i: u64) -> PlanSnapshot {
         let rule = |kind, k: u64| PrecopyRule {
             kind,
-            samples: (k % 1000) as u32 + 1,
+            samples: (k % 1000) as u32 + 7,
             mode: RuleMode::Boundary,
             boundary: UnitCounters {
                 r: (k % 7) as u32,
                 w: (k % 5) as u32,
-                o: (k % 3) as u32,
+                o: (k % 3).min(k % 5) as u32,
                 zero: k % 2 == 0,
             },
             take: k,
             cutoff: Some(k * 2),
             selected: k * 3,
+            profile: k.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         };
         let x = i as f64;
         PlanSnapshot {
@@ -976,6 +1295,7 @@ mod tests {
                 gamma_weighted: x * 8.0,
                 precopy_s: x * 9.0,
                 rounds: i * 10,
+                delta_t_s: x * 15.0,
             },
             link: Link {
                 bandwidth: x * 11.0,
@@ -984,6 +1304,9 @@ mod tests {
             downtime_target_s: (i % 2 == 0).then_some(x * 13.0),
             write_scale: x * 14.0,
             live_possible: i % 3 == 0,
+            max_live_s: (i % 3 == 0).then_some(x * 16.0),
+            downtime_limit_s: x * 17.0,
+            profile_fingerprint: i ^ 0xfeed,
             published_unix_ns: 0,
         }
     }
@@ -995,16 +1318,19 @@ mod tests {
         let meta = std::fs::metadata(&name).unwrap();
         assert_eq!(meta.len(), SEGMENT_SIZE as u64);
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert!(matches!(
-            Segment::create(&name),
-            Err(SegmentError::Io { op: "create", .. })
-        ));
+        // The name is taken, and a planner serves it.
+        match Segment::create(&name) {
+            Err(SegmentError::Exists { hint, .. }) => {
+                assert!(hint.contains("running planner"), "{hint}")
+            }
+            r => panic!("{r:?}"),
+        }
         let other = Segment::open(&name).unwrap();
-        assert_eq!(other.read_plan(), None);
-        assert_eq!(other.read_telemetry(), None);
-        let g = seg.publish_plan(&plan(1));
+        assert_eq!(other.read_plan().unwrap(), None);
+        assert_eq!(other.read_telemetry().unwrap(), None);
+        let g = seg.publish_plan(&plan(1)).unwrap();
         assert_eq!(g, 1);
-        let got = other.read_plan().unwrap();
+        let got = other.read_plan().unwrap().unwrap();
         assert_eq!(got.generation, 1);
         assert_eq!(
             PlanSnapshot {
@@ -1014,8 +1340,34 @@ mod tests {
             plan(1)
         );
         assert!(got.published_unix_ns > 0);
-        other.publish_telemetry(&telemetry(42));
-        assert_eq!(seg.read_telemetry(), Some(telemetry(42)));
+        other.publish_telemetry(&telemetry(42)).unwrap();
+        assert_eq!(seg.read_telemetry().unwrap(), Some(telemetry(42)));
+        // One writer per region: the engine handle may not publish plans,
+        // and no second handle may publish telemetry.
+        assert!(matches!(
+            other.publish_plan(&plan(2)),
+            Err(SegmentError::WriterBusy {
+                region: Region::Plan,
+                ..
+            })
+        ));
+        let third = Segment::open(&name).unwrap();
+        assert!(matches!(
+            third.publish_telemetry(&telemetry(43)),
+            Err(SegmentError::WriterBusy {
+                region: Region::Telemetry,
+                ..
+            })
+        ));
+        assert!(matches!(
+            third.claim_telemetry_writer(),
+            Err(SegmentError::WriterBusy { .. })
+        ));
+        // Once the engine's handle is closed, another may take over.
+        drop(other);
+        third.publish_telemetry(&telemetry(44)).unwrap();
+        assert_eq!(seg.read_telemetry().unwrap(), Some(telemetry(44)));
+        let other = third;
         drop(other);
         assert!(Path::new(&name).exists());
         drop(seg);
@@ -1093,13 +1445,13 @@ mod tests {
                     let (mut last_t, mut last_p, mut reads) = (0, 0, 0u64);
                     loop {
                         let finished = done.load(Ordering::Acquire);
-                        if let Some(t) = seg.read_telemetry() {
+                        if let Some(t) = seg.read_telemetry().unwrap() {
                             assert_eq!(t, telemetry(t.round), "torn telemetry");
                             assert!(t.round >= last_t);
                             last_t = t.round;
                             reads += 1;
                         }
-                        if let Some(p) = seg.read_plan() {
+                        if let Some(p) = seg.read_plan().unwrap() {
                             let want = PlanSnapshot {
                                 published_unix_ns: p.published_unix_ns,
                                 ..plan(p.generation)
@@ -1121,7 +1473,7 @@ mod tests {
             std::thread::spawn(move || {
                 let seg = Segment::open(&name).unwrap();
                 for i in 1..=N {
-                    seg.publish_telemetry(&telemetry(i));
+                    seg.publish_telemetry(&telemetry(i)).unwrap();
                     if i % 16 == 0 {
                         std::thread::yield_now();
                     }
@@ -1129,7 +1481,7 @@ mod tests {
             })
         };
         for i in 1..=N / 4 {
-            assert_eq!(seg.publish_plan(&plan(i)), i);
+            assert_eq!(seg.publish_plan(&plan(i)).unwrap(), i);
             if i % 4 == 0 {
                 std::thread::yield_now();
             }
@@ -1144,23 +1496,123 @@ mod tests {
         }
     }
 
+    /// A writer that died mid-update (simulated: `seq` left odd, nobody
+    /// holding the lock) is detected by readers at once, and the next
+    /// writer to take the lock repairs the region.
     #[test]
-    fn a_writer_that_died_mid_update_is_taken_over() {
-        let name = temp_name("stale");
+    fn a_dead_writer_is_detected_and_its_region_repaired() {
+        let name = temp_name("dead");
         let seg = Segment::create(&name).unwrap();
-        seg.publish_telemetry(&telemetry(1));
-        // Simulate a writer killed between its odd and even stores.
-        let seq = &seg.layout().telemetry.seq;
-        seq.fetch_add(1, Ordering::SeqCst);
-        assert_eq!(
-            seg.read_telemetry(),
-            None,
-            "a reader gives up on a stuck region"
-        );
+        {
+            let engine = Segment::open(&name).unwrap();
+            engine.publish_telemetry(&telemetry(1)).unwrap();
+            // "Dies" between its odd and even stores: closing the handle
+            // releases the lock, as the kernel does for a dead process.
+            engine.layout().telemetry.seq.fetch_add(1, Ordering::SeqCst);
+        }
         let before = Instant::now();
-        seg.publish_telemetry(&telemetry(2));
-        assert!(before.elapsed() >= STALE_WRITER);
-        assert_eq!(seg.read_telemetry(), Some(telemetry(2)));
-        assert_eq!(seq.load(Ordering::SeqCst) % 2, 0);
+        assert!(matches!(
+            seg.read_telemetry(),
+            Err(SegmentError::WriterDied {
+                region: Region::Telemetry,
+                ..
+            })
+        ));
+        assert!(
+            before.elapsed() < READ_PATIENCE,
+            "a dead writer is reported without waiting"
+        );
+        let engine = Segment::open(&name).unwrap();
+        engine.publish_telemetry(&telemetry(2)).unwrap();
+        assert_eq!(seg.read_telemetry().unwrap(), Some(telemetry(2)));
+        let seq = seg.layout().telemetry.seq.load(Ordering::SeqCst);
+        assert_eq!(seq % 2, 0);
+        assert_eq!(seq, 6, "1 write (2), the dead one (3), the repair (5 -> 6)");
+    }
+
+    /// A live writer stuck mid-update (here: another thread, paused inside
+    /// its write) is never read torn; readers report it busy; nobody else
+    /// can write meanwhile; it finishes normally.
+    #[test]
+    fn a_stuck_live_writer_blocks_nobody_and_is_never_read_torn() {
+        let name = temp_name("stuck");
+        let seg = Segment::create(&name).unwrap();
+        let engine = Arc::new(Segment::open(&name).unwrap());
+        engine.publish_telemetry(&telemetry(1)).unwrap();
+        let (paused_tx, paused_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let writer = {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                engine
+                    .__publish_telemetry_pausing(&telemetry(2), || {
+                        paused_tx.send(()).unwrap();
+                        go_rx.recv().unwrap();
+                    })
+                    .unwrap();
+            })
+        };
+        paused_rx.recv().unwrap();
+        assert!(matches!(
+            seg.read_telemetry(),
+            Err(SegmentError::Busy { .. })
+        ));
+        let rival = Segment::open(&name).unwrap();
+        assert!(matches!(
+            rival.publish_telemetry(&telemetry(3)),
+            Err(SegmentError::WriterBusy { .. })
+        ));
+        go_tx.send(()).unwrap();
+        writer.join().unwrap();
+        assert_eq!(seg.read_telemetry().unwrap(), Some(telemetry(2)));
+    }
+
+    #[test]
+    fn stale_segments_are_named_as_such() {
+        let name = temp_name("stale");
+        // A segment file nobody serves (its creator died without unlinking).
+        std::fs::write(&name, vec![0u8; SEGMENT_SIZE]).unwrap();
+        std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)).unwrap();
+        match Segment::create(&name) {
+            Err(SegmentError::Exists { hint, .. }) => {
+                assert!(hint.contains("stale") && hint.contains("remove"), "{hint}")
+            }
+            r => panic!("{r:?}"),
+        }
+        std::fs::remove_file(&name).unwrap();
+    }
+
+    #[test]
+    fn symlinks_are_not_followed() {
+        let name = temp_name("link");
+        let target = temp_name("target");
+        let seg = Segment::create(&target).unwrap();
+        std::os::unix::fs::symlink(&target, &name).unwrap();
+        assert!(matches!(
+            Segment::open(&name),
+            Err(SegmentError::Io { op: "open", .. })
+        ));
+        assert!(matches!(
+            Segment::create(&name),
+            Err(SegmentError::Exists { .. })
+        ));
+        std::fs::remove_file(&name).unwrap();
+        drop(seg);
+    }
+
+    #[test]
+    fn undecodable_rules_are_errors_not_missing_plans() {
+        let name = temp_name("badrule");
+        let seg = Segment::create(&name).unwrap();
+        seg.publish_plan(&plan(4)).unwrap();
+        // Corrupt the page rule's sample count (word 1) in place.
+        seg.layout().plan.page_rule[1].store(1 << 40, Ordering::SeqCst);
+        assert!(matches!(
+            seg.read_plan(),
+            Err(SegmentError::BadRule {
+                kind: Kind::Page,
+                ..
+            })
+        ));
     }
 }

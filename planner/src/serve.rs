@@ -20,9 +20,14 @@
 //!
 //! When either fires, the measured RTT (if reported) is adopted too, the
 //! whole search is re-run and the plan is published as the next generation.
-//! The engine applies a new generation at its next round boundary.
+//! The engine applies a new generation at its next round boundary. A
+//! re-plan that fails (for example because the profile file was truncated
+//! under the planner, or its rules no longer resolve) is reported and the
+//! previous generation stays published; telemetry that cannot be read (the
+//! engine died or is stuck mid-update) is reported and skipped. The model
+//! the plan was made with is kept (shared) for the dirty-rate comparison.
 //!
-//! Limitation (first order): a re-plan starts from the profile as if the
+//! Limitation: a re-plan starts from the profile as if the
 //! migration had not begun, with corrected link and write rates; it does not
 //! model what the engine has already transferred. The rules it publishes
 //! are still valid rank cuts, so the engine can switch sets between rounds.
@@ -32,11 +37,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Link, Model, ModelError, ModelParams};
+use crate::model::{Link, ModelError, ModelParams};
 use crate::plan::{Plan, PlanError, make_plan};
 use crate::profile::{ClassProfile, Profile};
 use crate::search::SearchOptions;
-use crate::segment::{Phase, PlanSnapshot, Segment};
+use crate::segment::{Phase, PlanSnapshot, Segment, SegmentError};
 
 /// When to re-plan.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -111,15 +116,19 @@ pub struct ReplanEvent {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServeError {
-    /// Planning failed.
+    /// Planning failed (for a re-plan: the previous generation stays
+    /// published).
     #[error(transparent)]
     Plan(#[from] PlanError),
     /// Building the model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Reading telemetry or publishing the plan failed.
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
 }
 
-/// The serving planner: owns the current plan and model.
+/// The serving planner: owns the current plan (and its model).
 #[derive(Debug)]
 pub struct Server<'a> {
     classes: &'a ClassProfile,
@@ -128,7 +137,6 @@ pub struct Server<'a> {
     params: ModelParams,
     search: SearchOptions,
     policy: ReplanPolicy,
-    model: Model,
     plan: Plan,
     generation: u64,
     last_update: u64,
@@ -147,8 +155,7 @@ impl<'a> Server<'a> {
         policy: ReplanPolicy,
     ) -> Result<Server<'a>, ServeError> {
         let plan = make_plan(classes, units, link, params, &search)?;
-        let model = Model::new(classes, link, params)?;
-        let generation = segment.publish_plan(&PlanSnapshot::from_plan(&plan));
+        let generation = segment.publish_plan(&PlanSnapshot::from_plan(&plan))?;
         Ok(Server {
             classes,
             units,
@@ -156,7 +163,6 @@ impl<'a> Server<'a> {
             params,
             search,
             policy,
-            model,
             plan,
             generation,
             last_update: 0,
@@ -174,9 +180,11 @@ impl<'a> Server<'a> {
         &self.plan
     }
 
-    /// Reads telemetry once and re-plans if the rule says so.
+    /// Reads telemetry once and re-plans if the rule says so. An error
+    /// leaves the published plan as it was (a failed re-plan is not retried
+    /// before [`ReplanPolicy::min_interval`]).
     pub fn poll(&mut self) -> Result<Option<ReplanEvent>, ServeError> {
-        let Some(t) = self.segment.read_telemetry() else {
+        let Some(t) = self.segment.read_telemetry()? else {
             return Ok(None);
         };
         if t.updated_unix_ns == self.last_update {
@@ -211,11 +219,10 @@ impl<'a> Server<'a> {
             && t.last_round_duration_ns > 0
             && t.plan_generation == self.generation
         {
-            let sel = self
-                .model
-                .selection(self.plan.search.chosen.m, self.plan.search.chosen.s);
+            let model = &self.plan.model;
+            let sel = model.selection(self.plan.search.chosen.m, self.plan.search.chosen.s);
             let round = u32::try_from(t.last_round).unwrap_or(u32::MAX);
-            let curve = self.model.round_dirty(sel, round);
+            let curve = model.round_dirty(sel, round);
             let duration = t.last_round_duration_ns as f64 * 1e-9;
             let expected = curve.bytes(duration, 1.0);
             let measured = t.dirty_pages_last_round as f64 * self.classes.page_size as f64
@@ -239,12 +246,11 @@ impl<'a> Server<'a> {
         if t.rtt_ns > 0 {
             link.rtt = t.rtt_ns as f64 * 1e-9;
         }
+        self.last_replan = Some(Instant::now());
         let plan = make_plan(self.classes, self.units, link, params, &self.search)?;
-        self.model = Model::new(self.classes, link, params)?;
-        self.generation = self.segment.publish_plan(&PlanSnapshot::from_plan(&plan));
+        self.generation = self.segment.publish_plan(&PlanSnapshot::from_plan(&plan))?;
         self.params = params;
         self.plan = plan;
-        self.last_replan = Some(Instant::now());
         Ok(Some(ReplanEvent {
             generation: self.generation,
             reasons,
@@ -256,20 +262,23 @@ impl<'a> Server<'a> {
         }))
     }
 
-    /// Polls every `interval` until `stop` is set, reporting re-plans.
+    /// Polls every `interval` until `stop` is set, reporting re-plans and
+    /// errors (which do not stop the loop: the last good plan stays
+    /// published).
     pub fn run(
         &mut self,
         stop: &AtomicBool,
         interval: Duration,
-        mut on_event: impl FnMut(&ReplanEvent),
-    ) -> Result<(), ServeError> {
+        mut on_event: impl FnMut(Result<&ReplanEvent, &ServeError>),
+    ) {
         while !stop.load(Ordering::Relaxed) {
-            if let Some(e) = self.poll()? {
-                on_event(&e);
+            match self.poll() {
+                Ok(Some(e)) => on_event(Ok(&e)),
+                Ok(None) => {}
+                Err(e) => on_event(Err(&e)),
             }
             std::thread::sleep(interval);
         }
-        Ok(())
     }
 }
 
@@ -278,6 +287,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::model::Model;
     use crate::segment::Telemetry;
     use crate::synth::{SynthConfig, Workload, write_profile};
 
@@ -333,7 +343,7 @@ mod tests {
         )
         .unwrap();
         let engine = Segment::open(&name).unwrap();
-        let first = engine.read_plan().unwrap();
+        let first = engine.read_plan().unwrap().unwrap();
         assert_eq!(first.generation, 1);
         assert!(first.page_rule.is_resolved() && first.chunk_rule.is_resolved());
         assert_eq!(server.poll().unwrap(), None, "no telemetry yet");
@@ -346,7 +356,7 @@ mod tests {
             updated_unix_ns: now_ns(0),
             ..Telemetry::default()
         };
-        engine.publish_telemetry(&t);
+        engine.publish_telemetry(&t).unwrap();
         assert_eq!(server.poll().unwrap(), None);
 
         // Twice the planned bandwidth, but already in post-copy: too late.
@@ -356,20 +366,20 @@ mod tests {
             updated_unix_ns: now_ns(3),
             ..t
         };
-        engine.publish_telemetry(&late);
+        engine.publish_telemetry(&late).unwrap();
         assert_eq!(server.poll().unwrap(), None);
 
         // Twice the planned bandwidth in pre-copy, and a measured RTT.
         t.bandwidth_bps = 80_000_000;
         t.rtt_ns = 7_000_000;
         t.updated_unix_ns = now_ns(5);
-        engine.publish_telemetry(&t);
+        engine.publish_telemetry(&t).unwrap();
         let e = server.poll().unwrap().expect("re-plan");
         assert_eq!(e.generation, 2);
         assert!(
             matches!(e.reasons[..], [ReplanReason::Bandwidth { measured, .. }] if measured == 10e6)
         );
-        let second = engine.read_plan().unwrap();
+        let second = engine.read_plan().unwrap().unwrap();
         assert_eq!(second.generation, 2);
         assert_eq!(
             second.link,
@@ -421,14 +431,16 @@ mod tests {
         let target = round0.dirty_bytes + 0.5 * (most - round0.dirty_bytes);
         assert!(target > 1.3 * round0.dirty_bytes, "{target} vs {round0:?}");
         // As predicted: nothing to do.
-        engine.publish_telemetry(&telemetry(round0.dirty_bytes, 1, 0));
+        engine
+            .publish_telemetry(&telemetry(round0.dirty_bytes, 1, 0))
+            .unwrap();
         assert_eq!(server.poll().unwrap(), None);
         // Far more dirtying than predicted, but reported against a stale
         // generation: ignored.
-        engine.publish_telemetry(&telemetry(target, 0, 1));
+        engine.publish_telemetry(&telemetry(target, 0, 1)).unwrap();
         assert_eq!(server.poll().unwrap(), None);
         // The same for the current plan.
-        engine.publish_telemetry(&telemetry(target, 1, 2));
+        engine.publish_telemetry(&telemetry(target, 1, 2)).unwrap();
         let e = server.poll().unwrap().expect("re-plan");
         assert_eq!(e.generation, 2);
         let [
@@ -450,7 +462,7 @@ mod tests {
             (fitted - measured).abs() < 1e-6 * measured,
             "{fitted} vs {measured}"
         );
-        let p = engine.read_plan().unwrap();
+        let p = engine.read_plan().unwrap().unwrap();
         assert_eq!(p.generation, 2);
         assert!((p.write_scale - factor).abs() < 1e-12);
     }
@@ -468,20 +480,21 @@ mod tests {
             std::thread::spawn(move || {
                 let seg = loop {
                     match Segment::open(&name) {
-                        Ok(s) if s.read_plan().is_some() => break s,
+                        Ok(s) if matches!(s.read_plan(), Ok(Some(_))) => break s,
                         _ => std::thread::sleep(Duration::from_millis(5)),
                     }
                 };
-                let plan = seg.read_plan().unwrap();
+                let plan = seg.read_plan().unwrap().unwrap();
                 seg.publish_telemetry(&Telemetry {
                     phase: Phase::Precopy,
                     plan_generation: plan.generation,
                     bandwidth_bps: (plan.link.bandwidth * 8.0 * 0.5) as u64,
                     ..Telemetry::default()
-                });
+                })
+                .unwrap();
                 let start = Instant::now();
                 let new = loop {
-                    let p = seg.read_plan().unwrap();
+                    let p = seg.read_plan().unwrap().unwrap();
                     if p.generation > plan.generation {
                         break p;
                     }
@@ -503,9 +516,9 @@ mod tests {
         )
         .unwrap();
         let mut events = Vec::new();
-        server
-            .run(&stop, Duration::from_millis(2), |e| events.push(e.clone()))
-            .unwrap();
+        server.run(&stop, Duration::from_millis(2), |e| {
+            events.push(e.expect("no serve error").clone())
+        });
         let (old, new) = engine.join().unwrap();
         assert_eq!((old.generation, new.generation), (1, 2));
         assert_eq!(new.link.bandwidth, LINK.bandwidth * 0.5);

@@ -169,30 +169,34 @@ fn predict_summary_and_heatmap() {
     assert!((t - parts).abs() < 1e-9 * t);
 
     // Summary, then plan from the summary: same answer, unresolved cutoffs.
+    // (io-heavy at 40 Mbit/s: its hottest storage is rewritten faster than
+    // the link sends it, so live migration is impossible: status 2 both
+    // times.)
     let sum = dir.path("s.json");
     ok(&["summary", "--profile", fs, "--out", sum.to_str().unwrap()]);
-    let a: Value = serde_json::from_str(&ok(&[
-        "plan",
-        "--profile",
-        fs,
-        "--bandwidth",
-        "40mbit",
-        "--rtt",
-        "5ms",
-        "--json",
-    ]))
-    .unwrap();
-    let b: Value = serde_json::from_str(&ok(&[
-        "plan",
-        "--profile",
-        sum.to_str().unwrap(),
-        "--bandwidth",
-        "40mbit",
-        "--rtt",
-        "5ms",
-        "--json",
-    ]))
-    .unwrap();
+    let plan = |profile: &str| -> Value {
+        let out = run(&[
+            "plan",
+            "--profile",
+            profile,
+            "--bandwidth",
+            "40mbit",
+            "--rtt",
+            "5ms",
+            "--json",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let a = plan(fs);
+    let b = plan(sum.to_str().unwrap());
+    assert_eq!(a["live_possible"], Value::Bool(false));
+    assert_eq!(a["profile"]["fingerprint"], b["profile"]["fingerprint"]);
     assert_eq!(
         (a["m"].clone(), a["s"].clone()),
         (b["m"].clone(), b["s"].clone())
@@ -268,7 +272,13 @@ fn errors_are_clear() {
         "--rtt",
         "5ms",
     ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
+    assert!(!out.status.success(), "a truncated profile must fail");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("truncated"), "{err}");
+    // Each cause once, on one line.
+    assert_eq!(err.matches("truncated").count(), 1, "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 
     let out = run(&[
         "plan",
@@ -282,8 +292,9 @@ fn errors_are_clear() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ambiguous"));
 
-    // Live migration impossible: 1 GiB of device state over 1 Mbit.
-    let text = ok(&[
+    // Live migration impossible: 1 GiB of device state over 1 Mbit. The
+    // plan is still printed, and the exit status is 2.
+    let out = run(&[
         "plan",
         "--profile",
         f.to_str().unwrap(),
@@ -295,16 +306,34 @@ fn errors_are_clear() {
         "1GiB",
         "--json",
     ]);
-    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["live_possible"], Value::Bool(false));
     assert!(v["live_reason"].as_str().unwrap().contains("impossible"));
+    assert!(v["liveness"]["max_live_s"].is_null());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("impossible"));
+    // The same guest on a fast link: possible, status 0.
+    let out = run(&[
+        "plan",
+        "--profile",
+        f.to_str().unwrap(),
+        "--bandwidth",
+        "1gbit",
+        "--rtt",
+        "5ms",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["live_possible"], Value::Bool(true));
+    assert!(v["liveness"]["max_live_s"].as_f64().unwrap() >= 0.01);
 }
 
 fn wait_for(path: &Path, timeout: Duration) -> Segment {
     let start = Instant::now();
     loop {
         if let Ok(s) = Segment::open(path.to_str().unwrap()) {
-            if s.read_plan().is_some() {
+            if matches!(s.read_plan(), Ok(Some(_))) {
                 return s;
             }
         }
@@ -335,7 +364,7 @@ fn serve_publishes_and_cleans_up_on_sigterm() {
         .spawn()
         .unwrap();
     let s = wait_for(&seg, Duration::from_secs(60));
-    let plan = s.read_plan().unwrap();
+    let plan = s.read_plan().unwrap().unwrap();
     assert_eq!(plan.generation, 1);
     assert_eq!(plan.link.bandwidth, 5e6);
     assert!(plan.page_rule.is_resolved());
@@ -358,4 +387,148 @@ fn serve_publishes_and_cleans_up_on_sigterm() {
     };
     assert!(exit.success(), "{exit}");
     assert!(!seg.exists(), "segment left behind");
+}
+
+fn kill_term_and_wait(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = Instant::now();
+    loop {
+        if let Some(e) = child.try_wait().unwrap() {
+            break e;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "serve ignores SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the child on drop (a failed test must not leave `serve` behind).
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Rewriting the profile under a running `serve` cannot crash it: it does
+/// not map the file. An atomic rewrite (our writer renames a new file into
+/// place) is invisible to the open file, so a re-plan succeeds; a
+/// truncation in place of the very file serve has open (what another
+/// program reusing it could do) makes the next re-plan fail with a clear
+/// warning while the previous plan stays published. Either way serve keeps
+/// running and exits cleanly.
+#[test]
+fn serve_survives_the_profile_being_rewritten() {
+    use wanmig_planner::segment::{Phase, Telemetry};
+    let dir = TempDir::new("rewrite");
+    let f = synth(&dir, "web");
+    let seg = dir.path("segment");
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--segment",
+            seg.to_str().unwrap(),
+            "--profile",
+            f.to_str().unwrap(),
+            "--bandwidth",
+            "40mbit",
+            "--rtt",
+            "5ms",
+            "--poll",
+            "10ms",
+            "--min-replan-interval",
+            "0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Reaper(child);
+    let mut stderr = child.0.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+        err
+    });
+    let engine = wait_for(&seg, Duration::from_secs(60));
+    let first = engine.read_plan().unwrap().unwrap();
+    assert!(first.page_rule.is_resolved());
+    let replan = |bandwidth_bps: u64, stamp: u64| {
+        engine
+            .publish_telemetry(&Telemetry {
+                phase: Phase::Precopy,
+                plan_generation: first.generation,
+                bandwidth_bps,
+                updated_unix_ns: stamp,
+                ..Telemetry::default()
+            })
+            .unwrap();
+    };
+
+    // 1. Rewritten atomically (another synthetic profile at the same
+    // path), then a re-plan: serve still reads the file it opened.
+    ok(&[
+        "synth",
+        "--ram",
+        "64MiB",
+        "--disk",
+        "256MiB",
+        "--workload",
+        "idle",
+        "--out",
+        f.to_str().unwrap(),
+    ]);
+    replan(80_000_000, 1);
+    let start = Instant::now();
+    let second = loop {
+        let p = engine.read_plan().unwrap().unwrap();
+        if p.generation > 1 {
+            break p;
+        }
+        assert!(child.0.try_wait().unwrap().is_none(), "serve died");
+        assert!(start.elapsed() < Duration::from_secs(60), "no re-plan");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(second.link.bandwidth, 10e6);
+    assert_eq!(second.profile_fingerprint, first.profile_fingerprint);
+    assert!(second.page_rule.is_resolved());
+
+    // 2. The file serve has open (now unlinked) truncated in place through
+    // /proc, then a re-plan.
+    let fd_dir = format!("/proc/{}/fd", child.0.id());
+    let open_profile = std::fs::read_dir(&fd_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|t| t.to_string_lossy().contains("web.wmp (deleted)"))
+        })
+        .expect("serve keeps the old profile open")
+        .path();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&open_profile)
+        .unwrap();
+    file.set_len(1000).unwrap();
+    drop(file);
+    replan(160_000_000, 2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.0.try_wait().unwrap().is_none(), "serve died");
+    assert_eq!(engine.read_plan().unwrap().unwrap().generation, 2);
+
+    drop(engine);
+    let exit = kill_term_and_wait(&mut child.0);
+    assert!(exit.success(), "{exit}");
+    let err = log.join().unwrap();
+    assert!(
+        err.contains("changed while being read") && err.contains("previous plan stays published"),
+        "{err}"
+    );
 }

@@ -1,20 +1,29 @@
 //! `wanmig-planner`: plan, predict, serve, draw and synthesise (see the
 //! crate README for examples).
+//!
+//! Exit status: 0 on success; 1 on an error (printed as one line, the
+//! causes joined with ": "); 2 from `plan` when live migration is
+//! impossible on the link (the best plan available is still printed).
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+#[cfg(feature = "heatmap")]
 use wanmig_planner::heatmap::{self, HeatmapOptions};
 use wanmig_planner::model::{Link, Model, ModelParams, Policy, Prediction};
 use wanmig_planner::plan::{Plan, PredictedReport, make_plan};
+use wanmig_planner::profile::format::AtomicFile;
 use wanmig_planner::profile::summary::Summary;
 use wanmig_planner::profile::{self, ClassProfile, LoadedProfile};
 use wanmig_planner::rule::{PrecopyRule, RuleMode};
-use wanmig_planner::search::{SearchOptions, search};
+use wanmig_planner::search::SearchOptions;
+#[cfg(feature = "heatmap")]
+use wanmig_planner::search::search;
 use wanmig_planner::segment::Segment;
 use wanmig_planner::serve::{ReplanPolicy, Server};
 use wanmig_planner::synth::{self, SynthConfig, Workload};
@@ -40,6 +49,7 @@ enum Cmd {
     /// Publish the plan into a shared-memory segment and re-plan from telemetry until SIGTERM/Ctrl-C.
     Serve(ServeArgs),
     /// Draw Gamma over the (M, S) grid as a PNG.
+    #[cfg(feature = "heatmap")]
     Heatmap(HeatmapArgs),
     /// Write a synthetic profile.
     Synth(SynthArgs),
@@ -144,7 +154,8 @@ impl ModelArgs {
     }
 
     fn load(&self) -> Result<LoadedProfile> {
-        profile::load(&self.profile).with_context(|| format!("loading {}", self.profile.display()))
+        // The load errors name the file.
+        Ok(profile::load(&self.profile)?)
     }
 }
 
@@ -196,6 +207,7 @@ struct ServeArgs {
     min_replan_interval: Duration,
 }
 
+#[cfg(feature = "heatmap")]
 #[derive(Args, Debug)]
 struct HeatmapArgs {
     #[command(flatten)]
@@ -264,16 +276,37 @@ struct SummaryArgs {
     out: Option<PathBuf>,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {
+    let result = match cli.cmd {
         Cmd::Plan(a) => cmd_plan(a),
-        Cmd::Predict(a) => cmd_predict(a),
-        Cmd::Serve(a) => cmd_serve(a),
-        Cmd::Heatmap(a) => cmd_heatmap(a),
-        Cmd::Synth(a) => cmd_synth(a),
-        Cmd::Summary(a) => cmd_summary(a),
+        Cmd::Predict(a) => cmd_predict(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Serve(a) => cmd_serve(a).map(|()| ExitCode::SUCCESS),
+        #[cfg(feature = "heatmap")]
+        Cmd::Heatmap(a) => cmd_heatmap(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Synth(a) => cmd_synth(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Summary(a) => cmd_summary(a).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the error and its causes, each printed once.
+            eprintln!("wanmig-planner: error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// An error and its causes on one line, joined with ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 fn gib(bytes: u128) -> String {
@@ -323,8 +356,8 @@ fn describe_prediction(p: &Prediction) {
         p.delta_t_s
     );
     println!(
-        "  Gamma = {:.5}, weighted 1/(w1 D + w2 P) = {:.5}, downtime target met: {}",
-        p.gamma, p.gamma_weighted, p.meets_downtime_target
+        "  Gamma = {:.5}, weighted 1/(w1 D + w2 P) = {:.5}, downtime limit {} s met: {}",
+        p.gamma, p.gamma_weighted, p.downtime_limit_s, p.meets_downtime_limit
     );
 }
 
@@ -357,10 +390,21 @@ fn print_plan(path: &Path, a: &ModelArgs, classes: &ClassProfile, plan: &Plan) {
             "LIVE MIGRATION IMPOSSIBLE: {}",
             r.live.reason.as_deref().unwrap_or("")
         );
+    } else if let Some(s) = r.live.max_live_s {
+        println!(
+            "live migration possible: storage pre-copy converges up to S = {s:.2} (memory instantly copied, D <= {} s)",
+            r.live.limit_s
+        );
     }
     println!(
-        "plan: M = {:.2}, S = {:.2} (chosen by {})",
-        r.chosen.m, r.chosen.s, r.chosen_by
+        "plan: M = {:.2}, S = {:.2} (grid optimum; the seed recursion {} it)",
+        r.chosen.m,
+        r.chosen.s,
+        if r.ternary_is_global {
+            "also finds"
+        } else {
+            "misses"
+        }
     );
     describe_prediction(&plan.prediction);
     println!(
@@ -389,7 +433,7 @@ fn print_plan(path: &Path, a: &ModelArgs, classes: &ClassProfile, plan: &Plan) {
     );
 }
 
-fn cmd_plan(a: PlanArgs) -> Result<()> {
+fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
     let loaded = a.model.load()?;
     let plan = make_plan(
         &loaded.classes,
@@ -408,8 +452,9 @@ fn cmd_plan(a: PlanArgs) -> Result<()> {
             "wanmig-planner: {}",
             plan.search.live.reason.as_deref().unwrap_or("")
         );
+        return Ok(ExitCode::from(2));
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_predict(a: PredictArgs) -> Result<()> {
@@ -423,6 +468,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     } else {
         model.predict(a.m, a.s)
     };
+    p.check_finite()?;
     if a.json {
         #[derive(serde::Serialize)]
         struct Out<'a> {
@@ -493,7 +539,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     let loaded = a.model.load()?;
     if loaded.units.is_none() {
         eprintln!(
-            "wanmig-planner: warning: {} is a summary; the published rules have no address cutoff (the engine must take the first `take` units of each boundary class)",
+            "wanmig-planner: warning: {} is a summary; the published rules have no address cutoff (the engine must scan units in address order with PrecopyRule::scanner, which takes the first `take` units of each boundary class)",
             a.model.profile.display()
         );
     }
@@ -528,13 +574,17 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             " (live migration impossible on this link)"
         }
     );
-    server.run(&STOP, a.poll, |e| {
-        eprintln!(
+    server.run(&STOP, a.poll, |e| match e {
+        Ok(e) => eprintln!(
             "wanmig-planner: re-planned, generation {}: {}",
             e.generation,
             serde_json::to_string(e).unwrap_or_default()
-        );
-    })?;
+        ),
+        Err(e) => eprintln!(
+            "wanmig-planner: warning: {} (the previous plan stays published)",
+            chain(e)
+        ),
+    });
     eprintln!(
         "wanmig-planner: stopping; removing {}",
         segment.path().display()
@@ -543,10 +593,12 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "heatmap")]
 fn cmd_heatmap(a: HeatmapArgs) -> Result<()> {
     let loaded = a.model.load()?;
     let model = Model::new(&loaded.classes, a.model.link(), a.model.params())?;
     let result = search(&model, &a.model.search());
+    result.check_finite()?;
     let opts = HeatmapOptions {
         width: a.width,
         height: a.height,
@@ -595,7 +647,7 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
     };
     let start = std::time::Instant::now();
     if a.classes_only {
-        let s = Summary::new(synth::class_profile(&cfg));
+        let s = Summary::new(synth::class_profile(&cfg))?;
         s.write(&a.out)?;
         println!(
             "wrote {} (class summary: {} + {} classes) in {:.2} s",
@@ -606,9 +658,15 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
         );
         return Ok(());
     }
+    // Written under a temporary name and renamed into place: a reader of an
+    // older profile at the same path is never disturbed.
     let file =
-        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    synth::write_profile(&cfg, std::io::BufWriter::with_capacity(1 << 20, file))
+        AtomicFile::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let out = synth::write_profile(&cfg, std::io::BufWriter::with_capacity(1 << 20, file))
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    out.into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(AtomicFile::commit)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let h = cfg.header();
     println!(
@@ -623,7 +681,7 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
     );
     if let Some(path) = a.summary {
         let loaded = profile::load(&a.out)?;
-        Summary::new(loaded.classes).write(&path)?;
+        Summary::new(loaded.classes)?.write(&path)?;
         println!("wrote {}", path.display());
     }
     Ok(())
@@ -631,7 +689,7 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
 
 fn cmd_summary(a: SummaryArgs) -> Result<()> {
     let loaded = profile::load(&a.profile)?;
-    let s = Summary::new(loaded.classes);
+    let s = Summary::new(loaded.classes)?;
     match a.out {
         Some(path) => {
             s.write(&path)?;

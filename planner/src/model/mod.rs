@@ -1,15 +1,14 @@
 //! The three-phase migration model (`model.md`), evaluated on classes.
 //!
 //! [`Model::new`] ranks the classes of each kind, precomputes what every
-//! evaluation shares (rates, per-class fault rates, suffix sums of the
-//! `DeltaT` contributions of units that arrive after `dT`, per-write-rate
-//! byte vectors for the 101 grid fractions), and then:
+//! evaluation shares (rates, the work-time grid and per-step suffix tables
+//! of the post-copy stall integral, per-write-rate byte vectors for the 101
+//! grid fractions), and then:
 //!
 //! - [`Model::predict`] gives the full [`Prediction`] for a plan `(M, S)`;
 //! - [`Model::evaluate`] gives what the search needs (`D`, `DeltaT`, `Gamma`,
-//!   the objective) in O(distinct write rates x rounds + classes arriving
-//!   within `dT` + zero classes), independent of guest size and mostly of
-//!   the class count.
+//!   the objective) in O(distinct write rates x rounds + window steps x
+//!   (log classes + zero-written classes)), independent of guest size.
 //!
 //! See the crate docs for the model's equations and decisions;
 //! [`precopy`] and [`postcopy`] hold the per-phase formulas.
@@ -28,12 +27,16 @@ use serde::{Deserialize, Serialize};
 use crate::profile::classes::ClassProfileError;
 use crate::profile::{ClassProfile, Kind, UnitCounters};
 use crate::units::Rate;
+use postcopy::{StallTable, zero_weight};
 use precopy::{Group, PrecopyLink};
 pub use precopy::{Round, RoundDirty, StopReason};
-use rates::{RateTable, p_any};
+use rates::{MAX_SAMPLES, RateTable};
 
 /// Grid resolution: fractions `i / GRID_STEPS`, `i = 0..=GRID_STEPS`.
 pub const GRID_STEPS: usize = 100;
+
+/// The shortest profile interval `tau` the model accepts (seconds).
+pub const MIN_INTERVAL_S: f64 = 1e-9;
 
 /// The migration link.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -79,20 +82,23 @@ pub struct ModelParams {
     /// same way for every `H > 0`.
     pub horizon: f64,
     /// Downtime target in seconds: pre-copy stops once the freeze would meet
-    /// it, and plans whose `D` exceeds it are infeasible.
+    /// it, and it is the downtime limit `L` (see
+    /// [`ModelParams::downtime_limit`]).
     pub downtime_target: Option<f64>,
     /// Pre-copy round limit (default 30).
     pub max_rounds: u32,
     /// A round must shrink the dirty set by at least this fraction to be
     /// followed by another (default 0.05).
     pub min_shrink: f64,
-    /// Pre-copy has converged once sending the remainder would add at most
-    /// this fraction to the fixed freeze time (default 0.01).
+    /// Pre-copy has converged once the dirty remainder is at most this
+    /// fraction of the device state plus one unit-sized floor (default
+    /// 0.01; see [`precopy`]).
     pub converged: f64,
     /// Fixed cost of resuming at the destination, added to `D` (default 0).
     pub resume_overhead: f64,
     /// Multiplier on every write rate (1 = the profile; re-planning sets it
-    /// from the measured dirty rate).
+    /// from the measured dirty rate). The ranking is not affected (see the
+    /// crate docs).
     pub write_scale: f64,
     /// Overrides the profile's device-state estimate (bytes).
     pub state_bytes: Option<u64>,
@@ -117,7 +123,17 @@ impl Default for ModelParams {
     }
 }
 
-/// Invalid model inputs.
+impl ModelParams {
+    /// The downtime limit `L`: the downtime target, or `dT` without one (a
+    /// pause as long as the whole restoration window is not a live
+    /// migration). A plan with `D > L` is infeasible: never chosen while a
+    /// feasible plan exists, and never called live.
+    pub fn downtime_limit(&self) -> f64 {
+        self.downtime_target.unwrap_or(self.delta_t)
+    }
+}
+
+/// Invalid model inputs, or a result that is not a finite number.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelError {
@@ -132,8 +148,17 @@ pub enum ModelError {
         reason: &'static str,
     },
     /// The class profile is inconsistent.
-    #[error("class profile: {0}")]
+    #[error("invalid class profile")]
     Profile(#[from] ClassProfileError),
+    /// A predicted figure is not a finite number (it is never printed or
+    /// published as if it were one).
+    #[error("predicted {what} is {value}, not a finite number")]
+    NonFinite {
+        /// The figure.
+        what: &'static str,
+        /// Its value.
+        value: f64,
+    },
 }
 
 /// The full prediction for one plan `(M, S)`.
@@ -163,13 +188,14 @@ pub struct Prediction {
     pub uptime_s: f64,
     /// `T` = pre-copy + `D` + `U` (s).
     pub total_s: f64,
-    /// `P`: expected stall time from post-copy faults (s).
+    /// `P`: expected fault stall time over the whole post-copy (s).
     pub penalty_s: f64,
     /// Expected number of post-copy faults.
     pub expected_faults: f64,
     /// Expected stall time met during the first `dT` seconds of work (s).
     pub window_stall_s: f64,
-    /// `DeltaT` = `dT` + window stalls (s).
+    /// `DeltaT` = `dT` + window stalls (s): the wall time of `dT` seconds
+    /// of work.
     pub delta_t_s: f64,
     /// `Gamma = dT / (D + DeltaT)`.
     pub gamma: f64,
@@ -177,8 +203,51 @@ pub struct Prediction {
     pub gamma_weighted: f64,
     /// The search objective at this point (see [`Model::evaluate`]).
     pub objective: f64,
-    /// Whether `D` meets the downtime target (true without a target).
-    pub meets_downtime_target: bool,
+    /// The downtime limit `L` (s).
+    pub downtime_limit_s: f64,
+    /// Whether `D <= L`.
+    pub meets_downtime_limit: bool,
+}
+
+impl Prediction {
+    /// Every figure, by name.
+    fn figures(&self) -> [(&'static str, f64); 16] {
+        [
+            ("m", self.m),
+            ("s", self.s),
+            ("precopy_s", self.precopy_s),
+            ("remainder_bytes", self.remainder_bytes),
+            ("downtime_s", self.downtime_s),
+            ("postcopy_bytes", self.postcopy_bytes),
+            ("uptime_s", self.uptime_s),
+            ("total_s", self.total_s),
+            ("penalty_s", self.penalty_s),
+            ("expected_faults", self.expected_faults),
+            ("window_stall_s", self.window_stall_s),
+            ("delta_t_s", self.delta_t_s),
+            ("gamma", self.gamma),
+            ("gamma_weighted", self.gamma_weighted),
+            ("objective", self.objective),
+            ("downtime_limit_s", self.downtime_limit_s),
+        ]
+    }
+
+    /// `Err` naming the first figure (or round) that is NaN or infinite.
+    pub fn check_finite(&self) -> Result<(), ModelError> {
+        let rounds = self.rounds.iter().flat_map(|r| {
+            [
+                ("round bytes", r.bytes),
+                ("round duration_s", r.duration_s),
+                ("round dirty_bytes", r.dirty_bytes),
+            ]
+        });
+        for (what, value) in self.figures().into_iter().chain(rounds) {
+            if !value.is_finite() {
+                return Err(ModelError::NonFinite { what, value });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A plan's pre-copy set sizes in units.
@@ -201,12 +270,14 @@ pub struct Evaluation {
     pub gamma: f64,
     /// `P` (s); `NaN` unless computed (weighted policy, or full prediction).
     pub penalty: f64,
-    /// The search objective: the policy's figure when `D` meets the
-    /// downtime target (or there is none), else `-D` (below every feasible
-    /// value, and larger the closer the plan is to feasible).
+    /// The search objective: the policy's figure when `D <= L` (the
+    /// downtime limit), else `-D` (below every feasible value, and larger
+    /// the closer the plan is to feasible).
     pub objective: f64,
-    /// Whether `D` meets the downtime target.
+    /// Whether `D <= L`.
     pub feasible: bool,
+    /// Why pre-copy stopped.
+    pub stop: StopReason,
 }
 
 /// The top `k` units of a kind in rank order, as classes.
@@ -231,16 +302,18 @@ pub(crate) struct RClass {
     /// Index into the write-rate groups, or `NO_GROUP` for `w = 0`.
     pub group: u32,
     pub lam_w: f64,
-    pub lam_a: f64,
+    /// Read part and write part of the post-copy fetch rate `lambda_a`.
+    pub lam_parts: (f64, f64),
     /// Position in the merged (pages and chunks) rank order.
     pub pos: u32,
-    /// `1 - e^{-lambda_a dT}`.
-    pub p_dt: f64,
-    /// `x = lambda_a unit / B` and `e^x - 1` (post-copy geometric series).
-    pub hx: f64,
-    pub em1: f64,
-    /// `G(x, count)`.
-    pub g_full: f64,
+}
+
+impl RClass {
+    /// `lambda_a`, the post-copy first-access (fetch) rate.
+    #[inline]
+    pub fn lam_a(&self) -> f64 {
+        self.lam_parts.0 + self.lam_parts.1
+    }
 }
 
 const NO_GROUP: u32 = u32::MAX;
@@ -255,10 +328,14 @@ pub(crate) struct KindModel {
     pub classes: Vec<RClass>,
     /// `cum[i]` = units in `classes[..i]`.
     pub cum: Vec<u64>,
-    /// Suffix sums over populated classes of `count (1 - e^{-L dT}) stall`.
-    pub tail_window: Vec<f64>,
-    /// Zero classes with `w > 0` (their push cost depends on `T_pre`).
+    /// `cum_bytes[i]` = bytes of the populated classes in `classes[..i]`.
+    pub cum_bytes: Vec<f64>,
+    /// Zero classes with `w > 0` (their push weight depends on `T_pre`).
     pub zero_written: Vec<usize>,
+    /// Per-unit step masses of the zero-written classes (`[z * K + k]`).
+    pub zmass: Vec<f64>,
+    /// The post-copy stall table (populated classes).
+    pub table: StallTable,
     /// Per grid fraction: bytes per write group, and round-0 bytes.
     pub grid: Vec<(Vec<f64>, f64)>,
 }
@@ -297,12 +374,86 @@ impl KindModel {
     }
 }
 
+/// A zero-written class in the post-copy set of one evaluation.
+#[derive(Debug, Clone, Copy)]
+struct ZeroRest {
+    /// Merged position.
+    pos: u32,
+    /// Kind index.
+    kind: u8,
+    /// Index in the kind's `zero_written`.
+    zw: u32,
+    /// Units in the post-copy set.
+    units: f64,
+    /// Push weight `q`.
+    q: f64,
+    /// Push bytes of the zero-written entries before this one.
+    before: f64,
+}
+
+/// The absent mass while the push front is inside one class (see
+/// [`Model::front`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Front {
+    /// Pushed bytes when the class starts arriving.
+    start: f64,
+    /// Push bytes per unit of the class (`q unit`).
+    cost: f64,
+    /// Post-copy units of the class.
+    units: u64,
+    /// Expected stall and faults with none of the class arrived.
+    stall: f64,
+    faults: f64,
+    /// The same per unit of the class.
+    unit_stall: f64,
+    unit_faults: f64,
+}
+
+impl Front {
+    /// `(stall, faults)` once `x` bytes are pushed (`x` within the class).
+    #[inline]
+    fn absent(&self, x: f64) -> (f64, f64) {
+        let arrived = if self.cost > 0.0 {
+            // Non-negative: truncation is the floor.
+            ((nonneg(x - self.start) / self.cost) as u64).min(self.units)
+        } else {
+            self.units
+        } as f64;
+        (
+            self.stall - arrived * self.unit_stall,
+            self.faults - arrived * self.unit_faults,
+        )
+    }
+}
+
 /// Reusable per-thread scratch space for evaluations.
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
     x: Vec<f64>,
     groups: Vec<Group>,
     sent: Vec<f64>,
+    zeros: Vec<ZeroRest>,
+}
+
+/// How much of the post-copy phase an evaluation integrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Post {
+    /// Up to `dT` (`DeltaT`).
+    Window,
+    /// Up to `dT`, and only when `D <= L`.
+    IfFeasible,
+    /// To the end (`P`).
+    Whole,
+}
+
+impl Post {
+    /// `IfFeasible` becomes `Window`.
+    fn or_window(self) -> Post {
+        match self {
+            Post::IfFeasible => Post::Window,
+            p => p,
+        }
+    }
 }
 
 /// How one side of a plan is given.
@@ -310,6 +461,20 @@ pub struct Scratch {
 enum Part {
     Grid(usize),
     Units(u64),
+}
+
+/// The post-copy set of one kind in an evaluation.
+#[derive(Debug, Clone, Copy)]
+struct RestKind {
+    /// Whether the kind takes part (memory is left out when "instantly
+    /// copied").
+    included: bool,
+    /// Boundary class: classes `..b` are pre-copied.
+    b: usize,
+    /// Units of class `b` pre-copied.
+    take: u64,
+    /// Populated bytes pre-copied (`cum_bytes[b]` + the taken units).
+    pre_bytes: f64,
 }
 
 /// The model for one profile, link and parameter set.
@@ -321,9 +486,19 @@ pub struct Model {
     state: f64,
     /// `state / B + RTT + resume overhead`.
     freeze_fixed: f64,
+    /// Converged threshold in bytes.
+    converged_bytes: f64,
     /// `lambda_w` per write group.
     group_lambda: Vec<f64>,
     kinds: [KindModel; 2],
+    /// The work-time grid (see [`postcopy`]).
+    grid_t: Vec<f64>,
+    /// `grid_t[window] = dT`.
+    window: usize,
+    /// The merged push order: `(kind, class index)`.
+    merged: Vec<(u8, u32)>,
+    /// `before[p]` = classes of each kind at merged positions `< p`.
+    before: Vec<[u32; 2]>,
 }
 
 fn check(what: &'static str, value: f64, ok: bool, reason: &'static str) -> Result<(), ModelError> {
@@ -336,6 +511,12 @@ fn check(what: &'static str, value: f64, ok: bool, reason: &'static str) -> Resu
             reason,
         })
     }
+}
+
+/// `x` when `x >= 0`, 0 when negative (rounding), NaN stays NaN.
+#[inline]
+pub(crate) fn nonneg(x: f64) -> f64 {
+    if x < 0.0 { 0.0 } else { x }
 }
 
 /// `round(f * total)`, clamped to `[0, total]`.
@@ -354,7 +535,8 @@ pub fn grid_fraction(i: usize) -> f64 {
 }
 
 impl Model {
-    /// Builds the model. O(classes log classes + 101 x classes).
+    /// Builds the model. O(classes log classes + 101 x classes + classes x
+    /// steps).
     pub fn new(
         profile: &ClassProfile,
         link: Link,
@@ -374,6 +556,18 @@ impl Model {
             link.rtt.is_finite() && link.rtt >= 0.0,
             "must be >= 0",
         )?;
+        check(
+            "interval_s",
+            profile.interval_s,
+            profile.interval_s.is_finite() && profile.interval_s >= MIN_INTERVAL_S,
+            "the profile interval must be at least 1 ns",
+        )?;
+        check(
+            "samples",
+            profile.samples.into(),
+            (1..=MAX_SAMPLES).contains(&profile.samples),
+            "must be in 1..=65535",
+        )?;
         let p = &params;
         check(
             "delta_t",
@@ -381,7 +575,12 @@ impl Model {
             p.delta_t.is_finite() && p.delta_t > 0.0,
             "must be positive",
         )?;
-        check("horizon", p.horizon, p.horizon > 0.0, "must be positive")?;
+        check(
+            "horizon",
+            p.horizon,
+            p.horizon.is_finite() && p.horizon > 0.0,
+            "must be positive",
+        )?;
         if let Some(t) = p.downtime_target {
             check(
                 "downtime_target",
@@ -435,6 +634,13 @@ impl Model {
         let tau = profile.interval_s;
         let scale = p.write_scale;
         let lam = |k: u32| rates.ell(k) / tau;
+        // The largest rate is ln(2n) / tau; with the scale it must stay finite.
+        check(
+            "write_scale",
+            p.write_scale,
+            (lam(profile.samples) * scale).is_finite(),
+            "scaled write rates overflow",
+        )?;
         let state = p.state_bytes.unwrap_or(profile.state_bytes) as f64;
 
         // Write groups: distinct w > 0 over both kinds.
@@ -450,9 +656,8 @@ impl Model {
         let group_lambda: Vec<f64> = ws.iter().map(|&w| lam(w) * scale).collect();
         let groups = ws.len();
 
-        let build = |kind: Kind| -> KindModel {
-            let unit = profile.unit_size(kind) as f64;
-            let stall = link.rtt + unit / b;
+        // Ranked classes of each kind.
+        let ranked = |kind: Kind| -> Result<(Vec<RClass>, Vec<u64>), ModelError> {
             let mut classes: Vec<RClass> = profile
                 .classes(kind)
                 .iter()
@@ -473,48 +678,98 @@ impl Model {
                             ws.binary_search(&k.w).expect("collected above") as u32
                         },
                         lam_w,
-                        lam_a: lam(k.r) + lam_w * write_fetch,
+                        lam_parts: (lam(k.r), lam_w * write_fetch),
                         pos: 0,
-                        p_dt: 0.0,
-                        hx: 0.0,
-                        em1: 0.0,
-                        g_full: 0.0,
                     }
                 })
                 .collect();
-            for c in &mut classes {
-                c.p_dt = p_any(c.lam_a * p.delta_t);
-                c.hx = c.lam_a * unit / b;
-                c.em1 = c.hx.exp_m1();
-                c.g_full = postcopy::geo_with(c.hx, c.em1, c.count as f64);
-            }
             classes.sort_by(|a, b| rates.rank_cmp(&a.key, &b.key));
             let mut cum = Vec::with_capacity(classes.len() + 1);
             cum.push(0u64);
             for c in &classes {
-                cum.push(cum.last().unwrap() + c.count);
+                let next = cum
+                    .last()
+                    .and_then(|l: &u64| l.checked_add(c.count))
+                    .ok_or(ClassProfileError::CountOverflow { kind })?;
+                cum.push(next);
             }
-            let mut tail_window = vec![0.0; classes.len() + 1];
-            for i in (0..classes.len()).rev() {
-                let c = &classes[i];
+            Ok((classes, cum))
+        };
+        let (mut page_classes, page_cum) = ranked(Kind::Page)?;
+        let (mut chunk_classes, chunk_cum) = ranked(Kind::Chunk)?;
+
+        // Positions in the merged order: rank, then pages before chunks.
+        let mut merged = Vec::with_capacity(page_classes.len() + chunk_classes.len());
+        let mut before = Vec::with_capacity(merged.capacity() + 1);
+        let (mut i, mut j) = (0, 0);
+        while i < page_classes.len() || j < chunk_classes.len() {
+            before.push([i as u32, j as u32]);
+            let page_next = j >= chunk_classes.len()
+                || (i < page_classes.len()
+                    && rates.rank_cmp(&page_classes[i].key, &chunk_classes[j].key)
+                        != Ordering::Greater);
+            if page_next {
+                page_classes[i].pos = merged.len() as u32;
+                merged.push((0u8, i as u32));
+                i += 1;
+            } else {
+                chunk_classes[j].pos = merged.len() as u32;
+                merged.push((1u8, j as u32));
+                j += 1;
+            }
+        }
+        before.push([i as u32, j as u32]);
+
+        // The work-time grid: the fastest fetch rate and the longest push.
+        let lam_max = page_classes
+            .iter()
+            .chain(&chunk_classes)
+            .map(RClass::lam_a)
+            .fold(0.0, f64::max);
+        let push_bytes = |classes: &[RClass], unit: u64| -> f64 {
+            classes
+                .iter()
+                .filter(|c| !c.key.zero || c.key.w > 0)
+                .map(|c| c.count as f64 * unit as f64)
+                .sum::<f64>()
+        };
+        let u_max = (push_bytes(&page_classes, profile.page_size)
+            + push_bytes(&chunk_classes, profile.chunk_size))
+            / b;
+        let (grid_t, window) = postcopy::work_grid(p.delta_t, lam_max, u_max);
+
+        let build = |kind: Kind, classes: Vec<RClass>, cum: Vec<u64>| -> KindModel {
+            let unit = profile.unit_size(kind) as f64;
+            let stall = link.rtt + unit / b;
+            let mut cum_bytes = Vec::with_capacity(classes.len() + 1);
+            cum_bytes.push(0.0);
+            for c in &classes {
                 let own = if c.key.zero {
                     0.0
                 } else {
-                    c.count as f64 * p_any(c.lam_a * p.delta_t) * stall
+                    c.count as f64 * unit
                 };
-                tail_window[i] = tail_window[i + 1] + own;
+                cum_bytes.push(cum_bytes.last().unwrap() + own);
             }
-            let zero_written = (0..classes.len())
+            let zero_written: Vec<usize> = (0..classes.len())
                 .filter(|&i| classes[i].key.zero && classes[i].key.w > 0)
                 .collect();
+            let parts: Vec<(f64, f64)> = classes.iter().map(|c| c.lam_parts).collect();
+            let weight: Vec<f64> = classes
+                .iter()
+                .map(|c| if c.key.zero { 0.0 } else { c.count as f64 })
+                .collect();
+            let (table, zmass) = StallTable::build(&grid_t, &parts, weight, &zero_written);
             let mut km = KindModel {
                 unit,
                 total: profile.count(kind),
                 stall,
                 classes,
                 cum,
-                tail_window,
+                cum_bytes,
                 zero_written,
+                zmass,
+                table,
                 grid: Vec::new(),
             };
             // Grid snapshots (one sweep over the ranked classes), unless the
@@ -552,32 +807,26 @@ impl Model {
             }
             km
         };
-        let mut kinds = [build(Kind::Page), build(Kind::Chunk)];
-        // Positions in the merged order: rank, then pages before chunks.
-        let (mut i, mut j, mut pos) = (0, 0, 0u32);
-        let [pages, chunks] = &mut kinds;
-        while i < pages.classes.len() || j < chunks.classes.len() {
-            let page_next = j >= chunks.classes.len()
-                || (i < pages.classes.len()
-                    && rates.rank_cmp(&pages.classes[i].key, &chunks.classes[j].key)
-                        != Ordering::Greater);
-            if page_next {
-                pages.classes[i].pos = pos;
-                i += 1;
-            } else {
-                chunks.classes[j].pos = pos;
-                j += 1;
-            }
-            pos += 1;
-        }
+        let kinds = std::thread::scope(|s| {
+            let pages = s.spawn(|| build(Kind::Page, page_classes, page_cum));
+            let chunks = build(Kind::Chunk, chunk_classes, chunk_cum);
+            [pages.join().expect("model build worker panicked"), chunks]
+        });
+        let converged_bytes =
+            p.converged * (state + profile.page_size.max(profile.chunk_size) as f64);
         Ok(Model {
             link,
             params,
             rates,
             state,
             freeze_fixed: state / b + link.rtt + p.resume_overhead,
+            converged_bytes,
             group_lambda,
             kinds,
+            grid_t,
+            window,
+            merged,
+            before,
         })
     }
 
@@ -609,6 +858,16 @@ impl Model {
     /// Number of distinct write-rate groups (the pre-copy state size).
     pub fn write_groups(&self) -> usize {
         self.group_lambda.len()
+    }
+
+    /// The post-copy work-time grid: `(points, index of dT)`.
+    pub fn work_grid(&self) -> (&[f64], usize) {
+        (&self.grid_t, self.window)
+    }
+
+    /// Entries of the post-copy stall tables (both kinds), for size reports.
+    pub fn stall_table_entries(&self) -> usize {
+        self.kinds.iter().map(|k| k.table.entries()).sum()
     }
 
     /// The rate table (ranking order).
@@ -702,46 +961,53 @@ impl Model {
             target: self.params.downtime_target,
             max_rounds: self.params.max_rounds,
             min_shrink: self.params.min_shrink,
-            converged: self.params.converged,
+            converged_bytes: self.converged_bytes,
         }
     }
 
     /// The core evaluation. `mem = None` is the seed's "memory instantly
-    /// copied": memory costs nothing in any phase.
+    /// copied": memory costs nothing in any phase. `post`: whether the
+    /// post-copy phase is evaluated: [`Post::Window`] only up to `dT` (what
+    /// `DeltaT` needs), [`Post::Whole`] to its end (`P`), [`Post::IfFeasible`]
+    /// like `Window` but not at all when `D > L` (the objective is then
+    /// `-D`, and `DeltaT`, `Gamma` are reported as NaN).
     fn run(
         &self,
         scratch: &mut Scratch,
         mem: Option<Part>,
         sto: Part,
-        full: bool,
+        post: Post,
         rounds: Option<&mut Vec<Round>>,
     ) -> (Evaluation, Option<Full>) {
         let round0 = self.load_groups(scratch, mem, sto);
         let link = self.precopy_link();
         let pre = precopy::run(&scratch.groups, round0, &link, &mut scratch.sent, rounds);
         let downtime = pre.remainder / self.link.bandwidth + self.freeze_fixed;
+        let limit = self.params.downtime_limit();
+        let feasible = downtime <= limit * (1.0 + 1e-12);
+        let whole = post == Post::Whole;
 
         let cursor = |kind: Kind, part: Option<Part>| {
-            part.map(|p| {
-                let km = self.kind(kind);
-                let (b, take) = km.boundary_of(self.units(kind, p));
-                (b, take)
-            })
+            part.map(|p| self.kind(kind).boundary_of(self.units(kind, p)))
         };
-        let post = self.postcopy(
-            cursor(Kind::Page, mem),
-            cursor(Kind::Chunk, Some(sto)),
-            pre.duration,
-            full,
-        );
+        let post = if post == Post::IfFeasible && !feasible {
+            PostOutcome {
+                window_stall: f64::NAN,
+                penalty: f64::NAN,
+                ..PostOutcome::default()
+            }
+        } else {
+            self.postcopy(
+                scratch,
+                [cursor(Kind::Page, mem), cursor(Kind::Chunk, Some(sto))],
+                pre.duration,
+                whole,
+            )
+        };
         let dt = self.params.delta_t;
         let delta_t = dt + post.window_stall;
         let gamma = dt / (downtime + delta_t);
-        let feasible = self
-            .params
-            .downtime_target
-            .is_none_or(|t| downtime <= t * (1.0 + 1e-12));
-        let penalty = if full { post.penalty } else { f64::NAN };
+        let penalty = if whole { post.penalty } else { f64::NAN };
         let objective = if !feasible {
             -downtime
         } else {
@@ -757,8 +1023,9 @@ impl Model {
             penalty,
             objective,
             feasible,
+            stop: pre.stop,
         };
-        let full = full.then_some(Full {
+        let full = whole.then_some(Full {
             precopy: pre,
             downtime,
             post,
@@ -766,138 +1033,324 @@ impl Model {
         (eval, full)
     }
 
-    /// The merged post-copy walk (see [`postcopy`]). Cursors are
-    /// `(class index, units of that class already pre-copied)` per kind;
-    /// `None` leaves the kind out. Without `full`, the walk stops once the
-    /// push passes `dT` and adds the rest from suffix sums.
+    /// The post-copy set of one kind for a cursor `(class, units of it
+    /// pre-copied)`; `None` leaves the kind out.
+    fn rest_kind(&self, k: usize, cursor: Option<(usize, u64)>) -> RestKind {
+        let km = &self.kinds[k];
+        let c = km.classes.len();
+        match cursor {
+            None => RestKind {
+                included: false,
+                b: c,
+                take: 0,
+                pre_bytes: km.cum_bytes[c],
+            },
+            Some((b, take)) if b < c => RestKind {
+                included: true,
+                b,
+                take,
+                pre_bytes: km.cum_bytes[b]
+                    + if km.classes[b].key.zero {
+                        0.0
+                    } else {
+                        take as f64 * km.unit
+                    },
+            },
+            Some(_) => RestKind {
+                included: true,
+                b: c,
+                take: 0,
+                pre_bytes: km.cum_bytes[c],
+            },
+        }
+    }
+
+    /// Push bytes of the post-copy classes at merged positions `< p`.
+    #[inline]
+    fn bytes_before(
+        &self,
+        rest: &[RestKind; 2],
+        zeros: &[ZeroRest],
+        zero_total: f64,
+        p: usize,
+    ) -> f64 {
+        let bf = self.before[p];
+        let mut x = 0.0;
+        for (k, r) in rest.iter().enumerate() {
+            let i = bf[k] as usize;
+            if r.included && i > r.b {
+                x += self.kinds[k].cum_bytes[i] - r.pre_bytes;
+            }
+        }
+        let z = zeros.partition_point(|z| (z.pos as usize) < p);
+        x + zeros.get(z).map_or(zero_total, |z| z.before)
+    }
+
+    /// The merged position of the class at the push front once `x < total`
+    /// bytes are pushed (the last position `p >= from` with
+    /// `bytes_before(p) <= x`), and `bytes_before(p)`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn locate(
+        &self,
+        rest: &[RestKind; 2],
+        zeros: &[ZeroRest],
+        zero_total: f64,
+        from: usize,
+        from_bytes: f64,
+        x: f64,
+    ) -> (usize, f64) {
+        let c = self.merged.len();
+        let f = |p: usize| self.bytes_before(rest, zeros, zero_total, p);
+        let (mut lo, mut lo_bytes) = (from, from_bytes);
+        let mut step = 1;
+        let mut hi;
+        loop {
+            hi = (lo + step).min(c);
+            let fh = f(hi);
+            if fh > x {
+                break;
+            }
+            (lo, lo_bytes) = (hi, fh);
+            step *= 2;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            let fm = f(mid);
+            if fm <= x {
+                (lo, lo_bytes) = (mid, fm);
+            } else {
+                hi = mid;
+            }
+        }
+        (lo, lo_bytes)
+    }
+
+    /// The expected `(stall, faults)` over step `k` of the post-copy units
+    /// not yet arrived when the push front is in the class at merged
+    /// position `p` (which starts at `start` pushed bytes), as `base -
+    /// arrived x per_unit`: [`Front::absent`] gives it for any `x` within
+    /// the class.
+    #[allow(clippy::too_many_arguments)]
+    fn front(
+        &self,
+        rest: &[RestKind; 2],
+        zeros: &[ZeroRest],
+        t_pre: f64,
+        p: usize,
+        start: f64,
+        k: usize,
+    ) -> Front {
+        let steps = self.grid_t.len() - 1;
+        let (ka, i) = self.merged[p];
+        let (ka, i) = (ka as usize, i as usize);
+        let km = &self.kinds[ka];
+        let c = &km.classes[i];
+        let r = rest[ka];
+        let m = c.count - if i == r.b { r.take } else { 0 };
+        let cost = if c.key.zero {
+            zero_weight(c.lam_w, t_pre) * km.unit
+        } else {
+            km.unit
+        };
+        let mut out = Front {
+            start,
+            cost,
+            units: m,
+            ..Front::default()
+        };
+        for (k2, r2) in rest.iter().enumerate() {
+            let km2 = &self.kinds[k2];
+            if !r2.included {
+                continue;
+            }
+            let first = if k2 == ka {
+                i
+            } else {
+                self.before[p][k2] as usize
+            };
+            let begin = first.max(r2.b);
+            if begin >= km2.classes.len() {
+                continue;
+            }
+            let mut mass = km2.table.suffix(k, begin);
+            if begin == r2.b && r2.take > 0 && !km2.classes[begin].key.zero {
+                mass -= r2.take as f64 * km2.table.unit_mass(k, begin);
+            }
+            out.faults += mass;
+            out.stall += mass * km2.stall;
+        }
+        if !c.key.zero {
+            let unit = km.table.unit_mass(k, i);
+            out.unit_faults = unit;
+            out.unit_stall = unit * km.stall;
+        }
+        let z0 = zeros.partition_point(|z| (z.pos as usize) < p);
+        for z in &zeros[z0..] {
+            let km2 = &self.kinds[z.kind as usize];
+            let unit = z.q * km2.zmass[z.zw as usize * steps + k];
+            let mass = z.units * unit;
+            out.faults += mass;
+            out.stall += mass * km2.stall;
+            if z.pos as usize == p {
+                out.unit_faults = unit;
+                out.unit_stall = unit * km2.stall;
+            }
+        }
+        out
+    }
+
+    /// The post-copy phase (see [`postcopy`]): pushes the classes outside
+    /// the pre-copy set in merged rank order and integrates the expected
+    /// stalls in wall-clock time over the work-time grid. Cursors are
+    /// `(class index, units of that class pre-copied)` per kind; `None`
+    /// leaves the kind out. Without `full`, only the `dT` window is
+    /// integrated (what `DeltaT` needs); with it, the whole post-copy.
     fn postcopy(
         &self,
-        mem: Option<(usize, u64)>,
-        sto: Option<(usize, u64)>,
+        scratch: &mut Scratch,
+        cursors: [Option<(usize, u64)>; 2],
         t_pre: f64,
         full: bool,
     ) -> PostOutcome {
         let b = self.link.bandwidth;
-        let dt = self.params.delta_t;
-        let mut out = PostOutcome::default();
-        let mut a = 0.0; // push time used so far (s)
-        let mut cur = [mem, sto];
-        let weight = |c: &RClass| {
-            if c.key.zero {
-                p_any(c.lam_w * t_pre)
-            } else {
-                1.0
+        let rest = [self.rest_kind(0, cursors[0]), self.rest_kind(1, cursors[1])];
+        // Zero-written classes in the post-copy set, in push order.
+        let zeros = &mut scratch.zeros;
+        zeros.clear();
+        for (k, r) in rest.iter().enumerate() {
+            if !r.included {
+                continue;
             }
-        };
-        loop {
-            // Pick the next class in the merged rank order.
-            let live = |k: usize| cur[k].filter(|&(i, _)| i < self.kinds[k].classes.len());
-            let next = match (live(0), live(1)) {
-                (None, None) => break,
-                (Some(_), None) => 0,
-                (None, Some(_)) => 1,
-                (Some((i, _)), Some((j, _))) => {
-                    usize::from(self.kinds[0].classes[i].pos > self.kinds[1].classes[j].pos)
+            let km = &self.kinds[k];
+            let from = km.zero_written.partition_point(|&z| z < r.b);
+            for (zw, &ci) in km.zero_written.iter().enumerate().skip(from) {
+                let c = &km.classes[ci];
+                let units = (c.count - if ci == r.b { r.take } else { 0 }) as f64;
+                let q = zero_weight(c.lam_w, t_pre);
+                if units > 0.0 && q > 0.0 {
+                    zeros.push(ZeroRest {
+                        pos: c.pos,
+                        kind: k as u8,
+                        zw: zw as u32,
+                        units,
+                        q,
+                        before: 0.0,
+                    });
                 }
-            };
-            let km = &self.kinds[next];
-            let (i, taken) = cur[next].expect("live cursor");
-            let c = &km.classes[i];
-            let m = (c.count - taken) as f64;
-            if !c.key.zero && taken == 0 {
-                // The common case, with the class constants precomputed.
-                let h = km.unit / b;
-                if c.lam_a > 0.0 {
-                    let end = a + m * h;
-                    let ea = if a >= dt && !full {
-                        0.0
-                    } else {
-                        (-c.lam_a * a).exp()
-                    };
-                    let win = if end <= dt {
-                        m - ea * c.g_full
-                    } else if a >= dt {
-                        m * c.p_dt
-                    } else {
-                        let j = ((dt - a) / h).floor().min(m);
-                        j - ea * postcopy::geo_with(c.hx, c.em1, j) + (m - j) * c.p_dt
-                    };
-                    out.window_stall += win.max(0.0) * km.stall;
-                    if full {
-                        let f = (m - ea * c.g_full).max(0.0);
-                        out.faults += f;
-                        out.penalty += f * km.stall;
-                    }
-                }
-                if full {
-                    out.bytes += m * km.unit;
-                }
-                a += m * h;
-            } else {
-                let q = weight(c);
-                if q > 0.0 && m > 0.0 {
-                    let h = q * km.unit / b;
-                    let win = postcopy::window_faults(c.lam_a, q, m, h, a, dt);
-                    out.window_stall += win * km.stall;
-                    if full {
-                        let f = postcopy::total_faults(c.lam_a, q, m, h, a);
-                        out.faults += f;
-                        out.penalty += f * km.stall;
-                        out.bytes += q * m * km.unit;
-                    }
-                    a += m * h;
-                }
-            }
-            cur[next] = Some((i + 1, 0));
-            if !full && a >= dt {
-                // Everything left arrives after dT: its window term does not
-                // depend on the arrival time.
-                for (km, cursor) in self.kinds.iter().zip(cur.iter().copied()) {
-                    let Some((i, taken)) = cursor else { continue };
-                    if i >= km.classes.len() {
-                        continue;
-                    }
-                    // A boundary class not reached yet is partly pre-copied.
-                    let own = |c: &RClass, n: u64| weight(c) * n as f64 * c.p_dt * km.stall;
-                    let first = &km.classes[i];
-                    out.window_stall += km.tail_window[i + 1];
-                    out.window_stall += own(first, first.count - taken);
-                    let from = km.zero_written.partition_point(|&z| z <= i);
-                    for &z in &km.zero_written[from..] {
-                        let c = &km.classes[z];
-                        out.window_stall += own(c, c.count);
-                    }
-                }
-                break;
             }
         }
-        out.duration = a;
+        zeros.sort_unstable_by_key(|z| z.pos);
+        let mut zero_total = 0.0;
+        for z in zeros.iter_mut() {
+            z.before = zero_total;
+            zero_total += z.q * z.units * self.kinds[z.kind as usize].unit;
+        }
+        let zeros = &scratch.zeros[..];
+        let mut total = zero_total;
+        for (k, r) in rest.iter().enumerate() {
+            if r.included {
+                total += nonneg(self.kinds[k].cum_bytes[self.kinds[k].classes.len()] - r.pre_bytes);
+            }
+        }
+        let mut out = PostOutcome {
+            duration: total / b,
+            bytes: total,
+            ..PostOutcome::default()
+        };
+        let steps = if full {
+            self.grid_t.len() - 1
+        } else {
+            self.window
+        };
+        let (mut s, mut f) = (0.0, 0.0);
+        let (mut front, mut front_bytes, mut front_end) = (0usize, 0.0, 0.0);
+        let mut window = None;
+        for k in 0..steps {
+            let (t0, t1) = (self.grid_t[k], self.grid_t[k + 1]);
+            let x = (t0 + s) * b;
+            if x >= total {
+                break;
+            }
+            if x >= front_end {
+                (front, front_bytes) = self.locate(&rest, zeros, zero_total, front, front_bytes, x);
+            }
+            let here = self.front(&rest, zeros, t_pre, front, front_bytes, k);
+            front_end = here.start + here.cost * here.units as f64;
+            let (a, af) = here.absent(x);
+            if af > 0.0 {
+                let x2 = (t1 + s + a) * b;
+                let (c, cf) = if x2 >= total {
+                    (0.0, 0.0)
+                } else if x2 < front_end {
+                    here.absent(x2)
+                } else {
+                    let (probe, probe_bytes) =
+                        self.locate(&rest, zeros, zero_total, front, front_bytes, x2);
+                    self.front(&rest, zeros, t_pre, probe, probe_bytes, k)
+                        .absent(x2)
+                };
+                s += 0.5 * (a + c);
+                f += 0.5 * (af + cf);
+            }
+            if k + 1 == self.window {
+                window = Some(s);
+            }
+        }
+        out.window_stall = window.unwrap_or(s);
+        out.penalty = s;
+        out.faults = f;
         out
     }
 
-    /// Evaluates the grid point `(i / 100, j / 100)` (fast path).
+    /// What the search evaluates: `P` under the weighted policy, else only
+    /// the `dT` window, and nothing for plans missing the downtime limit.
+    fn search_post(&self) -> Post {
+        match self.params.policy {
+            Policy::Weighted { .. } => Post::Whole,
+            Policy::Gamma => Post::IfFeasible,
+        }
+    }
+
+    /// Evaluates the grid point `(i / 100, j / 100)` (fast path). For a
+    /// plan with `D > L` only `D` is computed (`objective = -D`; `DeltaT`
+    /// and `Gamma` are NaN); see [`Model::evaluate_grid_point`].
     pub fn evaluate_grid(&self, scratch: &mut Scratch, i: usize, j: usize) -> Evaluation {
-        let full = matches!(self.params.policy, Policy::Weighted { .. });
-        self.run(scratch, Some(Part::Grid(i)), Part::Grid(j), full, None)
+        self.run(
+            scratch,
+            Some(Part::Grid(i)),
+            Part::Grid(j),
+            self.search_post(),
+            None,
+        )
+        .0
+    }
+
+    /// [`Model::evaluate_grid`] with `DeltaT` and `Gamma` computed even
+    /// when `D > L` (for reports).
+    pub fn evaluate_grid_point(&self, scratch: &mut Scratch, i: usize, j: usize) -> Evaluation {
+        let post = self.search_post().or_window();
+        self.run(scratch, Some(Part::Grid(i)), Part::Grid(j), post, None)
             .0
     }
 
     /// Evaluates storage grid point `j / 100` with memory instantly copied
-    /// (the seed's first search step).
+    /// (the seed's first search step); `DeltaT` and `Gamma` always computed.
     pub fn evaluate_storage_only(&self, scratch: &mut Scratch, j: usize) -> Evaluation {
-        let full = matches!(self.params.policy, Policy::Weighted { .. });
-        self.run(scratch, None, Part::Grid(j), full, None).0
+        let post = self.search_post().or_window();
+        self.run(scratch, None, Part::Grid(j), post, None).0
     }
 
-    /// Evaluates arbitrary fractions (fast path).
+    /// Evaluates arbitrary fractions (fast path; `DeltaT` and `Gamma`
+    /// always computed).
     pub fn evaluate(&self, scratch: &mut Scratch, m: f64, s: f64) -> Evaluation {
         let sel = self.selection(m, s);
-        let full = matches!(self.params.policy, Policy::Weighted { .. });
+        let post = self.search_post().or_window();
         self.run(
             scratch,
             Some(Part::Units(sel.pages)),
             Part::Units(sel.chunks),
-            full,
+            post,
             None,
         )
         .0
@@ -929,7 +1382,7 @@ impl Model {
             &mut scratch,
             mem,
             Part::Units(sel.chunks),
-            true,
+            Post::Whole,
             Some(&mut rounds),
         );
         let f = full.expect("full run");
@@ -962,7 +1415,8 @@ impl Model {
             gamma: eval.gamma,
             gamma_weighted: weighted(w1, w2, f.downtime, f.post.penalty),
             objective: eval.objective,
-            meets_downtime_target: eval.feasible,
+            downtime_limit_s: self.params.downtime_limit(),
+            meets_downtime_limit: eval.feasible,
         }
     }
 
@@ -983,9 +1437,10 @@ impl Model {
     }
 }
 
-/// `1 / (w1 D + w2 P)`, finite.
+/// `1 / (w1 D + w2 P)`, at most `1e12` (both terms zero); NaN stays NaN.
 fn weighted(w1: f64, w2: f64, d: f64, p: f64) -> f64 {
-    1.0 / (w1 * d + w2 * p).max(1e-12)
+    let den = w1 * d + w2 * p;
+    if den < 1e-12 { 1e12 } else { 1.0 / den }
 }
 
 #[derive(Debug, Default, Clone, Copy)]

@@ -19,11 +19,18 @@
 //! 1. `rem == 0` (nothing left to resend): stop;
 //! 2. a downtime target is set and the freeze time
 //!    `(rem + state)/B + RTT + overhead` meets it: stop;
-//! 3. *converged*: sending the remainder would add less than `converged`
-//!    (default 1 %) to the unavoidable freeze time:
-//!    `rem / B <= converged * (state/B + RTT + overhead)`; further rounds
-//!    could not lower `D` noticeably (without this, a converging dirty set
-//!    shrinks geometrically forever and only the round limit stops it);
+//! 3. *converged*: the remainder is at most `converged` (default 1 %) of
+//!    the device state plus one unit:
+//!    `rem <= converged * (state + max(page, chunk))`. Sending it adds at
+//!    most ~1 % to the state's own transfer, so further rounds could not
+//!    lower `D` noticeably (without this, a converging dirty set shrinks
+//!    geometrically forever and only the round limit stops it). The
+//!    threshold is in bytes and does not depend on `B`: an earlier version
+//!    compared times (`rem / B <= converged (state / B + RTT + overhead)`),
+//!    whose byte threshold grows with `B` and made a faster link stop
+//!    earlier with a larger remainder, so more bandwidth could lower
+//!    `Gamma`. The unit floor lets a guest with no device state converge;
+//!    with state 0 the threshold is 1 % of a unit.
 //! 4. the dirty set stopped shrinking: `rem >= (1 - min_shrink) * bytes_k`
 //!    (default `min_shrink` 5 %): stop;
 //! 5. `k + 1 == max_rounds` (default 30): stop.
@@ -43,7 +50,7 @@ pub enum StopReason {
     Clean,
     /// The predicted freeze time meets the downtime target.
     TargetMet,
-    /// The remainder adds less than `converged` to the fixed freeze time.
+    /// The remainder is at most `converged` x (state + one unit) bytes.
     Converged,
     /// The dirty set shrank by less than `min_shrink` in the last round.
     NotShrinking,
@@ -72,7 +79,8 @@ pub(crate) struct PrecopyLink {
     pub target: Option<f64>,
     pub max_rounds: u32,
     pub min_shrink: f64,
-    pub converged: f64,
+    /// The converged threshold in bytes (rule 3).
+    pub converged_bytes: f64,
 }
 
 impl PrecopyLink {
@@ -86,7 +94,7 @@ impl PrecopyLink {
             .is_some_and(|target| remainder_time + self.freeze_fixed <= target)
         {
             Some(StopReason::TargetMet)
-        } else if remainder_time <= self.converged * self.freeze_fixed {
+        } else if rem <= self.converged_bytes {
             Some(StopReason::Converged)
         } else if rem >= (1.0 - self.min_shrink) * bytes {
             Some(StopReason::NotShrinking)
@@ -155,7 +163,7 @@ pub(crate) fn run(
         if let Some(stop) = stop {
             return PrecopyOutcome {
                 duration,
-                remainder: rem.max(0.0),
+                remainder: super::nonneg(rem),
                 rounds: k + 1,
                 stop,
             };

@@ -17,10 +17,31 @@
 //!
 //! The planner works with the *unscaled* rate `ell(k) = lambda * tau`, a table
 //! of `n + 1` values, and divides by `tau` only where time enters.
+//!
+//! **The ranking is decided with integers.** The score of `model.md`,
+//! `1 - exp(-(lambda_r + lambda_w) H)`, is strictly increasing in
+//! `ell(r) + ell(w) = -ln((1 - r'/n)(1 - w'/n))` (`k' = min(k, n - 1/2)`),
+//! so ranking by descending score is ranking by *ascending*
+//! `(n - r')(n - w')`, i.e. by ascending
+//!
+//! ```text
+//! key(r, w) = max(2 (n - r), 1) * max(2 (n - w), 1)      (an exact u64)
+//! ```
+//!
+//! (the `max(.., 1)` is the clamp `k -> n - 1/2` doubled). Two units with
+//! the same key have the same score *exactly*, whatever floating point
+//! would say about `ell(r) + ell(w)`: with `n = 3`, `(r, w) = (1, 3)` and
+//! `(2, 2)` both score `ln 9`, and their order is decided by the tie-breaks
+//! (lower `w` first), not by rounding. See [`rank_cmp`].
 
 use std::cmp::Ordering;
 
 use crate::profile::UnitCounters;
+
+/// The largest sample count `n` the planner accepts (profiles, summaries,
+/// shared-memory rules): keeps every rank key below `2^35` and every rate
+/// table small.
+pub const MAX_SAMPLES: u32 = 65_535;
 
 /// `ell(k) = -ln(1 - min(k, n - 1/2) / n)`: the clamped Poisson rate of a
 /// counter `k` out of `n` intervals, in events per interval.
@@ -31,6 +52,41 @@ pub fn unscaled_rate(k: u32, n: u32) -> f64 {
     let n = f64::from(n);
     let k = f64::from(k).min(n - 0.5);
     -(-k / n).ln_1p()
+}
+
+/// The exact rank key of counters `c` out of `n` intervals:
+/// `max(2 (n - r), 1) * max(2 (n - w), 1)`; a *smaller* key is a *higher*
+/// access score (see the module docs). Counters above `n` count as `n`.
+#[inline]
+pub fn rank_key(n: u32, c: &UnitCounters) -> u64 {
+    let f = |k: u32| (2 * (u64::from(n) - u64::from(k.min(n)))).max(1);
+    f(c.r) * f(c.w)
+}
+
+/// The ranking order of two units' counters out of `n` intervals: `Less`
+/// means `a` ranks *before* `b` (is hotter, pre-copied first, pushed
+/// first). Exact (integer) comparisons only:
+///
+/// 1. higher access score first (ascending [`rank_key`]);
+/// 2. then lower write rate (`w` ascending; with equal key and equal `w`,
+///    `r` is equal too);
+/// 3. then lower overwrite count `o` (a higher post-copy fetch rate
+///    `lambda_r + lambda_w (1 - o/w)`, so the more fault-prone unit goes
+///    first; always 0 for pages);
+/// 4. then populated units before zero/never-populated ones (which cost
+///    nothing in post-copy).
+///
+/// Equal keys are the same class; the engine breaks the remaining tie by
+/// address (lower first). Steps 3 and 4 refine `model.md`'s "then by
+/// address" so that every class is one contiguous run of the order; see
+/// the crate docs.
+#[inline]
+pub fn rank_cmp(n: u32, a: &UnitCounters, b: &UnitCounters) -> Ordering {
+    rank_key(n, a)
+        .cmp(&rank_key(n, b))
+        .then(a.w.cmp(&b.w))
+        .then(a.o.cmp(&b.o))
+        .then(a.zero.cmp(&b.zero))
 }
 
 /// The table `ell(0..=n)` of unscaled rates for one sample count.
@@ -59,37 +115,17 @@ impl RateTable {
         self.ell[k.min(self.samples) as usize]
     }
 
-    /// The ranking score's monotone core: `ell(r) + ell(w)`. The score of
-    /// `model.md`, `1 - exp(-(lambda_r + lambda_w) * H)`, is a strictly
-    /// increasing function of it for every horizon `H > 0`, so the order does
-    /// not depend on `H` or on `tau`.
+    /// `ell(r) + ell(w)`, the ranking score's monotone core (reported only:
+    /// the order itself is [`rank_cmp`], decided with integers).
     #[inline]
     pub fn access(&self, c: &UnitCounters) -> f64 {
         self.ell(c.r) + self.ell(c.w)
     }
 
-    /// The ranking order of two units' counters: `Less` means `a` ranks
-    /// *before* `b` (is hotter, pre-copied first, pushed first).
-    ///
-    /// 1. higher access score `ell(r) + ell(w)` first;
-    /// 2. then lower write rate (`w` ascending; `ell` is strictly increasing);
-    /// 3. then lower overwrite count `o` (a higher post-copy fetch rate
-    ///    `lambda_r + lambda_w (1 - o/w)`, so the more fault-prone unit goes
-    ///    first; always 0 for pages);
-    /// 4. then populated units before zero/never-populated ones (which cost
-    ///    nothing in post-copy).
-    ///
-    /// Equal keys are the same class; the engine breaks the remaining tie by
-    /// address (lower first). Steps 3 and 4 refine `model.md`'s "then by
-    /// address" so that every class is one contiguous run of the order; see
-    /// the crate docs.
+    /// [`rank_cmp`] for this table's `n`.
+    #[inline]
     pub fn rank_cmp(&self, a: &UnitCounters, b: &UnitCounters) -> Ordering {
-        let (sa, sb) = (self.access(a), self.access(b));
-        sb.total_cmp(&sa)
-            .then(a.w.cmp(&b.w))
-            .then(a.r.cmp(&b.r))
-            .then(a.o.cmp(&b.o))
-            .then(a.zero.cmp(&b.zero))
+        rank_cmp(self.samples, a, b)
     }
 }
 
@@ -114,20 +150,24 @@ pub fn p_redirty(x: f64) -> f64 {
     }
 }
 
-/// `(p_redirty(x), p_any(x))` with one `exp_m1`; bit-identical to calling
-/// both.
+/// `(p_redirty(x), p_any(x))` with one `exp_m1`, or none for `x < 1e-3`
+/// (Taylor series to `x^5`: truncation below `1e-15` relative there);
+/// equal to calling both to within `1e-15` relative.
 #[inline]
 pub fn redirty_and_any(x: f64) -> (f64, f64) {
     if x <= 0.0 {
         return (0.0, 0.0);
     }
+    if x < 1e-3 {
+        // 1 - e^{-x} = x - x^2/2 + x^3/6 - x^4/24 + x^5/120
+        // 1 - (1 - e^{-x})/x = x/2 - x^2/6 + x^3/24 - x^4/120 + x^5/720
+        let any = x * (1.0 - x * (0.5 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x / 120.0))));
+        let redirty =
+            x * (0.5 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x * (1.0 / 120.0 - x / 720.0))));
+        return (redirty, any);
+    }
     let e = (-x).exp_m1();
-    let redirty = if x < 1e-4 {
-        x * (0.5 - x * (1.0 / 6.0 - x / 24.0))
-    } else {
-        (x + e) / x
-    };
-    (redirty, -e)
+    ((x + e) / x, -e)
 }
 
 #[cfg(test)]
@@ -170,6 +210,52 @@ mod tests {
         b.zero = true;
         assert_eq!(t.rank_cmp(&a, &b), Ordering::Less);
         assert_eq!(t.rank_cmp(&a, &a), Ordering::Equal);
+    }
+
+    /// `n = 3`: `(r, w) = (1, 3)` and `(2, 2)` have exactly the same score
+    /// (`ln 9`, the clamp turning `w = 3` into `2.5`). Floating point may
+    /// order their `ell` sums either way; the integer key says "tie", and
+    /// the tie-break (lower `w` first) puts `(2, 2)` first.
+    #[test]
+    fn exact_ties_are_broken_by_the_write_rate_not_by_rounding() {
+        let (a, b) = (c(1, 3), c(2, 2));
+        assert_eq!(rank_key(3, &a), 4);
+        assert_eq!(rank_key(3, &b), 4);
+        assert_eq!(rank_cmp(3, &b, &a), Ordering::Less);
+        assert_eq!(rank_cmp(3, &a, &b), Ordering::Greater);
+        // The scores agree to rounding only: that is what made the old
+        // float comparison a coin toss.
+        let t = RateTable::new(3);
+        assert!((t.access(&a) - t.access(&b)).abs() < 1e-15);
+        assert!((t.access(&a) - 9f64.ln()).abs() < 1e-15);
+    }
+
+    proptest::proptest! {
+        /// The integer key orders exactly like the (mathematical) score:
+        /// whenever the float scores differ by more than rounding, the key
+        /// agrees with them.
+        #[test]
+        fn integer_key_agrees_with_the_score(n in 1u32..=MAX_SAMPLES, r1 in 0u32..=70_000, w1 in 0u32..=70_000, r2 in 0u32..=70_000, w2 in 0u32..=70_000) {
+            let (a, b) = (c(r1.min(n), w1.min(n)), c(r2.min(n), w2.min(n)));
+            let score = |x: &UnitCounters| unscaled_rate(x.r, n) + unscaled_rate(x.w, n);
+            let (sa, sb) = (score(&a), score(&b));
+            if (sa - sb).abs() > 1e-9 * sa.max(sb).max(1.0) {
+                proptest::prop_assert_eq!(rank_key(n, &a).cmp(&rank_key(n, &b)), sb.total_cmp(&sa));
+            }
+            proptest::prop_assert!(rank_key(n, &a) <= 4 * u64::from(n) * u64::from(n));
+        }
+    }
+
+    #[test]
+    fn the_fused_pair_matches_the_separate_functions() {
+        for x in [
+            1e-12f64, 1e-9, 1e-6, 5e-4, 9.99e-4, 1e-3, 0.01, 0.5, 3.0, 60.0,
+        ] {
+            let (r, a) = redirty_and_any(x);
+            assert!((r - p_redirty(x)).abs() <= 1e-11 * p_redirty(x), "{x}");
+            assert!((a - p_any(x)).abs() <= 1e-14 * p_any(x), "{x}");
+        }
+        assert_eq!(redirty_and_any(0.0), (0.0, 0.0));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::cmp::Ordering;
 
+use super::postcopy::work_grid;
 use super::rates::{RateTable, p_any, p_redirty};
 use super::{Link, ModelParams, Policy, Selection};
 use crate::profile::{Kind, UnitCounters};
@@ -131,7 +132,8 @@ pub(crate) fn predict(
         let met = params
             .downtime_target
             .is_some_and(|target| rem / b + fixed <= target);
-        let converged = rem / b <= params.converged * fixed;
+        let unit = p.page_size.max(p.chunk_size) as f64;
+        let converged = rem <= params.converged * (state + unit);
         if rem <= 0.0
             || met
             || converged
@@ -146,25 +148,65 @@ pub(crate) fn predict(
     }
     let downtime = remainder / b + fixed;
 
-    // Post-copy, unit by unit.
+    // Post-copy, unit by unit (see `postcopy`): the same work-time grid and
+    // predictor-corrector, with every unit's arrival (in pushed bytes)
+    // explicit and the absent set summed unit by unit.
     let dt = params.delta_t;
-    let (mut a, mut faults, mut penalty, mut window) = (0.0, 0.0, 0.0, 0.0);
+    let lam_max = pages
+        .iter()
+        .chain(&chunks)
+        .map(|u| u.lam_a)
+        .fold(0.0, f64::max);
+    let u_max = pages
+        .iter()
+        .chain(&chunks)
+        .filter(|u| !u.c.zero || u.c.w > 0)
+        .map(|u| u.size)
+        .sum::<f64>()
+        / b;
+    let (grid, window) = work_grid(dt, lam_max, u_max);
+    // (arrival in pushed bytes, q, lambda_a, stall)
+    let mut arrivals = Vec::new();
+    let mut pushed = 0.0;
     for u in &rest {
         let q = if u.c.zero {
             p_any(u.lam_w * duration)
         } else {
             1.0
         };
-        if q <= 0.0 {
-            continue;
-        }
-        a += q * u.size / b;
-        let stall = link.rtt + u.size / b;
-        let f = q * p_any(u.lam_a * a);
-        faults += f;
-        penalty += f * stall;
-        window += q * p_any(u.lam_a * a.min(dt)) * stall;
+        pushed += q * u.size;
+        arrivals.push((pushed, q, u.lam_a, link.rtt + u.size / b));
     }
+    let absent = |x: f64, k: usize| -> (f64, f64) {
+        let (mut stall, mut faults) = (0.0, 0.0);
+        for &(arrive, q, lam, st) in &arrivals {
+            if arrive > x && q > 0.0 {
+                let m = q * ((-lam * grid[k]).exp() - (-lam * grid[k + 1]).exp());
+                faults += m;
+                stall += m * st;
+            }
+        }
+        (stall, faults)
+    };
+    let (mut s, mut faults, mut window_stall) = (0.0, 0.0, None);
+    for k in 0..grid.len() - 1 {
+        let x = (grid[k] + s) * b;
+        if x >= pushed {
+            break;
+        }
+        let (a, af) = absent(x, k);
+        if af > 0.0 {
+            let (c, cf) = absent((grid[k + 1] + s + a) * b, k);
+            s += 0.5 * (a + c);
+            faults += 0.5 * (af + cf);
+        }
+        if k + 1 == window {
+            window_stall = Some(s);
+        }
+    }
+    let window = window_stall.unwrap_or(s);
+    let penalty = s;
+    let a = pushed / b;
     let (w1, w2) = match params.policy {
         Policy::Weighted { w1, w2 } => (w1, w2),
         Policy::Gamma => (1.0, 1.0),
@@ -180,6 +222,9 @@ pub(crate) fn predict(
         faults,
         window_stall: window,
         gamma: dt / (downtime + dt + window),
-        gamma_weighted: 1.0 / (w1 * downtime + w2 * penalty).max(1e-12),
+        gamma_weighted: {
+            let den = w1 * downtime + w2 * penalty;
+            if den < 1e-12 { 1e12 } else { 1.0 / den }
+        },
     }
 }

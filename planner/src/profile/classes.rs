@@ -7,8 +7,9 @@
 //!
 //! The histogram is built in one pass over the profile. Counts go into a
 //! dense array indexed by the key when it has at most 2^23 cells (64 MiB;
-//! always for pages with `n <= 2047`, for chunks with `n <= 160`), else into a
-//! hash map.
+//! always for pages with `n <= 2047`, for chunks with `n <= 160`) and no
+//! more cells than the units it will count (plus 65536), else into a hash
+//! map: a small profile never pays for a large dense array.
 
 use std::collections::HashMap;
 
@@ -16,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::format::{Profile, ProfileReadError};
 use super::{Kind, UnitCounters};
+use crate::model::MIN_INTERVAL_S;
+use crate::model::rates::MAX_SAMPLES;
 
 /// One class: a counter key and how many units share it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +89,12 @@ pub enum ClassProfileError {
         /// Sum of class counts.
         found: u64,
     },
+    /// The unit counts of a kind do not fit in 64 bits.
+    #[error("{kind} class counts overflow 64 bits")]
+    CountOverflow {
+        /// Page or chunk.
+        kind: Kind,
+    },
     /// The same key appears twice, or keys are not sorted.
     #[error("{kind} class {index}: key {key:?} duplicated or out of order")]
     Unsorted {
@@ -112,8 +121,15 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    /// An empty histogram for units of `kind` with counters up to `samples`.
+    /// An empty histogram for units of `kind` with counters up to `samples`
+    /// (dense whenever the key space allows it).
     pub fn new(kind: Kind, samples: u32) -> Self {
+        Self::for_units(kind, samples, u64::MAX)
+    }
+
+    /// An empty histogram that will count about `units` units: dense only
+    /// when the dense array is not larger than the units (plus 65536).
+    pub fn for_units(kind: Kind, samples: u32, units: u64) -> Self {
         let dim = u64::from(samples) + 1;
         let cells = match kind {
             Kind::Page => dim.checked_mul(dim).and_then(|c| c.checked_mul(2)),
@@ -123,7 +139,9 @@ impl Histogram {
                 .and_then(|c| c.checked_mul(2)),
         };
         let dense = match cells {
-            Some(c) if c <= DENSE_LIMIT => vec![0; c as usize],
+            Some(c) if c <= DENSE_LIMIT && c <= units.saturating_add(1 << 16) => {
+                vec![0; c as usize]
+            }
             _ => Vec::new(),
         };
         Histogram {
@@ -149,13 +167,17 @@ impl Histogram {
         self.dense[i as usize] += count;
     }
 
-    /// Merges another histogram of the same kind and size.
+    /// Merges another histogram of the same kind and counter range (dense
+    /// or sparse, either way).
     pub fn merge(&mut self, other: Histogram) {
-        for (a, b) in self.dense.iter_mut().zip(&other.dense) {
-            *a += b;
+        if self.dense.len() == other.dense.len() && other.sparse.is_empty() {
+            for (a, b) in self.dense.iter_mut().zip(&other.dense) {
+                *a += b;
+            }
+            return;
         }
-        for (k, v) in other.sparse {
-            *self.sparse.entry(k).or_insert(0) += v;
+        for c in other.into_classes() {
+            self.add(c.key, c.count);
         }
     }
 
@@ -216,7 +238,7 @@ impl ClassProfile {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let pages = Self::histogram(p, Kind::Page, threads, SPLIT_MIN)?;
         let chunks = Self::histogram(p, Kind::Chunk, threads, SPLIT_MIN)?;
-        Ok(ClassProfile {
+        let c = ClassProfile {
             samples: h.samples,
             interval_s: h.interval_s(),
             page_size: h.page_size.into(),
@@ -226,7 +248,44 @@ impl ClassProfile {
             state_bytes: h.state_bytes,
             pages: pages.into_classes(),
             chunks: chunks.into_classes(),
-        })
+        };
+        p.set_fingerprint(c.fingerprint());
+        Ok(c)
+    }
+
+    /// A 64-bit fingerprint of everything the model reads: `n`, `tau`, the
+    /// unit sizes and counts, the state estimate and every class (key and
+    /// count). A binary profile and its JSON summary have the same
+    /// fingerprint; any change to the histogram or the header changes it
+    /// (with overwhelming probability: not a cryptographic hash, it guards
+    /// against mix-ups, not against forgery). The plan carries it so the
+    /// engine can check it applies the plan to the profile it was made
+    /// from. Stable across runs and builds of the same layout version.
+    pub fn fingerprint(&self) -> u64 {
+        // FxHash-style word mixing with a splitmix64 finaliser.
+        let mut h: u64 = 0x7761_6e6d_6967_6670; // "wanmigfp"
+        let mut mix = |w: u64| h = (h.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
+        mix(self.samples.into());
+        mix(self.interval_s.to_bits());
+        mix(self.page_size);
+        mix(self.chunk_size);
+        mix(self.page_count);
+        mix(self.chunk_count);
+        mix(self.state_bytes);
+        for (tag, classes) in [(1u64, &self.pages), (2, &self.chunks)] {
+            mix(tag);
+            mix(classes.len() as u64);
+            for c in classes {
+                let k = c.key;
+                mix(u64::from(k.r) | u64::from(k.w) << 32);
+                mix(u64::from(k.o) | u64::from(k.zero) << 32);
+                mix(c.count);
+            }
+        }
+        let mut z = h;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 
     fn histogram(
@@ -238,7 +297,7 @@ impl ClassProfile {
         let count = p.count(kind);
         let samples = p.header().samples;
         let scan = |range: std::ops::Range<u64>| {
-            let mut h = Histogram::new(kind, samples);
+            let mut h = Histogram::for_units(kind, samples, range.end - range.start);
             p.for_each_in(kind, range, |_, c| {
                 h.add(c, 1);
                 std::ops::ControlFlow::Continue(())
@@ -283,9 +342,9 @@ impl ClassProfile {
         pages: &[UnitCounters],
         chunks: &[UnitCounters],
     ) -> ClassProfile {
-        let mut hp = Histogram::new(Kind::Page, samples);
+        let mut hp = Histogram::for_units(Kind::Page, samples, pages.len() as u64);
         pages.iter().for_each(|&c| hp.add(c, 1));
-        let mut hc = Histogram::new(Kind::Chunk, samples);
+        let mut hc = Histogram::for_units(Kind::Chunk, samples, chunks.len() as u64);
         chunks.iter().for_each(|&c| hc.add(c, 1));
         ClassProfile {
             samples,
@@ -339,14 +398,28 @@ impl ClassProfile {
         if self.samples == 0 {
             return Err(bad("samples", 0.0, "at least one interval is needed"));
         }
-        if !(self.interval_s.is_finite() && self.interval_s > 0.0) {
-            return Err(bad("interval_s", self.interval_s, "must be positive"));
+        if self.samples > MAX_SAMPLES {
+            return Err(bad(
+                "samples",
+                self.samples.into(),
+                "at most 65535 intervals are supported",
+            ));
         }
-        if self.page_size == 0 {
-            return Err(bad("page_size", 0.0, "must be positive"));
+        if !(self.interval_s.is_finite() && self.interval_s >= MIN_INTERVAL_S) {
+            return Err(bad(
+                "interval_s",
+                self.interval_s,
+                "must be at least 1e-9 s (1 ns)",
+            ));
         }
-        if self.chunk_size == 0 {
-            return Err(bad("chunk_size", 0.0, "must be positive"));
+        // The binary format stores sizes in 32 bits; so must a summary.
+        for (field, size) in [
+            ("page_size", self.page_size),
+            ("chunk_size", self.chunk_size),
+        ] {
+            if size == 0 || size > u64::from(u32::MAX) {
+                return Err(bad(field, size as f64, "must be in 1..=4294967295"));
+            }
         }
         for kind in [Kind::Page, Kind::Chunk] {
             let mut sum = 0u64;
@@ -369,7 +442,9 @@ impl ClassProfile {
                         key: k,
                     });
                 }
-                sum = sum.saturating_add(c.count);
+                sum = sum
+                    .checked_add(c.count)
+                    .ok_or(ClassProfileError::CountOverflow { kind })?;
             }
             if sum != self.count(kind) {
                 return Err(ClassProfileError::CountMismatch {

@@ -1,7 +1,7 @@
 //! The binary profile format, version 1.
 //!
 //! One file per profiled guest, little-endian, written once by the engine's
-//! profiler through [`ProfileWriter`] and read memory-mapped by [`Profile`].
+//! profiler through [`ProfileWriter`] and read by [`Profile`].
 //! A 1 TiB guest (268 M pages) with one-byte counters takes 2.125 bytes per
 //! page; a chunk takes 3.125 bytes.
 //!
@@ -11,8 +11,8 @@
 //!      8    4  format version (1)
 //!     12    4  header length in bytes (128)
 //!     16    4  flags: bit 0 = zero maps present; other bits must be 0
-//!     20    4  counter width in bytes: 1, 2 or 4 (1 when n <= 255, 2 when n <= 65535)
-//!     24    4  n, the number of sample intervals (>= 1)
+//!     20    4  counter width in bytes: 1, 2 or 4 (1 when n <= 255, else 2)
+//!     24    4  n, the number of sample intervals (1..=65535)
 //!     28    4  page size in bytes (> 0)
 //!     32    4  chunk size in bytes (> 0)
 //!     36    4  reserved, 0
@@ -35,8 +35,16 @@
 //! ([`ClassProfile::from_profile`](crate::profile::ClassProfile::from_profile)) or by [`Profile::validate`]. Every error names the
 //! file and, for counters, the unit index and byte offset.
 //!
-//! The file must not be truncated while it is mapped (that would be a SIGBUS,
-//! as for any memory-mapped reader).
+//! **Concurrent rewrites.** [`ProfileWriter::create`] writes a new profile
+//! under a temporary name in the destination's directory and renames it
+//! over the destination when finished (atomically): a reader that opened
+//! the old file keeps reading the old, complete file. [`Profile`] does not
+//! memory-map the file: it keeps the descriptor and reads it with `pread`
+//! in blocks, so even a file truncated *in place* by another program (not
+//! through this writer) cannot crash the reader with `SIGBUS`; the read
+//! fails with [`ProfileReadError::Changed`]. What remains unprotected is an
+//! in-place rewrite of the same length by another program: the reader may
+//! then see a mix of old and new counters (each still validated).
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -44,7 +52,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use zerocopy::little_endian::{U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::{Kind, UnitCounters};
 
@@ -58,7 +66,7 @@ pub const HEADER_LEN: usize = 128;
 pub const FLAG_ZERO_MAPS: u32 = 1;
 
 /// The on-disk header.
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable)]
 #[repr(C)]
 struct RawHeader {
     magic: [u8; 8],
@@ -129,6 +137,13 @@ impl ProfileHeader {
         if self.samples == 0 {
             return Err(("samples", 0, "at least one interval is needed"));
         }
+        if self.samples > crate::model::rates::MAX_SAMPLES {
+            return Err((
+                "samples",
+                self.samples.into(),
+                "at most 65535 intervals are supported",
+            ));
+        }
         if self.interval_ns == 0 {
             return Err(("interval_ns", 0, "the interval must be positive"));
         }
@@ -187,13 +202,28 @@ impl Layout {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProfileReadError {
-    /// The file could not be opened, inspected or mapped.
-    #[error("{path}: {source}")]
+    /// The file could not be opened, inspected or read.
+    #[error("{path}: cannot read the profile")]
     Io {
         /// The profile path.
         path: PathBuf,
         /// The OS error.
         source: io::Error,
+    },
+    /// The file became shorter than its header describes while being read
+    /// (truncated in place by another program).
+    #[error(
+        "{path}: the profile changed while being read: {found} of {wanted} bytes at offset {offset} (truncated in place?)"
+    )]
+    Changed {
+        /// The profile path.
+        path: PathBuf,
+        /// Byte offset of the read.
+        offset: u64,
+        /// Bytes wanted.
+        wanted: u64,
+        /// Bytes read.
+        found: u64,
     },
     /// Shorter than the header.
     #[error("{path}: truncated header: {found} bytes, a profile header has {expected}")]
@@ -308,25 +338,23 @@ pub enum ProfileReadError {
 }
 
 enum Backing {
-    Mapped(memmap2::Mmap),
+    /// An open file, read with `pread` (never mapped: see the module docs).
+    File(File),
+    /// Bytes in memory.
     Owned(Vec<u8>),
 }
 
-impl Backing {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Backing::Mapped(m) => m,
-            Backing::Owned(v) => v,
-        }
-    }
-}
+/// Units per block of a scan (the records and zero-map bytes of one block
+/// are read with one `pread` each).
+const BLOCK_UNITS: u64 = 1 << 16;
 
-/// A profile file, memory-mapped, header validated.
+/// A profile file, header validated; counters are read on demand.
 pub struct Profile {
     path: PathBuf,
     data: Backing,
     header: ProfileHeader,
     layout: Layout,
+    fingerprint: std::sync::OnceLock<u64>,
 }
 
 impl std::fmt::Debug for Profile {
@@ -345,7 +373,8 @@ pub fn looks_binary(bytes: &[u8]) -> bool {
 }
 
 impl Profile {
-    /// Opens and maps `path`, validating the header and the file size.
+    /// Opens `path`, validating the header and the file size. The file
+    /// stays open (not mapped); counters are read on demand.
     pub fn open(path: impl AsRef<Path>) -> Result<Profile, ProfileReadError> {
         let path = path.as_ref().to_path_buf();
         let io = |source| ProfileReadError::Io {
@@ -361,14 +390,9 @@ impl Profile {
                 expected: HEADER_LEN as u64,
             });
         }
-        // SAFETY: the map is read-only and private to this process; the
-        // profile contract (module docs) is that the file is not modified or
-        // truncated while it is being read. All accesses go through bounds
-        // checked slices of the mapped length.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        // Sequential scans dominate; the advice is a hint only.
-        let _ = map.advise(memmap2::Advice::Sequential);
-        Profile::from_backing(path, Backing::Mapped(map))
+        let mut head = [0u8; HEADER_LEN];
+        read_exact_at(&file, &path, 0, &mut head)?;
+        Profile::from_parts(path, Backing::File(file), &head, len)
     }
 
     /// Reads a profile held in memory (tests, small tools).
@@ -381,14 +405,19 @@ impl Profile {
                 expected: HEADER_LEN as u64,
             });
         }
-        Profile::from_backing(path, Backing::Owned(bytes))
+        let mut head = [0u8; HEADER_LEN];
+        head.copy_from_slice(&bytes[..HEADER_LEN]);
+        let len = bytes.len() as u64;
+        Profile::from_parts(path, Backing::Owned(bytes), &head, len)
     }
 
-    fn from_backing(path: PathBuf, data: Backing) -> Result<Profile, ProfileReadError> {
-        let bytes = data.bytes();
-        let raw = RawHeader::read_from_prefix(bytes)
-            .map(|(h, _)| h)
-            .expect("length checked against HEADER_LEN");
+    fn from_parts(
+        path: PathBuf,
+        data: Backing,
+        head: &[u8; HEADER_LEN],
+        found: u64,
+    ) -> Result<Profile, ProfileReadError> {
+        let raw = RawHeader::read_from_bytes(head).expect("HEADER_LEN bytes");
         let bad = |field, offset, value: u64, reason| ProfileReadError::BadHeader {
             path: path.clone(),
             field,
@@ -430,6 +459,15 @@ impl Profile {
             chunk_count: raw.chunk_count.get(),
             state_bytes: raw.state_bytes.get(),
         };
+        if let Err((field, value, reason)) = header.check() {
+            let offset = match field {
+                "samples" => 24,
+                "interval_ns" => 40,
+                "page_size" => 28,
+                _ => 32,
+            };
+            return Err(bad(field, offset, value, reason));
+        }
         let width = raw.counter_width.get();
         if !matches!(width, 1 | 2 | 4) {
             return Err(bad("counter_width", 20, width.into(), "must be 1, 2 or 4"));
@@ -442,15 +480,6 @@ impl Profile {
                 "too narrow for the sample count",
             ));
         }
-        if let Err((field, value, reason)) = header.check() {
-            let offset = match field {
-                "samples" => 24,
-                "interval_ns" => 40,
-                "page_size" => 28,
-                _ => 32,
-            };
-            return Err(bad(field, offset, value, reason));
-        }
         if raw.reserved0.get() != 0 || raw.reserved.iter().any(|&b| b != 0) {
             return Err(bad("reserved", 36, 0, "reserved header bytes must be zero"));
         }
@@ -462,7 +491,6 @@ impl Profile {
                 "unit counts overflow the file size",
             )
         })?;
-        let found = bytes.len() as u64;
         if found < layout.total {
             return Err(ProfileReadError::Truncated {
                 path,
@@ -482,7 +510,26 @@ impl Profile {
             data,
             header,
             layout,
+            fingerprint: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The `len` bytes at `offset`: borrowed from memory, or read into
+    /// `buf` from the file.
+    fn bytes<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], ProfileReadError> {
+        match &self.data {
+            Backing::Owned(v) => Ok(&v[offset as usize..offset as usize + len]),
+            Backing::File(file) => {
+                buf.resize(len, 0);
+                read_exact_at(file, &self.path, offset, buf)?;
+                Ok(&buf[..])
+            }
+        }
     }
 
     /// The header.
@@ -510,26 +557,40 @@ impl Profile {
 
     /// The counters of unit `index` of `kind` (unvalidated; panics when
     /// `index` is out of range).
-    pub fn unit(&self, kind: Kind, index: u64) -> UnitCounters {
+    pub fn unit(&self, kind: Kind, index: u64) -> Result<UnitCounters, ProfileReadError> {
         assert!(index < self.count(kind), "{kind} {index} out of range");
-        let b = self.data.bytes();
         let w = self.layout.width;
         let (base, fields, zbase) = match kind {
             Kind::Page => (self.layout.pages, 2, self.layout.page_zero),
             Kind::Chunk => (self.layout.chunks, 3, self.layout.chunk_zero),
         };
-        let off = (base + index * (fields * w) as u64) as usize;
-        let get = |i: usize| read_counter(&b[off + i * w..off + (i + 1) * w]);
+        let mut buf = Vec::new();
+        let off = base + index * (fields * w) as u64;
+        let b = self.bytes(off, fields * w, &mut buf)?;
+        let get = |i: usize| read_counter(&b[i * w..(i + 1) * w]);
+        let (r, wc, o) = (get(0), get(1), if fields == 3 { get(2) } else { 0 });
         let zero = self.layout.zero_maps && {
-            let byte = b[(zbase + index / 8) as usize];
-            byte >> (index % 8) & 1 == 1
+            let z = self.bytes(zbase + index / 8, 1, &mut buf)?;
+            z[0] >> (index % 8) & 1 == 1
         };
-        UnitCounters {
-            r: get(0),
-            w: get(1),
-            o: if fields == 3 { get(2) } else { 0 },
-            zero,
+        Ok(UnitCounters { r, w: wc, o, zero })
+    }
+
+    /// A fingerprint of the profile's content (header figures and class
+    /// histogram; [`ClassProfile::fingerprint`](crate::profile::ClassProfile::fingerprint)).
+    /// Computed by one pass over the file unless already known (it is set by
+    /// [`ClassProfile::from_profile`](crate::profile::ClassProfile::from_profile)).
+    pub fn fingerprint(&self) -> Result<u64, ProfileReadError> {
+        if let Some(&f) = self.fingerprint.get() {
+            return Ok(f);
         }
+        let c = crate::profile::ClassProfile::from_profile(self)?;
+        Ok(c.fingerprint())
+    }
+
+    /// Records the fingerprint computed from this profile's classes.
+    pub(crate) fn set_fingerprint(&self, f: u64) {
+        let _ = self.fingerprint.set(f);
     }
 
     /// Calls `f(index, counters)` for every unit of `kind` in address order,
@@ -578,7 +639,6 @@ impl Profile {
         range: std::ops::Range<u64>,
         mut f: impl FnMut(u64, UnitCounters) -> ControlFlow<()>,
     ) -> Result<(), ProfileReadError> {
-        let b = self.data.bytes();
         let n = self.header.samples;
         let count = self.count(kind);
         let (base, fields, zbase) = match kind {
@@ -586,66 +646,114 @@ impl Profile {
             Kind::Chunk => (self.layout.chunks, 3usize, self.layout.chunk_zero),
         };
         let rec = fields * W;
-        let records = &b[(base as usize + range.start as usize * rec)
-            ..(base as usize + range.end as usize * rec)];
-        let zmap = if self.layout.zero_maps {
-            &b[zbase as usize..zbase as usize + count.div_ceil(8) as usize]
-        } else {
-            &[][..]
-        };
-        for (i, r) in records.chunks_exact(rec).enumerate() {
-            let i = range.start + i as u64;
-            let get = |k: usize| -> u32 {
-                let mut v = [0u8; 4];
-                v[..W].copy_from_slice(&r[k * W..(k + 1) * W]);
-                u32::from_le_bytes(v)
+        let (mut rbuf, mut zbuf) = (Vec::new(), Vec::new());
+        let mut i0 = range.start;
+        while i0 < range.end {
+            let i1 = (i0 + BLOCK_UNITS).min(range.end);
+            // Zero-map bytes of units i0..i1.
+            let (z0, z1) = (i0 / 8, (i1 - 1) / 8 + 1);
+            let zmap: &[u8] = if self.layout.zero_maps {
+                self.bytes(zbase + z0, (z1 - z0) as usize, &mut zbuf)?
+            } else {
+                &[]
             };
-            let c = UnitCounters {
-                r: get(0),
-                w: get(1),
-                o: if fields == 3 { get(2) } else { 0 },
-                zero: !zmap.is_empty() && zmap[(i / 8) as usize] >> (i % 8) & 1 == 1,
-            };
-            if c.r > n || c.w > n || c.o > n {
-                let (field, value, k) = if c.r > n {
-                    ("r", c.r, 0)
-                } else if c.w > n {
-                    ("w", c.w, 1)
-                } else {
-                    ("o", c.o, 2)
+            let roff = base + i0 * rec as u64;
+            let records = self.bytes(roff, (i1 - i0) as usize * rec, &mut rbuf)?;
+            for (k, r) in records.chunks_exact(rec).enumerate() {
+                let i = i0 + k as u64;
+                let get = |k: usize| -> u32 {
+                    let mut v = [0u8; 4];
+                    v[..W].copy_from_slice(&r[k * W..(k + 1) * W]);
+                    u32::from_le_bytes(v)
                 };
-                return Err(ProfileReadError::CounterOutOfRange {
-                    path: self.path.clone(),
-                    kind,
-                    index: i,
-                    offset: base + i * rec as u64 + (k * W) as u64,
-                    field,
-                    value,
-                    max: n,
-                });
+                let c = UnitCounters {
+                    r: get(0),
+                    w: get(1),
+                    o: if fields == 3 { get(2) } else { 0 },
+                    zero: !zmap.is_empty() && zmap[(i / 8 - z0) as usize] >> (i % 8) & 1 == 1,
+                };
+                if c.r > n || c.w > n || c.o > n {
+                    let (field, value, k) = if c.r > n {
+                        ("r", c.r, 0)
+                    } else if c.w > n {
+                        ("w", c.w, 1)
+                    } else {
+                        ("o", c.o, 2)
+                    };
+                    return Err(ProfileReadError::CounterOutOfRange {
+                        path: self.path.clone(),
+                        kind,
+                        index: i,
+                        offset: base + i * rec as u64 + (k * W) as u64,
+                        field,
+                        value,
+                        max: n,
+                    });
+                }
+                if c.o > c.w {
+                    return Err(ProfileReadError::OverwritesExceedWrites {
+                        path: self.path.clone(),
+                        index: i,
+                        offset: base + i * rec as u64 + (2 * W) as u64,
+                        o: c.o,
+                        w: c.w,
+                    });
+                }
+                if f(i, c).is_break() {
+                    return Ok(());
+                }
             }
-            if c.o > c.w {
-                return Err(ProfileReadError::OverwritesExceedWrites {
-                    path: self.path.clone(),
-                    index: i,
-                    offset: base + i * rec as u64 + (2 * W) as u64,
-                    o: c.o,
-                    w: c.w,
-                });
+            if i1 == count && count % 8 != 0 && !zmap.is_empty() {
+                let last = zmap[zmap.len() - 1];
+                if last >> (count % 8) != 0 {
+                    return Err(ProfileReadError::ZeroMapPadding {
+                        path: self.path.clone(),
+                        kind,
+                        offset: zbase + count.div_ceil(8) - 1,
+                    });
+                }
             }
-            if f(i, c).is_break() {
+            i0 = i1;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(first, records, zero_map, zero_offset)` for the units of
+    /// `kind` in `range`, block by block in address order: `records` holds
+    /// the raw records of units `first..` (`2 x width` bytes per page, `3 x
+    /// width` per chunk, little-endian counters), `zero_map` the zero-map
+    /// bytes from byte `first / 8` (empty without zero maps; bit `i % 8` of
+    /// byte `i / 8 - first / 8` is unit `i`). Nothing is validated: for fast
+    /// scans over a profile already validated by its load pass. `f` returns
+    /// `Break` to stop.
+    pub fn for_each_block(
+        &self,
+        kind: Kind,
+        range: std::ops::Range<u64>,
+        mut f: impl FnMut(u64, &[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), ProfileReadError> {
+        let range = range.start.min(self.count(kind))..range.end.min(self.count(kind));
+        let w = self.layout.width;
+        let (base, fields, zbase) = match kind {
+            Kind::Page => (self.layout.pages, 2usize, self.layout.page_zero),
+            Kind::Chunk => (self.layout.chunks, 3usize, self.layout.chunk_zero),
+        };
+        let rec = (fields * w) as u64;
+        let (mut rbuf, mut zbuf) = (Vec::new(), Vec::new());
+        let mut i0 = range.start;
+        while i0 < range.end {
+            let i1 = (i0 + 4 * BLOCK_UNITS).min(range.end);
+            let (z0, z1) = (i0 / 8, (i1 - 1) / 8 + 1);
+            let zmap: &[u8] = if self.layout.zero_maps {
+                self.bytes(zbase + z0, (z1 - z0) as usize, &mut zbuf)?
+            } else {
+                &[]
+            };
+            let records = self.bytes(base + i0 * rec, ((i1 - i0) * rec) as usize, &mut rbuf)?;
+            if f(i0, records, zmap).is_break() {
                 return Ok(());
             }
-        }
-        if range.end == count && count % 8 != 0 && !zmap.is_empty() {
-            let last = zmap[zmap.len() - 1];
-            if last >> (count % 8) != 0 {
-                return Err(ProfileReadError::ZeroMapPadding {
-                    path: self.path.clone(),
-                    kind,
-                    offset: zbase + zmap.len() as u64 - 1,
-                });
-            }
+            i0 = i1;
         }
         Ok(())
     }
@@ -655,6 +763,39 @@ impl Profile {
         self.for_each(Kind::Page, |_, _| {})?;
         self.for_each(Kind::Chunk, |_, _| {})
     }
+}
+
+/// `pread` of exactly `buf.len()` bytes at `offset`; a short read means
+/// the file shrank after it was opened ([`ProfileReadError::Changed`]).
+fn read_exact_at(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), ProfileReadError> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                return Err(ProfileReadError::Changed {
+                    path: path.to_path_buf(),
+                    offset,
+                    wanted: buf.len() as u64,
+                    found: done as u64,
+                });
+            }
+            Ok(k) => done += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(ProfileReadError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_counter(b: &[u8]) -> u32 {
@@ -668,7 +809,7 @@ fn read_counter(b: &[u8]) -> u32 {
 #[non_exhaustive]
 pub enum ProfileWriteError {
     /// The output failed.
-    #[error("writing the profile at offset {offset}: {source}")]
+    #[error("writing the profile at offset {offset} failed")]
     Io {
         /// Byte offset being written.
         offset: u64,
@@ -760,15 +901,122 @@ impl<W: Write> std::fmt::Debug for ProfileWriter<W> {
     }
 }
 
-impl ProfileWriter<BufWriter<File>> {
-    /// Creates (truncates) `path` and writes the header.
+impl ProfileWriter<BufWriter<AtomicFile>> {
+    /// Starts writing the profile `path` atomically: the data goes to a
+    /// temporary file in the same directory, and
+    /// [`ProfileFileWriter::finish`] renames it over `path`. A reader of
+    /// the old file (if any) is never disturbed; an unfinished writer
+    /// leaves `path` untouched and removes its temporary file.
+    // The constructor of the file writer lives here so that
+    // `ProfileWriter::create(path, ..)` reads naturally.
+    #[allow(clippy::new_ret_no_self)]
     pub fn create(
         path: impl AsRef<Path>,
         header: &ProfileHeader,
-    ) -> Result<Self, ProfileWriteError> {
-        let file =
-            File::create(path).map_err(|source| ProfileWriteError::Io { offset: 0, source })?;
-        ProfileWriter::new(BufWriter::with_capacity(1 << 20, file), header)
+    ) -> Result<ProfileFileWriter, ProfileWriteError> {
+        let file = AtomicFile::create(path)
+            .map_err(|source| ProfileWriteError::Io { offset: 0, source })?;
+        Ok(ProfileFileWriter {
+            inner: ProfileWriter::new(BufWriter::with_capacity(1 << 20, file), header)?,
+        })
+    }
+}
+
+/// A profile being written to a file (see [`ProfileWriter::create`]).
+#[derive(Debug)]
+pub struct ProfileFileWriter {
+    inner: ProfileWriter<BufWriter<AtomicFile>>,
+}
+
+impl ProfileFileWriter {
+    /// Appends the next page (address order).
+    pub fn push_page(&mut self, c: UnitCounters) -> Result<(), ProfileWriteError> {
+        self.inner.push_page(c)
+    }
+
+    /// Appends the next chunk (address order, after every page).
+    pub fn push_chunk(&mut self, c: UnitCounters) -> Result<(), ProfileWriteError> {
+        self.inner.push_chunk(c)
+    }
+
+    /// Checks every announced unit was written, flushes, syncs and renames
+    /// the file into place.
+    pub fn finish(self) -> Result<(), ProfileWriteError> {
+        let out = self.inner.finish()?;
+        let offset = out.get_ref().written;
+        let file = out.into_inner().map_err(|e| ProfileWriteError::Io {
+            offset,
+            source: e.into_error(),
+        })?;
+        file.commit()
+            .map_err(|source| ProfileWriteError::Io { offset, source })
+    }
+}
+
+/// A file written under a temporary name (`.NAME.tmp-PID-N`, created
+/// exclusively, mode 0644 less the umask) in the destination's directory,
+/// and renamed over the destination by [`AtomicFile::commit`] after an
+/// `fsync`. Dropped without a commit, it removes the temporary file.
+#[derive(Debug)]
+pub struct AtomicFile {
+    file: Option<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    written: u64,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file for `path`.
+    pub fn create(path: impl AsRef<Path>) -> io::Result<AtomicFile> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = path.as_ref().to_path_buf();
+        let name = path
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file path"))?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let tmp_name = format!(
+            ".{}.tmp-{}-{}",
+            name.to_string_lossy(),
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let tmp = dir.map_or_else(|| PathBuf::from(&tmp_name), |d| d.join(&tmp_name));
+        let file = File::options().write(true).create_new(true).open(&tmp)?;
+        Ok(AtomicFile {
+            file: Some(file),
+            tmp,
+            path,
+            written: 0,
+        })
+    }
+
+    /// Syncs the data and renames the file over the destination.
+    pub fn commit(mut self) -> io::Result<()> {
+        let file = self.file.take().expect("committed once");
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path)
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.as_mut().expect("not committed").write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().expect("not committed").flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -987,7 +1235,7 @@ mod tests {
         for (samples, pages, chunks) in [
             (60, 37, 11),
             (300, 9, 17),
-            (70_000, 3, 2),
+            (65_535, 3, 2),
             (5, 0, 4),
             (5, 4, 0),
             (1, 0, 0),
@@ -999,10 +1247,10 @@ mod tests {
             assert_eq!(p.layout().width as u32, h.counter_width());
             let (up, uc) = units(samples, pages, chunks);
             for (i, u) in up.iter().enumerate() {
-                assert_eq!(p.unit(Kind::Page, i as u64), *u);
+                assert_eq!(p.unit(Kind::Page, i as u64).unwrap(), *u);
             }
             for (i, u) in uc.iter().enumerate() {
-                assert_eq!(p.unit(Kind::Chunk, i as u64), *u);
+                assert_eq!(p.unit(Kind::Chunk, i as u64).unwrap(), *u);
             }
             let classes = ClassProfile::from_profile(&p).unwrap();
             let direct = ClassProfile::from_units(samples, 0.5, 4096, 65536, 12345, &up, &uc);
@@ -1077,6 +1325,19 @@ mod tests {
             ProfileReadError::BadHeader {
                 field: "samples",
                 offset: 24,
+                ..
+            }
+        ));
+        // n above 65535 (would need 4-byte counters and huge tables).
+        let mut b = good.clone();
+        b[20] = 4;
+        b[24..28].copy_from_slice(&65_536u32.to_le_bytes());
+        assert!(matches!(
+            read(b),
+            ProfileReadError::BadHeader {
+                field: "samples",
+                offset: 24,
+                value: 65_536,
                 ..
             }
         ));
@@ -1237,7 +1498,7 @@ mod tests {
     }
 
     #[test]
-    fn files_are_memory_mapped() {
+    fn files_are_read_on_demand() {
         let dir = std::env::temp_dir().join(format!("wanmig-format-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("p.wmp");
@@ -1254,6 +1515,71 @@ mod tests {
             Profile::open(dir.join("missing")),
             Err(ProfileReadError::Io { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A profile truncated in place while open (what a program rewriting
+    /// it with `File::create` does) gives a typed error, not SIGBUS as a
+    /// memory-mapped reader would.
+    #[test]
+    fn truncation_in_place_while_open_is_an_error_not_a_crash() {
+        let dir = std::env::temp_dir().join(format!("wanmig-trunc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.wmp");
+        std::fs::write(&path, write(60, 100_000, 5000)).unwrap();
+        let p = Profile::open(&path).unwrap();
+        std::fs::File::create(&path).unwrap(); // truncate to 0 in place
+        match p.validate() {
+            Err(ProfileReadError::Changed { found, .. }) => assert_eq!(found, 0),
+            r => panic!("{r:?}"),
+        }
+        assert!(matches!(
+            p.unit(Kind::Chunk, 4999),
+            Err(ProfileReadError::Changed { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `ProfileWriter::create` writes a temporary file and renames it into
+    /// place: an open reader keeps the old, complete file; an unfinished
+    /// writer leaves the destination untouched and no temporary file.
+    #[test]
+    fn file_writers_replace_profiles_atomically() {
+        let dir = std::env::temp_dir().join(format!("wanmig-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.wmp");
+        let old = write(60, 64, 8);
+        std::fs::write(&path, &old).unwrap();
+        let reader = Profile::open(&path).unwrap();
+        let h = header(60, 2, 1);
+        let mut w = ProfileWriter::create(&path, &h).unwrap();
+        w.push_page(UnitCounters::rw(3, 1)).unwrap();
+        // Mid-write: the destination is still the old file.
+        assert_eq!(std::fs::read(&path).unwrap(), old);
+        w.push_page(UnitCounters::ZERO).unwrap();
+        w.push_chunk(UnitCounters {
+            r: 0,
+            w: 2,
+            o: 2,
+            zero: false,
+        })
+        .unwrap();
+        w.finish().unwrap();
+        let new = Profile::open(&path).unwrap();
+        assert_eq!(new.count(Kind::Page), 2);
+        // The reader still sees the old profile, complete.
+        assert_eq!(reader.count(Kind::Page), 64);
+        reader.validate().unwrap();
+        // An abandoned writer leaves nothing behind.
+        let mut w = ProfileWriter::create(&path, &h).unwrap();
+        w.push_page(UnitCounters::rw(1, 1)).unwrap();
+        drop(w);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("p.wmp")]);
+        assert_eq!(Profile::open(&path).unwrap().count(Kind::Page), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

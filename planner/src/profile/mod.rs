@@ -1,6 +1,6 @@
 //! Access profiles: what the planner knows about a guest.
 //!
-//! - [`format`](mod@format): the versioned binary per-unit profile (memory-mapped reader,
+//! - [`format`](mod@format): the versioned binary per-unit profile (`pread` reader,
 //!   streaming [`ProfileWriter`] for the engine's profiler).
 //! - [`classes`]: class compression into a histogram ([`ClassProfile`]).
 //! - [`summary`]: the JSON summary (the class histogram plus derived figures),
@@ -11,7 +11,10 @@ pub mod format;
 pub mod summary;
 
 pub use classes::{Class, ClassProfile};
-pub use format::{Profile, ProfileHeader, ProfileReadError, ProfileWriteError, ProfileWriter};
+pub use format::{
+    AtomicFile, Profile, ProfileFileWriter, ProfileHeader, ProfileReadError, ProfileWriteError,
+    ProfileWriter,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -89,7 +92,7 @@ impl UnitCounters {
 pub struct LoadedProfile {
     /// The class histogram.
     pub classes: ClassProfile,
-    /// The memory-mapped per-unit profile, if the source was binary.
+    /// The per-unit profile (open, read on demand), if the source was binary.
     pub units: Option<Profile>,
 }
 
@@ -98,7 +101,7 @@ pub struct LoadedProfile {
 #[non_exhaustive]
 pub enum LoadError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: cannot read the profile")]
     Io {
         /// The path.
         path: std::path::PathBuf,

@@ -72,7 +72,7 @@ pub struct Summary {
 #[non_exhaustive]
 pub enum SummaryError {
     /// File I/O failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: cannot read or write the summary")]
     Io {
         /// The summary path.
         path: PathBuf,
@@ -80,7 +80,7 @@ pub enum SummaryError {
         source: std::io::Error,
     },
     /// Not valid JSON or missing fields.
-    #[error("{path}: line {line}, column {column}: {source}")]
+    #[error("{path}: invalid summary JSON at line {line}, column {column}")]
     Json {
         /// The summary path.
         path: PathBuf,
@@ -108,7 +108,7 @@ pub enum SummaryError {
         found: u32,
     },
     /// The classes break an invariant.
-    #[error("{path}: {source}")]
+    #[error("{path}: invalid summary")]
     Invalid {
         /// The summary path.
         path: PathBuf,
@@ -118,8 +118,9 @@ pub enum SummaryError {
 }
 
 impl Summary {
-    /// Wraps a class profile and computes the derived figures.
-    pub fn new(profile: ClassProfile) -> Summary {
+    /// Validates a class profile, wraps it and computes the derived figures.
+    pub fn new(profile: ClassProfile) -> Result<Summary, ClassProfileError> {
+        profile.validate()?;
         let rates = RateTable::new(profile.samples);
         let tau = profile.interval_s;
         let mut stats = SummaryStats {
@@ -149,21 +150,22 @@ impl Summary {
                         &mut stats.chunk_dirty_bytes_per_s,
                     ),
                 };
+                let overflow = || ClassProfileError::CountOverflow { kind };
                 if c.key.zero {
-                    *zero += c.count;
+                    *zero = zero.checked_add(c.count).ok_or_else(overflow)?;
                 }
                 if c.key.w > 0 {
-                    *written += c.count;
+                    *written = written.checked_add(c.count).ok_or_else(overflow)?;
                 }
                 *rate += c.count as f64 * size * rates.ell(c.key.w) / tau;
             }
         }
-        Summary {
+        Ok(Summary {
             format: SUMMARY_FORMAT.to_string(),
             version: SUMMARY_VERSION,
             profile,
             stats,
-        }
+        })
     }
 
     /// Writes the summary as pretty JSON.
@@ -206,10 +208,7 @@ impl Summary {
             });
         }
         let s: Summary = serde_json::from_str(text).map_err(json)?;
-        s.profile
-            .validate()
-            .map_err(|source| SummaryError::Invalid { path, source })?;
-        Ok(Summary::new(s.profile))
+        Summary::new(s.profile).map_err(|source| SummaryError::Invalid { path, source })
     }
 
     /// Reads and validates a summary file.
@@ -251,7 +250,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let s = Summary::new(sample());
+        let s = Summary::new(sample()).unwrap();
         let text = serde_json::to_string_pretty(&s).unwrap();
         let back = Summary::parse(Path::new("x.json"), &text).unwrap();
         assert_eq!(back, s);
@@ -263,7 +262,7 @@ mod tests {
     #[test]
     fn errors_are_typed() {
         let p = Path::new("s.json");
-        let good = serde_json::to_value(Summary::new(sample())).unwrap();
+        let good = serde_json::to_value(Summary::new(sample()).unwrap()).unwrap();
         assert!(matches!(
             Summary::parse(p, "{ \"format\": "),
             Err(SummaryError::Json { line: 1, .. })
@@ -295,6 +294,54 @@ mod tests {
             Summary::parse(p, &v.to_string()),
             Err(SummaryError::Invalid {
                 source: ClassProfileError::BadClass { .. },
+                ..
+            })
+        ));
+        // Hostile figures: n beyond 65535, counts overflowing 64 bits, a
+        // sub-nanosecond interval, a 64-bit page size.
+        let mut v = good.clone();
+        v["samples"] = 4_000_000_000u64.into();
+        assert!(matches!(
+            Summary::parse(p, &v.to_string()),
+            Err(SummaryError::Invalid {
+                source: ClassProfileError::BadField {
+                    field: "samples",
+                    ..
+                },
+                ..
+            })
+        ));
+        let mut v = good.clone();
+        v["pages"][0]["count"] = u64::MAX.into();
+        v["page_count"] = u64::MAX.into();
+        assert!(matches!(
+            Summary::parse(p, &v.to_string()),
+            Err(SummaryError::Invalid {
+                source: ClassProfileError::CountOverflow { .. },
+                ..
+            })
+        ));
+        let mut v = good.clone();
+        v["interval_s"] = 5e-324.into();
+        assert!(matches!(
+            Summary::parse(p, &v.to_string()),
+            Err(SummaryError::Invalid {
+                source: ClassProfileError::BadField {
+                    field: "interval_s",
+                    ..
+                },
+                ..
+            })
+        ));
+        let mut v = good.clone();
+        v["page_size"] = u64::MAX.into();
+        assert!(matches!(
+            Summary::parse(p, &v.to_string()),
+            Err(SummaryError::Invalid {
+                source: ClassProfileError::BadField {
+                    field: "page_size",
+                    ..
+                },
                 ..
             })
         ));
