@@ -17,6 +17,7 @@ pub mod connection;
 pub mod engine;
 pub mod guest;
 pub mod migration;
+pub mod planning;
 pub mod qemu;
 pub mod report;
 pub mod transport;

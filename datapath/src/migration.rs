@@ -17,18 +17,61 @@ use crate::connection::{self, ConnectError, ConnectionPair, LinkConfig};
 use crate::engine::{
     DestConfig, EngineError, PageOrder, PageOrderError, SourceConfig, run_destination, run_source,
 };
+use crate::planning::{PlanningError, plan_from_segment, plan_in_process, profile_writes};
 use crate::report::MigrationReport;
 use crate::wire::{Geometry, MigrationId, PskKey, ServerPolicy};
+use wanmig_planner::units::Rate;
+
+/// Where the plan comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Planning {
+    /// A fixed memory fraction, pages in address order (no profile).
+    Fixed {
+        /// `M`.
+        m: f64,
+    },
+    /// The planner library on a profile file, for a link.
+    Profile {
+        /// The profile.
+        path: PathBuf,
+        /// The link rate assumed.
+        rate: Rate,
+        /// The RTT assumed.
+        rtt: Duration,
+        /// Downtime target.
+        downtime_target: Option<Duration>,
+    },
+    /// Profile the running guest's writes first, then plan in process.
+    ProfileNow {
+        /// Where to write the profile.
+        path: PathBuf,
+        /// Intervals.
+        samples: u32,
+        /// Interval length.
+        interval: Duration,
+        /// The link rate assumed.
+        rate: Rate,
+        /// The RTT assumed.
+        rtt: Duration,
+        /// Downtime target.
+        downtime_target: Option<Duration>,
+    },
+    /// The plan a `wanmig-planner serve` publishes in shared memory.
+    Segment {
+        /// Segment name.
+        name: String,
+        /// The profile the planner serves from.
+        profile: PathBuf,
+    },
+}
 
 /// What to migrate and how.
 #[derive(Debug, Clone)]
 pub struct LocalMigration {
     /// The guest.
     pub guest: GuestSpec,
-    /// Fraction of memory to pre-copy (address order) unless `order` is set.
-    pub m: f64,
-    /// A priority order of the pages (hottest first), from a profile.
-    pub order: Option<Vec<u64>>,
+    /// Where `M` and the page order come from.
+    pub planning: Planning,
     /// Source engine tuning.
     pub source: SourceConfig,
     /// Destination engine tuning.
@@ -60,6 +103,9 @@ pub enum MigrationError {
     /// The plan does not fit the guest.
     #[error(transparent)]
     Plan(#[from] PageOrderError),
+    /// Profiling or planning failed.
+    #[error(transparent)]
+    Planning(#[from] PlanningError),
     /// The guest misbehaved.
     #[error("guest: {0}")]
     Guest(String),
@@ -148,9 +194,43 @@ pub fn run_local(
     write_pid(&spec.run_dir, "destination", dest.process().pid())?;
 
     let pages = source.page_count();
-    let order = match &spec.order {
-        Some(o) => PageOrder::new(o.clone(), spec.m)?,
-        None => PageOrder::by_address(pages, spec.m)?,
+    let (order, predicted, s, origin) = match &spec.planning {
+        Planning::Fixed { m } => (
+            PageOrder::by_address(pages, *m)?,
+            None,
+            0.0,
+            "fixed M, address order".to_string(),
+        ),
+        Planning::Profile {
+            path,
+            rate,
+            rtt,
+            downtime_target,
+        } => {
+            let p = plan_in_process(path, *rate, *rtt, *downtime_target, pages)?;
+            (p.order, Some(p.predicted), p.s, p.origin)
+        }
+        Planning::ProfileNow {
+            path,
+            samples,
+            interval,
+            rate,
+            rtt,
+            downtime_target,
+        } => {
+            let state = spec.source.device_state_estimate;
+            let stats = profile_writes(&mut source, *samples, *interval, state, path)?;
+            let p = plan_in_process(path, *rate, *rtt, *downtime_target, pages)?;
+            let origin = format!(
+                "{} after profiling writes for {} x {:.2} s ({} pages written; reads not sampled, assumed where writes are)",
+                p.origin, stats.samples, stats.interval_s, stats.pages_written
+            );
+            (p.order, Some(p.predicted), p.s, origin)
+        }
+        Planning::Segment { name, profile } => {
+            let p = plan_from_segment(name, profile, pages, Duration::from_secs(30))?;
+            (p.order, Some(p.predicted), p.s, p.origin)
+        }
     };
     let geometry = Geometry::new(
         source.page_size() as u32,
@@ -214,13 +294,10 @@ pub fn run_local(
         )));
     }
     let checker_errors = dest_log.last_heartbeat().map_or(0, |h| h.errors);
-    let report = MigrationReport::combine(
-        source_report,
-        dest_report,
-        checker_errors,
-        spec.dest.dt,
-        0.0,
-    );
+    let mut report =
+        MigrationReport::combine(source_report, dest_report, checker_errors, spec.dest.dt, s);
+    report.predicted = predicted;
+    report.plan_origin = origin;
     Ok(LocalOutcome {
         report,
         source,

@@ -56,6 +56,8 @@ pub struct MigrationReport {
     pub measured: Figures,
     /// What the planner predicted, when a profile was given.
     pub predicted: Option<Figures>,
+    /// Where the plan came from.
+    pub plan_origin: String,
     /// Integrity.
     pub integrity: IntegrityFigures,
     /// The source engine's details.
@@ -105,6 +107,7 @@ impl MigrationReport {
                 gamma: gamma(dt, downtime_s, destination.penalty_in_window_s),
             },
             predicted: None,
+            plan_origin: String::new(),
             integrity: IntegrityFigures {
                 checker_errors,
                 pages_compared: integrity.pages_compared,

@@ -20,19 +20,22 @@ use std::time::{Duration, Instant};
 use wanmig_datapath::backend::qemu::GuestSpec;
 use wanmig_datapath::connection::LinkConfig;
 use wanmig_datapath::engine::{DestConfig, SourceConfig};
-use wanmig_datapath::migration::{LocalMigration, LocalOutcome, run_over_wan};
+use wanmig_datapath::migration::{LocalMigration, LocalOutcome, Planning, run_over_wan};
 use wanmig_wan::{Wan, WanConfig};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn migrate(name: &str, m: f64, params: &str, hold: bool) -> LocalOutcome {
+    migrate_with(name, Planning::Fixed { m }, params, hold)
+}
+
+fn migrate_with(name: &str, planning: Planning, params: &str, hold: bool) -> LocalOutcome {
     let guest =
         GuestSpec::builtin(256, params).expect("run scripts/setup to build the guest image");
     let tag = format!("{name}{}", std::process::id());
     let spec = LocalMigration {
         guest,
-        m,
-        order: None,
+        planning,
         source: SourceConfig::default(),
         dest: DestConfig {
             hold,
@@ -187,5 +190,42 @@ fn a_held_destination_equals_the_frozen_source_byte_for_byte() {
     );
     assert_eq!(o.dest_log.last_heartbeat().unwrap().errors, 0);
     assert_eq!(o.dest_log.error_lines().count(), 0);
+    o.cleanup();
+}
+
+#[test]
+fn a_profiled_and_planned_migration_carries_the_planners_prediction() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let profile =
+        std::env::temp_dir().join(format!("wanmig-test-profile-{}.wmp", std::process::id()));
+    let planning = Planning::ProfileNow {
+        path: profile.clone(),
+        samples: 8,
+        interval: Duration::from_millis(250),
+        rate: "400mbit".parse().unwrap(),
+        rtt: Duration::from_millis(2),
+        downtime_target: Some(Duration::from_millis(300)),
+    };
+    let o = migrate_with(
+        "tmplan",
+        planning,
+        "wanmig.workload=pagecheck wanmig.rate=8",
+        false,
+    );
+    assert_intact(&o);
+    let r = &o.report;
+    let p = r
+        .predicted
+        .expect("a planned migration reports the planner's prediction");
+    assert!(p.gamma > 0.0 && p.gamma <= 1.0 && p.total_s > 0.0, "{p:?}");
+    assert!(r.plan_origin.contains("planner"), "{}", r.plan_origin);
+    // The plan's M is what the engine pre-copied.
+    let pre = r.source.precopy_pages as f64 / r.source.pages as f64;
+    assert!((pre - r.plan.m).abs() < 1e-9);
+    // The profile it planned from is the planner's format, for this guest.
+    let prof = wanmig_planner::profile::Profile::open(&profile).unwrap();
+    assert_eq!(prof.header().page_count, r.source.pages);
+    assert_eq!(prof.header().samples, 8);
+    let _ = std::fs::remove_file(&profile);
     o.cleanup();
 }

@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use wanmig_datapath::backend::qemu::GuestSpec;
 use wanmig_datapath::connection::{self, LinkConfig};
 use wanmig_datapath::engine::{DestConfig, SourceConfig};
-use wanmig_datapath::migration::{LocalMigration, LocalOutcome, run_local, run_over_wan};
+use wanmig_datapath::migration::{LocalMigration, LocalOutcome, Planning, run_local, run_over_wan};
 use wanmig_datapath::report::MigrationReport;
 use wanmig_datapath::transport::IoPreference;
 use wanmig_datapath::wire::PskKey;
@@ -58,9 +58,22 @@ enum Command {
 
 #[derive(Debug, Args, Clone)]
 struct MigrateArgs {
-    /// Fraction of memory to pre-copy (1 = classic pre-copy, 0 = classic post-copy).
-    #[arg(long, default_value_t = 0.5)]
-    m: f64,
+    /// Fraction of memory to pre-copy (1 = classic pre-copy, 0 = classic
+    /// post-copy), pages in address order. Without it, the plan comes from
+    /// --profile, --segment or --profile-now.
+    #[arg(long, conflicts_with_all = ["profile_now"])]
+    m: Option<f64>,
+    /// Plan with this profile (the planner's format) for the WAN's rate and RTT;
+    /// with --segment, the profile the planner serves from.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Take the plan from a running `wanmig-planner serve --segment NAME`.
+    #[arg(long, requires = "profile")]
+    segment: Option<String>,
+    /// Profile the guest's writes at the source first (SAMPLESxINTERVAL, e.g.
+    /// 20x250ms), then plan for the WAN's rate and RTT.
+    #[arg(long)]
+    profile_now: Option<String>,
     /// WAN rate.
     #[arg(long, default_value = "40mbit")]
     rate: Rate,
@@ -105,7 +118,10 @@ fn main() -> ExitCode {
         Command::Keygen { out } => keygen(&out),
         Command::Migrate(args) => migrate(&args),
         Command::Demo { json } => migrate(&MigrateArgs {
-            m: 0.5,
+            m: None,
+            profile: None,
+            segment: None,
+            profile_now: Some("20x250ms".into()),
             rate: Rate::from_bits_per_second(40_000_000),
             rtt: Duration::from_millis(5),
             no_wan: false,
@@ -151,12 +167,13 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
         .run_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/run/wanmig/{tag}")));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let params = format!("wanmig.workload={} {}", args.workload, args.guest_params);
     let guest = GuestSpec::builtin(args.memory_mib, &params)?;
+    let planning = planning(args, &run_dir)?;
     let spec = LocalMigration {
         guest,
-        m: args.m,
-        order: None,
+        planning,
         source: SourceConfig {
             downtime_target: args.downtime_target,
             ..SourceConfig::default()
@@ -173,10 +190,10 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
     };
     if !args.json {
         eprintln!(
-            "migrating a {} MiB guest ({}) with M = {} over {}",
+            "migrating a {} MiB guest ({}), plan: {}, over {}",
             args.memory_mib,
             args.workload,
-            args.m,
+            describe(&spec.planning),
             if args.no_wan {
                 "loopback".to_string()
             } else {
@@ -205,13 +222,76 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
     Ok(code)
 }
 
+fn planning(args: &MigrateArgs, run_dir: &std::path::Path) -> Result<Planning> {
+    let downtime_target = Some(args.downtime_target);
+    Ok(
+        match (&args.m, &args.profile, &args.segment, &args.profile_now) {
+            (Some(m), None, None, None) => Planning::Fixed { m: *m },
+            (None, Some(p), Some(name), None) => Planning::Segment {
+                name: name.clone(),
+                profile: p.clone(),
+            },
+            (None, Some(p), None, None) => Planning::Profile {
+                path: p.clone(),
+                rate: args.rate,
+                rtt: args.rtt,
+                downtime_target,
+            },
+            (None, None, None, Some(spec)) => {
+                let (n, tau) = spec
+                    .split_once('x')
+                    .context("--profile-now takes SAMPLESxINTERVAL, e.g. 20x250ms")?;
+                Planning::ProfileNow {
+                    path: run_dir.join("profile.wmp"),
+                    samples: n.parse().context("--profile-now: sample count")?,
+                    interval: parse_duration(tau)?,
+                    rate: args.rate,
+                    rtt: args.rtt,
+                    downtime_target,
+                }
+            }
+            (None, None, None, None) => Planning::Fixed { m: 0.5 },
+            _ => bail!("give one of --m, --profile [--segment], --profile-now"),
+        },
+    )
+}
+
+fn describe(p: &Planning) -> String {
+    match p {
+        Planning::Fixed { m } => format!("M = {m} (address order)"),
+        Planning::Profile { path, .. } => format!("planner on {}", path.display()),
+        Planning::ProfileNow {
+            samples, interval, ..
+        } => {
+            format!(
+                "profile {samples} x {} then planner",
+                format_duration(*interval)
+            )
+        }
+        Planning::Segment { name, .. } => format!("planner segment {name:?}"),
+    }
+}
+
 fn report(outcome: &LocalOutcome, json: bool) -> Result<ExitCode> {
     let r: &MigrationReport = &outcome.report;
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
     } else {
         let m = &r.measured;
-        println!("plan: M = {:.2}, S = {:.2}", r.plan.m, r.plan.s);
+        println!(
+            "plan: M = {:.2}, S = {:.2} ({})",
+            r.plan.m, r.plan.s, r.plan_origin
+        );
+        if let Some(p) = &r.predicted {
+            println!(
+                "predicted: total {:.2} s, downtime {:.0} ms, remote uptime {:.2} s, penalty {:.3} s, Gamma {:.3}",
+                p.total_s,
+                p.downtime_s * 1e3,
+                p.uptime_s,
+                p.penalty_s,
+                p.gamma
+            );
+        }
         println!(
             "measured: total {:.2} s, downtime {:.0} ms, remote uptime {:.2} s, penalty {:.3} s over {} faults, {:.1} MB sent, Gamma {:.3}",
             m.total_s,
