@@ -47,7 +47,7 @@ enum Command {
     },
     /// Migrate a QEMU guest started here, source and destination engines on
     /// either side of an emulated WAN.
-    Migrate(MigrateArgs),
+    Migrate(Box<MigrateArgs>),
     /// The built-in guest with its page checker over a 40 Mbit/s, 5 ms WAN.
     Demo {
         /// Print the report as JSON.
