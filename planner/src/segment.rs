@@ -9,6 +9,29 @@
 //! name without needing a unix socket to receive a file descriptor;
 //! ownership and mode checks give the same protection.
 //!
+//! # A migration, seen through the segment
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant P as wanmig-planner serve
+//!     participant S as segment (/dev/shm)
+//!     participant E as engine (wanmig, source)
+//!     P->>S: create (mode 0600), lock the plan region
+//!     P->>S: publish_plan: generation 1, M, S, page/chunk rules, predicted T U D P Gamma, link
+//!     E->>S: open, read_plan (seqlock: retry until a stable snapshot)
+//!     E->>E: rank pages with the profile, check the rule, pre-copy the top M
+//!     loop every pre-copy round
+//!         E->>S: publish_telemetry: phase, round, bytes sent, measured bandwidth and RTT, dirty pages/chunks
+//!         P->>S: read_telemetry
+//!         alt bandwidth off by > 20 % or dirty rate off by > 25 %
+//!             P->>S: publish_plan: generation n + 1 (re-planned)
+//!             E->>S: read_plan at the next round boundary
+//!         end
+//!     end
+//!     E->>S: publish_telemetry: phase Freeze, then Postcopy, then Done
+//!     P->>S: unlink on exit
+//! ```
+//!
 //! # Layout (version 2, little-endian `u64` words, all accessed atomically)
 //!
 //! ```text
