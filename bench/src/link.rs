@@ -185,7 +185,7 @@ pub enum LinkError {
     #[error(transparent)]
     Wan(#[from] WanError),
     /// The iperf3 reference failed.
-    #[error("iperf3 reference: {0}")]
+    #[error("iperf3 reference")]
     Iperf(#[from] check::CheckError),
     /// A namespace thread could not start or panicked.
     #[error(transparent)]

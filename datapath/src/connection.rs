@@ -82,7 +82,7 @@ impl LinkConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// TCP connect or accept failed.
-    #[error("{conn:?} connection to {peer}: {source}")]
+    #[error("{conn:?} connection to {peer}")]
     Tcp {
         /// Which connection.
         conn: ConnKind,
@@ -93,7 +93,7 @@ pub enum ConnectError {
         source: io::Error,
     },
     /// The handshake failed (wrong key, version, geometry, migration id...).
-    #[error("{conn:?} connection handshake with {peer}: {source}")]
+    #[error("{conn:?} connection handshake with {peer}")]
     Handshake {
         /// Which connection (as far as we know).
         conn: ConnKind,
@@ -112,10 +112,10 @@ pub enum ConnectError {
         peer: SocketAddr,
     },
     /// The transport could not be set up.
-    #[error("transport setup: {0}")]
+    #[error("transport setup")]
     Send(#[from] SendError),
     /// The receive side could not be set up.
-    #[error("transport setup: {0}")]
+    #[error("transport setup")]
     Recv(#[from] RecvError<std::convert::Infallible>),
 }
 

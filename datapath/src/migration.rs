@@ -110,7 +110,7 @@ pub enum MigrationError {
     #[error("guest: {0}")]
     Guest(String),
     /// Files or directories.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,

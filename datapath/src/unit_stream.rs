@@ -15,7 +15,7 @@ use crate::wire::{
 #[derive(Debug, thiserror::Error)]
 pub enum UnitSendError {
     /// The frame could not be encoded (a caller bug: wrong kind or size).
-    #[error("cannot encode {kind:?} unit {index}: {source}")]
+    #[error("cannot encode {kind:?} unit {index}")]
     Encode {
         /// Kind of the unit.
         kind: UnitKind,

@@ -43,7 +43,7 @@ pub enum CheckError {
     #[error(transparent)]
     ToolMissing(CommandError),
     /// A tool could not be started.
-    #[error("cannot start `{command}`: {source}")]
+    #[error("cannot start `{command}`")]
     Spawn {
         /// The command line.
         command: String,

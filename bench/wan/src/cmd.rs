@@ -23,7 +23,7 @@ pub enum CommandError {
         tool: String,
     },
     /// The tool exists but could not be started.
-    #[error("could not start `{command}`: {source}")]
+    #[error("could not start `{command}`")]
     Spawn {
         /// The full command line.
         command: String,

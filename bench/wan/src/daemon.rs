@@ -44,7 +44,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// A file under [`RUN_DIR`] could not be written or read.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: String,
@@ -52,7 +52,7 @@ pub enum DaemonError {
         source: io::Error,
     },
     /// The state file is not valid JSON of the expected shape.
-    #[error("{path}: malformed state file: {source}")]
+    #[error("{path}: malformed state file")]
     Json {
         /// The file.
         path: String,
@@ -66,7 +66,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Down(Box<TeardownError>),
     /// The daemon could not be started.
-    #[error("cannot start `{command}`: {source}")]
+    #[error("cannot start `{command}`")]
     Spawn {
         /// The command line.
         command: String,

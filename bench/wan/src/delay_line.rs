@@ -55,7 +55,7 @@ pub enum DelayLineError {
     #[error("delay line: ppoll failed: {0}")]
     Poll(io::Error),
     /// Reading a TUN device failed (device deleted under it?).
-    #[error("delay line: reading the {direction} TUN device failed: {source}")]
+    #[error("delay line: reading the {direction} TUN device failed")]
     Read {
         /// `"src → dst"` or `"dst → src"`.
         direction: &'static str,

@@ -395,7 +395,7 @@ pub enum WanError {
     #[error(transparent)]
     ToolMissing(CommandError),
     /// A leftover WAN of the same name could not be removed first.
-    #[error("removing a leftover WAN {name:?} first: {source}")]
+    #[error("removing a leftover WAN {name:?} first")]
     Cleanup {
         /// WAN name.
         name: String,
@@ -403,7 +403,7 @@ pub enum WanError {
         source: Box<TeardownError>,
     },
     /// Creating a namespace failed.
-    #[error("creating network namespace {ns}: {source}")]
+    #[error("creating network namespace {ns}")]
     Netns {
         /// Namespace name.
         ns: String,
@@ -418,7 +418,7 @@ pub enum WanError {
     Tun(#[from] TunError),
     /// Creating a veth or configuring addresses, routes, MTU or links with
     /// `ip` failed.
-    #[error("configuring {dev} in {ns}: {source}")]
+    #[error("configuring {dev} in {ns}")]
     Link {
         /// Namespace.
         ns: String,
@@ -473,7 +473,7 @@ pub enum TeardownError {
         what: String,
     },
     /// Removing a state file failed.
-    #[error("cannot remove {path}: {source}")]
+    #[error("cannot remove {path}")]
     Io {
         /// The file.
         path: String,

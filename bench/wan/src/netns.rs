@@ -46,7 +46,7 @@ pub enum NetnsError {
         ns: String,
     },
     /// The namespace file could not be opened.
-    #[error("cannot open network namespace {ns:?}: {source}")]
+    #[error("cannot open network namespace {ns:?}")]
     Open {
         /// The namespace name.
         ns: String,
@@ -54,7 +54,7 @@ pub enum NetnsError {
         source: io::Error,
     },
     /// `setns` was refused (not root?).
-    #[error("setns into network namespace {ns:?} failed: {source}")]
+    #[error("setns into network namespace {ns:?} failed")]
     Setns {
         /// The namespace name.
         ns: String,
@@ -62,7 +62,7 @@ pub enum NetnsError {
         source: io::Error,
     },
     /// The thread could not be started.
-    #[error("cannot start a thread for network namespace {ns:?}: {source}")]
+    #[error("cannot start a thread for network namespace {ns:?}")]
     Thread {
         /// The namespace name.
         ns: String,
@@ -70,7 +70,7 @@ pub enum NetnsError {
         source: io::Error,
     },
     /// Listing `/proc` or `/run/netns` failed.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The path being read.
         path: String,
@@ -84,7 +84,7 @@ pub enum NetnsError {
         ns: String,
     },
     /// Writing a sysctl inside the namespace failed.
-    #[error("cannot set {key} = {value} in network namespace {ns:?}: {source}")]
+    #[error("cannot set {key} = {value} in network namespace {ns:?}")]
     Sysctl {
         /// The namespace name.
         ns: String,

@@ -54,7 +54,7 @@ pub const BURST_MIN_PACKETS: u64 = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum TcError {
     /// The `tc` command failed (its command line and stderr are inside).
-    #[error("setting tbf on {dev} in namespace {ns}: {source}")]
+    #[error("setting tbf on {dev} in namespace {ns}")]
     Tbf {
         /// Namespace.
         ns: String,

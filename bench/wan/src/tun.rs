@@ -45,13 +45,13 @@ pub enum TunError {
     )]
     DeviceMissing,
     /// `/dev/net/tun` could not be opened.
-    #[error("cannot open {TUN_DEVICE}: {source}")]
+    #[error("cannot open {TUN_DEVICE}")]
     Open {
         /// The error.
         source: io::Error,
     },
     /// The `TUNSETIFF` ioctl failed (name in use, not root, ...).
-    #[error("TUNSETIFF {name:?} in namespace {ns:?} failed: {source}")]
+    #[error("TUNSETIFF {name:?} in namespace {ns:?} failed")]
     SetIff {
         /// Interface name.
         name: String,

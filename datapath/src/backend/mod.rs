@@ -23,7 +23,7 @@ use crate::uffd::DirtyBitmap;
 
 /// What a backend operation failed at, with the backend's own error.
 #[derive(Debug, thiserror::Error)]
-#[error("{backend} backend: {op}: {source}")]
+#[error("{backend} backend: {op}")]
 pub struct BackendError {
     /// Which backend.
     pub backend: &'static str,

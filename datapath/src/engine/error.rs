@@ -12,7 +12,7 @@ pub enum EngineError {
     #[error(transparent)]
     Backend(#[from] BackendError),
     /// Sending to the peer failed.
-    #[error("sending on the {conn} connection: {source}")]
+    #[error("sending on the {conn} connection")]
     Send {
         /// `bulk` or `fault`.
         conn: &'static str,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 /// The destination RAM file could not be prepared or accessed.
 #[derive(Debug, thiserror::Error)]
-#[error("destination RAM file {path}: {op}: {source}")]
+#[error("destination RAM file {path}: {op}")]
 pub struct DestMemoryError {
     /// The file.
     pub path: PathBuf,

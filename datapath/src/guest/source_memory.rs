@@ -19,7 +19,7 @@ use memmap2::{Mmap, MmapOptions};
 #[derive(Debug, thiserror::Error)]
 pub enum SourceMemoryError {
     /// Opening or mapping the file failed.
-    #[error("guest RAM file {path}: {op}: {source}")]
+    #[error("guest RAM file {path}: {op}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -89,7 +89,7 @@ pub struct QmpEvent {
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     /// A socket operation failed.
-    #[error("QMP I/O error during {what}: {source}")]
+    #[error("QMP I/O error during {what}")]
     Io {
         /// The operation.
         what: String,

@@ -58,7 +58,7 @@ pub enum RecvEnd {
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError<E> {
     /// The peer sent bytes that are not a valid frame.
-    #[error("bad frame at stream offset {offset}: {source}")]
+    #[error("bad frame at stream offset {offset}")]
     Decode {
         /// Offset of the frame in the byte stream.
         offset: u64,
@@ -77,7 +77,7 @@ pub enum RecvError<E> {
         buffered: usize,
     },
     /// The socket failed.
-    #[error("receive failed after {received} bytes: {source}")]
+    #[error("receive failed after {received} bytes")]
     Io {
         /// Bytes received before the failure.
         received: u64,

@@ -88,7 +88,7 @@ pub enum SendError {
         buffer_size: usize,
     },
     /// The socket failed.
-    #[error("send failed after {sent} bytes: {source}")]
+    #[error("send failed after {sent} bytes")]
     Io {
         /// Bytes that left before the failure.
         sent: u64,

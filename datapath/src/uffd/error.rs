@@ -69,7 +69,7 @@ pub enum AdoptError {
         kind: String,
     },
     /// The descriptor could not be inspected.
-    #[error("cannot inspect fd {fd}: {source}")]
+    #[error("cannot inspect fd {fd}")]
     Inspect {
         /// The descriptor number.
         fd: RawFd,

@@ -42,7 +42,7 @@ pub enum SendFdError {
         errno: Errno,
     },
     /// Writing the rest of the payload failed.
-    #[error("send_fd: writing the payload after {sent} of {len} bytes: {source}")]
+    #[error("send_fd: writing the payload after {sent} of {len} bytes")]
     Payload {
         /// Bytes sent before.
         sent: usize,
@@ -95,7 +95,7 @@ pub enum RecvFdError {
         want: usize,
     },
     /// Reading the rest of the payload failed (the descriptor was closed).
-    #[error("recv_fd: reading the payload after {got} of {want} bytes: {source}")]
+    #[error("recv_fd: reading the payload after {got} of {want} bytes")]
     Payload {
         /// Bytes received.
         got: usize,

@@ -118,7 +118,7 @@ impl Session {
 #[derive(Debug, Error)]
 pub enum HandshakeError {
     /// Reading or writing the socket failed (including timeouts).
-    #[error("handshake I/O failed while trying to {op}: {source}")]
+    #[error("handshake I/O failed while trying to {op}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -136,7 +136,7 @@ pub enum HandshakeError {
         received: usize,
     },
     /// The peer sent a malformed frame.
-    #[error("malformed frame while waiting for {expecting:?}: {source}")]
+    #[error("malformed frame while waiting for {expecting:?}")]
     Decode {
         /// The frame we waited for.
         expecting: FrameType,
@@ -191,7 +191,7 @@ pub enum HandshakeError {
         got: Geometry,
     },
     /// The geometry (ours as a client, the client's as a server) is invalid.
-    #[error("invalid geometry: {0}")]
+    #[error("invalid geometry")]
     Geometry(#[from] GeometryError),
     /// The server does not take this connection kind here.
     #[error("connection kind {got:?} refused, expected {expected:?}")]
@@ -202,7 +202,7 @@ pub enum HandshakeError {
         got: ConnKind,
     },
     /// The kernel random source failed.
-    #[error("cannot draw a nonce: {source}")]
+    #[error("cannot draw a nonce")]
     Random {
         /// The getrandom error.
         source: io::Error,

@@ -78,7 +78,7 @@ pub enum KeyError {
         len: usize,
     },
     /// The key file could not be opened, inspected or read.
-    #[error("cannot read key file {}: {source}", path.display())]
+    #[error("cannot read key file {}", path.display())]
     Read {
         /// The key file.
         path: PathBuf,
@@ -132,7 +132,7 @@ pub enum KeyError {
         digits: usize,
     },
     /// The key file could not be created (it may already exist) or written.
-    #[error("cannot write new key file {}: {source}", path.display())]
+    #[error("cannot write new key file {}", path.display())]
     Write {
         /// The key file.
         path: PathBuf,

@@ -106,7 +106,7 @@ pub enum LaunchError {
         looked: String,
     },
     /// Spawning failed.
-    #[error("starting {program}: {source}")]
+    #[error("starting {program}")]
     Spawn {
         /// The program.
         program: String,
@@ -115,7 +115,7 @@ pub enum LaunchError {
         source: io::Error,
     },
     /// Creating a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     File {
         /// The file.
         path: PathBuf,
@@ -124,7 +124,7 @@ pub enum LaunchError {
         source: io::Error,
     },
     /// QMP did not come up.
-    #[error("QEMU's QMP socket: {0}")]
+    #[error("QEMU's QMP socket")]
     Qmp(#[from] QmpError),
     /// QEMU exited early.
     #[error("QEMU exited during start-up ({status}); its log: {log}")]

@@ -17,7 +17,7 @@ use crate::uffd::{AdoptError, RecvFdError, Userfaultfd, recv_fd};
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationFailure {
     /// The socket could not be set up or accepted on.
-    #[error("registration socket {path}: {source}")]
+    #[error("registration socket {path}")]
     Socket {
         /// The socket path.
         path: PathBuf,
@@ -34,13 +34,13 @@ pub enum RegistrationFailure {
     #[error("QEMU exited before registering its guest RAM ({0})")]
     Exited(String),
     /// The descriptor did not arrive.
-    #[error("receiving the userfaultfd: {0}")]
+    #[error("receiving the userfaultfd")]
     Recv(#[from] RecvFdError),
     /// The message is malformed.
-    #[error("registration message: {0}")]
+    #[error("registration message")]
     Message(#[from] RegistrationError),
     /// The descriptor is not a usable userfaultfd.
-    #[error("the descriptor QEMU sent: {0}")]
+    #[error("the descriptor QEMU sent")]
     Adopt(#[from] AdoptError),
     /// The registration is not the mapping expected.
     #[error("unexpected registration: {what}: got {got}, expected {expected}")]
