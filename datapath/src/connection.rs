@@ -54,6 +54,8 @@ pub struct LinkConfig {
     pub compression: Compression,
     /// Limit for the TCP connect and the handshake of each connection.
     pub handshake_timeout: Duration,
+    /// How long [`accept`] waits for the source's two connections.
+    pub accept_timeout: Duration,
 }
 
 impl Default for LinkConfig {
@@ -64,6 +66,7 @@ impl Default for LinkConfig {
             recv: RecvConfig::default(),
             compression: Compression::Lz4,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            accept_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -102,6 +105,20 @@ pub enum ConnectError {
         /// The error.
         #[source]
         source: HandshakeError,
+    },
+    /// The source's connections did not arrive in time.
+    #[error("no migration connected to {local} within {after:?}")]
+    AcceptTimeout {
+        /// The listening address.
+        local: SocketAddr,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// Waiting for the source's connections was called off.
+    #[error("stopped waiting for connections on {local}")]
+    AcceptCancelled {
+        /// The listening address.
+        local: SocketAddr,
     },
     /// A second connection of the same kind arrived.
     #[error("a second {conn:?} connection arrived from {peer}")]
@@ -155,24 +172,96 @@ pub fn connect(
 }
 
 /// Destination side: accepts the two connections of one migration on
-/// `listener`, in either order. `policy` may pin the migration id and
-/// geometry; the second connection must match the first either way. A
-/// connection that fails its handshake is dropped and reported: nothing it
-/// sent has been accepted.
+/// `listener`, in either order, within `cfg.accept_timeout` (see
+/// [`accept_until`]).
 pub fn accept(
     listener: &TcpListener,
     policy: &ServerPolicy,
     key: &PskKey,
     cfg: &LinkConfig,
 ) -> Result<ConnectionPair, ConnectError> {
+    let deadline = Instant::now() + cfg.accept_timeout;
+    accept_until(listener, policy, key, cfg, deadline, &|| false)
+}
+
+/// How often [`accept_until`] looks at its deadline and its cancel check.
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
+
+/// Destination side: accepts the two connections of one migration on
+/// `listener`, in either order. `policy` may pin the migration id and
+/// geometry; the second connection must match the first either way. A
+/// connection that fails its handshake is dropped and reported: nothing it
+/// sent has been accepted.
+///
+/// Gives up with [`ConnectError::AcceptTimeout`] at `deadline`, or with
+/// [`ConnectError::AcceptCancelled`] as soon as `cancelled` returns true
+/// (looked at every few milliseconds while no connection is pending): the
+/// listener is polled, never blocked on. It is left in blocking mode.
+pub fn accept_until(
+    listener: &TcpListener,
+    policy: &ServerPolicy,
+    key: &PskKey,
+    cfg: &LinkConfig,
+    deadline: Instant,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<ConnectionPair, ConnectError> {
     let local = listener
         .local_addr()
         .map_err(tcp_err(ConnKind::Bulk, unspecified()))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(tcp_err(ConnKind::Bulk, local))?;
+    let started = Instant::now();
+    let result = accept_pair(listener, local, policy, key, cfg, &mut || {
+        if cancelled() {
+            return Err(ConnectError::AcceptCancelled { local });
+        }
+        if Instant::now() >= deadline {
+            return Err(ConnectError::AcceptTimeout {
+                local,
+                after: deadline.saturating_duration_since(started),
+            });
+        }
+        Ok(())
+    });
+    let restored = listener
+        .set_nonblocking(false)
+        .map_err(tcp_err(ConnKind::Bulk, local));
+    let pair = result?;
+    restored?;
+    Ok(pair)
+}
+
+fn accept_pair(
+    listener: &TcpListener,
+    local: SocketAddr,
+    policy: &ServerPolicy,
+    key: &PskKey,
+    cfg: &LinkConfig,
+    go_on: &mut dyn FnMut() -> Result<(), ConnectError>,
+) -> Result<ConnectionPair, ConnectError> {
     let mut policy = *policy;
     let mut bulk = None;
     let mut fault = None;
     while bulk.is_none() || fault.is_none() {
-        let (mut sock, peer) = listener.accept().map_err(tcp_err(ConnKind::Bulk, local))?;
+        let (mut sock, peer) = match listener.accept() {
+            Ok(pair) => pair,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                go_on()?;
+                wait_for_connection(listener, ACCEPT_POLL)
+                    .map_err(tcp_err(ConnKind::Bulk, local))?;
+                continue;
+            }
+            Err(e) => return Err(tcp_err(ConnKind::Bulk, local)(e)),
+        };
+        // Accepted sockets do not inherit O_NONBLOCK on Linux; be explicit.
+        sock.set_nonblocking(false)
+            .map_err(tcp_err(ConnKind::Bulk, peer))?;
         set_timeouts(&sock, Some(cfg.handshake_timeout)).map_err(tcp_err(ConnKind::Bulk, peer))?;
         let want = match (&bulk, &fault) {
             (None, None) => None,
@@ -209,6 +298,24 @@ pub fn accept(
         bulk: bulk.expect("loop ends with both"),
         fault: fault.expect("loop ends with both"),
     })
+}
+
+/// Waits up to `timeout` for a pending connection on `listener`.
+fn wait_for_connection(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(listener),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd that lives across the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn finish(

@@ -6,9 +6,17 @@
 //! caller puts the two sockets in two network namespaces), then a look at the
 //! guest at the destination. On real hosts the same engines run one per host
 //! (`wanmig source` / `wanmig destination`).
+//!
+//! Whatever happens, the files of the migration (the two RAM files in
+//! `/dev/shm`, the registration and device-state sockets) are removed once
+//! nothing uses them any more; and a migration that fails before the commit
+//! hands back the source QEMU, its guest running, inside the error
+//! ([`MigrationError::SourceKept`]) instead of killing it.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::backend::qemu::{GuestSpec, QemuDest, QemuPaths, QemuSource, SerialLog};
@@ -18,6 +26,7 @@ use crate::engine::{
     DestConfig, EngineError, PageOrder, PageOrderError, SourceConfig, run_destination, run_source,
 };
 use crate::planning::{PlanningError, plan_from_segment, plan_in_process, profile_writes};
+use crate::qemu::RunState;
 use crate::report::MigrationReport;
 use crate::wire::{Geometry, MigrationId, PskKey, ServerPolicy};
 use wanmig_planner::units::Rate;
@@ -118,10 +127,86 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    /// The migration failed before the destination ran the guest: it still
+    /// runs at the source, whose QEMU is handed back (killed when dropped,
+    /// unless [detached](KeptSource::detach)).
+    #[error("the migration failed; the guest still runs at the source (QEMU pid {})", kept.pid())]
+    SourceKept {
+        /// Why the migration failed.
+        #[source]
+        cause: Box<MigrationError>,
+        /// The source QEMU, its guest running.
+        kept: Box<KeptSource>,
+    },
+}
+
+impl MigrationError {
+    /// The error under [`SourceKept`](Self::SourceKept), or this one.
+    pub fn cause(&self) -> &MigrationError {
+        match self {
+            MigrationError::SourceKept { cause, .. } => cause,
+            other => other,
+        }
+    }
+}
+
+/// Files removed when dropped (a migration's RAM files and sockets).
+#[derive(Debug, Default)]
+struct Leftovers {
+    paths: Vec<PathBuf>,
+}
+
+impl Leftovers {
+    fn add(&mut self, p: &Path) {
+        self.paths.push(p.to_path_buf());
+    }
+
+    /// Takes `p` out: it is no longer removed.
+    fn keep(&mut self, p: &Path) {
+        self.paths.retain(|x| x != p);
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The source QEMU of a migration that failed before the commit, its guest
+/// running. Dropping it kills QEMU and removes its RAM file;
+/// [`detach`](Self::detach) leaves both.
+#[derive(Debug)]
+pub struct KeptSource {
+    /// The source QEMU.
+    pub source: QemuSource,
+    /// Its serial console.
+    pub source_log: SerialLog,
+    /// Its paths.
+    pub paths: QemuPaths,
+    // Last: dropped after QEMU is killed.
+    files: Leftovers,
+}
+
+impl KeptSource {
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.source.pid()
+    }
+
+    /// Leaves the guest running after this process is gone: QEMU is not
+    /// killed and its RAM file stays. Returns QEMU's pid.
+    pub fn detach(mut self) -> u32 {
+        self.files.paths.clear();
+        self.source.detach()
+    }
 }
 
 /// A finished migration, with both QEMUs still there (the source paused with
-/// its frozen RAM, the destination running the guest).
+/// its frozen RAM, the destination running the guest). Dropping it kills
+/// both and removes their RAM files.
 #[derive(Debug)]
 pub struct LocalOutcome {
     /// The report.
@@ -138,15 +223,14 @@ pub struct LocalOutcome {
     pub source_paths: QemuPaths,
     /// Destination paths.
     pub dest_paths: QemuPaths,
+    // Last: dropped after the QEMUs are killed.
+    _files: Leftovers,
 }
 
 impl LocalOutcome {
-    /// Removes the RAM files (the QEMUs are killed when dropped).
+    /// Kills both QEMUs and removes their RAM files (what dropping does).
     pub fn cleanup(self) {
-        let (a, b) = (self.source_paths.ram.clone(), self.dest_paths.ram.clone());
         drop(self);
-        let _ = std::fs::remove_file(a);
-        let _ = std::fs::remove_file(b);
     }
 }
 
@@ -158,6 +242,10 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError 
 /// Runs a whole migration. `listener` is the destination engine's listening
 /// socket (bind it where the destination lives); `connect` opens the source
 /// engine's connections to it (from where the source lives).
+///
+/// If the engines fail and the guest still runs at the source (the failure
+/// came before the commit), the error is [`MigrationError::SourceKept`],
+/// with the source QEMU in it.
 pub fn run_local(
     spec: &LocalMigration,
     listener: TcpListener,
@@ -173,10 +261,88 @@ pub fn run_local(
         .map_err(io(format!("creating {}", spec.run_dir.display())))?;
     let source_paths = QemuPaths::new(&spec.run_dir, &spec.tag, "source");
     let dest_paths = QemuPaths::new(&spec.run_dir, &spec.tag, "destination");
+    let mut files = Leftovers::default();
+    for paths in [&source_paths, &dest_paths] {
+        files.add(&paths.ram);
+        files.add(&paths.uffd_sock);
+    }
+    files.add(&spec.run_dir.join("source.migrate"));
+    files.add(&spec.run_dir.join("destination.migrate"));
 
     let mut source = QemuSource::start(&spec.guest, &source_paths, &spec.run_dir)?;
     write_pid(&spec.run_dir, "source", source.process().pid())?;
     let mut source_log = SerialLog::new(&source_paths.serial);
+    let mut engines_started = false;
+    match migrate(
+        spec,
+        listener,
+        connect,
+        &mut source,
+        &mut source_log,
+        &dest_paths,
+        &mut engines_started,
+    ) {
+        Ok(m) => Ok(LocalOutcome {
+            report: m.report,
+            source,
+            dest: m.dest,
+            source_log,
+            dest_log: m.dest_log,
+            source_paths,
+            dest_paths,
+            _files: files,
+        }),
+        Err(cause) => {
+            // A failure before the commit leaves the guest running at the
+            // source: hand it back rather than kill it.
+            let running = engines_started
+                && source.process().is_running()
+                && source
+                    .process()
+                    .qmp()
+                    .query_status()
+                    .is_ok_and(|s| s.status == RunState::Running);
+            if !running {
+                return Err(cause);
+            }
+            files.keep(&source_paths.ram);
+            let mut kept_files = Leftovers::default();
+            kept_files.add(&source_paths.ram);
+            Err(MigrationError::SourceKept {
+                cause: Box::new(cause),
+                kept: Box::new(KeptSource {
+                    source,
+                    source_log,
+                    paths: source_paths,
+                    files: kept_files,
+                }),
+            })
+        }
+    }
+}
+
+/// What [`migrate`] hands back.
+struct Migrated {
+    report: MigrationReport,
+    dest: QemuDest,
+    dest_log: SerialLog,
+}
+
+fn migrate(
+    spec: &LocalMigration,
+    listener: TcpListener,
+    connect: impl FnOnce(
+        SocketAddr,
+        MigrationId,
+        Geometry,
+        &PskKey,
+        &LinkConfig,
+    ) -> Result<ConnectionPair, ConnectError>,
+    source: &mut QemuSource,
+    source_log: &mut SerialLog,
+    dest_paths: &QemuPaths,
+    engines_started: &mut bool,
+) -> Result<Migrated, MigrationError> {
     let warm = source_log
         .wait_heartbeats(
             spec.warmup_heartbeats,
@@ -187,10 +353,10 @@ pub fn run_local(
     if !warm {
         return Err(MigrationError::Guest(format!(
             "no heartbeat from the guest at the source (see {})",
-            source_paths.serial.display()
+            source.process().paths.serial.display()
         )));
     }
-    let mut dest = QemuDest::start(&spec.guest, &dest_paths, &spec.run_dir)?;
+    let mut dest = QemuDest::start(&spec.guest, dest_paths, &spec.run_dir)?;
     write_pid(&spec.run_dir, "destination", dest.process().pid())?;
 
     let pages = source.page_count();
@@ -219,7 +385,7 @@ pub fn run_local(
             downtime_target,
         } => {
             let state = spec.source.device_state_estimate;
-            let stats = profile_writes(&mut source, *samples, *interval, state, path)?;
+            let stats = profile_writes(source, *samples, *interval, state, path)?;
             let p = plan_in_process(path, *rate, *rtt, *downtime_target, pages)?;
             let origin = format!(
                 "{} after profiling writes for {} x {:.2} s ({} pages written; reads not sampled, assumed where writes are)",
@@ -246,6 +412,10 @@ pub fn run_local(
     let dest_cfg = spec.dest.clone();
     let link = spec.link;
     let server_key = key.clone();
+    // The source calls the destination off when it cannot connect.
+    let called_off = Arc::new(AtomicBool::new(false));
+    let dest_called_off = called_off.clone();
+    *engines_started = true;
     let dest_thread = std::thread::Builder::new()
         .name("wanmig-destination".into())
         .spawn(move || {
@@ -254,7 +424,11 @@ pub fn run_local(
                 expect_geometry: Some(geometry),
                 accept_conn: None,
             };
-            let result = connection::accept(&listener, &policy, &server_key, &link)
+            let deadline = Instant::now() + link.accept_timeout;
+            let result =
+                connection::accept_until(&listener, &policy, &server_key, &link, deadline, &|| {
+                    dest_called_off.load(Ordering::Acquire)
+                })
                 .map_err(MigrationError::from)
                 .and_then(|pair| {
                     run_destination(&mut dest, pair, &dest_cfg).map_err(MigrationError::from)
@@ -263,16 +437,23 @@ pub fn run_local(
         })
         .map_err(io("starting the destination engine"))?;
 
-    let source_result = connect(addr, id, geometry, &key, &spec.link)
-        .map_err(MigrationError::from)
-        .and_then(|pair| {
-            run_source(&mut source, pair, &order, &spec.source).map_err(MigrationError::from)
-        });
+    let source_result = match connect(addr, id, geometry, &key, &spec.link) {
+        Ok(pair) => run_source(source, pair, &order, &spec.source).map_err(MigrationError::from),
+        Err(e) => {
+            called_off.store(true, Ordering::Release);
+            Err(MigrationError::from(e))
+        }
+    };
     let (dest_result, dest) = dest_thread
         .join()
         .map_err(|_| MigrationError::Guest("the destination engine panicked".into()))?;
-    // The destination's error explains a source failure better than the
-    // other way round (a broken connection is usually its echo).
+    // A connect failure is the story (the destination only heard it was
+    // called off); otherwise the destination's error explains a source
+    // failure better than the other way round (a broken connection is
+    // usually its echo).
+    if let Err(e @ MigrationError::Connect(_)) = source_result {
+        return Err(e);
+    }
     let dest_report = dest_result?;
     let source_report = source_result?;
 
@@ -298,14 +479,10 @@ pub fn run_local(
         MigrationReport::combine(source_report, dest_report, checker_errors, spec.dest.dt, s);
     report.predicted = predicted;
     report.plan_origin = origin;
-    Ok(LocalOutcome {
+    Ok(Migrated {
         report,
-        source,
         dest,
-        source_log,
         dest_log,
-        source_paths,
-        dest_paths,
     })
 }
 

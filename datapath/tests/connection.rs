@@ -1,12 +1,16 @@
 //! Opening a migration's two connections over real TCP: both sides agree on
 //! the session, the destination accepts the connections in either order, and
 //! a peer with the wrong key or another migration's id is refused before any
-//! frame of it is accepted.
+//! frame of it is accepted; waiting for connections has a deadline and can be
+//! called off, and so can waiting for frames on an established connection.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use wanmig_datapath::connection::{ConnectError, LinkConfig, accept, connect};
-use wanmig_datapath::transport::{Flow, RecvEnd};
+use wanmig_datapath::connection::{ConnectError, LinkConfig, accept, accept_until, connect};
+use wanmig_datapath::transport::{Flow, RecvEnd, RecvError};
 use wanmig_datapath::wire::{
     ClientParams, ConnKind, ControlCode, FrameRef, Geometry, HandshakeError, MigrationId, PskKey,
     ServerPolicy, client_handshake,
@@ -175,5 +179,147 @@ fn a_second_connection_from_another_migration_is_refused() {
             }
         ),
         "server: {s:?}"
+    );
+}
+
+#[test]
+fn accepting_gives_up_at_its_deadline_when_nobody_connects() {
+    let (l, _) = listener();
+    let cfg = LinkConfig {
+        accept_timeout: Duration::from_millis(300),
+        ..LinkConfig::default()
+    };
+    let t = Instant::now();
+    let e = accept(&l, &ServerPolicy::default(), &PskKey::generate(), &cfg).unwrap_err();
+    let took = t.elapsed();
+    assert!(
+        matches!(e, ConnectError::AcceptTimeout { .. }),
+        "expected a timeout: {e:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "took {took:?}"
+    );
+    // The listener is usable (and blocking) again afterwards.
+    let addr = l.local_addr().unwrap();
+    let _c = TcpStream::connect(addr).unwrap();
+    let (s, _) = l.accept().unwrap();
+    drop(s);
+}
+
+#[test]
+fn accepting_gives_up_at_its_deadline_after_only_one_connection() {
+    let key = PskKey::generate();
+    let id = MigrationId::random();
+    let (l, addr) = listener();
+    let k2 = key.clone();
+    let server = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        accept_until(
+            &l,
+            &ServerPolicy::default(),
+            &k2,
+            &LinkConfig::default(),
+            deadline,
+            &|| false,
+        )
+    });
+    let _b = raw_client(addr, ConnKind::Bulk, id, &key).unwrap();
+    let e = server.join().unwrap().unwrap_err();
+    assert!(matches!(e, ConnectError::AcceptTimeout { .. }), "{e:?}");
+}
+
+#[test]
+fn accepting_is_called_off_promptly() {
+    let (l, _) = listener();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let server = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = accept_until(
+            &l,
+            &ServerPolicy::default(),
+            &PskKey::generate(),
+            &LinkConfig::default(),
+            Instant::now() + Duration::from_secs(600),
+            &|| s2.load(Ordering::Acquire),
+        );
+        (r, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Release);
+    let (r, took) = server.join().unwrap();
+    assert!(
+        matches!(r, Err(ConnectError::AcceptCancelled { .. })),
+        "{r:?}"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+#[test]
+fn a_receive_deadline_leaves_the_connection_usable() {
+    let key = PskKey::generate();
+    let id = MigrationId::random();
+    let (l, addr) = listener();
+    let k2 = key.clone();
+    let server = std::thread::spawn(move || {
+        accept(&l, &ServerPolicy::default(), &k2, &LinkConfig::default()).unwrap()
+    });
+    let mut client = connect(addr, id, geometry(), &key, &LinkConfig::default()).unwrap();
+    let mut server = server.join().unwrap();
+    let dec = server.bulk.session.decoder();
+
+    // Nothing sent: the deadline ends the wait, and the drained callback ran
+    // before it waited.
+    let mut drained = 0;
+    let t = Instant::now();
+    let r = server.bulk.rx.run_with(
+        &dec,
+        Some(Instant::now() + Duration::from_millis(200)),
+        &mut (
+            |_: FrameRef<'_>| -> Result<Flow, ()> { Ok(Flow::Continue) },
+            || {
+                drained += 1;
+                Ok(())
+            },
+        ),
+    );
+    assert!(matches!(r, Err(RecvError::TimedOut)), "{r:?}");
+    assert!(t.elapsed() >= Duration::from_millis(200));
+    assert_eq!(drained, 1);
+
+    // Frames sent later still arrive, in order, on the same receiver.
+    for round in 0..3 {
+        client
+            .bulk
+            .tx
+            .send_control(ControlCode::RoundBegin { round })
+            .unwrap();
+    }
+    client.bulk.tx.flush().unwrap();
+    let mut got = Vec::new();
+    let r = server.bulk.rx.run_with(
+        &dec,
+        Some(Instant::now() + Duration::from_secs(10)),
+        &mut (
+            |f: FrameRef<'_>| -> Result<Flow, ()> {
+                if let FrameRef::Control(c) = f {
+                    got.push(c);
+                }
+                Ok(if got.len() == 3 {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                })
+            },
+            || Ok(()),
+        ),
+    );
+    assert_eq!(r.unwrap(), RecvEnd::Stopped);
+    assert_eq!(
+        got,
+        (0..3)
+            .map(|round| ControlCode::RoundBegin { round })
+            .collect::<Vec<_>>()
     );
 }

@@ -63,6 +63,10 @@ fn assert_intact(o: &LocalOutcome) {
     assert_eq!(i.checker_errors, 0, "{:#?}", o.report);
     // Most of the 65536 pages are compared (the rest the guest rewrote since).
     assert!(i.pages_compared > 40_000, "too few pages compared: {i:?}");
+    // Nothing went wrong on the way, not even harmlessly.
+    let d = &o.report.destination;
+    assert!(d.late_error.is_none(), "{:?}", d.late_error);
+    assert_eq!(d.swept_pages, 0, "the push ended early");
     assert_eq!(
         o.dest_log.error_lines().count(),
         0,

@@ -135,11 +135,16 @@ pub trait DestBackend: Send {
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), BackendError>;
     /// Runs the guest.
     fn resume(&mut self) -> Result<(), BackendError>;
+    /// Stops the guest again: post-copy failed and pages are missing, which
+    /// the guest must never read (they would read as zeros).
+    fn pause(&mut self) -> Result<(), BackendError>;
     /// Adds the pages written since [`track_writes`](Self::track_writes) to `out`.
     fn written_pages(&mut self, out: &mut DirtyBitmap) -> Result<(), BackendError>;
     /// Reads page `index` as the guest sees it now.
     fn read_page(&self, index: u64, out: &mut [u8]) -> Result<(), BackendError>;
     /// Every page is in place: stop intercepting the guest's memory, so the
-    /// engine can go away.
+    /// engine can go away. Pages never installed then read as zeros (and
+    /// vCPUs waiting for one are woken), so the engine calls this only once
+    /// no page is missing.
     fn release(&mut self) -> Result<(), BackendError>;
 }

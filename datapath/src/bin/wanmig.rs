@@ -19,7 +19,9 @@ use clap::{Args, Parser, Subcommand};
 use wanmig_datapath::backend::qemu::GuestSpec;
 use wanmig_datapath::connection::{self, LinkConfig};
 use wanmig_datapath::engine::{DestConfig, SourceConfig};
-use wanmig_datapath::migration::{LocalMigration, LocalOutcome, Planning, run_local, run_over_wan};
+use wanmig_datapath::migration::{
+    LocalMigration, LocalOutcome, MigrationError, Planning, run_local, run_over_wan,
+};
 use wanmig_datapath::report::MigrationReport;
 use wanmig_datapath::transport::IoPreference;
 use wanmig_datapath::wire::PskKey;
@@ -210,12 +212,27 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
             TcpListener::bind("127.0.0.1:0").context("binding the destination engine")?;
         run_local(&spec, listener, |addr, id, geometry, key, link| {
             connection::connect(addr, id, geometry, key, link)
-        })?
+        })
     } else {
         let wan = Wan::up(WanConfig::new(args.wan_name.clone(), args.rate, args.rtt))?;
         let outcome = run_over_wan(&spec, &wan);
         drop(wan);
-        outcome?
+        outcome
+    };
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(MigrationError::SourceKept { cause, kept }) => {
+            // The guest is the user's: it runs on where it was.
+            let qmp = kept.paths.qmp.clone();
+            let ram = kept.paths.ram.clone();
+            let pid = kept.detach();
+            return Err(anyhow::Error::new(*cause).context(format!(
+                "the migration failed before the destination ran the guest; it still runs at the source (QEMU pid {pid}, QMP {}, RAM {})",
+                qmp.display(),
+                ram.display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
     };
     let code = report(&outcome, args.json)?;
     outcome.cleanup();

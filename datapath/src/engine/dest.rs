@@ -1,24 +1,50 @@
 //! The destination engine: fills guest RAM before the resume, loads the
-//! device state, resumes the guest, then installs the post-copy push while
-//! serving the guest's faults ahead of it.
+//! device state, resumes the guest when the source commits, then installs
+//! the post-copy push while serving the guest's faults ahead of it.
+//!
+//! ```text
+//! pre-copy     rounds: pages written with pwrite (all-zero ones left as
+//!              holes, known zero), ZeroPages announcements
+//! Freeze       the dirty remainder, ZeroPages for every page the source has
+//!              not populated, the device state pieces (a deadline runs from
+//!              Freeze until the device state is loaded)
+//! DeviceStateEnd
+//!              start the fault threads, load the device state, send Loaded;
+//!              any failure up to here: Abort{DestinationFailed} to the
+//!              source, which resumes the guest there
+//! Loaded       wait for the source's decision: PostcopyBegin or Abort
+//! PostcopyBegin
+//!              (the commit) resume the guest, send Resumed; install the
+//!              push, serve faults; Done, digests, Goodbye
+//! complete     every page here: integrity check, stop the fault requester,
+//!              release the guest, then let the answer thread go
+//! ```
 //!
 //! Three threads:
 //! - the bulk receiver (the caller's thread) writes pre-copy pages with
 //!   `pwrite`, loads the device state, resumes the guest and installs pushed
-//!   pages with `UFFDIO_COPY`;
+//!   pages with `UFFDIO_COPY` in batches (flushed whenever the receive buffer
+//!   runs dry, and at least every millisecond);
 //! - the fault requester waits on the userfaultfd and, for a page that is
 //!   neither here nor known to be zero, sends a request on the fault
-//!   connection (zero pages are installed locally, pages already here are
-//!   woken);
+//!   connection (zero pages, and pages already here, are installed locally as
+//!   zero pages: a page here gets `EEXIST` and a wake, a page discarded since
+//!   reads as zero);
 //! - the fault-answer receiver installs the answers.
 //!
 //! The fault threads start before the device state is loaded: QEMU touches
-//! guest RAM while loading it. Before the guest is released every page must
-//! be here or known to be zero; otherwise the engine refuses (an absent page
-//! would read as zeros).
+//! guest RAM while loading it. After the commit the destination owns the
+//! guest, and every way out goes through the same end: if pages are missing
+//! (the bulk connection broke, say) it fetches every one still absent over
+//! the fault connection; once none is missing it releases the guest's memory
+//! *before* it lets the fault threads go (so no vCPU ever waits on a page
+//! nobody serves), and a bulk failure then costs only the integrity check.
+//! If pages are still missing in the end, the guest is stopped (they would
+//! read as zeros) and the migration is reported incomplete.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,9 +55,13 @@ use super::page_states::{PageState, PageStates};
 use super::source::page_bitmap;
 use crate::backend::{DestBackend, Install, PageInstaller};
 use crate::connection::{Connection, ConnectionPair};
-use crate::transport::{Flow, FrameReceiver};
+use crate::transport::{Flow, FrameHandler, FrameReceiver, RecvEnd, RecvError};
+use crate::uffd::DirtyBitmap;
 use crate::unit_stream::UnitSender;
-use crate::wire::{ControlCode, DEVICE_STATE_PIECE, FrameDecoder, FrameRef, UnitKind};
+use crate::wire::{
+    AbortReason, ControlCode, DEVICE_STATE_PIECE, Encoding, FrameDecoder, FrameRef,
+    MAX_REQUEST_UNITS, UnitKind, UnitPayload,
+};
 
 /// Tuning of the destination engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,8 +72,12 @@ pub struct DestConfig {
     pub hold: bool,
     /// The Γ window: stalls met during the first `dt` after the resume.
     pub dt: Duration,
-    /// How long to wait for the last pages after the push ended.
+    /// How long to wait for the last pages after the push ended (or broke).
     pub completion_timeout: Duration,
+    /// From `Freeze` until the device state is loaded, at most this long.
+    /// (After `Loaded` the destination waits for the source's decision: only
+    /// the source decides where the guest runs.)
+    pub freeze_timeout: Duration,
 }
 
 impl Default for DestConfig {
@@ -52,6 +86,7 @@ impl Default for DestConfig {
             hold: false,
             dt: Duration::from_secs(20),
             completion_timeout: Duration::from_secs(120),
+            freeze_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -90,6 +125,9 @@ pub struct DestReport {
     pub faults: u64,
     /// Faults on zero pages, served locally.
     pub zero_faults: u64,
+    /// Pages fetched over the fault connection because the bulk connection
+    /// ended early.
+    pub swept_pages: u64,
     /// Total time faulting vCPUs waited for fetched pages, s.
     pub penalty_s: f64,
     /// Of that, the part within the first `dt` after the resume, s.
@@ -102,6 +140,11 @@ pub struct DestReport {
     pub uptime_s: f64,
     /// Integrity check (when the source sent digests).
     pub integrity: Option<IntegrityReport>,
+    /// A failure after the commit that cost the guest nothing: the bulk
+    /// connection broke but every page arrived anyway (then there is no
+    /// integrity check), or something failed once every page was here
+    /// (stopping the fault threads, the goodbye).
+    pub late_error: Option<String>,
     /// Milestones.
     #[serde(skip)]
     pub times: Option<DestTimes>,
@@ -132,24 +175,53 @@ impl Stalls {
     }
 }
 
+/// What the three threads share.
+#[derive(Debug)]
+struct Shared {
+    states: PageStates,
+    stalls: Stalls,
+    /// The requester must say goodbye.
+    stop: AtomicBool,
+    /// The requester must request every page still absent.
+    sweep: AtomicBool,
+    /// The guest runs: fault stalls are post-copy penalty (not QEMU loading
+    /// the device state).
+    running: AtomicBool,
+    zero_faults: AtomicU64,
+    swept: AtomicU64,
+}
+
+impl Shared {
+    /// Page `p` is in place; resolves its stall if a fault was waiting.
+    fn arrived(&self, p: u64, at: Instant) {
+        if self.states.swap(p, PageState::Present) == PageState::Requested {
+            self.stalls.resolved(p, at);
+        }
+    }
+}
+
 /// Consecutive pushed pages gathered for one `install_run`.
 #[derive(Debug)]
 struct InstallRun {
     ps: usize,
     first: u64,
     len: usize,
+    started: Instant,
     buf: Vec<u8>,
 }
 
 impl InstallRun {
     /// Pages per batch (1 MiB of 4 KiB pages).
     const MAX: usize = 256;
+    /// The longest a pushed page waits in a batch.
+    const MAX_AGE: Duration = Duration::from_millis(1);
 
     fn new(ps: usize) -> Self {
         InstallRun {
             ps,
             first: 0,
             len: 0,
+            started: Instant::now(),
             buf: vec![0; ps * Self::MAX],
         }
     }
@@ -161,6 +233,7 @@ impl InstallRun {
     fn start(&mut self, p: u64) {
         self.first = p;
         self.len = 0;
+        self.started = Instant::now();
     }
 
     /// The slot for the next page.
@@ -170,42 +243,474 @@ impl InstallRun {
         &mut self.buf[at..at + self.ps]
     }
 
-    fn flush(
-        &mut self,
-        installer: &dyn PageInstaller,
-        states: &PageStates,
-        stalls: &Stalls,
-    ) -> Result<(), EngineError> {
+    fn stale(&self) -> bool {
+        self.len > 0 && self.started.elapsed() >= Self::MAX_AGE
+    }
+
+    fn flush(&mut self, installer: &dyn PageInstaller, shared: &Shared) -> Result<(), EngineError> {
         if self.len == 0 {
             return Ok(());
         }
         installer.install_run(self.first, &self.buf[..self.len * self.ps])?;
         let now = Instant::now();
         for p in self.first..self.first + self.len as u64 {
-            if states.get(p) == PageState::Requested {
-                stalls.resolved(p, now);
-            }
-            states.set(p, PageState::Present);
+            shared.arrived(p, now);
         }
         self.len = 0;
         Ok(())
     }
 }
 
-fn install_into(
-    installer: &dyn PageInstaller,
-    states: &PageStates,
-    stalls: &Stalls,
-    p: u64,
-    data: &[u8],
-) -> Result<bool, EngineError> {
-    let fresh = installer.install(p, data)? == Install::Installed;
-    let was = states.get(p);
-    states.set(p, PageState::Present);
-    if was == PageState::Requested {
-        stalls.resolved(p, Instant::now());
+/// The fault threads.
+#[derive(Debug)]
+struct Workers {
+    requester: Option<Worker>,
+    answers: Option<Worker>,
+    /// The fault connection's socket, to cut the answer thread loose.
+    sock: TcpStream,
+}
+
+type Worker = std::thread::JoinHandle<Result<(), EngineError>>;
+
+/// How long the answer thread gets to see the source's goodbye.
+const ANSWERS_GRACE: Duration = Duration::from_secs(2);
+/// How often the bulk receiver looks at the fault threads while idle.
+const WORKER_CHECK: Duration = Duration::from_millis(50);
+
+impl Workers {
+    /// An error if a fault thread ended while it is still needed.
+    fn check(&self) -> Result<(), EngineError> {
+        if self.requester.as_ref().is_none_or(|w| w.is_finished()) {
+            return Err(EngineError::WorkerStopped("fault requester"));
+        }
+        if self.answers.as_ref().is_none_or(|w| w.is_finished()) {
+            return Err(EngineError::WorkerStopped("fault answers"));
+        }
+        Ok(())
     }
-    Ok(fresh)
+
+    fn requester_alive(&self) -> bool {
+        self.requester.as_ref().is_some_and(|w| !w.is_finished())
+    }
+
+    fn answers_alive(&self) -> bool {
+        self.answers.as_ref().is_some_and(|w| !w.is_finished())
+    }
+
+    /// Stops the requester (it says goodbye on the fault connection) and
+    /// waits for it.
+    fn stop_requester(&mut self, shared: &Shared) -> Result<(), EngineError> {
+        shared.stop.store(true, Ordering::Release);
+        match self.requester.take() {
+            Some(w) => w
+                .join()
+                .map_err(|_| EngineError::Panicked("fault requester"))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits a little for the answer thread to see the source's goodbye,
+    /// then cuts the connection under it.
+    fn end_answers(&mut self) -> Result<(), EngineError> {
+        let Some(w) = self.answers.take() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + ANSWERS_GRACE;
+        while !w.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !w.is_finished() {
+            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        }
+        w.join()
+            .map_err(|_| EngineError::Panicked("fault answers"))?
+    }
+
+    /// Stops both threads at once; returns how they ended.
+    fn abandon(mut self, shared: &Shared) -> (Result<(), EngineError>, Result<(), EngineError>) {
+        let requester = self.stop_requester(shared);
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        (requester, self.end_answers())
+    }
+}
+
+/// `cause`, with a thread found stopped replaced by that thread's own error.
+fn explain(
+    cause: Option<EngineError>,
+    requester: &mut Result<(), EngineError>,
+    answers: &mut Result<(), EngineError>,
+) -> Option<EngineError> {
+    let own = |r: &mut Result<(), EngineError>| std::mem::replace(r, Ok(())).err();
+    match cause {
+        Some(EngineError::WorkerStopped(which)) => {
+            let found = if which == "fault requester" {
+                own(requester)
+            } else {
+                own(answers)
+            };
+            Some(found.unwrap_or(EngineError::WorkerStopped(which)))
+        }
+        other => other,
+    }
+}
+
+/// Where the bulk stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Live rounds.
+    Precopy,
+    /// `Freeze` arrived: remainder, zero pages, device state.
+    Frozen,
+    /// Device state loaded, `Loaded` sent: waiting for the source's decision.
+    Loaded,
+    /// `PostcopyBegin` arrived (the commit): the push.
+    Postcopy,
+    /// `Done` arrived: digests.
+    PushDone,
+    /// `Goodbye` arrived.
+    Ended,
+}
+
+/// The bulk receiver's state.
+struct Bulk<'a> {
+    backend: &'a mut dyn DestBackend,
+    cfg: &'a DestConfig,
+    shared: Arc<Shared>,
+    installer: Arc<dyn PageInstaller>,
+    tx: &'a mut UnitSender,
+    fault: Option<Connection>,
+    workers: Option<Workers>,
+    pages: u64,
+    ps: usize,
+    phase: Phase,
+    /// The open round and the pages received in it.
+    round: Option<(u64, u64)>,
+    next_round: u64,
+    /// Units received on the connection.
+    units: u64,
+    page: Vec<u8>,
+    device_state: Vec<u8>,
+    /// Length of each device-state piece received.
+    pieces: Vec<Option<u32>>,
+    device_state_bytes: u64,
+    /// Pages the push may still bring (absent when the device state ended).
+    pushable: Option<DirtyBitmap>,
+    run: InstallRun,
+    precopy_pages: u64,
+    pushed_pages: u64,
+    digests: Vec<u32>,
+    freeze_received: Option<Instant>,
+    resumed: Option<Instant>,
+}
+
+fn protocol<T>(what: impl Into<String>) -> Result<T, EngineError> {
+    Err(EngineError::Protocol(what.into()))
+}
+
+impl Bulk<'_> {
+    /// A page before the guest can run: written to the file (an all-zero
+    /// page becomes a hole known to be zero).
+    fn precopy_page(&mut self, index: u64, payload: &UnitPayload<'_>) -> Result<(), EngineError> {
+        let states = &self.shared.states;
+        if payload.encoding() == Encoding::Zero {
+            if states.swap(index, PageState::Zero) == PageState::Present {
+                self.backend.discard_page(index)?;
+            }
+        } else {
+            payload.unpack_into(&mut self.page)?;
+            self.backend.write_page(index, &self.page)?;
+            states.set(index, PageState::Present);
+        }
+        self.precopy_pages += 1;
+        Ok(())
+    }
+
+    /// A pushed page: installed atomically (QEMU may fault on it), waking
+    /// its waiters, consecutive pages in one batch.
+    fn pushed_page(&mut self, index: u64, payload: &UnitPayload<'_>) -> Result<(), EngineError> {
+        let pushable = self.pushable.as_mut().expect("set at DeviceStateEnd");
+        if !pushable.get(index) {
+            return protocol(format!(
+                "page {index} pushed, but it was here before the commit or pushed already"
+            ));
+        }
+        pushable.unset(index);
+        self.pushed_pages += 1;
+        if self.shared.states.get(index) == PageState::Present {
+            // A fault fetched it first.
+            return Ok(());
+        }
+        if !self.run.extends(index) {
+            self.run.flush(self.installer.as_ref(), &self.shared)?;
+            self.run.start(index);
+        }
+        if let Err(e) = payload.unpack_into(self.run.push()) {
+            self.run.len -= 1;
+            return Err(e.into());
+        }
+        if self.run.stale() {
+            self.run.flush(self.installer.as_ref(), &self.shared)?;
+        }
+        Ok(())
+    }
+
+    fn device_state_piece(
+        &mut self,
+        index: u64,
+        payload: &UnitPayload<'_>,
+    ) -> Result<(), EngineError> {
+        let i = index as usize;
+        if self.pieces.len() <= i {
+            self.pieces.resize(i + 1, None);
+        }
+        if self.pieces[i].is_some() {
+            return protocol(format!("device-state piece {index} sent twice"));
+        }
+        let len = payload.unit_len() as usize;
+        self.pieces[i] = Some(len as u32);
+        let at = i * DEVICE_STATE_PIECE as usize;
+        if self.device_state.len() < at + len {
+            self.device_state.resize(at + len, 0);
+        }
+        payload.unpack_into(&mut self.device_state[at..at + len])?;
+        Ok(())
+    }
+
+    /// Exactly pieces `0..ceil(total / PIECE)`, each whole but the last.
+    fn device_state_complete(&mut self, total: u64) -> Result<(), EngineError> {
+        let piece = u64::from(DEVICE_STATE_PIECE);
+        let n = total.div_ceil(piece);
+        if self.pieces.len() as u64 != n {
+            return protocol(format!(
+                "device state of {total} bytes announced, pieces up to {} received",
+                self.pieces.len()
+            ));
+        }
+        for (i, got) in self.pieces.iter().enumerate() {
+            let i = i as u64;
+            let want = if i + 1 == n { total - i * piece } else { piece };
+            if *got != Some(want as u32) {
+                return protocol(format!(
+                    "device-state piece {i}: {got:?} bytes received, {want} expected"
+                ));
+            }
+        }
+        self.device_state.truncate(total as usize);
+        self.device_state_bytes = total;
+        Ok(())
+    }
+
+    /// The device state is all here: fault threads, load, `Loaded`.
+    fn load(&mut self) -> Result<(), EngineError> {
+        // What the push may bring: the pages neither here nor known zero.
+        let mut pushable = page_bitmap(self.pages, self.ps);
+        for p in 0..self.pages {
+            if self.shared.states.get(p) == PageState::Absent {
+                pushable.set(p);
+            }
+        }
+        self.pushable = Some(pushable);
+        // Faults can come as soon as QEMU loads the device state.
+        let fault = self
+            .fault
+            .take()
+            .ok_or_else(|| EngineError::Protocol("device state sent twice".into()))?;
+        self.workers = Some(start_fault_threads(
+            fault,
+            self.installer.clone(),
+            self.shared.clone(),
+            self.pages,
+            self.ps,
+        )?);
+        self.backend.track_writes()?;
+        self.backend.load_device_state(&self.device_state)?;
+        self.tx
+            .send_control(ControlCode::Loaded)
+            .and_then(|_| self.tx.flush())
+            .map_err(EngineError::send("bulk"))?;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), EngineError> {
+        if self.cfg.hold {
+            return Ok(());
+        }
+        self.shared.running.store(true, Ordering::Release);
+        self.backend.resume()?;
+        self.resumed = Some(Instant::now());
+        self.tx
+            .send_control(ControlCode::Resumed)
+            .and_then(|_| self.tx.flush())
+            .map_err(EngineError::send("bulk"))
+    }
+
+    fn on_control(&mut self, code: ControlCode) -> Result<Flow, EngineError> {
+        use ControlCode as C;
+        use Phase as P;
+        match (self.phase, code) {
+            (_, C::Abort { reason }) => Err(EngineError::Aborted {
+                peer: "source",
+                reason,
+            }),
+            (P::Precopy, C::RoundBegin { round }) => {
+                if self.round.is_some() || round != self.next_round {
+                    return protocol(format!(
+                        "round {round} began, round {} expected",
+                        self.next_round
+                    ));
+                }
+                self.round = Some((round, 0));
+                Ok(Flow::Continue)
+            }
+            (P::Precopy, C::RoundEnd { round, units_sent }) => match self.round.take() {
+                Some((r, got)) if r == round && got == units_sent => {
+                    self.next_round += 1;
+                    Ok(Flow::Continue)
+                }
+                other => protocol(format!(
+                    "round {round} ended with {units_sent} pages, open round and pages received: {other:?}"
+                )),
+            },
+            (P::Precopy | P::Frozen, C::ZeroPages { first, count }) => {
+                for p in first..first + count {
+                    if self.shared.states.swap(p, PageState::Zero) == PageState::Present {
+                        self.backend.discard_page(p)?;
+                    }
+                }
+                Ok(Flow::Continue)
+            }
+            (P::Precopy, C::Freeze) if self.round.is_none() => {
+                self.phase = P::Frozen;
+                self.freeze_received = Some(Instant::now());
+                // The freeze deadline starts.
+                Ok(Flow::Stop)
+            }
+            (P::Frozen, C::DeviceStateEnd { total_bytes }) => {
+                self.device_state_complete(total_bytes)?;
+                self.load()?;
+                self.phase = P::Loaded;
+                // The freeze deadline ends.
+                Ok(Flow::Stop)
+            }
+            (P::Loaded, C::PostcopyBegin) => {
+                self.phase = P::Postcopy;
+                self.resume()?;
+                Ok(Flow::Continue)
+            }
+            (P::Postcopy, C::Done { units_total }) => {
+                if units_total != self.units {
+                    return protocol(format!(
+                        "the source sent {units_total} units, {} arrived",
+                        self.units
+                    ));
+                }
+                self.phase = P::PushDone;
+                Ok(Flow::Continue)
+            }
+            (phase, code) => protocol(format!("unexpected {code:?} in phase {phase:?}")),
+        }
+    }
+}
+
+impl FrameHandler<EngineError> for Bulk<'_> {
+    fn on_frame(&mut self, f: FrameRef<'_>) -> Result<Flow, EngineError> {
+        let flow = self.handle(f)?;
+        self.check_workers()?;
+        Ok(flow)
+    }
+
+    fn on_drained(&mut self) -> Result<(), EngineError> {
+        // Nothing more to batch with for now: pushed pages go in at once.
+        self.run.flush(self.installer.as_ref(), &self.shared)
+    }
+}
+
+impl Bulk<'_> {
+    /// Fails if a fault thread ended. Not while waiting for the source's
+    /// decision: after `Loaded` only the source may call the migration off
+    /// (it may have committed already); a dead thread is noticed right after
+    /// `PostcopyBegin` instead.
+    fn check_workers(&self) -> Result<(), EngineError> {
+        match &self.workers {
+            Some(w) if self.phase != Phase::Loaded => w.check(),
+            _ => Ok(()),
+        }
+    }
+
+    fn handle(&mut self, f: FrameRef<'_>) -> Result<Flow, EngineError> {
+        if !matches!(
+            f,
+            FrameRef::Unit {
+                kind: UnitKind::Page,
+                ..
+            }
+        ) {
+            self.run.flush(self.installer.as_ref(), &self.shared)?;
+        }
+        match f {
+            FrameRef::Unit {
+                kind: UnitKind::Page,
+                index,
+                payload,
+            } => {
+                self.units += 1;
+                match self.phase {
+                    Phase::Precopy => match &mut self.round {
+                        Some((_, n)) => {
+                            *n += 1;
+                            self.precopy_page(index, &payload)?;
+                        }
+                        None => return protocol(format!("page {index} outside a round")),
+                    },
+                    Phase::Frozen => self.precopy_page(index, &payload)?,
+                    Phase::Postcopy => self.pushed_page(index, &payload)?,
+                    phase => return protocol(format!("page {index} in phase {phase:?}")),
+                }
+                Ok(Flow::Continue)
+            }
+            FrameRef::Unit {
+                kind: UnitKind::DeviceState,
+                index,
+                payload,
+            } if self.phase == Phase::Frozen => {
+                self.units += 1;
+                self.device_state_piece(index, &payload)?;
+                Ok(Flow::Continue)
+            }
+            FrameRef::Control(code) => self.on_control(code),
+            FrameRef::Digest {
+                kind: UnitKind::Page,
+                first,
+                crcs,
+            } if self.phase == Phase::PushDone => {
+                let seen = self.digests.len() as u64;
+                if first != seen || seen + crcs.len() as u64 > self.pages {
+                    return protocol(format!(
+                        "digests for pages from {first} ({} of them) after {seen}",
+                        crcs.len()
+                    ));
+                }
+                self.digests.extend(crcs.iter());
+                Ok(Flow::Continue)
+            }
+            FrameRef::Goodbye if self.phase == Phase::PushDone => {
+                if !self.digests.is_empty() && self.digests.len() as u64 != self.pages {
+                    return protocol(format!(
+                        "digests of {} pages out of {}",
+                        self.digests.len(),
+                        self.pages
+                    ));
+                }
+                self.phase = Phase::Ended;
+                Ok(Flow::Stop)
+            }
+            other => protocol(format!(
+                "unexpected {:?} on the bulk connection in phase {:?}",
+                other.frame_type(),
+                self.phase
+            )),
+        }
+    }
 }
 
 /// Runs the destination side of a migration over `conns`.
@@ -218,248 +723,208 @@ pub fn run_destination(
     let mut bulk = bulk;
     let pages = backend.page_count();
     let ps = backend.page_size();
-    let states = Arc::new(PageStates::new(pages));
-    let stalls = Arc::new(Stalls::default());
-    let installer = backend.installer();
-    let stop = Arc::new(AtomicBool::new(false));
-    let zero_faults = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut fault = Some(fault);
-    let mut workers: Option<(Worker, Worker)> = None;
-
-    let mut page = vec![0u8; ps];
-    let mut device_state = Vec::new();
-    let mut device_state_bytes = 0u64;
-    let mut resumed: Option<Instant> = None;
-    let mut freeze_received: Option<Instant> = None;
-    let mut precopy_pages = 0u64;
-    let mut pushed_pages = 0u64;
-    let mut push_done = false;
-    let mut digests: Vec<u32> = Vec::new();
-    let mut digest_seen = 0u64;
+    let g = bulk.session.geometry;
+    if g.page_count() != pages {
+        return Err(EngineError::Geometry {
+            what: "page count",
+            session: g.page_count(),
+            guest: pages,
+        });
+    }
+    if g.page_size() as usize != ps {
+        return Err(EngineError::Geometry {
+            what: "page size",
+            session: g.page_size().into(),
+            guest: ps as u64,
+        });
+    }
+    let shared = Arc::new(Shared {
+        states: PageStates::new(pages),
+        stalls: Stalls::default(),
+        stop: AtomicBool::new(false),
+        sweep: AtomicBool::new(false),
+        running: AtomicBool::new(false),
+        zero_faults: AtomicU64::new(0),
+        swept: AtomicU64::new(0),
+    });
     let dec = bulk.session.decoder();
     let Connection {
         tx: bulk_tx,
         rx: bulk_rx,
         ..
     } = &mut bulk;
-
-    let mut run = InstallRun::new(ps);
-    let received = bulk_rx.run(&dec, |f| -> Result<Flow, EngineError> {
-        if !matches!(
-            f,
-            FrameRef::Unit {
-                kind: UnitKind::Page,
-                ..
-            }
-        ) {
-            run.flush(installer.as_ref(), &states, &stalls)?;
-        }
-        match f {
-            FrameRef::Unit {
-                kind: UnitKind::Page,
-                index,
-                payload,
-            } => {
-                if workers.is_none() {
-                    // QEMU has not touched guest RAM yet: plain writes (a
-                    // page may be rewritten by later rounds).
-                    payload.unpack_into(&mut page)?;
-                    backend.write_page(index, &page)?;
-                    states.set(index, PageState::Present);
-                    precopy_pages += 1;
-                } else {
-                    // QEMU may fault on it: install atomically, waking it,
-                    // consecutive pages in one batch.
-                    if !run.extends(index) {
-                        run.flush(installer.as_ref(), &states, &stalls)?;
-                        run.start(index);
-                    }
-                    let slot = run.push();
-                    payload.unpack_into(slot)?;
-                    pushed_pages += 1;
-                }
-                Ok(Flow::Continue)
-            }
-            FrameRef::Unit {
-                kind: UnitKind::DeviceState,
-                index,
-                payload,
-            } => {
-                let at = index as usize * DEVICE_STATE_PIECE as usize;
-                let len = payload.unit_len() as usize;
-                if device_state.len() < at + len {
-                    device_state.resize(at + len, 0);
-                }
-                payload.unpack_into(&mut device_state[at..at + len])?;
-                Ok(Flow::Continue)
-            }
-            FrameRef::Control(ControlCode::ZeroPages { first, count }) => {
-                for p in first..first + count {
-                    if states.get(p) == PageState::Present {
-                        backend.discard_page(p)?;
-                    }
-                    states.set(p, PageState::Zero);
-                }
-                Ok(Flow::Continue)
-            }
-            FrameRef::Control(ControlCode::RoundBegin { .. } | ControlCode::RoundEnd { .. }) => {
-                Ok(Flow::Continue)
-            }
-            FrameRef::Control(ControlCode::Freeze) => {
-                freeze_received = Some(Instant::now());
-                Ok(Flow::Continue)
-            }
-            FrameRef::Control(ControlCode::DeviceStateEnd { total_bytes }) => {
-                if total_bytes as usize > device_state.len() {
-                    return Err(EngineError::Protocol(format!(
-                        "device state of {total_bytes} bytes announced, {} received",
-                        device_state.len()
-                    )));
-                }
-                device_state.truncate(total_bytes as usize);
-                device_state_bytes = total_bytes;
-                // Faults can come as soon as QEMU loads the device state.
-                let fault = fault
-                    .take()
-                    .ok_or_else(|| EngineError::Protocol("device state sent twice".into()))?;
-                workers = Some(start_fault_threads(
-                    fault,
-                    installer.clone(),
-                    states.clone(),
-                    stalls.clone(),
-                    stop.clone(),
-                    zero_faults.clone(),
-                    ps,
-                )?);
-                backend.track_writes()?;
-                backend.load_device_state(&device_state)?;
-                Ok(Flow::Continue)
-            }
-            FrameRef::Control(ControlCode::PostcopyBegin) => {
-                if workers.is_none() {
-                    return Err(EngineError::Protocol(
-                        "PostcopyBegin before the device state".into(),
-                    ));
-                }
-                if !cfg.hold {
-                    backend.resume()?;
-                    resumed = Some(Instant::now());
-                    bulk_tx
-                        .send_control(ControlCode::Resumed)
-                        .and_then(|_| bulk_tx.flush())
-                        .map_err(EngineError::send("bulk"))?;
-                }
-                Ok(Flow::Continue)
-            }
-            FrameRef::Control(ControlCode::Done { .. }) => {
-                push_done = true;
-                Ok(Flow::Continue)
-            }
-            FrameRef::Digest {
-                kind: UnitKind::Page,
-                first,
-                crcs,
-            } => {
-                if first != digest_seen {
-                    return Err(EngineError::Protocol(format!(
-                        "digests out of order at page {first}"
-                    )));
-                }
-                digests.extend(crcs.iter());
-                digest_seen += crcs.len() as u64;
-                Ok(Flow::Continue)
-            }
-            FrameRef::Control(ControlCode::Abort { reason }) => Err(EngineError::Protocol(
-                format!("the source aborted: {reason:?}"),
-            )),
-            FrameRef::Goodbye => Ok(Flow::Stop),
-            other => Err(EngineError::Protocol(format!(
-                "unexpected {:?} on the bulk connection",
-                other.frame_type()
-            ))),
-        }
-    });
-    let finish = |workers: Option<(Worker, Worker)>| -> Result<(), EngineError> {
-        stop.store(true, Ordering::Release);
-        if let Some((req, ans)) = workers {
-            let r1 = req
-                .join()
-                .map_err(|_| EngineError::Panicked("fault requester"))?;
-            let r2 = ans
-                .join()
-                .map_err(|_| EngineError::Panicked("fault answers"))?;
-            r1?;
-            r2?;
-        }
-        Ok(())
+    let mut st = Bulk {
+        installer: backend.installer(),
+        backend,
+        cfg,
+        shared: shared.clone(),
+        tx: bulk_tx,
+        fault: Some(fault),
+        workers: None,
+        pages,
+        ps,
+        phase: Phase::Precopy,
+        round: None,
+        next_round: 0,
+        units: 0,
+        page: vec![0u8; ps],
+        device_state: Vec::new(),
+        pieces: Vec::new(),
+        device_state_bytes: 0,
+        pushable: None,
+        run: InstallRun::new(ps),
+        precopy_pages: 0,
+        pushed_pages: 0,
+        digests: Vec::new(),
+        freeze_received: None,
+        resumed: None,
     };
-    if let Err(e) = received {
-        let _ = finish(workers);
-        return Err(EngineError::from_recv("bulk", e));
-    }
-    if !push_done {
-        let _ = finish(workers);
-        return Err(EngineError::Protocol(
-            "the source said goodbye before Done".into(),
-        ));
-    }
-    let freeze_received =
-        freeze_received.ok_or_else(|| EngineError::Protocol("no Freeze".into()))?;
+    let received = receive(bulk_rx, &dec, &mut st);
 
-    // Wait for the pages still travelling on the fault path.
-    let deadline = Instant::now() + cfg.completion_timeout;
+    if st.phase < Phase::Postcopy {
+        // Before the commit: the guest goes on at the source.
+        let e = received.err().unwrap_or_else(|| {
+            EngineError::Protocol("the bulk stream ended before the commit".into())
+        });
+        if !matches!(e, EngineError::Aborted { .. }) {
+            let reason = if matches!(e, EngineError::Timeout(_)) {
+                AbortReason::Timeout
+            } else {
+                AbortReason::DestinationFailed
+            };
+            let _ = st.tx.send_control(ControlCode::Abort { reason });
+            let _ = st.tx.flush();
+        }
+        if let Some(w) = st.workers.take() {
+            let (mut requester, mut answers) = w.abandon(&shared);
+            return Err(explain(Some(e), &mut requester, &mut answers).expect("an error"));
+        }
+        return Err(e);
+    }
+    let freeze_received = st.freeze_received.expect("Freeze precedes the commit");
+    finish(st, received, freeze_received)
+}
+
+/// Receives the bulk stream until `Goodbye`, with the freeze deadline and
+/// an eye on the fault threads.
+fn receive(
+    rx: &mut FrameReceiver,
+    dec: &FrameDecoder,
+    st: &mut Bulk<'_>,
+) -> Result<(), EngineError> {
     loop {
-        let missing = states.count(PageState::Absent) + states.count(PageState::Requested);
-        if missing == 0 {
-            break;
+        let deadline = match (st.phase, st.freeze_received) {
+            (Phase::Frozen, Some(t)) => Some(t + st.cfg.freeze_timeout),
+            _ => None,
+        };
+        // With fault threads running, wake up now and then to look at them.
+        let tick = st.workers.as_ref().map(|_| Instant::now() + WORKER_CHECK);
+        let wake = match (deadline, tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match rx.run_with(dec, wake, st) {
+            Ok(RecvEnd::Stopped) if st.phase == Phase::Ended => return Ok(()),
+            Ok(RecvEnd::Stopped) => {}
+            Ok(RecvEnd::Closed) => {
+                return Err(EngineError::Recv {
+                    conn: "bulk",
+                    message: format!("the source closed the connection in phase {:?}", st.phase),
+                });
+            }
+            Err(RecvError::TimedOut) => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(EngineError::Timeout("the device state"));
+                }
+                st.check_workers()?;
+            }
+            Err(e) => return Err(EngineError::from_recv("bulk", e)),
         }
-        if Instant::now() >= deadline {
-            let _ = finish(workers);
-            return Err(EngineError::Incomplete { missing });
+    }
+}
+
+/// After the commit: complete what is missing, release or stop the guest,
+/// report.
+fn finish(
+    mut st: Bulk<'_>,
+    received: Result<(), EngineError>,
+    freeze_received: Instant,
+) -> Result<DestReport, EngineError> {
+    let shared = st.shared.clone();
+    let mut workers = st
+        .workers
+        .take()
+        .expect("fault threads run after the commit");
+    let mut cause = received.err();
+    // Pages a broken stream left in the batch are whole: put them in place.
+    if let Err(e) = st.run.flush(st.installer.as_ref(), &shared) {
+        cause.get_or_insert(e);
+    }
+    if shared.states.missing() > 0 {
+        // Fetch whatever is still absent over the fault connection (a broken
+        // bulk connection leaves the push unfinished).
+        shared.sweep.store(true, Ordering::Release);
+        let deadline = Instant::now() + st.cfg.completion_timeout;
+        while shared.states.missing() > 0 && Instant::now() < deadline {
+            if !workers.answers_alive() || !workers.requester_alive() {
+                if cause.is_none() {
+                    cause = workers.check().err();
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        std::thread::sleep(Duration::from_millis(2));
+    }
+    let missing = shared.states.missing();
+    if missing > 0 {
+        // The guest must never read the missing pages. Stop it while the
+        // requester still serves what is here (vCPUs must reach the stop).
+        let _ = st.backend.pause();
+        let (mut requester, mut answers) = workers.abandon(&shared);
+        let cause = explain(cause, &mut requester, &mut answers);
+        return Err(EngineError::Incomplete {
+            missing,
+            cause: cause.map(Box::new),
+        });
     }
     let complete = Instant::now();
-    // With `hold` the guest stays paused: the caller checks the memory and
-    // resumes it.
-    let resumed = resumed.unwrap_or(complete);
+    let resumed = st.resumed.unwrap_or(complete);
 
-    // Integrity: compare every page the guest has not written since the
-    // resume with the source's frozen page. Read first, then look at which
-    // pages were written: a page written in between is skipped.
-    let integrity = if digests.len() as u64 == pages {
-        let mut before = page_bitmap(pages, ps);
-        backend.written_pages(&mut before)?;
-        let mut mismatched = Vec::new();
-        for p in 0..pages {
-            if before.get(p) {
-                continue;
-            }
-            backend.read_page(p, &mut page)?;
-            if crc32fast::hash(&page) != digests[p as usize] {
-                mismatched.push(p);
-            }
-        }
-        let mut after = page_bitmap(pages, ps);
-        backend.written_pages(&mut after)?;
-        let differing = mismatched.iter().filter(|&&p| !after.get(p)).count() as u64;
-        let written = after.count();
-        Some(IntegrityReport {
-            pages_compared: pages - written,
-            pages_differing: differing,
-            pages_written_since_resume: written,
-        })
-    } else {
-        None
+    // Integrity, when the whole stream arrived: compare every page the guest
+    // has not written since the resume with the source's frozen page.
+    let integrity = match (&cause, st.digests.len() as u64 == st.pages) {
+        (None, true) => Some(integrity(st.backend, &st.digests, st.pages, st.ps)),
+        _ => None,
+    }
+    .transpose();
+
+    // Release before the fault threads go: from here on the kernel serves
+    // every fault (nothing is missing, holes are zero pages).
+    let mut requester = workers.stop_requester(&shared);
+    let released = st.backend.release();
+    let mut answers = workers.end_answers();
+    let cause = explain(cause, &mut requester, &mut answers);
+    released?;
+    // The source waits for this goodbye (unless the bulk connection is gone).
+    let goodbye = st
+        .tx
+        .send_goodbye()
+        .and_then(|_| st.tx.flush())
+        .map_err(EngineError::send("bulk"));
+    let late = match cause {
+        // A broken bulk connection cost nothing but the integrity check.
+        Some(
+            e @ (EngineError::Recv { conn: "bulk", .. } | EngineError::Send { conn: "bulk", .. }),
+        ) => Some(e),
+        // Anything else is a failure, even though the guest runs on intact.
+        Some(e) => return Err(e),
+        // Failures once every page was here cost nothing.
+        None => requester.err().or(answers.err()).or(goodbye.err()),
     };
+    let integrity = integrity?;
 
-    finish(workers)?;
-    backend.release()?;
-    bulk.tx.send_goodbye().map_err(EngineError::send("bulk"))?;
-    bulk.tx.flush().map_err(EngineError::send("bulk"))?;
-
-    let done = stalls.done.lock().expect("stall lock").clone();
-    let window_end = resumed + cfg.dt;
+    let done = shared.stalls.done.lock().expect("stall lock").clone();
+    let window_end = resumed + st.cfg.dt;
     let penalty_s: f64 = done.iter().map(|(_, d)| d.as_secs_f64()).sum();
     let penalty_in_window_s: f64 = done
         .iter()
@@ -470,19 +935,21 @@ pub fn run_destination(
         })
         .sum();
     Ok(DestReport {
-        precopy_pages,
-        pushed_pages,
+        precopy_pages: st.precopy_pages,
+        pushed_pages: st.pushed_pages,
         faults: done.len() as u64,
-        zero_faults: zero_faults.load(Ordering::Relaxed),
+        zero_faults: shared.zero_faults.load(Ordering::Relaxed),
+        swept_pages: shared.swept.load(Ordering::Relaxed),
         penalty_s,
         penalty_in_window_s,
         max_stall_s: done
             .iter()
             .map(|(_, d)| d.as_secs_f64())
             .fold(0.0, f64::max),
-        device_state_bytes,
+        device_state_bytes: st.device_state_bytes,
         uptime_s: complete.saturating_duration_since(resumed).as_secs_f64(),
         integrity,
+        late_error: late.map(|e| error_chain(&e)),
         times: Some(DestTimes {
             freeze_received,
             resumed,
@@ -491,82 +958,171 @@ pub fn run_destination(
     })
 }
 
-type Worker = std::thread::JoinHandle<Result<(), EngineError>>;
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
+}
+
+/// Compares every page the guest has not written since the resume with the
+/// source's digest of its frozen page. Reads first, then looks at which
+/// pages were written: a page written in between is skipped.
+fn integrity(
+    backend: &mut dyn DestBackend,
+    digests: &[u32],
+    pages: u64,
+    ps: usize,
+) -> Result<IntegrityReport, EngineError> {
+    let mut page = vec![0u8; ps];
+    let mut before = page_bitmap(pages, ps);
+    backend.written_pages(&mut before)?;
+    let mut mismatched = Vec::new();
+    for p in 0..pages {
+        if before.get(p) {
+            continue;
+        }
+        backend.read_page(p, &mut page)?;
+        if crc32fast::hash(&page) != digests[p as usize] {
+            mismatched.push(p);
+        }
+    }
+    let mut after = page_bitmap(pages, ps);
+    backend.written_pages(&mut after)?;
+    let differing = mismatched.iter().filter(|&&p| !after.get(p)).count() as u64;
+    let written = after.count();
+    Ok(IntegrityReport {
+        pages_compared: pages - written,
+        pages_differing: differing,
+        pages_written_since_resume: written,
+    })
+}
 
 fn start_fault_threads(
     fault: Connection,
     installer: Arc<dyn PageInstaller>,
-    states: Arc<PageStates>,
-    stalls: Arc<Stalls>,
-    stop: Arc<AtomicBool>,
-    zero_faults: Arc<std::sync::atomic::AtomicU64>,
+    shared: Arc<Shared>,
+    pages: u64,
     ps: usize,
-) -> Result<(Worker, Worker), EngineError> {
+) -> Result<Workers, EngineError> {
     let Connection { session, tx, rx } = fault;
+    let sock = rx.socket().try_clone().map_err(|e| EngineError::Recv {
+        conn: "fault",
+        message: format!("cloning the socket: {e}"),
+    })?;
     let dec = session.decoder();
     let requester = {
-        let (installer, states, stalls, stop) = (
-            installer.clone(),
-            states.clone(),
-            stalls.clone(),
-            stop.clone(),
-        );
+        let (installer, shared) = (installer.clone(), shared.clone());
         std::thread::Builder::new()
             .name("wanmig-faults".into())
-            .spawn(move || {
-                request_faults(
-                    tx,
-                    installer.as_ref(),
-                    &states,
-                    &stalls,
-                    &stop,
-                    &zero_faults,
-                )
-            })
+            .spawn(move || request_faults(tx, installer.as_ref(), &shared, pages))
             .map_err(|_| EngineError::Panicked("fault requester"))?
     };
     let answers = std::thread::Builder::new()
         .name("wanmig-answers".into())
-        .spawn(move || receive_answers(rx, dec, installer.as_ref(), &states, &stalls, ps))
+        .spawn(move || receive_answers(rx, dec, installer.as_ref(), &shared, ps))
         .map_err(|_| EngineError::Panicked("fault answers"))?;
-    Ok((requester, answers))
+    Ok(Workers {
+        requester: Some(requester),
+        answers: Some(answers),
+        sock,
+    })
+}
+
+/// Serves one fault on page `p`; true if it sent a request.
+fn serve_fault(
+    tx: &mut UnitSender,
+    installer: &dyn PageInstaller,
+    shared: &Shared,
+    p: u64,
+    now: Instant,
+) -> Result<bool, EngineError> {
+    let states = &shared.states;
+    // Two rounds at most: a page that stops being absent under us is then
+    // zero, requested or present.
+    for _ in 0..2 {
+        match states.get(p) {
+            PageState::Present => {
+                // A spurious event (the install won: EEXIST, wake), or a page
+                // discarded since (it reads as zero, as it should).
+                installer.install_zero(p)?;
+                return Ok(false);
+            }
+            PageState::Zero => {
+                let installed = installer.install_zero(p)? == Install::Installed;
+                if states.transition(p, PageState::Zero, PageState::Present) && installed {
+                    shared.zero_faults.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(false);
+            }
+            PageState::Requested => return Ok(false),
+            PageState::Absent => {
+                if states.transition(p, PageState::Absent, PageState::Requested) {
+                    if shared.running.load(Ordering::Acquire) {
+                        shared.stalls.started(p, now);
+                    }
+                    tx.send_request(UnitKind::Page, p, 1)
+                        .map_err(EngineError::send("fault"))?;
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Requests every page still absent, in runs.
+fn sweep(tx: &mut UnitSender, shared: &Shared, pages: u64) -> Result<bool, EngineError> {
+    let states = &shared.states;
+    let mut asked = false;
+    let mut p = 0;
+    while p < pages {
+        if !states.transition(p, PageState::Absent, PageState::Requested) {
+            p += 1;
+            continue;
+        }
+        let first = p;
+        let mut n = 1u32;
+        p += 1;
+        while p < pages
+            && n < MAX_REQUEST_UNITS
+            && states.transition(p, PageState::Absent, PageState::Requested)
+        {
+            n += 1;
+            p += 1;
+        }
+        tx.send_request(UnitKind::Page, first, n)
+            .map_err(EngineError::send("fault"))?;
+        shared.swept.fetch_add(u64::from(n), Ordering::Relaxed);
+        asked = true;
+    }
+    Ok(asked)
 }
 
 fn request_faults(
     mut tx: UnitSender,
     installer: &dyn PageInstaller,
-    states: &PageStates,
-    stalls: &Stalls,
-    stop: &AtomicBool,
-    zero_faults: &std::sync::atomic::AtomicU64,
+    shared: &Shared,
+    pages: u64,
 ) -> Result<(), EngineError> {
     let mut faults = Vec::new();
-    while !stop.load(Ordering::Acquire) {
+    let mut swept = false;
+    while !shared.stop.load(Ordering::Acquire) {
         faults.clear();
         installer.wait_faults(Duration::from_millis(20), &mut faults)?;
         let now = Instant::now();
         let mut asked = false;
         for &p in &faults {
-            match states.get(p) {
-                PageState::Present => installer.wake(p)?,
-                PageState::Zero => {
-                    installer.install_zero(p)?;
-                    if states.transition(p, PageState::Zero, PageState::Present) {
-                        zero_faults.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                PageState::Requested => {}
-                PageState::Absent => {
-                    if states.transition(p, PageState::Absent, PageState::Requested) {
-                        stalls.started(p, now);
-                        tx.send_request(UnitKind::Page, p, 1)
-                            .map_err(EngineError::send("fault"))?;
-                        asked = true;
-                    } else if states.get(p) == PageState::Present {
-                        installer.wake(p)?;
-                    }
-                }
-            }
+            asked |= serve_fault(&mut tx, installer, shared, p, now)?;
+        }
+        // Once: a page is absent only until it is requested.
+        if !swept && shared.sweep.load(Ordering::Acquire) {
+            swept = true;
+            asked |= sweep(&mut tx, shared, pages)?;
         }
         if asked {
             tx.flush().map_err(EngineError::send("fault"))?;
@@ -581,8 +1137,7 @@ fn receive_answers(
     mut rx: FrameReceiver,
     dec: FrameDecoder,
     installer: &dyn PageInstaller,
-    states: &PageStates,
-    stalls: &Stalls,
+    shared: &Shared,
     ps: usize,
 ) -> Result<(), EngineError> {
     let mut page = vec![0u8; ps];
@@ -593,9 +1148,10 @@ fn receive_answers(
                 index,
                 payload,
             } => {
-                payload.unpack_into(&mut page)?;
-                if states.get(index) != PageState::Present {
-                    install_into(installer, states, stalls, index, &page)?;
+                if shared.states.get(index) != PageState::Present {
+                    payload.unpack_into(&mut page)?;
+                    installer.install(index, &page)?;
+                    shared.arrived(index, Instant::now());
                 }
                 Ok(Flow::Continue)
             }

@@ -3,7 +3,7 @@
 use crate::backend::BackendError;
 use crate::transport::RecvError;
 use crate::unit_stream::UnitSendError;
-use crate::wire::DecodeError;
+use crate::wire::{AbortReason, DecodeError};
 
 /// A migration step failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,20 +31,69 @@ pub enum EngineError {
     /// The peer sent something out of order or inconsistent.
     #[error("protocol violation by the peer: {0}")]
     Protocol(String),
+    /// The peer gave the migration up.
+    #[error("the {peer} aborted the migration ({reason:?})")]
+    Aborted {
+        /// `source` or `destination`.
+        peer: &'static str,
+        /// Why, as it said.
+        reason: AbortReason,
+    },
+    /// The connections were set up for another guest shape.
+    #[error("the session's {what} is {session}, the guest's {guest}")]
+    Geometry {
+        /// `page count` or `page size`.
+        what: &'static str,
+        /// What the handshake settled.
+        session: u64,
+        /// What the backend has.
+        guest: u64,
+    },
     /// A wait ran out.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
     /// A worker thread panicked.
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
-    /// The destination would lose data if it went on.
+    /// A worker thread ended while it was still needed.
+    #[error("the {0} thread stopped early")]
+    WorkerStopped(&'static str),
+    /// The destination would lose data if it went on: the guest is stopped.
     #[error(
-        "{missing} pages never arrived: refusing to release the guest (they would read as zeros)"
+        "{missing} pages never arrived: the guest is stopped at the destination (they would read as zeros)"
     )]
     Incomplete {
-        /// Pages still absent.
+        /// Pages still missing.
         missing: u64,
+        /// What cut the migration short, if it was not just the time limit.
+        #[source]
+        cause: Option<Box<EngineError>>,
     },
+    /// The migration failed before the commit, and resuming the guest at
+    /// the source failed too.
+    #[error(
+        "the guest could not be resumed at the source ({}) after the migration failed",
+        chain(resume)
+    )]
+    NotResumed {
+        /// Why the migration failed.
+        #[source]
+        cause: Box<EngineError>,
+        /// Why the resume failed.
+        resume: BackendError,
+    },
+}
+
+/// An error with its causes, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
 }
 
 impl EngineError {
@@ -59,7 +108,7 @@ impl EngineError {
             RecvError::Handler(inner) => inner,
             other => EngineError::Recv {
                 conn,
-                message: other.to_string(),
+                message: chain(&other),
             },
         }
     }

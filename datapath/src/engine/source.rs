@@ -4,20 +4,30 @@
 //! ```text
 //! round 0      arm the dirty log; send the pre-copy set (holes as ZeroPages)
 //! round k ≥ 1  send the pre-copy pages the guest dirtied during round k-1
-//!              … until the stop rule says freeze
-//! freeze       pause; send the dirty remainder of the pre-copy set, the
-//!              post-copy set's holes (ZeroPages) and the device state;
-//!              PostcopyBegin (from here on the destination owns the guest)
+//!              … until the stop rule says freeze (its bandwidth estimate
+//!              is what the peer acknowledged, from TCP_INFO)
+//! freeze       pause; send the dirty remainder of the pre-copy set,
+//!              ZeroPages for every page not populated now (both sets: a
+//!              page discarded after it was sent must not stay stale) and
+//!              for the post-copy pages zero since round 0, the device
+//!              state; start the fault server (loading the device state
+//!              faults); wait for Loaded, within the freeze deadline
+//! commit       PostcopyBegin (from here on the destination owns the guest)
 //! post-copy    push the rest hottest first, skipping pages the destination
 //!              already fetched; a separate thread answers fault requests on
 //!              the fault connection; Done, then per-page digests of the
 //!              frozen memory for the destination's integrity check
 //! ```
 //!
-//! Until `PostcopyBegin` is sent, any failure resumes the guest here: a
-//! migration that fails before the destination runs the guest leaves it
-//! running, intact, at the source.
+//! Until `PostcopyBegin` is sent, any failure (the destination's Abort or
+//! silence, a failed device-state save...) resumes the guest here first,
+//! then tells the destination: a migration that fails before the
+//! destination runs the guest leaves it running, intact, at the source.
+//! After it, the source keeps answering fault requests until the destination
+//! says goodbye on the fault connection, whatever happened to the bulk one.
 
+use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,10 +38,10 @@ use super::error::EngineError;
 use super::page_order::PageOrder;
 use crate::backend::{PageReader, SourceBackend};
 use crate::connection::{Connection, ConnectionPair};
-use crate::transport::Flow;
+use crate::transport::{Flow, RecvEnd, RecvError, tcp};
 use crate::uffd::{DirtyBitmap, RemoteAddr, RemoteRange};
 use crate::unit_stream::UnitSender;
-use crate::wire::{ControlCode, FrameRef, MAX_DIGEST_UNITS, UnitKind, is_zero};
+use crate::wire::{AbortReason, ControlCode, FrameRef, MAX_DIGEST_UNITS, UnitKind, is_zero};
 
 /// Tuning of the source engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +57,9 @@ pub struct SourceConfig {
     pub device_state_estimate: u64,
     /// Send per-page digests of the frozen memory at the end.
     pub integrity: bool,
+    /// From the pause until the destination has loaded the device state, at
+    /// most this long; then the guest resumes here.
+    pub freeze_timeout: Duration,
 }
 
 impl Default for SourceConfig {
@@ -57,6 +70,7 @@ impl Default for SourceConfig {
             min_shrink: 0.95,
             device_state_estimate: 400 << 10,
             integrity: true,
+            freeze_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -193,19 +207,33 @@ pub fn run_source(
     match migrate(backend, &mut bulk, &mut fault, order, cfg, &mut paused) {
         Ok(r) => Ok(r),
         Err(PhaseError::BeforeResume(e)) => {
-            // The destination never ran the guest: it must go on here.
-            let _ = bulk.tx.send_control(ControlCode::Abort {
-                reason: crate::wire::AbortReason::SourceFailed,
-            });
-            let _ = bulk.tx.flush();
-            if paused {
-                backend.resume()?;
+            // The destination never ran the guest: it goes on here, first.
+            let resumed = if paused { backend.resume() } else { Ok(()) };
+            // Then tell the destination, without waiting on it for long.
+            if !matches!(e, EngineError::Aborted { .. }) {
+                let reason = if matches!(e, EngineError::Timeout(_)) {
+                    AbortReason::Timeout
+                } else {
+                    AbortReason::SourceFailed
+                };
+                if bulk.tx.send_control(ControlCode::Abort { reason }).is_ok() {
+                    let _ = bulk.tx.sender().drain(ABORT_DRAIN);
+                }
             }
-            Err(e)
+            match resumed {
+                Ok(()) => Err(e),
+                Err(resume) => Err(EngineError::NotResumed {
+                    cause: Box::new(e),
+                    resume,
+                }),
+            }
         }
         Err(PhaseError::AfterResume(e)) => Err(e),
     }
 }
+
+/// How long the source waits for its Abort to be acknowledged.
+const ABORT_DRAIN: Duration = Duration::from_secs(2);
 
 /// An error, and whether the destination may already run the guest.
 enum PhaseError {
@@ -216,6 +244,82 @@ enum PhaseError {
 impl<E: Into<EngineError>> From<E> for PhaseError {
     fn from(e: E) -> Self {
         PhaseError::BeforeResume(e.into())
+    }
+}
+
+/// The stop rule's bandwidth: what the peer acknowledged per second
+/// (`TCP_INFO`'s `bytes_acked`), the best sample so far (a round that does
+/// not fill the link under-states it).
+#[derive(Debug, Default)]
+struct AckedRate {
+    last: Option<(Instant, u64)>,
+    best: Option<f64>,
+}
+
+impl AckedRate {
+    /// Samples `sock`; returns the best rate seen, bytes/s.
+    fn sample(&mut self, sock: &TcpStream) -> Option<f64> {
+        let Ok(info) = tcp::tcp_info(sock.as_fd()) else {
+            return self.best;
+        };
+        let now = Instant::now();
+        if let Some((t, acked)) = self.last {
+            let dt = now.saturating_duration_since(t).as_secs_f64();
+            let bytes = info.bytes_acked.saturating_sub(acked);
+            if dt >= 0.05 && bytes > 0 {
+                let rate = bytes as f64 / dt;
+                self.best = Some(self.best.map_or(rate, |b| b.max(rate)));
+            }
+            if dt < 0.05 {
+                // Too short to measure: keep the older starting point.
+                return self.best;
+            }
+        }
+        self.last = Some((now, info.bytes_acked));
+        self.best
+    }
+}
+
+/// The thread answering fault requests.
+struct FaultServer {
+    handle: std::thread::JoinHandle<Result<(u64, u64), EngineError>>,
+    sock: TcpStream,
+}
+
+impl FaultServer {
+    fn spawn(
+        fault: Connection,
+        mem: Arc<dyn PageReader>,
+        ps: usize,
+        sent: Arc<SentByFault>,
+    ) -> Result<Self, EngineError> {
+        let sock = fault
+            .rx
+            .socket()
+            .try_clone()
+            .map_err(|e| EngineError::Recv {
+                conn: "fault",
+                message: format!("cloning the socket: {e}"),
+            })?;
+        let handle = std::thread::Builder::new()
+            .name("wanmig-fault-server".into())
+            .spawn(move || serve_faults(fault, mem.as_ref(), ps, &sent))
+            .map_err(|_| EngineError::Panicked("fault server"))?;
+        Ok(FaultServer { handle, sock })
+    }
+
+    /// Waits until the destination said goodbye on the fault connection (or
+    /// it broke); returns (pages served, wire bytes).
+    fn join(self) -> Result<(u64, u64), EngineError> {
+        self.handle
+            .join()
+            .map_err(|_| EngineError::Panicked("fault server"))?
+    }
+
+    /// Cuts the fault connection and waits for the thread.
+    fn stop(self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        let _ = self.handle.join();
     }
 }
 
@@ -236,12 +340,29 @@ fn migrate(
         ))
         .into());
     }
+    let g = bulk.session.geometry;
+    for (what, session, guest) in [
+        ("page count", g.page_count(), pages),
+        ("page size", g.page_size().into(), ps as u64),
+    ] {
+        if session != guest {
+            return Err(EngineError::Geometry {
+                what,
+                session,
+                guest,
+            }
+            .into());
+        }
+    }
     let mem = backend.memory();
     let start = Instant::now();
     let mut rounds = Vec::new();
     let mut zero_pages = 0u64;
+    let mut acked = AckedRate::default();
+    acked.sample(bulk.tx.sender().socket());
 
-    // Round 0: arm the log first, so nothing written after a page is copied
+    // Round 0. The dirty log is armed first, so a page written after a page
+    // is copied is sent again; a page written before it is copied already
     // goes unnoticed.
     backend.dirty_log_start()?;
     let mut populated = page_bitmap(pages, ps);
@@ -316,12 +437,11 @@ fn migrate(
             .filter(|&p| p < pages && order.is_precopy(p))
             .collect();
         let n = todo.len() as u64;
-        let last = rounds.last().copied();
-        let bandwidth = last
-            .filter(|r| r.seconds > 0.05 && r.bytes > 0)
-            .map(|r| r.bytes as f64 / r.seconds)
-            .or_else(|| bulk.tx.sender().pacer().bandwidth().map(|b| b as f64))
-            .unwrap_or(1e6);
+        let pacer = bulk.tx.sender().pacer().bandwidth().map(|b| b as f64);
+        let bandwidth = match (acked.sample(bulk.tx.sender().socket()), pacer) {
+            (Some(a), Some(p)) => a.max(p),
+            (a, p) => a.or(p).unwrap_or(1e6),
+        };
         let rtt = bulk
             .tx
             .sender()
@@ -374,10 +494,12 @@ fn migrate(
         round += 1;
     }
 
-    // Freeze.
-    backend.pause()?;
+    // Freeze. From the first attempt to stop the guest on, a failure must
+    // resume it (a stop that "failed" may have stopped it all the same).
     *paused = true;
+    backend.pause()?;
     let paused_at = Instant::now();
+    let freeze_deadline = paused_at + cfg.freeze_timeout;
     let tx = &mut bulk.tx;
     tx.send_control(ControlCode::Freeze)
         .map_err(EngineError::send("bulk"))?;
@@ -387,32 +509,30 @@ fn migrate(
     for p in dirty.iter_set() {
         zero.unset(p);
     }
-    let mut remainder = 0u64;
-    for p in dirty
-        .iter_set()
-        .filter(|&p| p < pages && order.is_precopy(p))
-    {
-        send_page(tx, mem.as_ref(), p, ps)?;
-        remainder += 1;
-    }
-    // The post-copy set's holes, as of now (the guest is stopped).
+    // Which pages hold anything, as of now (the guest is stopped).
     populated.clear();
     for (first, count) in backend.populated_runs()? {
         populated.set_range(first, count);
     }
-    // Zero at the freeze: never populated, or all zero since round 0.
+    let mut remainder = 0u64;
+    for p in dirty
+        .iter_set()
+        .filter(|&p| p < pages && order.is_precopy(p) && populated.get(p))
+    {
+        send_page(tx, mem.as_ref(), p, ps)?;
+        remainder += 1;
+    }
+    // Zero at the freeze: every page not populated now, in both sets (a
+    // pre-copy page discarded after it was sent is stale at the destination
+    // otherwise), and the post-copy pages zero since round 0.
     for p in 0..pages {
         if !populated.get(p) {
             zero.set(p);
         }
     }
-    let post_holes: std::collections::BTreeSet<u64> = order
-        .postcopy()
-        .iter()
-        .copied()
-        .filter(|&p| zero.get(p))
-        .collect();
-    for (first, count) in runs_of(post_holes.iter().copied()) {
+    let announce =
+        (0..pages).filter(|&p| !populated.get(p) || (zero.get(p) && !order.is_precopy(p)));
+    for (first, count) in runs_of(announce) {
         tx.send_control(ControlCode::ZeroPages { first, count })
             .map_err(EngineError::send("bulk"))?;
         zero_pages += count;
@@ -431,85 +551,45 @@ fn migrate(
         total_bytes: device_state_bytes,
     })
     .map_err(EngineError::send("bulk"))?;
+    tx.flush().map_err(EngineError::send("bulk"))?;
 
-    // From PostcopyBegin on, the destination may run the guest.
+    // The destination loads the device state, which faults: serve them, and
+    // wait for its word that the guest can run there.
     let sent_by_fault = Arc::new(SentByFault::new(pages));
-    let server = {
-        let fault = fault
+    let server = FaultServer::spawn(
+        fault
             .take()
-            .expect("fault connection present until post-copy");
-        let (mem, sent_by_fault) = (mem.clone(), sent_by_fault.clone());
-        std::thread::Builder::new()
-            .name("wanmig-fault-server".into())
-            .spawn(move || serve_faults(fault, mem.as_ref(), ps, &sent_by_fault))
-            .map_err(|_| EngineError::Panicked("fault server"))?
+            .expect("fault connection present until post-copy"),
+        mem.clone(),
+        ps,
+        sent_by_fault.clone(),
+    )?;
+    if let Err(e) = wait_loaded(bulk, freeze_deadline) {
+        server.stop();
+        return Err(PhaseError::BeforeResume(e));
+    }
+
+    // The commit: from PostcopyBegin on, the destination may run the guest.
+    let post = postcopy(
+        bulk,
+        mem.as_ref(),
+        order,
+        cfg,
+        &zero,
+        &populated,
+        &sent_by_fault,
+        ps,
+    );
+    let (pushed, skipped, postcopy_begin, push_done) = match post {
+        Ok(p) => p,
+        Err(e) => {
+            // The destination owns the guest now and may still need pages:
+            // answer its requests until it says goodbye.
+            let _ = server.join();
+            return Err(PhaseError::AfterResume(e));
+        }
     };
-    let after = |e: EngineError| PhaseError::AfterResume(e);
-    tx.send_control(ControlCode::PostcopyBegin)
-        .map_err(EngineError::send("bulk"))
-        .map_err(after)?;
-    tx.flush()
-        .map_err(EngineError::send("bulk"))
-        .map_err(after)?;
-    let postcopy_begin = Instant::now();
-
-    // Post-copy push, hottest first.
-    let (mut pushed, mut skipped) = (0u64, 0u64);
-    for &p in order.postcopy() {
-        if zero.get(p) {
-            continue;
-        }
-        if sent_by_fault.get(p) {
-            skipped += 1;
-            continue;
-        }
-        send_page(&mut bulk.tx, mem.as_ref(), p, ps).map_err(after)?;
-        pushed += 1;
-    }
-    let units_total = bulk.tx.stats().units;
-    bulk.tx
-        .send_control(ControlCode::Done { units_total })
-        .map_err(EngineError::send("bulk"))
-        .map_err(after)?;
-    bulk.tx
-        .flush()
-        .map_err(EngineError::send("bulk"))
-        .map_err(after)?;
-    let push_done = Instant::now();
-
-    if cfg.integrity {
-        send_digests(&mut bulk.tx, mem.as_ref(), &populated, pages, ps).map_err(after)?;
-    }
-    bulk.tx
-        .send_goodbye()
-        .map_err(EngineError::send("bulk"))
-        .map_err(after)?;
-    bulk.tx
-        .flush()
-        .map_err(EngineError::send("bulk"))
-        .map_err(after)?;
-
-    // The destination says goodbye once it has everything.
-    let dec = bulk.session.decoder();
-    bulk.rx
-        .run(&dec, |f| -> Result<Flow, EngineError> {
-            match f {
-                FrameRef::Control(ControlCode::Resumed) => Ok(Flow::Continue),
-                FrameRef::Goodbye => Ok(Flow::Stop),
-                FrameRef::Control(ControlCode::Abort { reason }) => Err(EngineError::Protocol(
-                    format!("the destination aborted: {reason:?}"),
-                )),
-                other => Err(EngineError::Protocol(format!(
-                    "unexpected {:?} from the destination",
-                    other.frame_type()
-                ))),
-            }
-        })
-        .map_err(|e| after(EngineError::from_recv("bulk", e)))?;
-    let fault_stats = server
-        .join()
-        .map_err(|_| after(EngineError::Panicked("fault server")))?
-        .map_err(after)?;
+    let fault_stats = server.join().map_err(PhaseError::AfterResume)?;
     let end = Instant::now();
     Ok(SourceReport {
         m: order.m(),
@@ -534,6 +614,112 @@ fn migrate(
             end,
         }),
     })
+}
+
+/// Waits for the destination's `Loaded` until `deadline`.
+fn wait_loaded(bulk: &mut Connection, deadline: Instant) -> Result<(), EngineError> {
+    let dec = bulk.session.decoder();
+    let on_frame = |f: FrameRef<'_>| match f {
+        FrameRef::Control(ControlCode::Loaded) => Ok(Flow::Stop),
+        FrameRef::Control(ControlCode::Abort { reason }) => Err(EngineError::Aborted {
+            peer: "destination",
+            reason,
+        }),
+        other => Err(EngineError::Protocol(format!(
+            "{:?} from the destination before it loaded the device state",
+            other.frame_type()
+        ))),
+    };
+    match bulk
+        .rx
+        .run_with(&dec, Some(deadline), &mut (on_frame, || Ok(())))
+    {
+        Ok(RecvEnd::Stopped) => Ok(()),
+        Ok(RecvEnd::Closed) => Err(EngineError::Recv {
+            conn: "bulk",
+            message: "the destination closed the connection before it loaded the device state"
+                .into(),
+        }),
+        Err(RecvError::TimedOut) => Err(EngineError::Timeout(
+            "the destination to load the device state",
+        )),
+        Err(e) => Err(EngineError::from_recv("bulk", e)),
+    }
+}
+
+/// After the commit: `PostcopyBegin`, the push, `Done`, the digests, and the
+/// destination's goodbye. Returns (pushed, skipped, commit instant, push
+/// end).
+#[allow(clippy::too_many_arguments)]
+fn postcopy(
+    bulk: &mut Connection,
+    mem: &dyn PageReader,
+    order: &PageOrder,
+    cfg: &SourceConfig,
+    zero: &DirtyBitmap,
+    populated: &DirtyBitmap,
+    sent_by_fault: &SentByFault,
+    ps: usize,
+) -> Result<(u64, u64, Instant, Instant), EngineError> {
+    let pages = order.pages();
+    bulk.tx
+        .send_control(ControlCode::PostcopyBegin)
+        .map_err(EngineError::send("bulk"))?;
+    bulk.tx.flush().map_err(EngineError::send("bulk"))?;
+    let postcopy_begin = Instant::now();
+
+    // Post-copy push, hottest first.
+    let (mut pushed, mut skipped) = (0u64, 0u64);
+    for &p in order.postcopy() {
+        if zero.get(p) {
+            continue;
+        }
+        if sent_by_fault.get(p) {
+            skipped += 1;
+            continue;
+        }
+        send_page(&mut bulk.tx, mem, p, ps)?;
+        pushed += 1;
+    }
+    let units_total = bulk.tx.stats().units;
+    bulk.tx
+        .send_control(ControlCode::Done { units_total })
+        .map_err(EngineError::send("bulk"))?;
+    bulk.tx.flush().map_err(EngineError::send("bulk"))?;
+    let push_done = Instant::now();
+
+    if cfg.integrity {
+        send_digests(&mut bulk.tx, mem, populated, pages, ps)?;
+    }
+    bulk.tx.send_goodbye().map_err(EngineError::send("bulk"))?;
+    bulk.tx.flush().map_err(EngineError::send("bulk"))?;
+
+    // The destination says goodbye once it has everything.
+    let dec = bulk.session.decoder();
+    let end = bulk
+        .rx
+        .run(&dec, |f| -> Result<Flow, EngineError> {
+            match f {
+                FrameRef::Control(ControlCode::Resumed) => Ok(Flow::Continue),
+                FrameRef::Goodbye => Ok(Flow::Stop),
+                FrameRef::Control(ControlCode::Abort { reason }) => Err(EngineError::Aborted {
+                    peer: "destination",
+                    reason,
+                }),
+                other => Err(EngineError::Protocol(format!(
+                    "unexpected {:?} from the destination",
+                    other.frame_type()
+                ))),
+            }
+        })
+        .map_err(|e| EngineError::from_recv("bulk", e))?;
+    if end == RecvEnd::Closed {
+        return Err(EngineError::Recv {
+            conn: "bulk",
+            message: "the destination closed the connection without a goodbye".into(),
+        });
+    }
+    Ok((pushed, skipped, postcopy_begin, push_done))
 }
 
 /// CRC32 of every page of the frozen guest, in Digest frames.

@@ -15,15 +15,40 @@ use std::path::{Path, PathBuf};
 
 /// The destination RAM file could not be prepared or accessed.
 #[derive(Debug, thiserror::Error)]
-#[error("destination RAM file {path}: {op}")]
-pub struct DestMemoryError {
-    /// The file.
-    pub path: PathBuf,
-    /// What was being done.
-    pub op: &'static str,
-    /// The error.
-    #[source]
-    pub source: io::Error,
+pub enum DestMemoryError {
+    /// A file operation failed.
+    #[error("destination RAM file {path}: {op}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Pages outside the file were addressed.
+    #[error("destination RAM file {path}: pages {first}..{end} are not within its {pages} pages")]
+    OutOfRange {
+        /// The file.
+        path: PathBuf,
+        /// First page addressed.
+        first: u64,
+        /// One past the last page addressed.
+        end: u64,
+        /// Pages in the file.
+        pages: u64,
+    },
+    /// A buffer is not one page long.
+    #[error("destination RAM file {path}: a page is {page_size} bytes, the buffer {len}")]
+    BadLength {
+        /// The file.
+        path: PathBuf,
+        /// The buffer's length.
+        len: usize,
+        /// The page size.
+        page_size: usize,
+    },
 }
 
 /// The destination's RAM file.
@@ -41,7 +66,7 @@ impl DestMemory {
     pub fn create(path: &Path, page_size: usize, pages: u64) -> Result<Self, DestMemoryError> {
         let err = |op| {
             let path = path.to_path_buf();
-            move |source| DestMemoryError { path, op, source }
+            move |source| DestMemoryError::Io { path, op, source }
         };
         let file = OpenOptions::new()
             .read(true)
@@ -72,7 +97,7 @@ impl DestMemory {
 
     /// Writes page `index` (before the guest resumes).
     pub fn write_page(&self, index: u64, data: &[u8]) -> Result<(), DestMemoryError> {
-        debug_assert_eq!(data.len(), self.page_size);
+        self.check(index, 1, data.len())?;
         self.file
             .write_all_at(data, index * self.page_size as u64)
             .map_err(|source| self.error("pwrite", source))
@@ -81,6 +106,7 @@ impl DestMemory {
     /// Turns pages `first..first + count` back into a hole (they read as
     /// zeros, and in post-copy fault as missing).
     pub fn punch(&self, first: u64, count: u64) -> Result<(), DestMemoryError> {
+        self.check(first, count, self.page_size)?;
         let ps = self.page_size as i64;
         // SAFETY: fallocate on a descriptor we own; no memory is passed.
         let rc = unsafe {
@@ -99,14 +125,36 @@ impl DestMemory {
 
     /// Reads page `index` (holes read as zeros).
     pub fn read_page(&self, index: u64, out: &mut [u8]) -> Result<(), DestMemoryError> {
-        debug_assert_eq!(out.len(), self.page_size);
+        self.check(index, 1, out.len())?;
         self.file
             .read_exact_at(out, index * self.page_size as u64)
             .map_err(|source| self.error("pread", source))
     }
 
+    /// Pages `first..first + count` lie in the file, and a buffer of `len`
+    /// bytes is one page.
+    fn check(&self, first: u64, count: u64, len: usize) -> Result<(), DestMemoryError> {
+        let end = first.saturating_add(count);
+        if end > self.pages {
+            return Err(DestMemoryError::OutOfRange {
+                path: self.path.clone(),
+                first,
+                end,
+                pages: self.pages,
+            });
+        }
+        if len != self.page_size {
+            return Err(DestMemoryError::BadLength {
+                path: self.path.clone(),
+                len,
+                page_size: self.page_size,
+            });
+        }
+        Ok(())
+    }
+
     fn error(&self, op: &'static str, source: io::Error) -> DestMemoryError {
-        DestMemoryError {
+        DestMemoryError::Io {
             path: self.path.clone(),
             op,
             source,
@@ -139,6 +187,17 @@ mod tests {
         m.punch(5, 1).unwrap();
         m.read_page(5, &mut out).unwrap();
         assert!(out.iter().all(|&b| b == 0));
+        // Nothing outside the file, and only whole pages.
+        let out_of_range = |r| matches!(r, Err(DestMemoryError::OutOfRange { .. }));
+        assert!(out_of_range(m.write_page(16, &[7u8; 4096])));
+        assert!(out_of_range(m.read_page(u64::MAX, &mut out)));
+        assert!(out_of_range(m.punch(15, 2)));
+        assert!(out_of_range(m.punch(1, u64::MAX)));
+        assert!(matches!(
+            m.write_page(3, &[7u8; 100]),
+            Err(DestMemoryError::BadLength { len: 100, .. })
+        ));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 16 * 4096);
         let mode = std::fs::metadata(&p).unwrap();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,

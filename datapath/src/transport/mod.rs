@@ -25,6 +25,6 @@ pub use pacing::{Pacer, PacingConfig};
 pub use probe::{
     BackendChoice, IoBackend, IoPreference, ProbeError, select_backend, uring_support,
 };
-pub use recv::{Flow, FrameReceiver, RecvConfig, RecvEnd, RecvError, RecvStats};
+pub use recv::{Flow, FrameHandler, FrameReceiver, RecvConfig, RecvEnd, RecvError, RecvStats};
 pub use send::{FrameSender, SendConfig, SendError, SendStats};
 pub use tcp::{ConnRole, TcpInfo};

@@ -7,10 +7,18 @@
 //! frame at the end of the buffer is moved to the front before the next
 //! receive. The decoder checks each header as soon as it arrives, so a peer
 //! announcing a huge payload is refused before anything is buffered for it.
+//!
+//! [`FrameReceiver::run_with`] adds a deadline (the receiver waits for
+//! readability with `poll(2)` before it issues a receive, so nothing is in
+//! flight when it gives up and it stays usable) and a [`FrameHandler`] that
+//! is also told whenever every complete frame in the buffer has been
+//! delivered, before the receiver waits for more bytes (a consumer batching
+//! work flushes there).
 
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::time::Instant;
 
 use io_uring::{IoUring, opcode, types};
 
@@ -43,6 +51,31 @@ pub enum Flow {
     Continue,
     /// Return from [`FrameReceiver::run`]; later frames stay buffered.
     Stop,
+}
+
+/// What [`FrameReceiver::run_with`] hands frames to.
+pub trait FrameHandler<E> {
+    /// One frame (borrowed from the receive buffer).
+    fn on_frame(&mut self, frame: FrameRef<'_>) -> Result<Flow, E>;
+    /// Every complete frame in the buffer has been delivered; the receiver is
+    /// about to wait for more bytes (a consumer batching work flushes here).
+    fn on_drained(&mut self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// A pair of closures: frames, and drained buffers.
+impl<E, F, D> FrameHandler<E> for (F, D)
+where
+    F: FnMut(FrameRef<'_>) -> Result<Flow, E>,
+    D: FnMut() -> Result<(), E>,
+{
+    fn on_frame(&mut self, frame: FrameRef<'_>) -> Result<Flow, E> {
+        (self.0)(frame)
+    }
+    fn on_drained(&mut self) -> Result<(), E> {
+        (self.1)()
+    }
 }
 
 /// How [`FrameReceiver::run`] ended.
@@ -97,6 +130,10 @@ pub enum RecvError<E> {
     /// An earlier error left the stream in an unknown state.
     #[error("the receiver failed earlier and cannot continue")]
     Poisoned,
+    /// Nothing arrived before the deadline of [`FrameReceiver::run_with`].
+    /// The receiver is still usable: a partial frame stays buffered.
+    #[error("no frame arrived before the deadline")]
+    TimedOut,
 }
 
 /// What a receiver has done.
@@ -195,7 +232,21 @@ impl FrameReceiver {
     pub fn run<E>(
         &mut self,
         decoder: &FrameDecoder,
-        mut on_frame: impl FnMut(FrameRef<'_>) -> Result<Flow, E>,
+        on_frame: impl FnMut(FrameRef<'_>) -> Result<Flow, E>,
+    ) -> Result<RecvEnd, RecvError<E>> {
+        self.run_with(decoder, None, &mut (on_frame, || Ok(())))
+    }
+
+    /// Like [`run`](Self::run), with a [`FrameHandler`] that also hears when
+    /// the buffer is drained, and:
+    /// with a `deadline`, returns [`RecvError::TimedOut`] when it has to
+    /// wait for bytes and none arrive before it (looked at only when no
+    /// complete frame is buffered).
+    pub fn run_with<E>(
+        &mut self,
+        decoder: &FrameDecoder,
+        deadline: Option<Instant>,
+        handler: &mut impl FrameHandler<E>,
     ) -> Result<RecvEnd, RecvError<E>> {
         if self.poisoned {
             return Err(RecvError::Poisoned);
@@ -209,7 +260,7 @@ impl FrameReceiver {
                         self.start += consumed;
                         self.offset += consumed as u64;
                         self.stats.frames += 1;
-                        match on_frame(frame) {
+                        match handler.on_frame(frame) {
                             Ok(Flow::Continue) => {}
                             Ok(Flow::Stop) => return Ok(RecvEnd::Stopped),
                             Err(e) => {
@@ -228,6 +279,15 @@ impl FrameReceiver {
                     }
                 }
             };
+            if let Err(e) = handler.on_drained() {
+                self.poisoned = true;
+                return Err(RecvError::Handler(e));
+            }
+            if let Some(deadline) = deadline {
+                if !self.wait_readable(deadline)? {
+                    return Err(RecvError::TimedOut);
+                }
+            }
             self.make_room(need);
             let n = self.receive()?;
             if n == 0 {
@@ -240,6 +300,51 @@ impl FrameReceiver {
                         buffered: self.end - self.start,
                     })
                 };
+            }
+        }
+    }
+
+    /// Waits until the socket is readable (or has an error or hang-up for the
+    /// next receive to report); false once `deadline` passed without.
+    fn wait_readable<E>(&mut self, deadline: Instant) -> Result<bool, RecvError<E>> {
+        if matches!(
+            self.engine,
+            Engine::Uring {
+                in_flight: true,
+                ..
+            }
+        ) {
+            // A receive is already waiting (never the case between calls).
+            return Ok(true);
+        }
+        loop {
+            // A passed deadline still gets one non-blocking look. Round up:
+            // never spin on a sub-millisecond remainder.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+            let mut pfd = libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd that lives across the call.
+            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.poisoned = true;
+                return Err(RecvError::Io {
+                    received: self.stats.bytes,
+                    source: e,
+                });
+            }
+            if rc > 0 {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
             }
         }
     }

@@ -4,6 +4,7 @@
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Duration;
 
 use zerocopy::{FromBytes, Immutable, KnownLayout};
 
@@ -181,13 +182,74 @@ pub enum ConnRole {
     Fault,
 }
 
-/// Applies the per-role socket options.
+/// Idle time before the first keepalive probe.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// Time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// Unanswered probes before the connection is declared dead.
+pub const KEEPALIVE_COUNT: u32 = 5;
+/// Longest time sent data may stay unacknowledged before the connection is
+/// declared dead (`TCP_USER_TIMEOUT`).
+pub const USER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Applies the per-role socket options, and on every connection the
+/// liveness limits: keepalive probes after [`KEEPALIVE_IDLE`] of silence
+/// (every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_COUNT`] of them) and
+/// [`USER_TIMEOUT`] for unacknowledged data, so that a peer host that
+/// vanishes ends a blocked send or receive with an error (`ETIMEDOUT`)
+/// instead of leaving it blocked forever.
 pub fn tune(sock: &TcpStream, role: ConnRole) -> io::Result<()> {
     sock.set_nodelay(true)?;
     if role == ConnRole::Fault {
         set_int(sock, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1)?;
     }
+    set_int(sock, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set_int(
+        sock,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        KEEPALIVE_IDLE.as_secs() as libc::c_int,
+    )?;
+    set_int(
+        sock,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        KEEPALIVE_INTERVAL.as_secs() as libc::c_int,
+    )?;
+    set_int(
+        sock,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPCNT,
+        KEEPALIVE_COUNT as libc::c_int,
+    )?;
+    set_int(
+        sock,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        USER_TIMEOUT.as_millis() as libc::c_int,
+    )?;
     Ok(())
+}
+
+/// Reads an integer socket option.
+pub fn get_int(sock: &TcpStream, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: passes a pointer to a live `c_int` and its exact size; the
+    // kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
 }
 
 fn set_int(
@@ -243,6 +305,24 @@ mod tests {
         assert!(info.bytes_acked >= 100_000, "acked {}", info.bytes_acked);
         tune(&c, ConnRole::Fault).unwrap();
         assert!(c.nodelay().unwrap());
+    }
+
+    #[test]
+    fn tuned_connections_have_keepalive_and_a_user_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let opt = |sock: &TcpStream, level, name| get_int(sock, level, name).unwrap();
+        assert_eq!(opt(&c, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+        assert_eq!(opt(&c, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 0);
+        for (sock, role) in [(&c, ConnRole::Bulk), (&s, ConnRole::Fault)] {
+            tune(sock, role).unwrap();
+            assert_eq!(opt(sock, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+            assert_eq!(opt(sock, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 5);
+            assert_eq!(opt(sock, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 2);
+            assert_eq!(opt(sock, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 5);
+            assert_eq!(opt(sock, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 20_000);
+        }
     }
 
     #[test]

@@ -1000,4 +1000,22 @@ fn zero_page_ranges_must_lie_within_the_guest() {
     };
     let f = with_payload(&ok, msg.as_bytes(), |_| {});
     assert!(matches!(err(&f), DecodeError::BadControl { code: 9, .. }));
+    // Neither does Loaded.
+    assert!(decoder().decode(&control(ControlCode::Loaded)).is_ok());
+    for (arg0, arg1) in [(1, 0), (0, 1)] {
+        let msg = ControlMsg {
+            code: U32::new(10),
+            arg0: U64::new(arg0),
+            arg1: U64::new(arg1),
+        };
+        let f = with_payload(&ok, msg.as_bytes(), |_| {});
+        assert_eq!(
+            err(&f),
+            DecodeError::BadControl {
+                code: 10,
+                arg0,
+                arg1
+            }
+        );
+    }
 }

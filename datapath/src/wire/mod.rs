@@ -71,30 +71,48 @@
 //!     D->>S: [fault] Accept
 //!     loop pre-copy rounds (guest running)
 //!         S->>D: [bulk] Control RoundBegin{round}
-//!         S->>D: [bulk] Unit(Page/Chunk, index, raw | LZ4 | ZERO) ×N
+//!         S->>D: [bulk] Control ZeroPages{first, count} (round 0: holes of the pre-copy set)
+//!         S->>D: [bulk] Unit(Page/Chunk, index, raw | LZ4 | ZERO) ×units_sent
 //!         S->>D: [bulk] Control RoundEnd{round, units_sent}
 //!     end
 //!     D-->>S: [fault] Ping(nonce, sent_ns)
 //!     S-->>D: [fault] Pong(same nonce, sent_ns): fault-path RTT under load
 //!     S->>D: [bulk] Control Freeze (guest stopped)
-//!     S->>D: [bulk] Unit(DeviceState, piece 0..k)
+//!     S->>D: [bulk] Unit(Page, the dirty pre-copy remainder)
+//!     S->>D: [bulk] Control ZeroPages{first, count} (every page not populated now, both sets)
+//!     S->>D: [bulk] Unit(DeviceState, piece 0..k), exactly ceil(total_bytes / piece)
 //!     S->>D: [bulk] Control DeviceStateEnd{total_bytes}
+//!     Note over D: fault server live, QEMU loads the device state
+//!     D->>S: [bulk] Control Loaded
+//!     Note over S: commit point: until here any failure resumes the guest at the source
 //!     S->>D: [bulk] Control PostcopyBegin
 //!     Note over D: guest resumes at the destination
+//!     D->>S: [bulk] Control Resumed
 //!     par post-copy
 //!         D->>S: [fault] Request(Page, index, count)
 //!         S->>D: [fault] Unit(Page, index..index+count) (ahead of bulk)
 //!     and background push
-//!         S->>D: [bulk] Unit(remaining pages and chunks)
+//!         S->>D: [bulk] Unit(remaining pages and chunks, each once)
 //!     end
 //!     S->>D: [bulk] Control Done{units_total}
+//!     S->>D: [bulk] Digest(Page, first, CRC32 ×n) covering every page
 //!     S->>D: [bulk] Goodbye
-//!     D->>S: [bulk] Goodbye
-//!     S->>D: [fault] Goodbye
+//!     Note over D: every page here: stop serving faults, release the guest
 //!     D->>S: [fault] Goodbye
+//!     S->>D: [fault] Goodbye
+//!     D->>S: [bulk] Goodbye
 //! ```
 //!
-//! Either side may send `Control Abort{reason}` and close both connections.
+//! Before `PostcopyBegin` either side may send `Control Abort{reason}` and
+//! close both connections; the source then resumes the guest. The
+//! destination answers a failed device-state load with
+//! `Abort{DestinationFailed}` instead of `Loaded`, and the source gives up
+//! if `Loaded` does not come within its freeze deadline. After `Loaded` the
+//! destination waits for the source's decision (`PostcopyBegin` or `Abort`):
+//! only the source decides where the guest runs. After `PostcopyBegin` the
+//! destination owns the guest: if the bulk connection breaks it fetches any
+//! page still missing over the fault connection, which the source keeps
+//! serving until the destination's `Goodbye` on it.
 //!
 //! # Versions
 //!

@@ -102,6 +102,10 @@ pub enum ControlCode {
     },
     /// Destination → source: the guest runs at the destination (code 9).
     Resumed,
+    /// Destination → source: the device state is loaded, the destination is
+    /// ready to run the guest (code 10). The source commits (sends
+    /// [`PostcopyBegin`](Self::PostcopyBegin)) only after this.
+    Loaded,
 }
 
 impl ControlCode {
@@ -117,6 +121,7 @@ impl ControlCode {
             Self::Abort { reason } => (7, reason as u64, 0),
             Self::ZeroPages { first, count } => (8, first, count),
             Self::Resumed => (9, 0, 0),
+            Self::Loaded => (10, 0, 0),
         };
         ControlMsg {
             code: U32::new(code),
@@ -145,6 +150,7 @@ impl ControlCode {
             },
             (8, count) if count > 0 => Self::ZeroPages { first: arg0, count },
             (9, 0) if arg0 == 0 => Self::Resumed,
+            (10, 0) if arg0 == 0 => Self::Loaded,
             _ => return Err(bad),
         };
         Ok(parsed)
@@ -481,6 +487,9 @@ mod tests {
             ControlCode::Abort {
                 reason: AbortReason::Timeout,
             },
+            ControlCode::ZeroPages { first: 4, count: 2 },
+            ControlCode::Resumed,
+            ControlCode::Loaded,
         ];
         for c in all {
             assert_eq!(ControlCode::from_wire(&c.to_wire()), Ok(c));
@@ -506,6 +515,10 @@ mod tests {
             (7, 6, 0),
             (7, 1 << 40, 0),
             (6, 1, 1),
+            (9, 1, 0),
+            (10, 1, 0),
+            (10, 0, 1),
+            (11, 0, 0),
         ] {
             assert_eq!(
                 ControlCode::from_wire(&msg(code, arg0, arg1)),

@@ -81,6 +81,7 @@ fn control_code() -> impl Strategy<Value = ControlCode> {
             .prop_flat_map(move |first| (Just(first), 1..=pages - first))
             .prop_map(|(first, count)| ControlCode::ZeroPages { first, count }),
         Just(ControlCode::Resumed),
+        Just(ControlCode::Loaded),
     ]
 }
 

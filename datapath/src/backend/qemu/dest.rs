@@ -138,8 +138,22 @@ pub struct QemuDest {
 
 impl QemuDest {
     /// Starts `guest` waiting for an incoming migration, its RAM file empty
-    /// and registered for missing-page faults and write tracking.
+    /// and registered for missing-page faults and write tracking. On failure
+    /// QEMU is killed and its RAM file and registration socket are removed.
     pub fn start(
+        guest: &GuestSpec,
+        paths: &QemuPaths,
+        run_dir: &std::path::Path,
+    ) -> Result<Self, BackendError> {
+        let started = Self::start_inner(guest, paths, run_dir);
+        if started.is_err() {
+            let _ = std::fs::remove_file(&paths.ram);
+            let _ = std::fs::remove_file(&paths.uffd_sock);
+        }
+        started
+    }
+
+    fn start_inner(
         guest: &GuestSpec,
         paths: &QemuPaths,
         run_dir: &std::path::Path,
@@ -244,7 +258,12 @@ impl DestBackend for QemuDest {
 
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), BackendError> {
         let sock = self.devstate_sock.clone();
-        devstate::load(self.process.qmp(), &sock, state, Duration::from_secs(60))
+        devstate::load(
+            self.process.qmp(),
+            &sock,
+            state,
+            devstate::DOWNTIME_STEP_TIMEOUT,
+        )
     }
 
     fn resume(&mut self) -> Result<(), BackendError> {
@@ -252,6 +271,16 @@ impl DestBackend for QemuDest {
             .qmp()
             .cont()
             .map_err(|e| BackendError::new(B, "cont", e))
+    }
+
+    fn pause(&mut self) -> Result<(), BackendError> {
+        let qmp = self.process.qmp();
+        // A vCPU blocked on a page that never comes keeps QEMU from
+        // completing `stop`: do not wait for it long.
+        qmp.set_command_timeout(Duration::from_secs(5));
+        let stopped = qmp.stop().map_err(|e| BackendError::new(B, "stop", e));
+        qmp.set_command_timeout(crate::qemu::qmp::DEFAULT_COMMAND_TIMEOUT);
+        stopped
     }
 
     fn written_pages(&mut self, out: &mut DirtyBitmap) -> Result<(), BackendError> {

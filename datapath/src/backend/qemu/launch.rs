@@ -278,6 +278,16 @@ impl QemuProcess {
         self.child.id()
     }
 
+    /// Lets QEMU run on after this handle (and this process) is gone: it is
+    /// no longer killed on drop. Returns its pid.
+    pub fn detach(self) -> u32 {
+        let pid = self.pid();
+        let mut me = std::mem::ManuallyDrop::new(self);
+        // Close the QMP connection; the child handle is left behind.
+        drop(me.qmp.take());
+        pid
+    }
+
     /// Whether QEMU still runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

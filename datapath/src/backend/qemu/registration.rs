@@ -1,6 +1,12 @@
 //! The engine's end of the preload library's handshake: accept QEMU's
 //! connection, receive the guest-RAM userfaultfd and its registration
 //! message, check it is the mapping we expect, and let QEMU go on.
+//!
+//! What the preload library reports is checked against the kernel's own
+//! view: the features enabled on the descriptor (`/proc/self/fdinfo`: write
+//! tracking needs `WP_ASYNC`) and the registration modes of QEMU's mapping
+//! (`/proc/<pid>/smaps`, `VmFlags`: `um` for missing-page faults, `uw` for
+//! write-protect).
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -11,7 +17,7 @@ use wanmig_preload_proto::{
     ACK_ACCEPT, ACK_REFUSE, REGISTRATION_LEN, RegistrationError, UffdMode, UffdRegistration,
 };
 
-use crate::uffd::{AdoptError, RecvFdError, Userfaultfd, recv_fd};
+use crate::uffd::{AdoptError, Features, RecvFdError, Userfaultfd, recv_fd};
 
 /// Receiving QEMU's registration failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +48,9 @@ pub enum RegistrationFailure {
     /// The descriptor is not a usable userfaultfd.
     #[error("the descriptor QEMU sent")]
     Adopt(#[from] AdoptError),
+    /// The kernel's view of the registration could not be read.
+    #[error("inspecting the registration: {0}")]
+    Inspect(String),
     /// The registration is not the mapping expected.
     #[error("unexpected registration: {what}: got {got}, expected {expected}")]
     Unexpected {
@@ -71,7 +80,8 @@ pub struct RegistrationListener {
 }
 
 impl RegistrationListener {
-    /// Binds `path` (replacing a stale socket) with mode 0600.
+    /// Binds `path` (replacing a stale socket) with mode 0600; the socket
+    /// file is removed when the listener is dropped.
     pub fn bind(path: &Path) -> Result<Self, RegistrationFailure> {
         let err = |source| RegistrationFailure::Socket {
             path: path.to_path_buf(),
@@ -139,6 +149,12 @@ impl RegistrationListener {
     }
 }
 
+impl Drop for RegistrationListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 fn receive(
     stream: &UnixStream,
     ram: &Path,
@@ -175,5 +191,119 @@ fn receive(
         ));
     }
     let uffd = Userfaultfd::from_owned_fd(fd)?;
+    check_features(&uffd, mode)?;
+    let smaps = PathBuf::from(format!("/proc/{}/smaps", info.pid));
+    let text = std::fs::read_to_string(&smaps)
+        .map_err(|e| RegistrationFailure::Inspect(format!("{}: {e}", smaps.display())))?;
+    check_vm_flags(&text, info.base, info.len, mode)?;
     Ok(Registration { uffd, info })
+}
+
+/// The descriptor has the features `mode` relies on enabled.
+fn check_features(uffd: &Userfaultfd, mode: UffdMode) -> Result<(), RegistrationFailure> {
+    let features = uffd
+        .negotiated_features()
+        .map_err(|e| RegistrationFailure::Inspect(e.to_string()))?;
+    let Some(features) = features else {
+        return Err(RegistrationFailure::Unexpected {
+            what: "userfaultfd features",
+            got: "UFFDIO_API not done".into(),
+            expected: "negotiated".into(),
+        });
+    };
+    if mode.tracks_writes() && !features.contains(Features::WP_ASYNC) {
+        return Err(RegistrationFailure::Unexpected {
+            what: "userfaultfd features",
+            got: format!("{features}"),
+            expected: "WP_ASYNC".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Every mapping of `[base, base + len)` in `smaps` carries the userfaultfd
+/// registration flags of `mode` (`um` missing, `uw` write-protect), and the
+/// mappings cover the whole range.
+fn check_vm_flags(
+    smaps: &str,
+    base: u64,
+    len: u64,
+    mode: UffdMode,
+) -> Result<(), RegistrationFailure> {
+    let end = base.saturating_add(len);
+    let mut want = Vec::new();
+    if mode.reports_missing() {
+        want.push("um");
+    }
+    if mode.tracks_writes() {
+        want.push("uw");
+    }
+    let mut current: Option<(u64, u64)> = None;
+    let mut covered = 0u64;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let Some((start, stop)) = current.take() else {
+                continue;
+            };
+            let (lo, hi) = (start.max(base), stop.min(end));
+            if lo >= hi {
+                continue;
+            }
+            covered += hi - lo;
+            let have: Vec<&str> = flags.split_whitespace().collect();
+            if let Some(missing) = want.iter().find(|f| !have.contains(f)) {
+                return Err(RegistrationFailure::Unexpected {
+                    what: "registration of the guest RAM mapping (VmFlags)",
+                    got: format!("{:#x}-{:#x}: {}", start, stop, flags.trim()),
+                    expected: format!("{} ({mode:?}), missing {missing}", want.join(" ")),
+                });
+            }
+        } else if let Some(range) = line.split_whitespace().next() {
+            // A mapping's header line: "start-end perms offset dev inode path".
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    current = Some((a, b));
+                }
+            }
+        }
+    }
+    if covered != len {
+        return Err(RegistrationFailure::Unexpected {
+            what: "guest RAM mapping",
+            got: format!("{covered} bytes mapped at {base:#x}"),
+            expected: format!("{len} bytes"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+7f0000000000-7f0000200000 rw-s 00000000 00:1a 42 /dev/shm/wanmig-x-destination
+Size:               2048 kB
+Rss:                   0 kB
+VmFlags: rd wr sh mr mw me ms sd um uw
+7f0000200000-7f0000400000 rw-s 00200000 00:1a 42 /dev/shm/wanmig-x-destination
+Size:               2048 kB
+VmFlags: rd wr sh mr mw me ms sd uw
+7f0000400000-7f0000401000 rw-p 00000000 00:00 0
+VmFlags: rd wr mr mw me ac sd
+";
+
+    #[test]
+    fn the_mapping_must_carry_the_registration_flags() {
+        let base = 0x7f00_0000_0000;
+        // The first 2 MiB: both modes.
+        check_vm_flags(SMAPS, base, 2 << 20, UffdMode::MissingWpAsync).unwrap();
+        // All 4 MiB: write tracking everywhere, missing faults only on half.
+        check_vm_flags(SMAPS, base, 4 << 20, UffdMode::WpAsync).unwrap();
+        let e = check_vm_flags(SMAPS, base, 4 << 20, UffdMode::Missing).unwrap_err();
+        assert!(e.to_string().contains("VmFlags"), "{e}");
+        // A range not entirely mapped.
+        let e = check_vm_flags(SMAPS, base, 8 << 20, UffdMode::WpAsync).unwrap_err();
+        assert!(e.to_string().contains("guest RAM mapping"), "{e}");
+    }
 }

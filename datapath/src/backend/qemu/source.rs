@@ -13,6 +13,7 @@ use super::registration::RegistrationListener;
 use super::{B, PAGE_SIZE, devstate};
 use crate::backend::{BackendError, PageReader, SourceBackend};
 use crate::guest::SourceMemory;
+use crate::qemu::RunState;
 use crate::uffd::{
     DirtyBitmap, PagemapScanner, RemoteAddr, RemoteRange, Userfaultfd, write_protect_all,
 };
@@ -37,8 +38,22 @@ pub struct QemuSource {
 }
 
 impl QemuSource {
-    /// Starts `guest` with its RAM registered for dirty logging.
+    /// Starts `guest` with its RAM registered for dirty logging. On failure
+    /// QEMU is killed and its RAM file and registration socket are removed.
     pub fn start(
+        guest: &GuestSpec,
+        paths: &QemuPaths,
+        run_dir: &std::path::Path,
+    ) -> Result<Self, BackendError> {
+        let started = Self::start_inner(guest, paths, run_dir);
+        if started.is_err() {
+            let _ = std::fs::remove_file(&paths.ram);
+            let _ = std::fs::remove_file(&paths.uffd_sock);
+        }
+        started
+    }
+
+    fn start_inner(
         guest: &GuestSpec,
         paths: &QemuPaths,
         run_dir: &std::path::Path,
@@ -90,6 +105,17 @@ impl QemuSource {
     pub fn process(&mut self) -> &mut QemuProcess {
         &mut self.process
     }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Lets QEMU (and the guest) run on after this handle is gone; returns
+    /// its pid.
+    pub fn detach(self) -> u32 {
+        self.process.detach()
+    }
 }
 
 impl SourceBackend for QemuSource {
@@ -139,10 +165,21 @@ impl SourceBackend for QemuSource {
     }
 
     fn resume(&mut self) -> Result<(), BackendError> {
-        self.process
-            .qmp()
-            .cont()
-            .map_err(|e| BackendError::new(B, "cont", e))
+        let qmp = self.process.qmp();
+        qmp.cont().map_err(|e| BackendError::new(B, "cont", e))?;
+        // `cont` can return before a stopped migration lets the guest go:
+        // check that it runs.
+        let status = qmp
+            .query_status()
+            .map_err(|e| BackendError::new(B, "query-status after cont", e))?;
+        if status.status != RunState::Running {
+            return Err(BackendError::new(
+                B,
+                "resuming the guest",
+                format!("QEMU is {:?} after cont", status.status),
+            ));
+        }
+        Ok(())
     }
 
     fn save_device_state(
@@ -150,6 +187,11 @@ impl SourceBackend for QemuSource {
         sink: &mut dyn FnMut(&[u8]) -> Result<(), BackendError>,
     ) -> Result<u64, BackendError> {
         let sock = self.devstate_sock.clone();
-        devstate::save(self.process.qmp(), &sock, Duration::from_secs(60), sink)
+        devstate::save(
+            self.process.qmp(),
+            &sock,
+            devstate::DOWNTIME_STEP_TIMEOUT,
+            sink,
+        )
     }
 }

@@ -1,0 +1,1271 @@
+//! The two engines' protocol and failure handling, over real TCP connections
+//! on loopback, against in-memory backends: a fake source guest (its pages,
+//! which pages it ever populated, what it dirtied) and a fake destination
+//! whose "vCPUs" block on a missing page the way QEMU's do on the
+//! userfaultfd (a fault event, then a wait until the page is installed; a
+//! wake without it faults again; once the memory is released a hole reads as
+//! zero). A proxy can cut the bulk connection at a chosen moment; a scripted
+//! source sends hand-made frames to test the destination's checks.
+//!
+//! Each test fails without the fix it is named after: the commit handshake
+//! (`Loaded`), the destination's exits after the commit (release first,
+//! fetch what a broken push left, stop the guest if pages are missing), dead
+//! fault threads noticed at once, faults on pages discarded since, pages
+//! discarded at the source after they were sent, pushed pages installed as
+//! they arrive, and the protocol checks.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use wanmig_datapath::backend::{
+    BackendError, DestBackend, Install, PageInstaller, PageReader, SourceBackend,
+};
+use wanmig_datapath::connection::{Connection, ConnectionPair, LinkConfig, accept, connect};
+use wanmig_datapath::engine::{
+    DestConfig, DestReport, EngineError, PageOrder, SourceConfig, SourceReport, run_destination,
+    run_source,
+};
+use wanmig_datapath::transport::{Flow, IoPreference};
+use wanmig_datapath::uffd::DirtyBitmap;
+use wanmig_datapath::wire::{
+    AbortReason, ControlCode, FrameRef, Geometry, MigrationId, PskKey, ServerPolicy, UnitKind,
+};
+
+const PS: usize = 4096;
+/// Pages of the fake guests (4 MiB).
+const PAGES: u64 = 1024;
+/// Pages `0..POPULATED` hold data at the source; the rest were never touched.
+const POPULATED: u64 = 768;
+/// A populated page that holds only zeros.
+const ZERO_PAGE: u64 = 100;
+const DEVICE_STATE_MAX: u64 = 4 << 20;
+
+fn geometry(pages: u64) -> Geometry {
+    Geometry::new(PS as u32, pages, 64 << 10, 1, DEVICE_STATE_MAX)
+}
+
+fn byte_of(p: u64) -> u8 {
+    if p == ZERO_PAGE {
+        0
+    } else {
+        (p % 250) as u8 + 1
+    }
+}
+
+// ---------------------------------------------------------------- source --
+
+type Hook = Box<dyn FnMut(u64) + Send>;
+
+/// The source guest.
+struct SrcGuest {
+    mem: RwLock<Vec<u8>>,
+    populated: Mutex<Vec<bool>>,
+    dirty: Mutex<BTreeSet<u64>>,
+    paused: AtomicBool,
+    /// Called on every page read while the guest is paused (the remainder,
+    /// faults, the push, digests).
+    on_frozen_read: Mutex<Option<Hook>>,
+}
+
+impl SrcGuest {
+    fn new() -> Arc<Self> {
+        let g = SrcGuest {
+            mem: RwLock::new(vec![0; PAGES as usize * PS]),
+            populated: Mutex::new(vec![false; PAGES as usize]),
+            dirty: Mutex::new(BTreeSet::new()),
+            paused: AtomicBool::new(false),
+            on_frozen_read: Mutex::new(None),
+        };
+        for p in 0..POPULATED {
+            g.write(p, byte_of(p));
+        }
+        Arc::new(g)
+    }
+
+    fn write(&self, p: u64, byte: u8) {
+        let at = p as usize * PS;
+        self.mem.write().unwrap()[at..at + PS].fill(byte);
+        self.populated.lock().unwrap()[p as usize] = true;
+        self.dirty.lock().unwrap().insert(p);
+    }
+
+    /// The page is discarded (a balloon, a `MADV_REMOVE`): a hole again.
+    fn discard(&self, p: u64) {
+        let at = p as usize * PS;
+        self.mem.write().unwrap()[at..at + PS].fill(0);
+        self.populated.lock().unwrap()[p as usize] = false;
+    }
+
+    fn page(&self, p: u64) -> Vec<u8> {
+        let at = p as usize * PS;
+        self.mem.read().unwrap()[at..at + PS].to_vec()
+    }
+
+    fn on_frozen_read(&self, hook: impl FnMut(u64) + Send + 'static) {
+        *self.on_frozen_read.lock().unwrap() = Some(Box::new(hook));
+    }
+}
+
+struct SrcReader(Arc<SrcGuest>);
+
+impl PageReader for SrcReader {
+    fn copy_page(&self, index: u64, out: &mut [u8]) {
+        if self.0.paused.load(Ordering::Acquire) {
+            if let Some(hook) = self.0.on_frozen_read.lock().unwrap().as_mut() {
+                hook(index);
+            }
+        }
+        out.copy_from_slice(&self.0.page(index));
+    }
+}
+
+type PauseHook = Box<dyn FnMut(&SrcGuest) + Send>;
+
+struct FakeSource {
+    g: Arc<SrcGuest>,
+    device_state: Vec<u8>,
+    /// Called as the guest is paused.
+    on_pause: Option<PauseHook>,
+    resumes: u64,
+    /// `pause` stops the guest, then reports a failure.
+    pause_fails: bool,
+    /// `resume` fails.
+    resume_fails: bool,
+}
+
+impl FakeSource {
+    fn new() -> Self {
+        FakeSource {
+            g: SrcGuest::new(),
+            device_state: (0..300_000u32).map(|i| (i % 253) as u8).collect(),
+            on_pause: None,
+            resumes: 0,
+            pause_fails: false,
+            resume_fails: false,
+        }
+    }
+}
+
+impl SourceBackend for FakeSource {
+    fn page_size(&self) -> usize {
+        PS
+    }
+    fn page_count(&self) -> u64 {
+        PAGES
+    }
+    fn device_state_max(&self) -> u64 {
+        DEVICE_STATE_MAX
+    }
+    fn memory(&self) -> Arc<dyn PageReader> {
+        Arc::new(SrcReader(self.g.clone()))
+    }
+    fn populated_runs(&self) -> Result<Vec<(u64, u64)>, BackendError> {
+        let populated = self.g.populated.lock().unwrap();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (p, _) in populated.iter().enumerate().filter(|(_, x)| **x) {
+            let p = p as u64;
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == p => *n += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        Ok(runs)
+    }
+    fn dirty_log_start(&mut self) -> Result<(), BackendError> {
+        self.g.dirty.lock().unwrap().clear();
+        Ok(())
+    }
+    fn dirty_log_collect(&mut self, out: &mut DirtyBitmap) -> Result<(), BackendError> {
+        for p in std::mem::take(&mut *self.g.dirty.lock().unwrap()) {
+            out.set(p);
+        }
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), BackendError> {
+        self.g.paused.store(true, Ordering::Release);
+        if let Some(hook) = self.on_pause.as_mut() {
+            hook(&self.g);
+        }
+        if self.pause_fails {
+            return Err(BackendError::new("fake", "stop", "no reply"));
+        }
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), BackendError> {
+        if self.resume_fails {
+            return Err(BackendError::new("fake", "cont", "refused"));
+        }
+        self.g.paused.store(false, Ordering::Release);
+        self.resumes += 1;
+        Ok(())
+    }
+    fn save_device_state(
+        &mut self,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), BackendError>,
+    ) -> Result<u64, BackendError> {
+        for piece in self.device_state.chunks(1 << 20) {
+            sink(piece)?;
+        }
+        Ok(self.device_state.len() as u64)
+    }
+}
+
+// ----------------------------------------------------------- destination --
+
+#[derive(Debug)]
+struct DstMem {
+    data: Vec<u8>,
+    filled: Vec<bool>,
+    installed_at: Vec<Option<Instant>>,
+    wakes: u64,
+    released: bool,
+    resumed_at: Option<Instant>,
+    stopped_again: bool,
+    zero_writes: u64,
+    discards: u64,
+}
+
+/// The destination guest's memory, as QEMU's mapping would behave.
+#[derive(Debug)]
+struct DstGuest {
+    st: Mutex<DstMem>,
+    cv: Condvar,
+    faults: Mutex<VecDeque<u64>>,
+    fault_cv: Condvar,
+    fail_requester: AtomicBool,
+}
+
+impl DstGuest {
+    fn new(pages: u64) -> Arc<Self> {
+        Arc::new(DstGuest {
+            st: Mutex::new(DstMem {
+                data: vec![0; pages as usize * PS],
+                filled: vec![false; pages as usize],
+                installed_at: vec![None; pages as usize],
+                wakes: 0,
+                released: false,
+                resumed_at: None,
+                stopped_again: false,
+                zero_writes: 0,
+                discards: 0,
+            }),
+            cv: Condvar::new(),
+            faults: Mutex::new(VecDeque::new()),
+            fault_cv: Condvar::new(),
+            fail_requester: AtomicBool::new(false),
+        })
+    }
+
+    /// A vCPU (or QEMU) reads page `p`: a missing page faults and blocks
+    /// until it is installed (a wake without it faults again) or the memory
+    /// is released (a hole then reads as zero). `None` after `timeout`.
+    fn touch(&self, p: u64, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut m = self.st.lock().unwrap();
+        loop {
+            let at = p as usize * PS;
+            if m.filled[p as usize] {
+                return Some(m.data[at..at + PS].to_vec());
+            }
+            if m.released {
+                m.filled[p as usize] = true;
+                return Some(vec![0; PS]);
+            }
+            self.faults.lock().unwrap().push_back(p);
+            self.fault_cv.notify_all();
+            let wakes = m.wakes;
+            while !m.filled[p as usize] && !m.released && m.wakes == wakes {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                m = self.cv.wait_timeout(m, left).unwrap().0;
+            }
+        }
+    }
+
+    /// The guest gives page `p` back (a balloon): a hole again.
+    fn discard(&self, p: u64) {
+        let mut m = self.st.lock().unwrap();
+        m.filled[p as usize] = false;
+        let at = p as usize * PS;
+        m.data[at..at + PS].fill(0);
+    }
+
+    fn page(&self, p: u64) -> Vec<u8> {
+        let at = p as usize * PS;
+        self.st.lock().unwrap().data[at..at + PS].to_vec()
+    }
+
+    fn install(&self, p: u64, data: &[u8]) -> Install {
+        let mut m = self.st.lock().unwrap();
+        m.wakes += 1;
+        self.cv.notify_all();
+        if m.filled[p as usize] {
+            return Install::AlreadyPresent;
+        }
+        let at = p as usize * PS;
+        m.data[at..at + PS].copy_from_slice(data);
+        m.filled[p as usize] = true;
+        m.installed_at[p as usize] = Some(Instant::now());
+        Install::Installed
+    }
+}
+
+#[derive(Debug)]
+struct DstInstaller(Arc<DstGuest>);
+
+impl PageInstaller for DstInstaller {
+    fn wait_faults(&self, timeout: Duration, out: &mut Vec<u64>) -> Result<(), BackendError> {
+        if self.0.fail_requester.load(Ordering::Acquire) {
+            return Err(BackendError::new(
+                "fake",
+                "waiting for faults",
+                "injected failure",
+            ));
+        }
+        let mut q = self.0.faults.lock().unwrap();
+        if q.is_empty() {
+            q = self.0.fault_cv.wait_timeout(q, timeout).unwrap().0;
+        }
+        if self.0.fail_requester.load(Ordering::Acquire) {
+            return Err(BackendError::new(
+                "fake",
+                "waiting for faults",
+                "injected failure",
+            ));
+        }
+        out.extend(q.drain(..));
+        Ok(())
+    }
+    fn install(&self, index: u64, data: &[u8]) -> Result<Install, BackendError> {
+        Ok(self.0.install(index, data))
+    }
+    fn install_run(&self, first: u64, data: &[u8]) -> Result<u64, BackendError> {
+        let mut n = 0;
+        for (i, page) in data.chunks(PS).enumerate() {
+            if self.0.install(first + i as u64, page) == Install::Installed {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+    fn install_zero(&self, index: u64) -> Result<Install, BackendError> {
+        Ok(self.0.install(index, &[0; PS]))
+    }
+    fn wake(&self, _index: u64) -> Result<(), BackendError> {
+        self.0.st.lock().unwrap().wakes += 1;
+        self.0.cv.notify_all();
+        Ok(())
+    }
+}
+
+struct FakeDest {
+    g: Arc<DstGuest>,
+    installer: Arc<DstInstaller>,
+    pages: u64,
+    /// Pages QEMU reads while it loads the device state.
+    load_touches: Vec<u64>,
+    load_fails: bool,
+    load_delay: Duration,
+    loaded: Option<Vec<u8>>,
+    /// The fault requester's next wait fails once the guest is resumed.
+    fail_requester_on_resume: bool,
+}
+
+impl FakeDest {
+    fn new() -> Self {
+        Self::with_pages(PAGES)
+    }
+
+    fn with_pages(pages: u64) -> Self {
+        let g = DstGuest::new(pages);
+        FakeDest {
+            installer: Arc::new(DstInstaller(g.clone())),
+            g,
+            pages,
+            load_touches: Vec::new(),
+            load_fails: false,
+            load_delay: Duration::ZERO,
+            loaded: None,
+            fail_requester_on_resume: false,
+        }
+    }
+}
+
+impl DestBackend for FakeDest {
+    fn page_size(&self) -> usize {
+        PS
+    }
+    fn page_count(&self) -> u64 {
+        self.pages
+    }
+    fn write_page(&mut self, index: u64, data: &[u8]) -> Result<(), BackendError> {
+        let mut m = self.g.st.lock().unwrap();
+        let at = index as usize * PS;
+        m.data[at..at + PS].copy_from_slice(data);
+        m.filled[index as usize] = true;
+        if data.iter().all(|&b| b == 0) {
+            m.zero_writes += 1;
+        }
+        Ok(())
+    }
+    fn discard_page(&mut self, index: u64) -> Result<(), BackendError> {
+        self.g.discard(index);
+        self.g.st.lock().unwrap().discards += 1;
+        Ok(())
+    }
+    fn installer(&self) -> Arc<dyn PageInstaller> {
+        self.installer.clone()
+    }
+    fn track_writes(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn load_device_state(&mut self, state: &[u8]) -> Result<(), BackendError> {
+        std::thread::sleep(self.load_delay);
+        for &p in &self.load_touches {
+            self.g
+                .touch(p, Duration::from_secs(10))
+                .ok_or_else(|| BackendError::new("fake", "loading", "a page never came"))?;
+        }
+        if self.load_fails {
+            return Err(BackendError::new(
+                "fake",
+                "loading the device state",
+                "refused",
+            ));
+        }
+        self.loaded = Some(state.to_vec());
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), BackendError> {
+        self.g.st.lock().unwrap().resumed_at = Some(Instant::now());
+        if self.fail_requester_on_resume {
+            self.g.fail_requester.store(true, Ordering::Release);
+            self.g.fault_cv.notify_all();
+        }
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), BackendError> {
+        self.g.st.lock().unwrap().stopped_again = true;
+        Ok(())
+    }
+    fn written_pages(&mut self, _out: &mut DirtyBitmap) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn read_page(&self, index: u64, out: &mut [u8]) -> Result<(), BackendError> {
+        out.copy_from_slice(&self.g.page(index));
+        Ok(())
+    }
+    fn release(&mut self) -> Result<(), BackendError> {
+        self.g.st.lock().unwrap().released = true;
+        self.g.cv.notify_all();
+        Ok(())
+    }
+}
+
+// ----------------------------------------------------------- connections --
+
+fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// Both ends of a migration's connections, the source connecting to
+/// `connect_to` (the destination's listener, or a proxy in front of it).
+fn link_through(
+    l: TcpListener,
+    connect_to: SocketAddr,
+    pages: u64,
+    cfg: LinkConfig,
+) -> (ConnectionPair, ConnectionPair) {
+    let key = PskKey::generate();
+    let k2 = key.clone();
+    let server =
+        std::thread::spawn(move || accept(&l, &ServerPolicy::default(), &k2, &cfg).unwrap());
+    let src = connect(
+        connect_to,
+        MigrationId::random(),
+        geometry(pages),
+        &key,
+        &cfg,
+    )
+    .unwrap();
+    (src, server.join().unwrap())
+}
+
+fn link(cfg: LinkConfig) -> (ConnectionPair, ConnectionPair) {
+    let (l, a) = listener();
+    link_through(l, a, PAGES, cfg)
+}
+
+/// Copies bytes until EOF, or until `cut` is set: then shuts down all four
+/// sockets of the proxied connection.
+fn pump(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
+    from.set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        if cut.as_ref().is_some_and(|c| c.load(Ordering::Acquire)) {
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+            return;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A migration's connections through a proxy that cuts the bulk connection
+/// (the first one the source opens) when the returned flag is set.
+fn link_with_cuttable_bulk(cfg: LinkConfig) -> (ConnectionPair, ConnectionPair, Arc<AtomicBool>) {
+    let (dst_l, dst_a) = listener();
+    let (proxy_l, proxy_a) = listener();
+    let cut = Arc::new(AtomicBool::new(false));
+    let c2 = cut.clone();
+    std::thread::spawn(move || {
+        for i in 0..2 {
+            let (down, _) = proxy_l.accept().unwrap();
+            let up = TcpStream::connect(dst_a).unwrap();
+            let flag = (i == 0).then(|| c2.clone());
+            let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+            let f2 = flag.clone();
+            std::thread::spawn(move || pump(down, up, flag));
+            std::thread::spawn(move || pump(u2, d2, f2));
+        }
+    });
+    let (src, dst) = link_through(dst_l, proxy_a, PAGES, cfg);
+    (src, dst, cut)
+}
+
+type Outcome = (
+    Result<SourceReport, EngineError>,
+    Result<DestReport, EngineError>,
+    Instant,
+);
+
+/// Runs both engines, the destination in a thread; also returns when the
+/// destination engine returned.
+fn migrate(
+    src: &mut FakeSource,
+    dst: &mut FakeDest,
+    m: f64,
+    scfg: &SourceConfig,
+    dcfg: &DestConfig,
+    conns: (ConnectionPair, ConnectionPair),
+) -> Outcome {
+    let order = PageOrder::by_address(PAGES, m).unwrap();
+    let (sconns, dconns) = conns;
+    std::thread::scope(|s| {
+        let d = s.spawn(|| {
+            let r = run_destination(dst, dconns, dcfg);
+            (r, Instant::now())
+        });
+        let r = run_source(src, sconns, &order, scfg);
+        let (d, at) = d.join().unwrap();
+        (r, d, at)
+    })
+}
+
+/// The destination's memory equals the source's.
+fn assert_same(src: &SrcGuest, dst: &DstGuest) {
+    let differing: Vec<u64> = (0..PAGES).filter(|&p| src.page(p) != dst.page(p)).collect();
+    assert!(
+        differing.is_empty(),
+        "{} pages differ: {:?}",
+        differing.len(),
+        &differing[..differing.len().min(10)]
+    );
+}
+
+fn quick_dest() -> DestConfig {
+    DestConfig {
+        completion_timeout: Duration::from_secs(20),
+        ..DestConfig::default()
+    }
+}
+
+// ----------------------------------------------------------------- tests --
+
+#[test]
+fn a_whole_migration_and_faults_while_loading_are_no_penalty() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    // QEMU reads a pre-copied page, a post-copy page (fetched) and a hole
+    // while it loads the device state: none of that is the guest's stall.
+    dst.load_touches = vec![10, 600, 900];
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        0.5,
+        &SourceConfig::default(),
+        &quick_dest(),
+        link(LinkConfig::default()),
+    );
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_eq!(dst.loaded.as_deref(), Some(&src.device_state[..]));
+    assert_eq!(d.integrity.unwrap().pages_differing, 0, "{d:#?}");
+    assert_eq!(d.integrity.unwrap().pages_compared, PAGES);
+    assert_eq!(d.faults, 0, "faults while loading are not penalty: {d:#?}");
+    assert_eq!(d.penalty_s, 0.0);
+    assert!(d.late_error.is_none(), "{d:#?}");
+    assert!(s.fault_pages_served >= 1, "QEMU's load fetched page 600");
+    assert_eq!(src.resumes, 0);
+    assert!(dst.g.st.lock().unwrap().released);
+    assert_same(&src.g, &dst.g);
+}
+
+#[test]
+fn a_failed_device_state_load_leaves_the_guest_running_at_the_source() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    dst.load_fails = true;
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        0.5,
+        &SourceConfig::default(),
+        &quick_dest(),
+        link(LinkConfig::default()),
+    );
+    assert!(
+        matches!(
+            s,
+            Err(EngineError::Aborted {
+                peer: "destination",
+                reason: AbortReason::DestinationFailed
+            })
+        ),
+        "{s:?}"
+    );
+    assert!(matches!(d, Err(EngineError::Backend(_))), "{d:?}");
+    assert_eq!(src.resumes, 1, "the source resumes the guest");
+    assert!(!src.g.paused.load(Ordering::Acquire));
+    let m = dst.g.st.lock().unwrap();
+    assert!(m.resumed_at.is_none(), "the destination never ran it");
+    assert!(!m.released);
+}
+
+#[test]
+fn the_source_gives_up_when_the_destination_does_not_load_in_time() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    dst.load_delay = Duration::from_secs(2);
+    let scfg = SourceConfig {
+        freeze_timeout: Duration::from_millis(300),
+        ..SourceConfig::default()
+    };
+    let t = Instant::now();
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        1.0,
+        &scfg,
+        &quick_dest(),
+        link(LinkConfig::default()),
+    );
+    assert!(matches!(s, Err(EngineError::Timeout(_))), "{s:?}");
+    assert!(
+        matches!(
+            d,
+            Err(EngineError::Aborted {
+                peer: "source",
+                reason: AbortReason::Timeout
+            })
+        ),
+        "{d:?}"
+    );
+    assert_eq!(src.resumes, 1);
+    assert!(dst.g.st.lock().unwrap().resumed_at.is_none());
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_stop_that_fails_is_followed_by_a_resume() {
+    let mut src = FakeSource::new();
+    src.pause_fails = true;
+    let mut dst = FakeDest::new();
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        0.5,
+        &SourceConfig::default(),
+        &quick_dest(),
+        link(LinkConfig::default()),
+    );
+    assert!(matches!(s, Err(EngineError::Backend(_))), "{s:?}");
+    assert!(
+        matches!(
+            d,
+            Err(EngineError::Aborted {
+                peer: "source",
+                reason: AbortReason::SourceFailed
+            })
+        ),
+        "the destination is told: {d:?}"
+    );
+    assert_eq!(src.resumes, 1, "the guest may be stopped: resume it");
+    assert!(!src.g.paused.load(Ordering::Acquire));
+}
+
+#[test]
+fn a_failed_resume_is_reported_with_the_failure_that_needed_it() {
+    let mut src = FakeSource::new();
+    src.resume_fails = true;
+    let mut dst = FakeDest::new();
+    dst.load_fails = true;
+    let (s, _, _) = migrate(
+        &mut src,
+        &mut dst,
+        0.5,
+        &SourceConfig::default(),
+        &quick_dest(),
+        link(LinkConfig::default()),
+    );
+    let e = s.unwrap_err();
+    let EngineError::NotResumed { cause, resume } = &e else {
+        panic!("expected both errors: {e:?}");
+    };
+    assert!(matches!(**cause, EngineError::Aborted { .. }), "{cause:?}");
+    assert!(resume.to_string().contains("fake backend: cont"));
+    assert!(e.to_string().contains("refused"), "{e}");
+}
+
+#[test]
+fn after_the_commit_a_broken_bulk_connection_costs_nothing_when_every_page_is_here() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    let (sc, dc, cut) = link_with_cuttable_bulk(LinkConfig::default());
+    // M = 1: every page is here at the commit; cut as the digests are read.
+    src.g.on_frozen_read(move |_| {
+        // Hold the digests back until the proxy has seen the cut.
+        if !cut.swap(true, Ordering::AcqRel) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        1.0,
+        &SourceConfig::default(),
+        &quick_dest(),
+        (sc, dc),
+    );
+    assert!(s.is_err(), "the source saw the bulk connection break");
+    let d = d.unwrap();
+    assert!(d.integrity.is_none(), "no digests, no integrity check");
+    assert!(d.late_error.is_some(), "{d:#?}");
+    let m = dst.g.st.lock().unwrap();
+    assert!(m.resumed_at.is_some() && m.released && !m.stopped_again);
+    drop(m);
+    assert_same(&src.g, &dst.g);
+}
+
+#[test]
+fn after_the_commit_missing_pages_are_fetched_over_the_fault_connection() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    let (sc, dc, cut) = link_with_cuttable_bulk(LinkConfig::default());
+    // M = 0: the push carries everything; cut it a quarter of the way in.
+    src.g.on_frozen_read(move |p| {
+        if p == 200 {
+            cut.store(true, Ordering::Release);
+        }
+    });
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        0.0,
+        &SourceConfig::default(),
+        &quick_dest(),
+        (sc, dc),
+    );
+    assert!(s.is_err(), "the source saw the bulk connection break");
+    let d = d.unwrap();
+    assert!(d.swept_pages > 0, "{d:#?}");
+    assert!(d.late_error.is_some());
+    assert!(dst.g.st.lock().unwrap().released);
+    assert_same(&src.g, &dst.g);
+}
+
+#[test]
+fn a_dead_fault_requester_still_releases_a_complete_guest() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    dst.fail_requester_on_resume = true;
+    // Every page is here at the commit (M = 1); the digests take a while, so
+    // the requester dies before the stream ends.
+    src.g
+        .on_frozen_read(|_| std::thread::sleep(Duration::from_millis(1)));
+    let (_, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        1.0,
+        &SourceConfig::default(),
+        &quick_dest(),
+        link(LinkConfig::default()),
+    );
+    let e = d.unwrap_err();
+    assert!(
+        e.to_string().contains("fake backend"),
+        "the requester's own error: {e}"
+    );
+    // Every page is here: the memory is released, so a vCPU touching a
+    // page known to be zero (never populated) gets it without the engine.
+    assert!(dst.g.st.lock().unwrap().released);
+    assert_eq!(
+        dst.g.touch(900, Duration::from_secs(2)),
+        Some(vec![0; PS]),
+        "a vCPU waits forever on a zero page"
+    );
+}
+
+#[test]
+fn a_dead_fault_requester_mid_push_stops_the_guest_at_once() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    dst.fail_requester_on_resume = true;
+    // The push takes several seconds.
+    src.g
+        .on_frozen_read(|_| std::thread::sleep(Duration::from_millis(4)));
+    let (_, d, gave_up) = migrate(
+        &mut src,
+        &mut dst,
+        0.0,
+        &SourceConfig::default(),
+        &quick_dest(),
+        link(LinkConfig::default()),
+    );
+    let e = d.unwrap_err();
+    let EngineError::Incomplete { missing, cause } = &e else {
+        panic!("expected an incomplete migration: {e}");
+    };
+    assert!(*missing > 0);
+    assert!(
+        cause
+            .as_ref()
+            .is_some_and(|c| c.to_string().contains("fake backend")),
+        "{e:?}"
+    );
+    let m = dst.g.st.lock().unwrap();
+    assert!(m.stopped_again, "the guest is stopped: pages are missing");
+    assert!(!m.released, "missing pages must not read as zeros");
+    let resumed = m.resumed_at.unwrap();
+    assert!(
+        gave_up.duration_since(resumed) < Duration::from_secs(1),
+        "noticed after {:?}",
+        gave_up.duration_since(resumed)
+    );
+}
+
+#[test]
+fn a_fault_on_a_page_here_but_discarded_since_reads_as_zero() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    // A slow push keeps the engine serving faults for a while.
+    src.g.on_frozen_read(|p| {
+        if p >= 512 {
+            std::thread::sleep(Duration::from_millis(6));
+        }
+    });
+    let g = dst.g.clone();
+    let (s, d, touched) = std::thread::scope(|sc| {
+        let probe = sc.spawn(move || {
+            while g.st.lock().unwrap().resumed_at.is_none() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Page 10 was pre-copied; the guest gives it back, then reads it.
+            g.discard(10);
+            g.touch(10, Duration::from_millis(500))
+        });
+        let (s, d, _) = migrate(
+            &mut src,
+            &mut dst,
+            0.5,
+            &SourceConfig::default(),
+            &quick_dest(),
+            link(LinkConfig::default()),
+        );
+        (s, d, probe.join().unwrap())
+    });
+    s.unwrap();
+    d.unwrap();
+    assert_eq!(
+        touched,
+        Some(vec![0; PS]),
+        "a vCPU faulting on a page known here must get it (as zero) at once"
+    );
+}
+
+#[test]
+fn pages_discarded_at_the_source_after_they_were_sent_are_zero_at_the_destination() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    // Page 5 (pre-copy) and page 700 (post-copy, sent while live with M = 1
+    // too) are given back by the guest just before the freeze.
+    src.on_pause = Some(Box::new(|g: &SrcGuest| {
+        g.discard(5);
+        g.discard(700);
+    }));
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        1.0,
+        &SourceConfig::default(),
+        &quick_dest(),
+        link(LinkConfig::default()),
+    );
+    s.unwrap();
+    let d = d.unwrap();
+    assert_eq!(dst.g.page(5), vec![0; PS], "page 5 stayed stale");
+    assert_eq!(dst.g.page(700), vec![0; PS], "page 700 stayed stale");
+    assert_eq!(d.integrity.unwrap().pages_differing, 0);
+    assert_same(&src.g, &dst.g);
+}
+
+#[test]
+fn pushed_pages_are_installed_as_they_arrive() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    // The push stalls for a while right after page 300.
+    src.g.on_frozen_read(|p| {
+        if p == 301 {
+            std::thread::sleep(Duration::from_millis(600));
+        }
+    });
+    // Unpaced blocking sends: page 300 leaves the source at once.
+    let mut cfg = LinkConfig::default().with_io(IoPreference::Blocking);
+    cfg.bulk.pacing = None;
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        0.0,
+        &SourceConfig::default(),
+        &quick_dest(),
+        link(cfg),
+    );
+    s.unwrap();
+    d.unwrap();
+    let m = dst.g.st.lock().unwrap();
+    let (a, b) = (m.installed_at[300].unwrap(), m.installed_at[301].unwrap());
+    assert!(
+        b.duration_since(a) > Duration::from_millis(400),
+        "page 300 waited {:?} in a batch for page 301",
+        b.duration_since(a)
+    );
+}
+
+// ------------------------------------------------------ scripted source --
+
+/// A source written by hand, frame by frame.
+struct Script {
+    bulk: Connection,
+    fault: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Script {
+    /// Connects to a destination running `dst` with `pages` in the session.
+    fn start(pages: u64) -> (Script, ConnectionPair) {
+        let (l, a) = listener();
+        let (src, dst) = link_through(l, a, pages, LinkConfig::default());
+        let ConnectionPair { bulk, mut fault } = src;
+        // The fault side answers the destination's goodbye.
+        let fault = std::thread::spawn(move || {
+            let dec = fault.session.decoder();
+            let Connection { tx, rx, .. } = &mut fault;
+            let _ = rx.run(&dec, |f| -> Result<Flow, ()> {
+                if let FrameRef::Goodbye = f {
+                    let _ = tx.send_goodbye();
+                    let _ = tx.flush();
+                    return Ok(Flow::Stop);
+                }
+                Ok(Flow::Continue)
+            });
+        });
+        (
+            Script {
+                bulk,
+                fault: Some(fault),
+            },
+            dst,
+        )
+    }
+
+    fn control(&mut self, c: ControlCode) {
+        self.bulk.tx.send_control(c).unwrap();
+    }
+
+    fn page(&mut self, p: u64, byte: u8) {
+        self.bulk
+            .tx
+            .send_unit(UnitKind::Page, p, PS, |out| out.fill(byte))
+            .unwrap();
+    }
+
+    /// Pre-copy of pages `0..4` (every other page zero), freeze, device
+    /// state, waits for `Loaded`, commits.
+    fn up_to_commit(&mut self, pages: u64) {
+        self.control(ControlCode::RoundBegin { round: 0 });
+        for p in 0..4 {
+            self.page(p, p as u8 + 1);
+        }
+        self.control(ControlCode::ZeroPages {
+            first: 4,
+            count: pages - 4,
+        });
+        self.control(ControlCode::RoundEnd {
+            round: 0,
+            units_sent: 4,
+        });
+        self.control(ControlCode::Freeze);
+        self.bulk
+            .tx
+            .send_unit(UnitKind::DeviceState, 0, 100, |out| out.fill(9))
+            .unwrap();
+        self.control(ControlCode::DeviceStateEnd { total_bytes: 100 });
+        self.bulk.tx.flush().unwrap();
+        assert_eq!(self.next(), Some(ControlCode::Loaded));
+        self.control(ControlCode::PostcopyBegin);
+        self.bulk.tx.flush().unwrap();
+        assert_eq!(self.next(), Some(ControlCode::Resumed));
+    }
+
+    /// The next control frame from the destination (`None`: anything else,
+    /// or the connection ended).
+    fn next(&mut self) -> Option<ControlCode> {
+        let dec = self.bulk.session.decoder();
+        let mut got = None;
+        let _ = self.bulk.rx.run(&dec, |f| -> Result<Flow, ()> {
+            if let FrameRef::Control(c) = f {
+                got = Some(c);
+            }
+            Ok(Flow::Stop)
+        });
+        got
+    }
+
+    fn digests(&mut self, pages: u64) {
+        let crcs: Vec<u32> = (0..pages)
+            .map(|p| {
+                let byte = if p < 4 { p as u8 + 1 } else { 0 };
+                crc32fast::hash(&[byte; PS])
+            })
+            .collect();
+        self.bulk.tx.send_digest(UnitKind::Page, 0, &crcs).unwrap();
+    }
+
+    fn end(&mut self) {
+        self.bulk.tx.send_goodbye().unwrap();
+        self.bulk.tx.flush().unwrap();
+        if let Some(f) = self.fault.take() {
+            let _ = f.join();
+        }
+    }
+}
+
+/// Runs a destination for `pages` pages against `script`.
+fn scripted(
+    pages: u64,
+    script: impl FnOnce(&mut Script) + Send,
+) -> (Result<DestReport, EngineError>, FakeDest) {
+    let (mut s, dconns) = Script::start(pages);
+    let mut dst = FakeDest::with_pages(pages);
+    let d = std::thread::scope(|sc| {
+        let d = sc.spawn(|| run_destination(&mut dst, dconns, &quick_dest()));
+        script(&mut s);
+        d.join().unwrap()
+    });
+    drop(s);
+    (d, dst)
+}
+
+fn protocol_error<T: std::fmt::Debug>(r: &Result<T, EngineError>, what: &str) {
+    match r {
+        Err(EngineError::Protocol(m)) if m.contains(what) => {}
+        other => panic!("expected a protocol error about {what:?}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_scripted_source_migrates_a_guest() {
+    let (d, dst) = scripted(64, |s| {
+        s.up_to_commit(64);
+        s.control(ControlCode::Done { units_total: 5 });
+        s.digests(64);
+        s.end();
+    });
+    let d = d.unwrap();
+    assert_eq!(d.integrity.unwrap().pages_differing, 0);
+    assert_eq!(dst.g.page(3), vec![4; PS]);
+}
+
+#[test]
+fn a_short_digest_set_is_an_error() {
+    let (d, dst) = scripted(64, |s| {
+        s.up_to_commit(64);
+        s.control(ControlCode::Done { units_total: 5 });
+        s.digests(63);
+        s.end();
+    });
+    protocol_error(&d, "digests of 63 pages");
+    assert!(
+        dst.g.st.lock().unwrap().released,
+        "the guest has every page"
+    );
+}
+
+#[test]
+fn a_page_pushed_after_the_commit_must_be_missing_and_pushed_once() {
+    let (d, _) = scripted(64, |s| {
+        s.up_to_commit(64);
+        s.page(1, 7);
+        s.bulk.tx.flush().unwrap();
+    });
+    protocol_error(&d, "page 1 pushed");
+}
+
+#[test]
+fn round_counts_are_checked_and_the_source_is_told() {
+    let (d, _) = scripted(64, |s| {
+        s.control(ControlCode::RoundBegin { round: 0 });
+        s.page(0, 1);
+        s.control(ControlCode::RoundEnd {
+            round: 0,
+            units_sent: 2,
+        });
+        s.bulk.tx.flush().unwrap();
+        assert_eq!(
+            s.next(),
+            Some(ControlCode::Abort {
+                reason: AbortReason::DestinationFailed
+            })
+        );
+    });
+    protocol_error(&d, "round 0 ended with 2 pages");
+}
+
+#[test]
+fn every_device_state_piece_must_arrive() {
+    let total = (1 << 20) + 100;
+    let (d, dst) = scripted(64, |s| {
+        s.control(ControlCode::RoundBegin { round: 0 });
+        s.control(ControlCode::RoundEnd {
+            round: 0,
+            units_sent: 0,
+        });
+        s.control(ControlCode::Freeze);
+        // Piece 0 never comes.
+        s.bulk
+            .tx
+            .send_unit(UnitKind::DeviceState, 1, 100, |out| out.fill(9))
+            .unwrap();
+        s.control(ControlCode::DeviceStateEnd { total_bytes: total });
+        s.bulk.tx.flush().unwrap();
+        assert!(matches!(s.next(), Some(ControlCode::Abort { .. })));
+    });
+    protocol_error(&d, "device-state piece 0");
+    assert!(dst.loaded.is_none());
+}
+
+#[test]
+fn the_unit_count_of_done_is_checked() {
+    let (d, _) = scripted(64, |s| {
+        s.up_to_commit(64);
+        s.control(ControlCode::Done { units_total: 4 });
+        s.bulk.tx.flush().unwrap();
+    });
+    protocol_error(&d, "the source sent 4 units, 5 arrived");
+}
+
+#[test]
+fn zero_pages_after_the_device_state_are_refused() {
+    let (d, _) = scripted(64, |s| {
+        s.up_to_commit(64);
+        s.control(ControlCode::ZeroPages { first: 0, count: 1 });
+        s.bulk.tx.flush().unwrap();
+    });
+    protocol_error(&d, "ZeroPages");
+}
+
+#[test]
+fn a_session_for_another_guest_shape_is_refused() {
+    let (s, dconns) = Script::start(64);
+    let mut dst = FakeDest::with_pages(128);
+    let d = run_destination(&mut dst, dconns, &quick_dest());
+    assert!(
+        matches!(
+            d,
+            Err(EngineError::Geometry {
+                what: "page count",
+                session: 64,
+                guest: 128
+            })
+        ),
+        "{d:?}"
+    );
+    drop(s);
+}
+
+#[test]
+fn an_all_zero_page_before_the_resume_becomes_a_hole_known_zero() {
+    let (d, dst) = scripted(64, |s| {
+        s.control(ControlCode::RoundBegin { round: 0 });
+        s.page(0, 1);
+        s.page(1, 2);
+        s.control(ControlCode::RoundEnd {
+            round: 0,
+            units_sent: 2,
+        });
+        // Page 1 was zeroed by the guest: it comes again, all zero.
+        s.control(ControlCode::RoundBegin { round: 1 });
+        s.page(1, 0);
+        s.control(ControlCode::RoundEnd {
+            round: 1,
+            units_sent: 1,
+        });
+        s.control(ControlCode::ZeroPages {
+            first: 2,
+            count: 62,
+        });
+        s.control(ControlCode::Freeze);
+        s.bulk
+            .tx
+            .send_unit(UnitKind::DeviceState, 0, 100, |out| out.fill(9))
+            .unwrap();
+        s.control(ControlCode::DeviceStateEnd { total_bytes: 100 });
+        s.bulk.tx.flush().unwrap();
+        assert_eq!(s.next(), Some(ControlCode::Loaded));
+        s.control(ControlCode::PostcopyBegin);
+        s.bulk.tx.flush().unwrap();
+        assert_eq!(s.next(), Some(ControlCode::Resumed));
+        s.control(ControlCode::Done { units_total: 4 });
+        s.end();
+    });
+    let d = d.unwrap();
+    let m = dst.g.st.lock().unwrap();
+    assert_eq!(m.zero_writes, 0, "zeros were written instead of a hole");
+    assert_eq!(m.discards, 1, "the earlier copy of page 1 is discarded");
+    drop(m);
+    assert_eq!(dst.g.page(1), vec![0; PS]);
+    assert_eq!(d.precopy_pages, 3);
+}
