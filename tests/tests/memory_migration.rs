@@ -9,6 +9,10 @@
 //! - with the destination held paused until every page arrived, its RAM file
 //!   equals the source's frozen RAM file byte for byte.
 //!
+//! M = 1 and M = 0 each run under a light writer (4 MiB/s) and a heavy one
+//! (96 MiB rewritten at 48 MiB/s); M = 0.5 under the heavy one, stress-ng's
+//! vm stressor and (held) a 16 MiB/s writer.
+//!
 //! The link runs at 400 Mbit/s, 2 ms: these tests are about correctness, the
 //! WAN timing is the benchmarks' business. They run one at a time (each runs
 //! two TCG guests on a 2-core machine).
@@ -122,15 +126,41 @@ fn m0_is_classic_postcopy_light_workload() {
     o.cleanup();
 }
 
+/// The checker's heavy setting: 96 MiB rewritten at 48 MiB/s, read at 64.
+const HEAVY: &str = "wanmig.workload=pagecheck wanmig.mib=96 wanmig.rate=48 wanmig.readrate=64";
+
+#[test]
+fn m1_is_classic_precopy_heavy_workload() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let o = migrate("tm1h", 1.0, HEAVY, false);
+    assert_intact(&o);
+    let s = &o.report.source;
+    assert_eq!(s.postcopy_pushed + s.postcopy_skipped, 0);
+    assert_eq!(o.report.measured.faults, 0, "classic pre-copy never faults");
+    assert!(
+        s.rounds.len() >= 2 || s.remainder_pages > 0,
+        "a heavy writer dirties pages during pre-copy: {:?}",
+        s.rounds
+    );
+    o.cleanup();
+}
+
+#[test]
+fn m0_is_classic_postcopy_heavy_workload() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let o = migrate("tm0h", 0.0, HEAVY, false);
+    assert_intact(&o);
+    let s = &o.report.source;
+    assert_eq!(s.rounds[0].pages, 0, "nothing is pre-copied");
+    assert_eq!(s.remainder_pages, 0);
+    assert!(o.report.measured.faults > 0);
+    o.cleanup();
+}
+
 #[test]
 fn half_precopy_with_a_heavy_dirtying_workload() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let o = migrate(
-        "tmh",
-        0.5,
-        "wanmig.workload=pagecheck wanmig.mib=96 wanmig.rate=48 wanmig.readrate=64",
-        false,
-    );
+    let o = migrate("tmh", 0.5, HEAVY, false);
     assert_intact(&o);
     let r = &o.report;
     assert!(
