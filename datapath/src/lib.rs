@@ -11,12 +11,14 @@
 //! - [`transport`]: io_uring send and receive loops that move frames over TCP,
 //!   with buffers owned until their completion and bulk pacing that keeps the
 //!   fault connection out of deep queues.
+//! - [`nbd`]: the NBD server through which QEMU reaches a guest's disks.
 
 pub mod backend;
 pub mod connection;
 pub mod engine;
 pub mod guest;
 pub mod migration;
+pub mod nbd;
 pub mod planning;
 pub mod qemu;
 pub mod report;
