@@ -12,6 +12,8 @@
 //!   with buffers owned until their completion and bulk pacing that keeps the
 //!   fault connection out of deep queues.
 //! - [`nbd`]: the NBD server through which QEMU reaches a guest's disks.
+//! - [`storage`]: guest disks during a migration: the source's chunk log, the
+//!   destination's post-copy image.
 
 pub mod backend;
 pub mod connection;
@@ -22,6 +24,7 @@ pub mod nbd;
 pub mod planning;
 pub mod qemu;
 pub mod report;
+pub mod storage;
 pub mod transport;
 pub mod uffd;
 pub mod unit_stream;
