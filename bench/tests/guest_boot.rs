@@ -5,6 +5,9 @@
 //! behind its back (corrupted, zeroed, or brought back from an older copy) —
 //! written straight into the guest's RAM file from here.
 //!
+//! The disk checker runs on a virtio disk that QEMU reaches over NBD from the
+//! engine's own NBD server, and catches blocks changed in the image file.
+//!
 //! Image: `$WANMIG_GUEST_DIR`, else `${WANMIG_CACHE:-/var/cache/wanmig}/guest/current`.
 //! Each guest is 256 MiB, TCG, one vCPU; the three tests take ~20 s on 2 cores.
 
@@ -76,6 +79,11 @@ struct Guest {
 
 impl Guest {
     fn boot(tag: &str, params: &str) -> Guest {
+        Guest::boot_with(tag, params, &[])
+    }
+
+    /// Boots with more QEMU arguments (disks).
+    fn boot_with(tag: &str, params: &str, extra: &[String]) -> Guest {
         let img = image();
         let name = format!("wanmig-test-{}-{tag}", std::process::id());
         let serial = std::env::temp_dir().join(format!("{name}.serial"));
@@ -99,6 +107,7 @@ impl Guest {
             .arg(format!("{} {params}", img.cmdline_base))
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -456,4 +465,133 @@ fn sysbench_cpu_runs_and_heartbeats() {
     let hbs = g.wait_heartbeats(2, Duration::from_secs(10));
     check_heartbeats(&hbs, true);
     assert!(hbs.iter().all(|h| h.errors == 0), "{hbs:?}");
+}
+
+/// Every disk heartbeat line (`DHB ...`, the fields of `HB`).
+fn disk_heartbeats(console: &str) -> Vec<Hb> {
+    let lines: String = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("D").filter(|r| r.starts_with("HB ")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    heartbeats(&lines)
+}
+
+#[test]
+fn diskcheck_over_the_engines_nbd_server_catches_blocks_changed_behind_its_back() {
+    use std::sync::Arc;
+    use wanmig_datapath::nbd::{Export, FileImage, NbdServer};
+    use wanmig_datapath::storage::ChunkLog;
+
+    let dir = std::env::temp_dir().join(format!("wanmig-test-disk-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let image_path = dir.join("disk.raw");
+    File::create(&image_path)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let log = Arc::new(ChunkLog::new(64 << 20, 64 << 10));
+    let sock = dir.join("nbd.sock");
+    let _server = NbdServer::start(
+        &sock,
+        Export {
+            name: "disk0".into(),
+            device: Arc::new(FileImage::open(&image_path, false).unwrap()),
+            log: Some(log.clone()),
+        },
+    )
+    .unwrap();
+    // 16 MiB checked; every block written as two direct writes (512-byte
+    // cuts); rewrites at 1 MiB/s from block 0, the sweep at 8 MiB/s.
+    let mut g = Guest::boot_with(
+        "dk",
+        "wanmig.workload=idle wanmig.disk=check wanmig.diskmib=16 wanmig.diskrate=1 \
+         wanmig.diskreadrate=8 wanmig.disksplit=1",
+        &[
+            "-blockdev".into(),
+            format!(
+                "driver=nbd,node-name=disk0,server.type=unix,server.path={},export=disk0",
+                sock.display()
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0".into(),
+        ],
+    );
+    g.wait_up();
+    let start = g.wait_for("DISKCHECK-START", Duration::from_secs(60), |c| {
+        c.lines()
+            .find(|l| l.starts_with("DISKCHECK-START ") || l.starts_with("DISKCHECK-FAILED"))
+            .map(str::to_string)
+    });
+    assert!(start.starts_with("DISKCHECK-START "), "{start}");
+    let run = u64::from_str_radix(field(&start, "run").unwrap(), 16).unwrap();
+    let blocks: u64 = field(&start, "blocks").unwrap().parse().unwrap();
+    assert_eq!(blocks, 16 * 256);
+    let hbs = g.wait_for("3 disk heartbeats", Duration::from_secs(30), |c| {
+        let h = disk_heartbeats(c);
+        (h.len() >= 3).then_some(h)
+    });
+    check_heartbeats(&hbs, true);
+    assert!(hbs.iter().all(|h| h.errors == 0), "{hbs:?}");
+
+    // Block i of the disk is at byte i * 4096 of the image, tagged for it.
+    let img = File::open(&image_path).unwrap();
+    let mut b = vec![0u8; PAGE];
+    for i in 0..blocks {
+        img.read_exact_at(&mut b, i * PAGE as u64).unwrap();
+        assert_eq!(&b[..8], MAGIC, "block {i}");
+        assert_eq!(
+            u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            run,
+            "block {i}"
+        );
+        assert_eq!(
+            u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            i,
+            "block {i}"
+        );
+    }
+    // The export's log saw the writes: every chunk of the region dirty, and
+    // the split writes never cover a whole chunk.
+    let dirty = log.take_dirty();
+    assert!((0..256).all(|c| dirty.contains(&c)), "{dirty:?}");
+    let counts = log.take_counts();
+    assert!(
+        counts[..256]
+            .iter()
+            .all(|c| c.writes > 0 && c.whole_overwrites == 0)
+    );
+
+    // Blocks the writer reaches last (it starts at 0): a flipped bit, a
+    // zeroed block. The sweep must report both.
+    let rw = File::options().write(true).open(&image_path).unwrap();
+    let (cold, zeroed) = (blocks - 90, blocks - 5);
+    img.read_exact_at(&mut b[..1], cold * PAGE as u64 + 3000)
+        .unwrap();
+    rw.write_all_at(&[b[0] ^ 0x04], cold * PAGE as u64 + 3000)
+        .unwrap();
+    rw.write_all_at(&[0u8; PAGE], zeroed * PAGE as u64).unwrap();
+    let disk_error = |c: &str, block: u64| {
+        c.lines()
+            .find(|l| {
+                l.starts_with("DISKCHECK-ERROR ") && field(l, "page") == Some(&block.to_string())
+            })
+            .map(str::to_string)
+    };
+    let lines = g.wait_for(
+        "DISKCHECK-ERROR for both blocks",
+        Duration::from_secs(15),
+        |c| Some([disk_error(c, cold)?, disk_error(c, zeroed)?]),
+    );
+    assert_eq!(field(&lines[0], "found"), Some("corrupt"), "{}", lines[0]);
+    assert_eq!(field(&lines[1], "found"), Some("zero"), "{}", lines[1]);
+    let n = disk_heartbeats(&g.console()).len();
+    let hbs = g.wait_for("2 more disk heartbeats", Duration::from_secs(10), |c| {
+        let h = disk_heartbeats(c);
+        (h.len() >= n + 2).then_some(h)
+    });
+    assert_eq!(hbs.last().unwrap().errors, 2, "{:?}", hbs.last());
+    drop(g);
+    let _ = fs::remove_dir_all(&dir);
 }

@@ -166,19 +166,7 @@ impl Checker {
     /// verifying it first (a corrupted page in the write set is reported,
     /// not silently overwritten).
     pub fn write_one(&mut self) -> Option<PageError> {
-        let i = match self.pattern {
-            Pattern::Seq => {
-                let i = self.wcur;
-                self.wcur = if i + 1 >= self.wss { 0 } else { i + 1 };
-                i
-            }
-            Pattern::Rand => {
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                (self.rng % self.wss as u64) as usize
-            }
-        };
+        let i = next_write(self.pattern, &mut self.wcur, &mut self.rng, self.wss);
         let err = self.check(i);
         self.rewrite(i);
         err
@@ -196,6 +184,24 @@ impl Checker {
             self.rewrite(i);
         }
         err
+    }
+}
+
+/// The next unit to rewrite within the first `wss`: in order from `cur`, or
+/// from the xorshift state `rng`.
+pub(crate) fn next_write(pattern: Pattern, cur: &mut usize, rng: &mut u64, wss: usize) -> usize {
+    match pattern {
+        Pattern::Seq => {
+            let i = *cur;
+            *cur = if i + 1 >= wss { 0 } else { i + 1 };
+            i
+        }
+        Pattern::Rand => {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            (*rng % wss as u64) as usize
+        }
     }
 }
 

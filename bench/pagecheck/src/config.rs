@@ -6,7 +6,7 @@ use crate::checker::Pattern;
 pub const USAGE: &str = "\
 usage: wanmig-pagecheck [--mib N] [--rate MIB_S] [--readrate MIB_S] [--wss MIB]
                         [--pattern seq|rand] [--run-id HEX] [--duration S]
-                        [--max-print N] [--slice-ms MS]
+                        [--max-print N] [--slice-ms MS] [--disk DEV [--split]]
   --mib N          region size in MiB (default 64)
   --rate R         page writes, MiB/s (default 4; 0 = none)
   --readrate R     verification reads (sweep of the whole region), MiB/s (default 16)
@@ -15,7 +15,11 @@ usage: wanmig-pagecheck [--mib N] [--rate MIB_S] [--readrate MIB_S] [--wss MIB]
   --run-id HEX     run id tagged into every page (default: random)
   --duration S     stop after S seconds (default 0: run forever); exit 1 if errors
   --max-print N    print the first N PAGECHECK-ERROR lines (default 20)
-  --slice-ms MS    pacing slice (default 0: auto, 5-50 ms, about 8 pages a slice)";
+  --slice-ms MS    pacing slice (default 0: auto, 5-50 ms, about 8 pages a slice)
+  --disk DEV       check the first --mib MiB of disk DEV instead of RAM (4 KiB
+                   blocks, O_DIRECT; lines DISKCHECK-*, heartbeat DHB)
+  --split          (with --disk) write each block as two direct writes cut at a
+                   random 512-byte boundary";
 
 /// Parsed options.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +42,10 @@ pub struct Config {
     pub max_print: u64,
     /// Pacing slice, milliseconds (0: auto, see [`Config::slice_ms`]).
     pub slice_ms: u64,
+    /// Check this disk instead of RAM.
+    pub disk: Option<String>,
+    /// Write disk blocks in two parts.
+    pub split: bool,
 }
 
 impl Default for Config {
@@ -52,6 +60,8 @@ impl Default for Config {
             duration: 0.0,
             max_print: 20,
             slice_ms: 0,
+            disk: None,
+            split: false,
         }
     }
 }
@@ -67,6 +77,10 @@ impl Config {
         while let Some(arg) = it.next() {
             if arg == "-h" || arg == "--help" {
                 return Err("help".into());
+            }
+            if arg == "--split" {
+                c.split = true;
+                continue;
             }
             let (key, value) = match arg.split_once('=') {
                 Some((k, v)) if k.starts_with("--") => (k.to_string(), v.to_string()),
@@ -100,11 +114,15 @@ impl Config {
                 "--duration" => c.duration = rate(&key, &value)?,
                 "--max-print" => c.max_print = num(&key, &value)?,
                 "--slice-ms" => c.slice_ms = num(&key, &value)?,
+                "--disk" => c.disk = Some(value),
                 _ => return Err(format!("unknown option {key}")),
             }
         }
         if c.mib == 0 {
             return Err("--mib must be at least 1".into());
+        }
+        if c.split && c.disk.is_none() {
+            return Err("--split needs --disk".into());
         }
         Ok(c)
     }
@@ -193,6 +211,11 @@ mod tests {
         assert_eq!(c.duration, 3.0);
         assert_eq!(c.max_print, 5);
         assert_eq!(c.slice_ms(), 2);
+        let d = parse("--disk /dev/vda --split --mib 8").unwrap();
+        assert_eq!(
+            (d.disk.as_deref(), d.split, d.mib),
+            (Some("/dev/vda"), true, 8)
+        );
     }
 
     #[test]
@@ -221,6 +244,7 @@ mod tests {
             "--bogus 1",
             "stray",
             "--rate",
+            "--split",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

@@ -15,9 +15,13 @@
 //! - `PAGECHECK-ERROR page=<i> expected_gen=<g> found=<kind> [key=value...]`
 //!   for each of the first `--max-print` errors (then counts only);
 //! - `PAGECHECK-END ...` when `--duration` runs out.
+//!
+//! With `--disk DEV` it checks the blocks of a disk instead ([`disk`]), with
+//! the same lines prefixed `DISKCHECK-` and the heartbeat `DHB`.
 
 pub mod checker;
 pub mod config;
+pub mod disk;
 pub mod pacer;
 pub mod page;
 
@@ -27,20 +31,30 @@ pub use checker::{Checker, PageError, Pattern, Stats};
 pub use config::Config;
 pub use pacer::Pacer;
 
-/// The heartbeat line (without the newline).
+/// The heartbeat line (without the newline): `HB` for RAM, `DHB` for a disk.
 pub fn heartbeat_line(n: u64, uptime: f64, s: &Stats) -> String {
+    heartbeat_line_for("HB", n, uptime, s)
+}
+
+/// The heartbeat line with its prefix.
+pub fn heartbeat_line_for(prefix: &str, n: u64, uptime: f64, s: &Stats) -> String {
     format!(
-        "HB {n} t={uptime:.2} written={} verified={} errors={} gen={}",
+        "{prefix} {n} t={uptime:.2} written={} verified={} errors={} gen={}",
         s.written, s.verified, s.errors, s.max_gen
     )
 }
 
 /// The error line (without the newline).
 pub fn error_line(e: &PageError) -> String {
+    error_line_for("PAGECHECK", e)
+}
+
+/// The error line with its prefix (`PAGECHECK` or `DISKCHECK`).
+pub fn error_line_for(prefix: &str, e: &PageError) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "PAGECHECK-ERROR page={} expected_gen={} found={}",
+        "{prefix}-ERROR page={} expected_gen={} found={}",
         e.page, e.expected_gen, e.found
     );
     s

@@ -4,7 +4,10 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use wanmig_pagecheck::{Checker, Config, Pacer, config::USAGE, error_line, heartbeat_line};
+use wanmig_pagecheck::disk::{BlockIo, DirectDisk, DiskChecker};
+use wanmig_pagecheck::{
+    Checker, Config, Pacer, PageError, Stats, config::USAGE, error_line_for, heartbeat_line_for,
+};
 
 /// How much work the pacers bank at most (seconds of their rate).
 const BURST_SECS: f64 = 0.5;
@@ -24,27 +27,95 @@ fn main() -> ExitCode {
     let locked = lock_memory();
     let run = cfg.run_id.unwrap_or_else(random_id);
     let t0 = Instant::now();
-    let mut ck = match Checker::new(run, cfg.pages(), cfg.wss_pages(), cfg.pattern) {
-        Ok(c) => c,
-        Err(e) => {
-            emit(&format!("PAGECHECK-FAILED {e}"));
-            return ExitCode::from(2);
+    match &cfg.disk {
+        None => {
+            let ck = match Checker::new(run, cfg.pages(), cfg.wss_pages(), cfg.pattern) {
+                Ok(c) => c,
+                Err(e) => {
+                    emit(&format!("PAGECHECK-FAILED {e}"));
+                    return ExitCode::from(2);
+                }
+            };
+            emit(&format!(
+                "PAGECHECK-START run={run:016x} pages={} mib={} rate={} readrate={} wss_pages={} \
+                 pattern={} slice_ms={} locked={} init_s={:.2}",
+                ck.len(),
+                cfg.mib,
+                cfg.rate,
+                cfg.readrate,
+                ck.wss(),
+                cfg.pattern.name(),
+                cfg.slice_ms(),
+                u8::from(locked),
+                t0.elapsed().as_secs_f64()
+            ));
+            run_loop(&cfg, run, Memory(ck), "PAGECHECK", "HB")
         }
-    };
-    emit(&format!(
-        "PAGECHECK-START run={run:016x} pages={} mib={} rate={} readrate={} wss_pages={} \
-         pattern={} slice_ms={} locked={} init_s={:.2}",
-        ck.len(),
-        cfg.mib,
-        cfg.rate,
-        cfg.readrate,
-        ck.wss(),
-        cfg.pattern.name(),
-        cfg.slice_ms(),
-        u8::from(locked),
-        t0.elapsed().as_secs_f64()
-    ));
+        Some(dev) => {
+            let ck = DirectDisk::open(dev)
+                .map_err(|e| format!("{dev}: {e}"))
+                .and_then(|d| {
+                    DiskChecker::new(d, run, cfg.pages(), cfg.wss_pages(), cfg.pattern, cfg.split)
+                        .map_err(|e| e.to_string())
+                });
+            let ck = match ck {
+                Ok(c) => c,
+                Err(e) => {
+                    emit(&format!("DISKCHECK-FAILED {e}"));
+                    return ExitCode::from(2);
+                }
+            };
+            emit(&format!(
+                "DISKCHECK-START run={run:016x} blocks={} mib={} rate={} readrate={} disk={dev} \
+                 split={} pattern={} init_s={:.2}",
+                ck.len(),
+                cfg.mib,
+                cfg.rate,
+                cfg.readrate,
+                u8::from(cfg.split),
+                cfg.pattern.name(),
+                t0.elapsed().as_secs_f64()
+            ));
+            run_loop(&cfg, run, ck, "DISKCHECK", "DHB")
+        }
+    }
+}
 
+/// What the loop drives: the RAM checker or the disk checker.
+trait Work {
+    fn write_one(&mut self) -> Result<Option<PageError>, String>;
+    fn verify_one(&mut self) -> Result<Option<PageError>, String>;
+    fn stats(&self) -> Stats;
+}
+
+struct Memory(Checker);
+
+impl Work for Memory {
+    fn write_one(&mut self) -> Result<Option<PageError>, String> {
+        Ok(self.0.write_one())
+    }
+    fn verify_one(&mut self) -> Result<Option<PageError>, String> {
+        Ok(self.0.verify_one())
+    }
+    fn stats(&self) -> Stats {
+        self.0.stats()
+    }
+}
+
+impl<D: BlockIo> Work for DiskChecker<D> {
+    fn write_one(&mut self) -> Result<Option<PageError>, String> {
+        DiskChecker::write_one(self).map_err(|e| e.to_string())
+    }
+    fn verify_one(&mut self) -> Result<Option<PageError>, String> {
+        DiskChecker::verify_one(self).map_err(|e| e.to_string())
+    }
+    fn stats(&self) -> Stats {
+        DiskChecker::stats(self)
+    }
+}
+
+/// Writes and verifies at the configured rates, one heartbeat a second.
+fn run_loop(cfg: &Config, run: u64, mut ck: impl Work, prefix: &str, hb_prefix: &str) -> ExitCode {
     let mut wp = Pacer::new(cfg.write_pages_per_sec(), BURST_SECS);
     let mut rp = Pacer::new(cfg.read_pages_per_sec(), BURST_SECS);
     let slice = Duration::from_millis(cfg.slice_ms());
@@ -54,13 +125,13 @@ fn main() -> ExitCode {
     let mut next_hb = start + Duration::from_secs(1);
     let mut hb = 0u64;
     let mut printed = 0u64;
-    let mut report = |e: wanmig_pagecheck::PageError| {
+    let mut report = |e: PageError| {
         if printed < cfg.max_print {
-            emit(&error_line(&e));
+            emit(&error_line_for(prefix, &e));
             printed += 1;
             if printed == cfg.max_print {
                 emit(&format!(
-                    "PAGECHECK-ERROR-LIMIT printed={printed}: further errors are only counted (HB errors=)"
+                    "{prefix}-ERROR-LIMIT printed={printed}: further errors are only counted ({hb_prefix} errors=)"
                 ));
             }
         }
@@ -69,27 +140,42 @@ fn main() -> ExitCode {
         let now = Instant::now();
         let dt = now.duration_since(last).as_secs_f64();
         last = now;
+        let mut failed = None;
         for _ in 0..wp.take(dt) {
-            if let Some(e) = ck.write_one() {
-                report(e);
+            match ck.write_one() {
+                Ok(Some(e)) => report(e),
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
             }
         }
         for _ in 0..rp.take(dt) {
-            if let Some(e) = ck.verify_one() {
-                report(e);
+            match ck.verify_one() {
+                Ok(Some(e)) => report(e),
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
             }
+        }
+        if let Some(e) = failed {
+            // An I/O error is not a wrong block: say so and stop.
+            emit(&format!("{prefix}-FAILED {e}"));
+            return ExitCode::from(2);
         }
         let now = Instant::now();
         if now >= next_hb {
             hb += 1;
-            emit(&heartbeat_line(hb, uptime(start), &ck.stats()));
+            emit(&heartbeat_line_for(
+                hb_prefix,
+                hb,
+                uptime(start),
+                &ck.stats(),
+            ));
             // One line per second: after a stall, skip the missed seconds.
             next_hb = start + Duration::from_secs(now.duration_since(start).as_secs() + 1);
         }
         if cfg.duration > 0.0 && now.duration_since(start).as_secs_f64() >= cfg.duration {
             let s = ck.stats();
             emit(&format!(
-                "PAGECHECK-END run={run:016x} written={} verified={} errors={} gen={} seconds={:.2}",
+                "{prefix}-END run={run:016x} written={} verified={} errors={} gen={} seconds={:.2}",
                 s.written,
                 s.verified,
                 s.errors,
