@@ -322,14 +322,21 @@ impl Raw {
 
     /// A simple reply: its error.
     fn reply(&mut self, cookie: u64) -> u32 {
+        let (c, e) = self.any_reply();
+        assert_eq!(c, cookie);
+        e
+    }
+
+    /// The next simple reply: (cookie, error).
+    fn any_reply(&mut self) -> (u64, u32) {
         let mut r = [0u8; 16];
         self.sock.read_exact(&mut r).unwrap();
-        assert_eq!(
-            u32::from_be_bytes(r[..4].try_into().unwrap()),
-            SIMPLE_REPLY_MAGIC
-        );
-        assert_eq!(u64::from_be_bytes(r[8..].try_into().unwrap()), cookie);
-        u32::from_be_bytes(r[4..8].try_into().unwrap())
+        let magic = u32::from_be_bytes(r[..4].try_into().unwrap());
+        assert_eq!(magic, SIMPLE_REPLY_MAGIC);
+        (
+            u64::from_be_bytes(r[8..].try_into().unwrap()),
+            u32::from_be_bytes(r[4..8].try_into().unwrap()),
+        )
     }
 
     /// True once the server has closed the connection.
@@ -500,4 +507,100 @@ fn a_broken_handshake_gets_an_error_reply_or_a_disconnect() {
         ends.iter().any(|e| matches!(e, Ok(ServeEnd::Disconnected))),
         "{ends:?}"
     );
+}
+
+/// A file image whose reads of the first block wait for a gate (a block a
+/// post-copy destination is still fetching).
+struct Gated {
+    inner: FileImage,
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl BlockDevice for Gated {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), wanmig_datapath::nbd::DeviceError> {
+        if offset < 4096 {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, o: u64, d: &[u8], f: bool) -> Result<(), wanmig_datapath::nbd::DeviceError> {
+        self.inner.write_at(o, d, f)
+    }
+    fn flush(&self) -> Result<(), wanmig_datapath::nbd::DeviceError> {
+        self.inner.flush()
+    }
+    fn trim(&self, o: u64, l: u64, f: bool) -> Result<(), wanmig_datapath::nbd::DeviceError> {
+        self.inner.trim(o, l, f)
+    }
+    fn write_zeroes(
+        &self,
+        o: u64,
+        l: u64,
+        p: bool,
+        f: bool,
+    ) -> Result<(), wanmig_datapath::nbd::DeviceError> {
+        self.inner.write_zeroes(o, l, p, f)
+    }
+}
+
+#[test]
+fn a_slow_read_does_not_hold_up_the_requests_behind_it_and_disc_waits_for_it() {
+    let dir = Scratch::new("gated");
+    let image = dir.path("disk.raw");
+    std::fs::write(&image, pattern(0, 1 << 20, 3)).unwrap();
+    let gated = Arc::new(Gated {
+        inner: FileImage::open(&image, false).unwrap(),
+        open: Mutex::new(false),
+        opened: std::sync::Condvar::new(),
+    });
+    let socket = dir.path("nbd.sock");
+    let server = NbdServer::start(
+        &socket,
+        Export {
+            name: "disk0".into(),
+            device: gated.clone(),
+            log: None,
+        },
+    )
+    .unwrap();
+    let mut c = Raw::connect(&socket);
+    c.send(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes());
+    c.option(OPT_EXPORT_NAME, b"disk0");
+    let mut r = [0u8; 10];
+    c.sock.read_exact(&mut r).unwrap();
+    // Read 1 waits at the gate; write 2 and read 3 are answered meanwhile.
+    c.request(0, 0, 1, 0, 4096);
+    c.request(1, 0, 2, 65536, 4096);
+    c.send(&[0x42; 4096]);
+    c.request(0, 0, 3, 65536, 4096);
+    assert_eq!(
+        c.any_reply(),
+        (2, 0),
+        "the write is not held up by the read"
+    );
+    assert_eq!(c.any_reply(), (3, 0));
+    let mut data = vec![0u8; 4096];
+    c.sock.read_exact(&mut data).unwrap();
+    assert!(data.iter().all(|&b| b == 0x42), "read 3 sees write 2");
+    // DISC with read 1 outstanding: it is answered before the close.
+    c.request(2, 0, 4, 0, 0);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    *gated.open.lock().unwrap() = true;
+    gated.opened.notify_all();
+    assert_eq!(c.any_reply(), (1, 0));
+    c.sock.read_exact(&mut data).unwrap();
+    assert!(data == pattern(0, 4096, 3));
+    assert!(c.closed());
+    assert!(matches!(server.stop()[..], [Ok(ServeEnd::Disconnected)]));
 }

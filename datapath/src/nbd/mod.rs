@@ -16,15 +16,16 @@
 //!     S->>Q: NBD_REP_ERR_UNSUP (simple replies only)
 //!     Q->>S: NBD_OPT_GO "disk0"
 //!     S->>Q: NBD_REP_INFO (size, flags), NBD_REP_ACK
-//!     loop transmission, one request at a time
+//!     loop transmission, up to WORKERS requests at once
 //!         Q->>S: request (READ, WRITE + data, FLUSH, TRIM, WRITE_ZEROES)
 //!         S->>Q: simple reply (+ data for a READ)
 //!     end
 //!     Q->>S: NBD_CMD_DISC
 //! ```
 //!
-//! Requests on one connection are served in order; each connection has its
-//! own thread. `FLUSH` and `FUA` are kept: nothing acknowledged as durable is
+//! Each connection has a reader thread and [`WORKERS`] request threads: a
+//! read waiting for post-copy data does not hold up the requests behind it,
+//! and replies go out as requests finish. `FLUSH` and `FUA` are kept: nothing acknowledged as durable is
 //! lost. Bad input gets the protocol's error or a disconnect
 //! ([`NbdError`]); nothing a client sends can reach the device out of bounds.
 
@@ -34,5 +35,5 @@ mod server;
 mod unix;
 
 pub use device::{BlockDevice, DeviceError, FileImage};
-pub use server::{Access, Export, NbdError, RequestLog, ServeEnd, serve};
+pub use server::{Access, Export, NbdError, RequestLog, ServeEnd, WORKERS, serve};
 pub use unix::{NbdServer, NbdServerError};

@@ -1,5 +1,5 @@
 //! One NBD client connection: fixed-newstyle option haggling, then
-//! transmission with simple replies, one request at a time.
+//! transmission with simple replies, up to [`WORKERS`] requests at a time.
 //!
 //! Whatever the client sends, the server answers with the protocol's error
 //! (an option error reply, a request's `NBD_E*`) or closes the connection
@@ -8,7 +8,7 @@
 //! the reply, so a refused write keeps the stream in step.
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -157,13 +157,14 @@ fn read_or_eof(
 pub fn serve<S>(stream: &S, export: &Export) -> Result<ServeEnd, NbdError>
 where
     for<'a> &'a S: Read + Write,
+    S: Sync,
 {
     let mut r = BufReader::with_capacity(256 << 10, stream);
     let mut w = BufWriter::with_capacity(256 << 10, stream);
     match negotiate(&mut r, &mut w, export)? {
         Negotiated::Aborted => Ok(ServeEnd::Aborted),
         Negotiated::Closed => Ok(ServeEnd::Closed),
-        Negotiated::Transmission => transmit(&mut r, &mut w, export),
+        Negotiated::Transmission => transmit(&mut r, w, export),
     }
 }
 
@@ -319,10 +320,70 @@ fn option_error(
     option_reply(w, option, reply, message.as_bytes())
 }
 
-fn transmit(r: &mut impl Read, w: &mut impl Write, export: &Export) -> Result<ServeEnd, NbdError> {
+/// Requests executed at once per connection (a read waiting for post-copy
+/// data must not hold up the others).
+pub const WORKERS: usize = 4;
+
+/// A request passed to a worker.
+struct Job {
+    cookie: u64,
+    command: Command,
+    flags: u16,
+    offset: u64,
+    len: u32,
+    /// A write's payload.
+    payload: Vec<u8>,
+}
+
+/// Reads requests and hands them to [`WORKERS`] threads, which reply as
+/// they finish (in any order: the cookie says which request a reply is
+/// for). A malformed request is answered by the reader itself. On
+/// `NBD_CMD_DISC` the requests already read are finished and answered
+/// before the connection ends.
+fn transmit<S>(r: &mut impl Read, w: BufWriter<&S>, export: &Export) -> Result<ServeEnd, NbdError>
+where
+    for<'a> &'a S: Read + Write,
+    S: Sync,
+{
+    let w = Mutex::new(w);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(WORKERS);
+    let rx = Mutex::new(rx);
+    let failed: Mutex<Option<NbdError>> = Mutex::new(None);
+    let end = std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            scope.spawn(|| {
+                loop {
+                    let job = rx.lock().expect("job queue lock").recv();
+                    let Ok(job) = job else { return };
+                    if let Err(e) = execute(job, export, &w) {
+                        failed.lock().expect("failure lock").get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+        let end = read_requests(r, export, &w, &tx);
+        drop(tx);
+        end
+    });
+    // A reply that could not be sent is the story, if the reader saw none.
+    match (end, failed.into_inner().expect("failure lock")) {
+        (Ok(_), Some(e)) => Err(e),
+        (end, _) => end,
+    }
+}
+
+fn read_requests<S>(
+    r: &mut impl Read,
+    export: &Export,
+    w: &Mutex<BufWriter<&S>>,
+    jobs: &std::sync::mpsc::SyncSender<Job>,
+) -> Result<ServeEnd, NbdError>
+where
+    for<'a> &'a S: Write,
+{
     let dev = export.device.as_ref();
     let size = dev.size();
-    let mut buf: Vec<u8> = Vec::new();
     loop {
         let mut raw = [0u8; size_of::<Request>()];
         if read_or_eof(r, &mut raw, "request")?.is_none() {
@@ -335,63 +396,110 @@ fn transmit(r: &mut impl Read, w: &mut impl Write, export: &Export) -> Result<Se
         let (cookie, offset, len) = (req.cookie.get(), req.offset.get(), req.length.get());
         let flags = req.flags.get();
         let command = Command::from_wire(req.command.get());
-        let fua = flags & CMD_FLAG_FUA != 0;
         // Only a write carries a payload; read it whatever the verdict.
+        let mut payload = Vec::new();
         if command == Command::Write {
             if len > MAX_PAYLOAD {
                 return Err(NbdError::WriteTooLarge(len));
             }
-            buf.resize(len as usize, 0);
-            r.read_exact(&mut buf).map_err(io("write payload"))?;
+            payload.resize(len as usize, 0);
+            r.read_exact(&mut payload).map_err(io("write payload"))?;
         }
         let in_range = len > 0
             && offset
                 .checked_add(u64::from(len))
                 .is_some_and(|e| e <= size);
-        let verdict: Result<Option<Access>, Errno> = if flags & !command.allowed_flags() != 0 {
-            Err(Errno::Inval)
+        let refusal = if flags & !command.allowed_flags() != 0 {
+            Some(Errno::Inval)
         } else {
             match command {
-                Command::Disconnect => {
-                    w.flush().map_err(io("reply"))?;
-                    return Ok(ServeEnd::Disconnected);
+                Command::Disconnect => return Ok(ServeEnd::Disconnected),
+                Command::Unknown(_) => Some(Errno::Inval),
+                Command::Read if len > MAX_PAYLOAD => Some(Errno::Overflow),
+                Command::Read | Command::Trim if !in_range => Some(Errno::Inval),
+                Command::Write | Command::WriteZeroes | Command::Trim if dev.read_only() => {
+                    Some(Errno::Perm)
                 }
-                Command::Unknown(_) => Err(Errno::Inval),
-                Command::Read if len > MAX_PAYLOAD => Err(Errno::Overflow),
-                Command::Read | Command::Trim if !in_range => Err(Errno::Inval),
-                Command::Write | Command::WriteZeroes if dev.read_only() => Err(Errno::Perm),
-                Command::Trim if dev.read_only() => Err(Errno::Perm),
                 Command::Write | Command::WriteZeroes if !in_range => {
-                    Err(if len == 0 { Errno::Inval } else { Errno::NoSpc })
+                    Some(if len == 0 { Errno::Inval } else { Errno::NoSpc })
                 }
-                Command::Read => {
-                    buf.resize(len as usize, 0);
-                    device(dev.read_at(offset, &mut buf)).map(|()| Some(Access::Read))
-                }
-                Command::Write => {
-                    device(dev.write_at(offset, &buf, fua)).map(|()| Some(Access::Write))
-                }
-                Command::Flush => device(dev.flush()).map(|()| None),
-                Command::Trim => {
-                    device(dev.trim(offset, len.into(), fua)).map(|()| Some(Access::Trim))
-                }
-                Command::WriteZeroes => {
-                    let may_punch = flags & CMD_FLAG_NO_HOLE == 0;
-                    device(dev.write_zeroes(offset, len.into(), may_punch, fua))
-                        .map(|()| Some(Access::WriteZeroes))
-                }
+                _ => None,
             }
         };
-        let reply = SimpleReply::new(cookie, verdict.err());
-        w.write_all(reply.as_bytes()).map_err(io("reply"))?;
-        if command == Command::Read && verdict.is_ok() {
-            w.write_all(&buf).map_err(io("read data"))?;
+        if let Some(errno) = refusal {
+            reply(w, cookie, Some(errno), &[])?;
+            continue;
         }
-        w.flush().map_err(io("reply"))?;
-        if let (Ok(Some(access)), Some(log)) = (verdict, &export.log) {
-            log.record(access, offset, len.into());
+        let job = Job {
+            cookie,
+            command,
+            flags,
+            offset,
+            len,
+            payload,
+        };
+        if jobs.send(job).is_err() {
+            // Every worker is gone: a reply failed; the caller reports it.
+            return Ok(ServeEnd::Closed);
         }
     }
+}
+
+fn execute<S>(job: Job, export: &Export, w: &Mutex<BufWriter<&S>>) -> Result<(), NbdError>
+where
+    for<'a> &'a S: Write,
+{
+    let dev = export.device.as_ref();
+    let Job {
+        cookie,
+        command,
+        flags,
+        offset,
+        len,
+        mut payload,
+    } = job;
+    let fua = flags & CMD_FLAG_FUA != 0;
+    let verdict = match command {
+        Command::Read => {
+            payload.resize(len as usize, 0);
+            device(dev.read_at(offset, &mut payload)).map(|()| Some(Access::Read))
+        }
+        Command::Write => device(dev.write_at(offset, &payload, fua)).map(|()| Some(Access::Write)),
+        Command::Flush => device(dev.flush()).map(|()| None),
+        Command::Trim => device(dev.trim(offset, len.into(), fua)).map(|()| Some(Access::Trim)),
+        Command::WriteZeroes => {
+            let may_punch = flags & CMD_FLAG_NO_HOLE == 0;
+            device(dev.write_zeroes(offset, len.into(), may_punch, fua))
+                .map(|()| Some(Access::WriteZeroes))
+        }
+        Command::Disconnect | Command::Unknown(_) => unreachable!("answered by the reader"),
+    };
+    // Logged before the reply: whoever hears the reply finds it logged.
+    if let (Ok(Some(access)), Some(log)) = (verdict, &export.log) {
+        log.record(access, offset, len.into());
+    }
+    let data = if command == Command::Read && verdict.is_ok() {
+        &payload[..]
+    } else {
+        &[]
+    };
+    reply(w, cookie, verdict.err(), data)
+}
+
+fn reply<S>(
+    w: &Mutex<BufWriter<&S>>,
+    cookie: u64,
+    error: Option<Errno>,
+    data: &[u8],
+) -> Result<(), NbdError>
+where
+    for<'a> &'a S: Write,
+{
+    let mut w = w.lock().expect("reply lock");
+    w.write_all(SimpleReply::new(cookie, error).as_bytes())
+        .map_err(io("reply"))?;
+    w.write_all(data).map_err(io("read data"))?;
+    w.flush().map_err(io("reply"))
 }
 
 /// A device failure becomes the request's error; the connection goes on.
