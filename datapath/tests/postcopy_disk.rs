@@ -323,3 +323,47 @@ fn concurrent_guest_writes_and_pushes_never_lose_the_guests_bytes() {
     }
     assert_eq!(s.image.missing_blocks(), 0);
 }
+
+#[test]
+fn precopy_stores_replace_until_the_resume_then_guest_writes_are_tracked() {
+    let s = Setup::new("precopy");
+    let chunk = |c: u64| &s.source[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize];
+    // Round 0 sends chunk 4 as it was; round 1 its newer bytes: they win.
+    s.image
+        .store_chunk(4, Some(&[0xee; CHUNK as usize]))
+        .unwrap();
+    s.image.store_chunk(4, Some(chunk(4))).unwrap();
+    s.image.store_chunk(6, None).unwrap();
+    assert!(
+        s.image.store_chunk(7, Some(&[1; 10])).is_err(),
+        "wrong length"
+    );
+    let img = s.image_bytes();
+    assert!(img[4 * CHUNK as usize..5 * CHUNK as usize] == *chunk(4));
+    assert!(
+        img[6 * CHUNK as usize..7 * CHUNK as usize]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    assert!(!s.image.chunk_needed(4) && !s.image.chunk_needed(6));
+
+    s.image.mark_resumed();
+    let e = s.image.store_chunk(4, Some(chunk(4))).unwrap_err();
+    assert!(e.to_string().contains("store pre-copy chunk"), "{e}");
+    // The guest writes one block of chunk 4; chunk 6 is left alone.
+    s.qemu_io_ok(&[&format!("write -P 0x10 {} 4096", 4 * CHUNK + 8192)]);
+    assert!(s.image.chunk_written_since_resume(4));
+    assert!(!s.image.chunk_written_since_resume(6));
+    assert_eq!(
+        s.image.chunk_digest(6).unwrap(),
+        crc32(&[0; CHUNK as usize])
+    );
+    assert_ne!(s.image.chunk_digest(4).unwrap(), crc32(chunk(4)));
+    assert_eq!(s.counters().chunks_fetched, 0, "chunk 4 was here");
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(b);
+    h.finalize()
+}

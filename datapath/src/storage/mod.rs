@@ -20,3 +20,17 @@ pub use presence::{BLOCK, BlockPresence, BlockState, PresenceError};
 
 /// Default chunk size: the unit of transfer and profiling for disks.
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 10;
+
+/// CRC32 of chunk `chunk` (of `chunk_size` bytes; the last one may be
+/// shorter) of `dev`: the end-to-end integrity digest of a chunk.
+pub fn chunk_digest(
+    dev: &dyn crate::nbd::BlockDevice,
+    chunk: u64,
+    chunk_size: u64,
+) -> Result<u32, crate::nbd::DeviceError> {
+    let from = chunk * chunk_size;
+    let to = (from + chunk_size).min(dev.size());
+    let mut buf = vec![0u8; to.saturating_sub(from) as usize];
+    dev.read_at(from, &mut buf)?;
+    Ok(crc32fast::hash(&buf))
+}

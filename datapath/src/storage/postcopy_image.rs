@@ -16,7 +16,7 @@
 //! [`install_chunk`]: PostcopyImage::install_chunk
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,10 @@ pub struct PostcopyImage {
     arrived: Condvar,
     fetch_timeout: Duration,
     counters: Counters,
+    /// The guest runs here: pre-copy stores are refused, guest writes tracked.
+    resumed: AtomicBool,
+    /// Blocks the guest has modified since the resume, one bit each.
+    written: Vec<AtomicU64>,
 }
 
 impl std::fmt::Debug for PostcopyImage {
@@ -162,6 +166,7 @@ impl PostcopyImage {
             path: image.display().to_string(),
             source,
         })?;
+        let blocks = presence.blocks();
         Ok(PostcopyImage {
             image,
             presence,
@@ -172,6 +177,10 @@ impl PostcopyImage {
             arrived: Condvar::new(),
             fetch_timeout,
             counters: Counters::default(),
+            resumed: AtomicBool::new(false),
+            written: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         })
     }
 
@@ -239,6 +248,52 @@ impl PostcopyImage {
         idx.into_iter()
             .map(|i| self.stripes[i].lock().expect("stripe lock"))
             .collect()
+    }
+
+    /// Stores a pre-copy chunk (`None`: all zeros) whole, replacing any
+    /// earlier copy: before the resume the source's latest bytes win.
+    /// Refused once the guest runs here.
+    pub fn store_chunk(&self, chunk: u64, data: Option<&[u8]>) -> Result<(), DeviceError> {
+        let blocks = self.blocks_of_chunk(chunk);
+        let from = blocks.start * BLOCK;
+        let to = (blocks.end * BLOCK).min(self.image.size());
+        let refuse = |why: &str| DeviceError {
+            op: "store pre-copy chunk",
+            offset: from,
+            len: to - from,
+            image: self.image.path().display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_string()),
+        };
+        if self.resumed.load(Ordering::Acquire) {
+            return Err(refuse("the guest runs here: pre-copy data refused"));
+        }
+        let _g = self.lock_chunks(chunk, chunk);
+        match data {
+            Some(d) if d.len() as u64 == to - from => self.image.write_at(from, d, false)?,
+            Some(_) => return Err(refuse("chunk data of the wrong length")),
+            None => self.image.write_zeroes(from, to - from, true, false)?,
+        }
+        for b in blocks {
+            self.presence.set_present(b);
+        }
+        Ok(())
+    }
+
+    /// The guest runs here from now on: its writes are tracked (for the
+    /// integrity check) and pre-copy stores refused.
+    pub fn mark_resumed(&self) {
+        self.resumed.store(true, Ordering::Release);
+    }
+
+    /// True if the guest has modified some block of `chunk` since the resume.
+    pub fn chunk_written_since_resume(&self, chunk: u64) -> bool {
+        self.blocks_of_chunk(chunk)
+            .any(|b| self.written[(b / 64) as usize].load(Ordering::Acquire) & (1 << (b % 64)) != 0)
+    }
+
+    /// CRC32 of `chunk` as it is in the image now.
+    pub fn chunk_digest(&self, chunk: u64) -> Result<u32, DeviceError> {
+        super::chunk_digest(&self.image, chunk, self.chunk_size)
     }
 
     /// Puts the source's bytes of `chunk` in place for every block still
@@ -407,9 +462,13 @@ impl PostcopyImage {
             let _g = self.lock_chunks(self.chunk_of_block(first), self.chunk_of_block(last));
             apply()?;
             let mut whole = 0;
+            let track = self.resumed.load(Ordering::Acquire);
             for b in blocks {
                 if self.presence.set_present(b) {
                     whole += 1;
+                }
+                if track {
+                    self.written[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::AcqRel);
                 }
             }
             self.counters
