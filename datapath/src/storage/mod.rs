@@ -9,12 +9,16 @@
 //!   by default) stay the unit of transfer and profiling. Reads of absent
 //!   data fetch it on demand; a write that covers whole absent blocks needs
 //!   no fetch for them; a partial write to an absent block fetches it first.
+//! - Both: a guest's disks form one chunk index space ([`ChunkSpace`]), disk
+//!   after disk, as the wire protocol's chunk units see them.
 
 mod chunk_log;
+mod disk_set;
 mod postcopy_image;
 mod presence;
 
 pub use chunk_log::{ChunkCounts, ChunkLog};
+pub use disk_set::{ChunkAddr, ChunkReader, ChunkSpace};
 pub use postcopy_image::{ChunkFetcher, PostcopyImage, PostcopyImageError, StorageCounters};
 pub use presence::{BLOCK, BlockPresence, BlockState, PresenceError};
 
