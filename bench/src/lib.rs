@@ -4,8 +4,10 @@
 //!   router namespace whose tbf is the bottleneck, joined by a userspace TUN
 //!   delay line (the kernel here has no netem).
 //! - [`link`]: the datapath's goodput against iperf3 on the same link.
+//! - [`nbd`]: the engine's NBD server against `qemu-nbd`, same client, same run.
 //! - [`content`]: deterministic page contents (random, text, zero, mixed).
 
 pub mod content;
 pub mod link;
+pub mod nbd;
 pub use wanmig_wan as wan;

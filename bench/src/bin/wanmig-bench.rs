@@ -6,6 +6,7 @@
 //! wanmig-bench wan status [--name N] [--json]
 //! wanmig-bench wan check  [--name N] [--rate R --rtt T] [--seconds S] [--json]
 //! wanmig-bench link       --rate 40mbit --rtt 5ms --content random|text|zero|mixed [--size 256MiB] [--json]
+//! wanmig-bench nbd        [--size 256MiB] [--runs 3] [--dir /dev/shm] [--json]
 //! ```
 
 use std::process::ExitCode;
@@ -47,6 +48,25 @@ enum Command {
     /// Push pages through the real datapath over the emulated WAN and compare
     /// the goodput with iperf3 on the same link in the same run.
     Link(LinkBenchArgs),
+    /// The engine's NBD server against qemu-nbd on the same image, both read
+    /// and written by nbdcopy in the same run.
+    Nbd(NbdBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct NbdBenchArgs {
+    /// Image size.
+    #[arg(long, default_value = "256MiB")]
+    size: ByteSize,
+    /// Runs of each measurement (the best is kept).
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Directory for the image (tmpfs: the servers' costs, not the disk's).
+    #[arg(long, default_value = "/dev/shm")]
+    dir: std::path::PathBuf,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +223,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Wan(cmd) => run_wan(cmd),
         Command::Link(args) => link_cmd(args),
+        Command::Nbd(args) => nbd_cmd(args),
     };
     match result {
         Ok(code) => code,
@@ -624,4 +645,32 @@ fn print_link(r: &LinkReport) {
         r.target.threshold,
         if r.target.met { "MET" } else { "MISSED" }
     );
+}
+
+fn nbd_cmd(args: NbdBenchArgs) -> Result<ExitCode> {
+    let r = wanmig_bench::nbd::run(&wanmig_bench::nbd::NbdBenchOptions {
+        dir: args.dir,
+        size: args.size.bytes(),
+        runs: args.runs,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "nbdcopy over a unix socket, {} MiB image, best of {} runs (MiB/s):",
+            r.size >> 20,
+            args.runs
+        );
+        println!("            read      write");
+        println!(
+            "wanmig   {:>8.1}  {:>8.1}",
+            r.wanmig.read_mib_s, r.wanmig.write_mib_s
+        );
+        println!(
+            "qemu-nbd {:>8.1}  {:>8.1}",
+            r.qemu_nbd.read_mib_s, r.qemu_nbd.write_mib_s
+        );
+        println!("ratio    {:>8.3}  {:>8.3}", r.read_ratio, r.write_ratio);
+    }
+    Ok(ExitCode::SUCCESS)
 }

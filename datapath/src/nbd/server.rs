@@ -324,6 +324,27 @@ fn option_error(
 /// data must not hold up the others).
 pub const WORKERS: usize = 4;
 
+/// Request buffers handed back by the workers for the reader to reuse (a
+/// fresh large allocation is a fresh mapping, faulted in page by page).
+#[derive(Default)]
+struct BufferPool(Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    /// A buffer of `len` bytes (contents unspecified).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self.0.lock().expect("pool lock").pop().unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        let mut pool = self.0.lock().expect("pool lock");
+        if pool.len() < 2 * WORKERS {
+            pool.push(b);
+        }
+    }
+}
+
 /// A request passed to a worker.
 struct Job {
     cookie: u64,
@@ -349,20 +370,21 @@ where
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(WORKERS);
     let rx = Mutex::new(rx);
     let failed: Mutex<Option<NbdError>> = Mutex::new(None);
+    let pool = BufferPool::default();
     let end = std::thread::scope(|scope| {
         for _ in 0..WORKERS {
             scope.spawn(|| {
                 loop {
                     let job = rx.lock().expect("job queue lock").recv();
                     let Ok(job) = job else { return };
-                    if let Err(e) = execute(job, export, &w) {
+                    if let Err(e) = execute(job, export, &w, &pool) {
                         failed.lock().expect("failure lock").get_or_insert(e);
                         return;
                     }
                 }
             });
         }
-        let end = read_requests(r, export, &w, &tx);
+        let end = read_requests(r, export, &w, &tx, &pool);
         drop(tx);
         end
     });
@@ -378,6 +400,7 @@ fn read_requests<S>(
     export: &Export,
     w: &Mutex<BufWriter<&S>>,
     jobs: &std::sync::mpsc::SyncSender<Job>,
+    pool: &BufferPool,
 ) -> Result<ServeEnd, NbdError>
 where
     for<'a> &'a S: Write,
@@ -402,7 +425,7 @@ where
             if len > MAX_PAYLOAD {
                 return Err(NbdError::WriteTooLarge(len));
             }
-            payload.resize(len as usize, 0);
+            payload = pool.take(len as usize);
             r.read_exact(&mut payload).map_err(io("write payload"))?;
         }
         let in_range = len > 0
@@ -445,7 +468,12 @@ where
     }
 }
 
-fn execute<S>(job: Job, export: &Export, w: &Mutex<BufWriter<&S>>) -> Result<(), NbdError>
+fn execute<S>(
+    job: Job,
+    export: &Export,
+    w: &Mutex<BufWriter<&S>>,
+    pool: &BufferPool,
+) -> Result<(), NbdError>
 where
     for<'a> &'a S: Write,
 {
@@ -461,7 +489,7 @@ where
     let fua = flags & CMD_FLAG_FUA != 0;
     let verdict = match command {
         Command::Read => {
-            payload.resize(len as usize, 0);
+            payload = pool.take(len as usize);
             device(dev.read_at(offset, &mut payload)).map(|()| Some(Access::Read))
         }
         Command::Write => device(dev.write_at(offset, &payload, fua)).map(|()| Some(Access::Write)),
@@ -483,7 +511,9 @@ where
     } else {
         &[]
     };
-    reply(w, cookie, verdict.err(), data)
+    let sent = reply(w, cookie, verdict.err(), data);
+    pool.give(payload);
+    sent
 }
 
 fn reply<S>(
