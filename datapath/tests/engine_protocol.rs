@@ -13,6 +13,12 @@
 //! fault threads noticed at once, faults on pages discarded since, pages
 //! discarded at the source after they were sent, pushed pages installed as
 //! they arrive, and the protocol checks.
+//!
+//! With disks (real image files: the source's behind its export log, the
+//! destination's post-copy image): memory and disks move under one plan
+//! (M, S), chunks rewritten during pre-copy are resent, and after the resume
+//! the destination guest's reads fetch while its whole-block writes do not,
+//! and win over the push. The images are compared byte for byte.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{Read, Write};
@@ -28,6 +34,10 @@ use wanmig_datapath::connection::{Connection, ConnectionPair, LinkConfig, accept
 use wanmig_datapath::engine::{
     DestConfig, DestReport, EngineError, PageOrder, SourceConfig, SourceReport, run_destination,
     run_source,
+};
+use wanmig_datapath::nbd::{Access, BlockDevice, FileImage, RequestLog};
+use wanmig_datapath::storage::{
+    ChunkLog, ChunkRequests, DestDisks, DiskFetcher, PostcopyImage, SourceDisks,
 };
 use wanmig_datapath::transport::{Flow, IoPreference};
 use wanmig_datapath::uffd::DirtyBitmap;
@@ -135,6 +145,8 @@ struct FakeSource {
     pause_fails: bool,
     /// `resume` fails.
     resume_fails: bool,
+    /// The guest's disks.
+    disks: Option<Arc<SourceDisks>>,
 }
 
 impl FakeSource {
@@ -146,6 +158,7 @@ impl FakeSource {
             resumes: 0,
             pause_fails: false,
             resume_fails: false,
+            disks: None,
         }
     }
 }
@@ -202,6 +215,9 @@ impl SourceBackend for FakeSource {
         self.g.paused.store(false, Ordering::Release);
         self.resumes += 1;
         Ok(())
+    }
+    fn disks(&self) -> Option<Arc<SourceDisks>> {
+        self.disks.clone()
     }
     fn save_device_state(
         &mut self,
@@ -375,6 +391,8 @@ struct FakeDest {
     loaded: Option<Vec<u8>>,
     /// The fault requester's next wait fails once the guest is resumed.
     fail_requester_on_resume: bool,
+    /// The guest's disks.
+    disks: Option<Arc<DestDisks>>,
 }
 
 impl FakeDest {
@@ -393,11 +411,15 @@ impl FakeDest {
             load_delay: Duration::ZERO,
             loaded: None,
             fail_requester_on_resume: false,
+            disks: None,
         }
     }
 }
 
 impl DestBackend for FakeDest {
+    fn disks(&self) -> Option<Arc<DestDisks>> {
+        self.disks.clone()
+    }
     fn page_size(&self) -> usize {
         PS
     }
@@ -484,18 +506,20 @@ fn link_through(
     pages: u64,
     cfg: LinkConfig,
 ) -> (ConnectionPair, ConnectionPair) {
+    link_geometry(l, connect_to, geometry(pages), cfg)
+}
+
+fn link_geometry(
+    l: TcpListener,
+    connect_to: SocketAddr,
+    geometry: Geometry,
+    cfg: LinkConfig,
+) -> (ConnectionPair, ConnectionPair) {
     let key = PskKey::generate();
     let k2 = key.clone();
     let server =
         std::thread::spawn(move || accept(&l, &ServerPolicy::default(), &k2, &cfg).unwrap());
-    let src = connect(
-        connect_to,
-        MigrationId::random(),
-        geometry(pages),
-        &key,
-        &cfg,
-    )
-    .unwrap();
+    let src = connect(connect_to, MigrationId::random(), geometry, &key, &cfg).unwrap();
     (src, server.join().unwrap())
 }
 
@@ -1268,4 +1292,226 @@ fn an_all_zero_page_before_the_resume_becomes_a_hole_known_zero() {
     drop(m);
     assert_eq!(dst.g.page(1), vec![0; PS]);
     assert_eq!(d.precopy_pages, 3);
+}
+
+// ----------------------------------------------------------------- disks --
+
+const CHUNK: u64 = 64 << 10;
+/// Disk size: 48 chunks and a short one.
+const DISK: u64 = 48 * CHUNK + 12288;
+
+/// A source disk image with its export log, and the destination's post-copy
+/// image, in a scratch directory.
+struct Disks {
+    dir: std::path::PathBuf,
+    src: Arc<FileImage>,
+    log: Arc<ChunkLog>,
+    dst: Arc<PostcopyImage>,
+    requests: Arc<ChunkRequests>,
+}
+
+impl Disks {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("wanmig-ep-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bytes: Vec<u8> = (0..DISK as usize)
+            .map(|i| {
+                if (i / CHUNK as usize) % 7 == 3 {
+                    0
+                } else {
+                    (i / 4096 % 251) as u8 ^ (i as u8)
+                }
+            })
+            .collect();
+        std::fs::write(dir.join("src.raw"), &bytes).unwrap();
+        let src = Arc::new(FileImage::open(&dir.join("src.raw"), false).unwrap());
+        let requests = Arc::new(ChunkRequests::default());
+        let dst = Arc::new(
+            PostcopyImage::create(
+                &dir.join("dst.raw"),
+                &dir.join("dst.presence"),
+                DISK,
+                CHUNK,
+                Arc::new(DiskFetcher::new(requests.clone(), 0)),
+                Duration::from_secs(20),
+            )
+            .unwrap(),
+        );
+        Disks {
+            dir,
+            src,
+            log: Arc::new(ChunkLog::new(DISK, CHUNK)),
+            dst,
+            requests,
+        }
+    }
+
+    fn attach(&self, src: &mut FakeSource, dst: &mut FakeDest) {
+        let device: Arc<dyn BlockDevice> = self.src.clone();
+        src.disks = Some(Arc::new(SourceDisks::new(
+            CHUNK,
+            vec![device],
+            vec![self.log.clone()],
+        )));
+        dst.disks = Some(Arc::new(DestDisks::new(
+            vec![self.dst.clone()],
+            self.requests.clone(),
+        )));
+    }
+
+    /// The source guest writes `data` at `offset` (through its export).
+    fn guest_write(&self, offset: u64, data: &[u8]) {
+        self.src.write_at(offset, data, false).unwrap();
+        self.log.record(Access::Write, offset, data.len() as u64);
+    }
+
+    fn chunks(&self) -> u64 {
+        DISK.div_ceil(CHUNK)
+    }
+}
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn disk_geometry(chunks: u64) -> Geometry {
+    Geometry::new(PS as u32, PAGES, CHUNK as u32, chunks, DEVICE_STATE_MAX)
+}
+
+fn migrate_disks(src: &mut FakeSource, dst: &mut FakeDest, m: f64, s: f64, chunks: u64) -> Outcome {
+    let order = PageOrder::by_address(PAGES, m)
+        .unwrap()
+        .with_chunks(PageOrder::by_address(chunks, s).unwrap());
+    let (l, a) = listener();
+    let (sconns, dconns) = link_geometry(l, a, disk_geometry(chunks), LinkConfig::default());
+    std::thread::scope(|sc| {
+        let d = sc.spawn(|| {
+            let r = run_destination(dst, dconns, &quick_dest());
+            (r, Instant::now())
+        });
+        let r = run_source(src, sconns, &order, &SourceConfig::default());
+        let (d, at) = d.join().unwrap();
+        (r, d, at)
+    })
+}
+
+#[test]
+fn disks_move_with_memory_under_s_and_rewritten_chunks_are_resent() {
+    for s in [1.0, 0.0, 0.5] {
+        let disks = Disks::new(&format!("s{}", (s * 10.0) as u32));
+        let mut src = FakeSource::new();
+        let mut dst = FakeDest::new();
+        disks.attach(&mut src, &mut dst);
+        // The guest rewrites chunks 2 and 40 (and part of the short last
+        // one) while pre-copy runs: at the pause.
+        let d2 = Arc::new(Mutex::new(Some((disks.src.clone(), disks.log.clone()))));
+        src.on_pause = Some(Box::new(move |_| {
+            if let Some((img, log)) = d2.lock().unwrap().take() {
+                for (off, len) in [
+                    (2 * CHUNK + 100, 5000u64),
+                    (40 * CHUNK, CHUNK),
+                    (48 * CHUNK, 12288),
+                ] {
+                    img.write_at(off, &vec![0xa5; len as usize], false).unwrap();
+                    log.record(Access::Write, off, len);
+                }
+            }
+        }));
+        // And one write before the migration starts.
+        disks.guest_write(7 * CHUNK, &[0x3c; 4096]);
+        let (sr, dr, _) = migrate_disks(&mut src, &mut dst, 0.5, s, disks.chunks());
+        let sr = sr.unwrap_or_else(|e| panic!("S = {s}: {e}"));
+        let dr = dr.unwrap_or_else(|e| panic!("S = {s}: {e}"));
+        let src_bytes = std::fs::read(disks.dir.join("src.raw")).unwrap();
+        let dst_bytes = std::fs::read(disks.dir.join("dst.raw")).unwrap();
+        assert!(
+            src_bytes == dst_bytes,
+            "S = {s}: the destination image differs"
+        );
+        let ss = sr.storage.unwrap();
+        let ds = dr.storage.unwrap();
+        assert_eq!(ss.chunks, 49);
+        assert_eq!(ss.precopy_chunks, (49.0 * s).round() as u64, "S = {s}");
+        assert_eq!(ds.chunks_compared, 49, "S = {s}: {ds:?}");
+        assert_eq!(ds.chunks_differing, 0);
+        if s == 1.0 {
+            assert_eq!(ss.chunks_pushed + ss.chunks_skipped, 0);
+            assert!(
+                ss.remainder_chunks >= 3,
+                "the rewritten chunks go at the freeze: {ss:?}"
+            );
+        }
+        if s == 0.0 {
+            assert_eq!(ss.precopy_sends + ss.remainder_chunks, 0, "{ss:?}");
+            assert_eq!(ss.chunks_pushed + ss.chunks_skipped, 49);
+        }
+        assert_eq!(
+            ds.counters.whole_block_overwrites, 0,
+            "no guest writes here"
+        );
+    }
+}
+
+#[test]
+fn after_the_resume_reads_fetch_whole_block_writes_do_not_and_the_guest_wins() {
+    let disks = Disks::new("post");
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    disks.attach(&mut src, &mut dst);
+    let img = disks.dst.clone();
+    // Slow the push down (it reads frozen pages), so the destination guest
+    // gets there first: it reads chunk 30, rewrites blocks of chunk 31
+    // whole and part of a block in chunk 32.
+    src.g
+        .on_frozen_read(|_| std::thread::sleep(Duration::from_millis(2)));
+    let guest = std::thread::spawn({
+        let g = dst.g.clone();
+        move || {
+            while g.st.lock().unwrap().resumed_at.is_none() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut buf = vec![0u8; 8192];
+            img.read_at(30 * CHUNK, &mut buf).unwrap();
+            img.write_at(31 * CHUNK, &[0x77; 8192], false).unwrap();
+            img.write_at(32 * CHUNK + 10, &[0x66; 100], false).unwrap();
+            buf
+        }
+    });
+    let (sr, dr, _) = migrate_disks(&mut src, &mut dst, 0.5, 0.0, disks.chunks());
+    sr.unwrap();
+    let dr = dr.unwrap();
+    let read = guest.join().unwrap();
+    let src_bytes = std::fs::read(disks.dir.join("src.raw")).unwrap();
+    let dst_bytes = std::fs::read(disks.dir.join("dst.raw")).unwrap();
+    let c = |i: u64| (i * CHUNK) as usize;
+    assert!(
+        read == src_bytes[c(30)..c(30) + 8192],
+        "the read saw the source's bytes"
+    );
+    for (i, (&a, &b)) in dst_bytes.iter().zip(&src_bytes).enumerate() {
+        let want = if (c(31)..c(31) + 8192).contains(&i) {
+            0x77
+        } else if (c(32) + 10..c(32) + 110).contains(&i) {
+            0x66
+        } else {
+            b
+        };
+        assert_eq!(a, want, "byte {i}");
+    }
+    let ds = dr.storage.unwrap();
+    assert_eq!(ds.counters.whole_block_overwrites, 2, "{ds:?}");
+    assert!(
+        ds.counters.chunks_fetched >= 2,
+        "chunks 30 and 32 fetched: {ds:?}"
+    );
+    assert_eq!(ds.counters.partial_block_merges, 1, "{ds:?}");
+    assert_eq!(
+        ds.chunks_compared,
+        49 - 2,
+        "the two written chunks are not compared"
+    );
+    assert_eq!(ds.chunks_differing, 0);
 }

@@ -85,6 +85,11 @@ pub trait SourceBackend: Send {
         &mut self,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), BackendError>,
     ) -> Result<u64, BackendError>;
+
+    /// The guest's disks (their images and export logs), if it has any.
+    fn disks(&self) -> Option<std::sync::Arc<crate::storage::SourceDisks>> {
+        None
+    }
 }
 
 /// How an install went.
@@ -147,4 +152,9 @@ pub trait DestBackend: Send {
     /// vCPUs waiting for one are woken), so the engine calls this only once
     /// no page is missing.
     fn release(&mut self) -> Result<(), BackendError>;
+
+    /// The guest's disks (their post-copy images), if it has any.
+    fn disks(&self) -> Option<std::sync::Arc<crate::storage::DestDisks>> {
+        None
+    }
 }

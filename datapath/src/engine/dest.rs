@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! pre-copy     rounds: pages written with pwrite (all-zero ones left as
-//!              holes, known zero), ZeroPages announcements
+//!              holes, known zero), ZeroPages announcements; disk chunks
+//!              stored whole in the post-copy images
 //! Freeze       the dirty remainder, ZeroPages for every page the source has
 //!              not populated, the device state pieces (a deadline runs from
 //!              Freeze until the device state is loaded)
@@ -15,7 +16,9 @@
 //! Loaded       wait for the source's decision: PostcopyBegin or Abort
 //! PostcopyBegin
 //!              (the commit) resume the guest, send Resumed; install the
-//!              push, serve faults; Done, digests, Goodbye
+//!              push (a chunk only into blocks the guest has not written),
+//!              serve faults (the images' chunk requests go out on the fault
+//!              connection too); Done, digests, Goodbye
 //! complete     every page here: integrity check, stop the fault requester,
 //!              release the guest, then let the answer thread go
 //! ```
@@ -55,6 +58,7 @@ use super::page_states::{PageState, PageStates};
 use super::source::page_bitmap;
 use crate::backend::{DestBackend, Install, PageInstaller};
 use crate::connection::{Connection, ConnectionPair};
+use crate::storage::{DestDisks, StorageCounters};
 use crate::transport::{Flow, FrameHandler, FrameReceiver, RecvEnd, RecvError};
 use crate::uffd::DirtyBitmap;
 use crate::unit_stream::UnitSender;
@@ -114,6 +118,23 @@ pub struct IntegrityReport {
     pub pages_written_since_resume: u64,
 }
 
+/// What the destination did with the guest's disks.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DestStorageReport {
+    /// Chunks received before the resume (with resends).
+    pub precopy_chunks: u64,
+    /// Chunks received from the push.
+    pub pushed_chunks: u64,
+    /// The images' counters: chunks fetched on demand, whole-block
+    /// overwrites (no fetch), partial-block merges.
+    pub counters: StorageCounters,
+    /// Chunks compared with the source's frozen chunks (those the guest has
+    /// not modified since the resume).
+    pub chunks_compared: u64,
+    /// Compared chunks whose digest differs.
+    pub chunks_differing: u64,
+}
+
 /// What the destination did.
 #[derive(Debug, Clone, Serialize)]
 pub struct DestReport {
@@ -140,6 +161,8 @@ pub struct DestReport {
     pub uptime_s: f64,
     /// Integrity check (when the source sent digests).
     pub integrity: Option<IntegrityReport>,
+    /// The disks' side, if the guest has disks.
+    pub storage: Option<DestStorageReport>,
     /// A failure after the commit that cost the guest nothing: the bulk
     /// connection broke but every page arrived anyway (then there is no
     /// integrity check), or something failed once every page was here
@@ -401,6 +424,11 @@ struct Bulk<'a> {
     digests: Vec<u32>,
     freeze_received: Option<Instant>,
     resumed: Option<Instant>,
+    /// The guest's disks.
+    disks: Option<Arc<DestDisks>>,
+    chunk: Vec<u8>,
+    chunk_digests: Vec<u32>,
+    storage: DestStorageReport,
 }
 
 fn protocol<T>(what: impl Into<String>) -> Result<T, EngineError> {
@@ -450,6 +478,29 @@ impl Bulk<'_> {
         }
         if self.run.stale() {
             self.run.flush(self.installer.as_ref(), &self.shared)?;
+        }
+        Ok(())
+    }
+
+    /// A disk chunk: stored whole before the resume, afterwards only into
+    /// the blocks still absent (the guest's writes win).
+    fn chunk_unit(&mut self, index: u64, payload: &UnitPayload<'_>) -> Result<(), EngineError> {
+        let Some(disks) = self.disks.clone() else {
+            return protocol(format!("chunk {index}, but the guest has no disk"));
+        };
+        let data = if payload.encoding() == Encoding::Zero {
+            None
+        } else {
+            self.chunk.resize(payload.unit_len() as usize, 0);
+            payload.unpack_into(&mut self.chunk)?;
+            Some(&self.chunk[..])
+        };
+        if self.phase < Phase::Postcopy {
+            disks.store(index, data)?;
+            self.storage.precopy_chunks += 1;
+        } else {
+            disks.install(index, data)?;
+            self.storage.pushed_chunks += 1;
         }
         Ok(())
     }
@@ -521,6 +572,7 @@ impl Bulk<'_> {
             self.shared.clone(),
             self.pages,
             self.ps,
+            self.disks.clone(),
         )?);
         self.backend.track_writes()?;
         self.backend.load_device_state(&self.device_state)?;
@@ -536,6 +588,10 @@ impl Bulk<'_> {
             return Ok(());
         }
         self.shared.running.store(true, Ordering::Release);
+        if let Some(d) = &self.disks {
+            // From the first instruction on, the guest's disk writes count.
+            d.mark_resumed();
+        }
         self.backend.resume()?;
         self.resumed = Some(Instant::now());
         self.tx
@@ -669,6 +725,39 @@ impl Bulk<'_> {
                 Ok(Flow::Continue)
             }
             FrameRef::Unit {
+                kind: UnitKind::Chunk,
+                index,
+                payload,
+            } => {
+                self.units += 1;
+                match self.phase {
+                    Phase::Precopy => match &mut self.round {
+                        Some((_, n)) => *n += 1,
+                        None => return protocol(format!("chunk {index} outside a round")),
+                    },
+                    Phase::Frozen | Phase::Postcopy => {}
+                    phase => return protocol(format!("chunk {index} in phase {phase:?}")),
+                }
+                self.chunk_unit(index, &payload)?;
+                Ok(Flow::Continue)
+            }
+            FrameRef::Digest {
+                kind: UnitKind::Chunk,
+                first,
+                crcs,
+            } if self.phase == Phase::PushDone => {
+                let seen = self.chunk_digests.len() as u64;
+                let chunks = self.disks.as_ref().map_or(0, |d| d.space().chunks());
+                if first != seen || seen + crcs.len() as u64 > chunks {
+                    return protocol(format!(
+                        "digests for chunks from {first} ({} of them) after {seen}",
+                        crcs.len()
+                    ));
+                }
+                self.chunk_digests.extend(crcs.iter());
+                Ok(Flow::Continue)
+            }
+            FrameRef::Unit {
                 kind: UnitKind::DeviceState,
                 index,
                 payload,
@@ -694,6 +783,13 @@ impl Bulk<'_> {
                 Ok(Flow::Continue)
             }
             FrameRef::Goodbye if self.phase == Phase::PushDone => {
+                let chunks = self.disks.as_ref().map_or(0, |d| d.space().chunks());
+                if !self.chunk_digests.is_empty() && self.chunk_digests.len() as u64 != chunks {
+                    return protocol(format!(
+                        "digests of {} chunks out of {chunks}",
+                        self.chunk_digests.len()
+                    ));
+                }
                 if !self.digests.is_empty() && self.digests.len() as u64 != self.pages {
                     return protocol(format!(
                         "digests of {} pages out of {}",
@@ -738,6 +834,15 @@ pub fn run_destination(
             guest: ps as u64,
         });
     }
+    let disks = backend.disks();
+    let chunks = disks.as_ref().map_or(0, |d| d.space().chunks());
+    if disks.is_some() && g.chunk_count() != chunks {
+        return Err(EngineError::Geometry {
+            what: "chunk count",
+            session: g.chunk_count(),
+            guest: chunks,
+        });
+    }
     let shared = Arc::new(Shared {
         states: PageStates::new(pages),
         stalls: Stalls::default(),
@@ -778,6 +883,10 @@ pub fn run_destination(
         digests: Vec::new(),
         freeze_received: None,
         resumed: None,
+        disks,
+        chunk: Vec::new(),
+        chunk_digests: Vec::new(),
+        storage: DestStorageReport::default(),
     };
     let received = receive(bulk_rx, &dec, &mut st);
 
@@ -860,12 +969,21 @@ fn finish(
     if let Err(e) = st.run.flush(st.installer.as_ref(), &shared) {
         cause.get_or_insert(e);
     }
-    if shared.states.missing() > 0 {
+    let disks = st.disks.clone();
+    let chunks_missing = || disks.as_ref().map_or(0, |d| d.missing_chunks());
+    if shared.states.missing() > 0 || chunks_missing() > 0 {
         // Fetch whatever is still absent over the fault connection (a broken
         // bulk connection leaves the push unfinished).
         shared.sweep.store(true, Ordering::Release);
+        if let Some(d) = &disks {
+            for c in 0..d.space().chunks() {
+                if d.needed(c) {
+                    d.requests().request(c, 1);
+                }
+            }
+        }
         let deadline = Instant::now() + st.cfg.completion_timeout;
-        while shared.states.missing() > 0 && Instant::now() < deadline {
+        while (shared.states.missing() > 0 || chunks_missing() > 0) && Instant::now() < deadline {
             if !workers.answers_alive() || !workers.requester_alive() {
                 if cause.is_none() {
                     cause = workers.check().err();
@@ -875,7 +993,7 @@ fn finish(
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    let missing = shared.states.missing();
+    let missing = shared.states.missing() + chunks_missing();
     if missing > 0 {
         // The guest must never read the missing pages. Stop it while the
         // requester still serves what is here (vCPUs must reach the stop).
@@ -897,6 +1015,13 @@ fn finish(
         _ => None,
     }
     .transpose();
+    if let (Some(d), None) = (&disks, &cause) {
+        if st.chunk_digests.len() as u64 == d.space().chunks() && !st.chunk_digests.is_empty() {
+            let (compared, differing) = chunk_integrity(d, &st.chunk_digests)?;
+            st.storage.chunks_compared = compared;
+            st.storage.chunks_differing = differing;
+        }
+    }
 
     // Release before the fault threads go: from here on the kernel serves
     // every fault (nothing is missing, holes are zero pages).
@@ -949,6 +1074,10 @@ fn finish(
         device_state_bytes: st.device_state_bytes,
         uptime_s: complete.saturating_duration_since(resumed).as_secs_f64(),
         integrity,
+        storage: disks.as_ref().map(|d| DestStorageReport {
+            counters: d.counters(),
+            ..st.storage.clone()
+        }),
         late_error: late.map(|e| error_chain(&e)),
         times: Some(DestTimes {
             freeze_received,
@@ -1002,29 +1131,67 @@ fn integrity(
     })
 }
 
+/// Compares every chunk the guest has not modified since the resume with
+/// the source's digest of its frozen chunk; returns (compared, differing).
+fn chunk_integrity(disks: &DestDisks, digests: &[u32]) -> Result<(u64, u64), EngineError> {
+    let (mut compared, mut differing) = (0, 0);
+    for (c, &want) in digests.iter().enumerate() {
+        let c = c as u64;
+        if disks.written_since_resume(c) {
+            continue;
+        }
+        let got = disks.digest(c)?;
+        // Written while it was read: not comparable.
+        if disks.written_since_resume(c) {
+            continue;
+        }
+        compared += 1;
+        if got != want {
+            differing += 1;
+        }
+    }
+    Ok((compared, differing))
+}
+
 fn start_fault_threads(
     fault: Connection,
     installer: Arc<dyn PageInstaller>,
     shared: Arc<Shared>,
     pages: u64,
     ps: usize,
+    disks: Option<Arc<DestDisks>>,
 ) -> Result<Workers, EngineError> {
     let Connection { session, tx, rx } = fault;
+    let tx = Arc::new(Mutex::new(tx));
+    if let Some(d) = &disks {
+        // The images' chunk requests go out on the fault connection, ahead
+        // of everything on the bulk one. A failed send shows in the
+        // requester (same connection).
+        let t = tx.clone();
+        d.requests().attach(Box::new(move |first, count| {
+            let mut t = t.lock().expect("fault sender lock");
+            let _ = t
+                .send_request(UnitKind::Chunk, first, count)
+                .and_then(|_| t.flush());
+        }));
+    }
     let sock = rx.socket().try_clone().map_err(|e| EngineError::Recv {
         conn: "fault",
         message: format!("cloning the socket: {e}"),
     })?;
     let dec = session.decoder();
+    let answer_disks = disks.clone();
+    let requester_disks = disks;
     let requester = {
         let (installer, shared) = (installer.clone(), shared.clone());
         std::thread::Builder::new()
             .name("wanmig-faults".into())
-            .spawn(move || request_faults(tx, installer.as_ref(), &shared, pages))
+            .spawn(move || request_faults(tx, installer.as_ref(), &shared, pages, requester_disks))
             .map_err(|_| EngineError::Panicked("fault requester"))?
     };
     let answers = std::thread::Builder::new()
         .name("wanmig-answers".into())
-        .spawn(move || receive_answers(rx, dec, installer.as_ref(), &shared, ps))
+        .spawn(move || receive_answers(rx, dec, installer.as_ref(), &shared, ps, answer_disks))
         .map_err(|_| EngineError::Panicked("fault answers"))?;
     Ok(Workers {
         requester: Some(requester),
@@ -1104,30 +1271,40 @@ fn sweep(tx: &mut UnitSender, shared: &Shared, pages: u64) -> Result<bool, Engin
 }
 
 fn request_faults(
-    mut tx: UnitSender,
+    tx: Arc<Mutex<UnitSender>>,
     installer: &dyn PageInstaller,
     shared: &Shared,
     pages: u64,
+    disks: Option<Arc<DestDisks>>,
 ) -> Result<(), EngineError> {
     let mut faults = Vec::new();
     let mut swept = false;
+    let sender = || tx.lock().expect("fault sender lock");
     while !shared.stop.load(Ordering::Acquire) {
         faults.clear();
         installer.wait_faults(Duration::from_millis(20), &mut faults)?;
         let now = Instant::now();
         let mut asked = false;
-        for &p in &faults {
-            asked |= serve_fault(&mut tx, installer, shared, p, now)?;
+        if !faults.is_empty() {
+            let mut tx = sender();
+            for &p in &faults {
+                asked |= serve_fault(&mut tx, installer, shared, p, now)?;
+            }
         }
         // Once: a page is absent only until it is requested.
         if !swept && shared.sweep.load(Ordering::Acquire) {
             swept = true;
-            asked |= sweep(&mut tx, shared, pages)?;
+            asked |= sweep(&mut sender(), shared, pages)?;
         }
         if asked {
-            tx.flush().map_err(EngineError::send("fault"))?;
+            sender().flush().map_err(EngineError::send("fault"))?;
         }
     }
+    // No chunk request may follow the goodbye.
+    if let Some(d) = &disks {
+        d.requests().detach();
+    }
+    let mut tx = sender();
     tx.send_goodbye().map_err(EngineError::send("fault"))?;
     tx.flush().map_err(EngineError::send("fault"))?;
     Ok(())
@@ -1139,10 +1316,32 @@ fn receive_answers(
     installer: &dyn PageInstaller,
     shared: &Shared,
     ps: usize,
+    disks: Option<Arc<DestDisks>>,
 ) -> Result<(), EngineError> {
     let mut page = vec![0u8; ps];
+    let mut chunk = Vec::new();
     rx.run(&dec, |f| -> Result<Flow, EngineError> {
         match f {
+            FrameRef::Unit {
+                kind: UnitKind::Chunk,
+                index,
+                payload,
+            } => {
+                let Some(d) = &disks else {
+                    return Err(EngineError::Protocol(format!(
+                        "chunk {index} answered, but the guest has no disk"
+                    )));
+                };
+                let data = if payload.encoding() == Encoding::Zero {
+                    None
+                } else {
+                    chunk.resize(payload.unit_len() as usize, 0);
+                    payload.unpack_into(&mut chunk)?;
+                    Some(&chunk[..])
+                };
+                d.install(index, data)?;
+                Ok(Flow::Continue)
+            }
             FrameRef::Unit {
                 kind: UnitKind::Page,
                 index,

@@ -11,6 +11,9 @@ pub enum EngineError {
     /// The hypervisor backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// A guest disk image failed.
+    #[error("guest disk")]
+    Disk(#[from] crate::nbd::DeviceError),
     /// Sending to the peer failed.
     #[error("sending on the {conn} connection")]
     Send {

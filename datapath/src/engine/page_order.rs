@@ -1,4 +1,5 @@
-//! Which pages are pre-copied, and in what order everything is sent.
+//! Which pages (and disk chunks) are pre-copied, and in what order
+//! everything is sent.
 //!
 //! The plan's `M` selects the pre-copy set: the first `round(M × pages)` pages
 //! of a priority order (hottest first). The same order drives the post-copy
@@ -13,6 +14,8 @@ pub struct PageOrder {
     order: Vec<u64>,
     precopy: usize,
     in_precopy: Vec<u64>,
+    /// The disks' chunks, in the same kind of order with `S` as prefix.
+    chunks: Option<Box<PageOrder>>,
 }
 
 /// A plan that cannot be applied to this guest.
@@ -65,7 +68,20 @@ impl PageOrder {
             order,
             precopy,
             in_precopy,
+            chunks: None,
         })
+    }
+
+    /// This order for the memory, with `chunks` the order of the disks'
+    /// chunks (its fraction is the plan's `S`).
+    pub fn with_chunks(mut self, chunks: PageOrder) -> Self {
+        self.chunks = Some(Box::new(chunks));
+        self
+    }
+
+    /// The order of the disks' chunks, if the plan has one.
+    pub fn chunks(&self) -> Option<&PageOrder> {
+        self.chunks.as_deref()
     }
 
     /// Pages of the guest.

@@ -2,21 +2,25 @@
 //! then the post-copy push with faults served ahead of it.
 //!
 //! ```text
-//! round 0      arm the dirty log; send the pre-copy set (holes as ZeroPages)
-//! round k ≥ 1  send the pre-copy pages the guest dirtied during round k-1
+//! round 0      arm the dirty logs (memory, and the disks' export logs);
+//!              send the pre-copy set (holes as ZeroPages), then the disks'
+//!              pre-copy chunks (the plan's S)
+//! round k ≥ 1  send the pre-copy pages and chunks the guest dirtied during
+//!              round k-1
 //!              … until the stop rule says freeze (its bandwidth estimate
 //!              is what the peer acknowledged, from TCP_INFO)
-//! freeze       pause; send the dirty remainder of the pre-copy set,
+//! freeze       pause; send the dirty remainder of the pre-copy sets,
 //!              ZeroPages for every page not populated now (both sets: a
 //!              page discarded after it was sent must not stay stale) and
 //!              for the post-copy pages zero since round 0, the device
 //!              state; start the fault server (loading the device state
 //!              faults); wait for Loaded, within the freeze deadline
 //! commit       PostcopyBegin (from here on the destination owns the guest)
-//! post-copy    push the rest hottest first, skipping pages the destination
-//!              already fetched; a separate thread answers fault requests on
-//!              the fault connection; Done, then per-page digests of the
-//!              frozen memory for the destination's integrity check
+//! post-copy    push the rest hottest first (pages, then chunks), skipping
+//!              units the destination already fetched; a separate thread
+//!              answers fault requests (pages and chunks) on the fault
+//!              connection; Done, then per-page and per-chunk digests of the
+//!              frozen memory and disks for the destination's integrity check
 //! ```
 //!
 //! Until `PostcopyBegin` is sent, any failure (the destination's Abort or
@@ -38,6 +42,7 @@ use super::error::EngineError;
 use super::page_order::PageOrder;
 use crate::backend::{PageReader, SourceBackend};
 use crate::connection::{Connection, ConnectionPair};
+use crate::storage::SourceDisks;
 use crate::transport::{Flow, RecvEnd, RecvError, tcp};
 use crate::uffd::{DirtyBitmap, RemoteAddr, RemoteRange};
 use crate::unit_stream::UnitSender;
@@ -129,6 +134,8 @@ pub struct SourceReport {
     pub zero_pages: u64,
     /// Pages sent in answer to faults.
     pub fault_pages_served: u64,
+    /// The disks' side, if the guest has disks.
+    pub storage: Option<SourceStorageReport>,
     /// Frame bytes sent on both connections.
     pub bytes_sent: u64,
     /// Pre-copy duration (start to pause), s.
@@ -138,6 +145,73 @@ pub struct SourceReport {
     /// Milestones.
     #[serde(skip)]
     pub times: Option<SourceTimes>,
+}
+
+/// What the source did with the guest's disks.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceStorageReport {
+    /// Chunks over all disks.
+    pub chunks: u64,
+    /// Chunks in the pre-copy set (the plan's `S`).
+    pub precopy_chunks: u64,
+    /// Fraction of chunks pre-copied.
+    pub s: f64,
+    /// Chunk sends while the guest ran (round 0 and resends).
+    pub precopy_sends: u64,
+    /// Pre-copy chunks sent while frozen (dirtied since their last send).
+    pub remainder_chunks: u64,
+    /// Post-copy chunks pushed in the background.
+    pub chunks_pushed: u64,
+    /// Post-copy chunks not pushed because a fault had fetched them.
+    pub chunks_skipped: u64,
+    /// Chunks sent in answer to fault requests.
+    pub fault_chunks_served: u64,
+    /// Frame bytes of chunks on the bulk connection.
+    pub bytes_sent: u64,
+}
+
+/// The source's disks during a migration.
+struct Storage<'a> {
+    disks: Arc<SourceDisks>,
+    order: &'a PageOrder,
+    buf: Vec<u8>,
+    /// Pre-copy chunks dirtied since their last send.
+    pending: std::collections::BTreeSet<u64>,
+    report: SourceStorageReport,
+}
+
+impl Storage<'_> {
+    /// Notes the pre-copy chunks dirtied since the last look.
+    fn collect(&mut self) {
+        let order = self.order;
+        self.pending.extend(
+            self.disks
+                .take_dirty()
+                .into_iter()
+                .filter(|&c| order.is_precopy(c)),
+        );
+    }
+
+    fn send(&mut self, tx: &mut UnitSender, c: u64) -> Result<(), EngineError> {
+        self.disks.read(c, &mut self.buf)?;
+        let before = tx.stats().wire_bytes;
+        let buf = &self.buf;
+        tx.send_unit(UnitKind::Chunk, c, buf.len(), |out| {
+            out.copy_from_slice(buf)
+        })
+        .map_err(EngineError::send("bulk"))?;
+        self.report.bytes_sent += tx.stats().wire_bytes - before;
+        Ok(())
+    }
+
+    /// Sends every pending chunk; returns how many.
+    fn send_pending(&mut self, tx: &mut UnitSender) -> Result<u64, EngineError> {
+        let pending = std::mem::take(&mut self.pending);
+        for &c in &pending {
+            self.send(tx, c)?;
+        }
+        Ok(pending.len() as u64)
+    }
 }
 
 /// Pages the fault path has sent (the push skips them).
@@ -282,7 +356,7 @@ impl AckedRate {
 
 /// The thread answering fault requests.
 struct FaultServer {
-    handle: std::thread::JoinHandle<Result<(u64, u64), EngineError>>,
+    handle: std::thread::JoinHandle<Result<(u64, u64, u64), EngineError>>,
     sock: TcpStream,
 }
 
@@ -292,6 +366,7 @@ impl FaultServer {
         mem: Arc<dyn PageReader>,
         ps: usize,
         sent: Arc<SentByFault>,
+        chunks: Option<(Arc<SourceDisks>, Arc<SentByFault>)>,
     ) -> Result<Self, EngineError> {
         let sock = fault
             .rx
@@ -303,14 +378,14 @@ impl FaultServer {
             })?;
         let handle = std::thread::Builder::new()
             .name("wanmig-fault-server".into())
-            .spawn(move || serve_faults(fault, mem.as_ref(), ps, &sent))
+            .spawn(move || serve_faults(fault, mem.as_ref(), ps, &sent, chunks))
             .map_err(|_| EngineError::Panicked("fault server"))?;
         Ok(FaultServer { handle, sock })
     }
 
     /// Waits until the destination said goodbye on the fault connection (or
-    /// it broke); returns (pages served, wire bytes).
-    fn join(self) -> Result<(u64, u64), EngineError> {
+    /// it broke); returns (pages served, wire bytes, chunks served).
+    fn join(self) -> Result<(u64, u64, u64), EngineError> {
         self.handle
             .join()
             .map_err(|_| EngineError::Panicked("fault server"))?
@@ -354,6 +429,37 @@ fn migrate(
             .into());
         }
     }
+    let mut storage = match (backend.disks(), order.chunks()) {
+        (None, _) => None,
+        (Some(disks), Some(chunks)) => {
+            let n = disks.space().chunks();
+            if chunks.pages() != n || g.chunk_count() != n {
+                return Err(EngineError::Geometry {
+                    what: "chunk count",
+                    session: g.chunk_count(),
+                    guest: n,
+                }
+                .into());
+            }
+            Some(Storage {
+                disks,
+                order: chunks,
+                buf: Vec::new(),
+                pending: Default::default(),
+                report: SourceStorageReport {
+                    chunks: n,
+                    precopy_chunks: chunks.precopy().len() as u64,
+                    s: chunks.m(),
+                    ..Default::default()
+                },
+            })
+        }
+        (Some(_), None) => {
+            return Err(
+                EngineError::Protocol("the guest has disks but the plan has no S".into()).into(),
+            );
+        }
+    };
     let mem = backend.memory();
     let start = Instant::now();
     let mut rounds = Vec::new();
@@ -365,6 +471,10 @@ fn migrate(
     // is copied is sent again; a page written before it is copied already
     // goes unnoticed.
     backend.dirty_log_start()?;
+    if let Some(st) = &storage {
+        // The disks' logs too: what was written before is sent below.
+        st.disks.take_dirty();
+    }
     let mut populated = page_bitmap(pages, ps);
     for (first, count) in backend.populated_runs()? {
         populated.set_range(first, count);
@@ -394,6 +504,14 @@ fn migrate(
             send_page(tx, mem.as_ref(), p, ps)?;
             sent0 += 1;
         }
+    }
+    if let Some(st) = &mut storage {
+        let order = st.order;
+        for &c in order.precopy() {
+            st.send(tx, c)?;
+            sent0 += 1;
+        }
+        st.report.precopy_sends += order.precopy().len() as u64;
     }
     // Post-copy pages that hold only zeros now: unless the guest writes them
     // (the dirty log says), they are announced at the freeze and never
@@ -436,7 +554,14 @@ fn migrate(
             .iter_set()
             .filter(|&p| p < pages && order.is_precopy(p))
             .collect();
-        let n = todo.len() as u64;
+        let (chunk_len, nc) = match &mut storage {
+            Some(st) => {
+                st.collect();
+                (st.disks.space().chunk_size(), st.pending.len() as u64)
+            }
+            None => (0, 0),
+        };
+        let n = todo.len() as u64 + nc;
         let pacer = bulk.tx.sender().pacer().bandwidth().map(|b| b as f64);
         let bandwidth = match (acked.sample(bulk.tx.sender().socket()), pacer) {
             (Some(a), Some(p)) => a.max(p),
@@ -449,7 +574,9 @@ fn migrate(
             .min_rtt()
             .unwrap_or(Duration::ZERO)
             .as_secs_f64();
-        let freeze_s = (n * (ps as u64 + 32) + cfg.device_state_estimate) as f64 / bandwidth + rtt;
+        let freeze_bytes =
+            (n - nc) * (ps as u64 + 32) + nc * (chunk_len + 32) + cfg.device_state_estimate;
+        let freeze_s = freeze_bytes as f64 / bandwidth + rtt;
         if n == 0 {
             stop_reason = "clean: nothing dirtied".to_string();
             break;
@@ -476,6 +603,9 @@ fn migrate(
             .map_err(EngineError::send("bulk"))?;
         for &p in &todo {
             send_page(&mut bulk.tx, mem.as_ref(), p, ps)?;
+        }
+        if let Some(st) = &mut storage {
+            st.report.precopy_sends += st.send_pending(&mut bulk.tx)?;
         }
         bulk.tx
             .send_control(ControlCode::RoundEnd {
@@ -522,6 +652,12 @@ fn migrate(
         send_page(tx, mem.as_ref(), p, ps)?;
         remainder += 1;
     }
+    if let Some(st) = &mut storage {
+        // The guest is stopped (QEMU drained its disk requests): the last
+        // dirty pre-copy chunks.
+        st.collect();
+        st.report.remainder_chunks = st.send_pending(tx)?;
+    }
     // Zero at the freeze: every page not populated now, in both sets (a
     // pre-copy page discarded after it was sent is stale at the destination
     // otherwise), and the post-copy pages zero since round 0.
@@ -556,6 +692,12 @@ fn migrate(
     // The destination loads the device state, which faults: serve them, and
     // wait for its word that the guest can run there.
     let sent_by_fault = Arc::new(SentByFault::new(pages));
+    let chunk_served = storage.as_ref().map(|st| {
+        (
+            st.disks.clone(),
+            Arc::new(SentByFault::new(st.report.chunks)),
+        )
+    });
     let server = FaultServer::spawn(
         fault
             .take()
@@ -563,6 +705,7 @@ fn migrate(
         mem.clone(),
         ps,
         sent_by_fault.clone(),
+        chunk_served.clone(),
     )?;
     if let Err(e) = wait_loaded(bulk, freeze_deadline) {
         server.stop();
@@ -579,6 +722,9 @@ fn migrate(
         &populated,
         &sent_by_fault,
         ps,
+        storage
+            .as_mut()
+            .zip(chunk_served.as_ref().map(|(_, s)| s.as_ref())),
     );
     let (pushed, skipped, postcopy_begin, push_done) = match post {
         Ok(p) => p,
@@ -603,6 +749,10 @@ fn migrate(
         postcopy_skipped: skipped,
         zero_pages,
         fault_pages_served: fault_stats.0,
+        storage: storage.map(|mut st| {
+            st.report.fault_chunks_served = fault_stats.2;
+            st.report
+        }),
         bytes_sent: bulk.tx.stats().wire_bytes + fault_stats.1,
         precopy_s: paused_at.duration_since(start).as_secs_f64(),
         push_s: push_done.duration_since(postcopy_begin).as_secs_f64(),
@@ -660,6 +810,7 @@ fn postcopy(
     populated: &DirtyBitmap,
     sent_by_fault: &SentByFault,
     ps: usize,
+    mut storage: Option<(&mut Storage<'_>, &SentByFault)>,
 ) -> Result<(u64, u64, Instant, Instant), EngineError> {
     let pages = order.pages();
     bulk.tx
@@ -681,6 +832,18 @@ fn postcopy(
         send_page(&mut bulk.tx, mem, p, ps)?;
         pushed += 1;
     }
+    // Then the disks' post-copy chunks, hottest first.
+    if let Some((st, served)) = &mut storage {
+        let order = st.order;
+        for &c in order.postcopy() {
+            if served.get(c) {
+                st.report.chunks_skipped += 1;
+                continue;
+            }
+            st.send(&mut bulk.tx, c)?;
+            st.report.chunks_pushed += 1;
+        }
+    }
     let units_total = bulk.tx.stats().units;
     bulk.tx
         .send_control(ControlCode::Done { units_total })
@@ -690,6 +853,9 @@ fn postcopy(
 
     if cfg.integrity {
         send_digests(&mut bulk.tx, mem, populated, pages, ps)?;
+        if let Some((st, _)) = &mut storage {
+            send_chunk_digests(&mut bulk.tx, st)?;
+        }
     }
     bulk.tx.send_goodbye().map_err(EngineError::send("bulk"))?;
     bulk.tx.flush().map_err(EngineError::send("bulk"))?;
@@ -752,17 +918,39 @@ fn send_digests(
     Ok(())
 }
 
+/// CRC32 of every chunk of the frozen disks, in Digest frames.
+fn send_chunk_digests(tx: &mut UnitSender, st: &mut Storage<'_>) -> Result<(), EngineError> {
+    let chunks = st.report.chunks;
+    let mut crcs = Vec::with_capacity(MAX_DIGEST_UNITS as usize);
+    let mut first = 0u64;
+    while first < chunks {
+        let n = (chunks - first).min(u64::from(MAX_DIGEST_UNITS));
+        crcs.clear();
+        for c in first..first + n {
+            st.disks.read(c, &mut st.buf)?;
+            crcs.push(crc32fast::hash(&st.buf));
+        }
+        tx.send_digest(UnitKind::Chunk, first, &crcs)
+            .map_err(EngineError::send("bulk"))?;
+        first += n;
+    }
+    Ok(())
+}
+
 /// Answers the destination's fault requests until it says goodbye; returns
-/// (pages served, wire bytes).
+/// (pages served, wire bytes, chunks served).
 fn serve_faults(
     mut fault: Connection,
     mem: &dyn PageReader,
     ps: usize,
     sent: &SentByFault,
-) -> Result<(u64, u64), EngineError> {
+    chunks: Option<(Arc<SourceDisks>, Arc<SentByFault>)>,
+) -> Result<(u64, u64, u64), EngineError> {
     let dec = fault.session.decoder();
     let Connection { tx, rx, .. } = &mut fault;
     let mut served = 0u64;
+    let mut chunks_served = 0u64;
+    let mut buf = Vec::new();
     rx.run(&dec, |f| -> Result<Flow, EngineError> {
         match f {
             FrameRef::Request {
@@ -775,6 +963,27 @@ fn serve_faults(
                     tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
                         .map_err(EngineError::send("fault"))?;
                     served += 1;
+                }
+                tx.flush().map_err(EngineError::send("fault"))?;
+                Ok(Flow::Continue)
+            }
+            FrameRef::Request {
+                kind: UnitKind::Chunk,
+                index,
+                count,
+            } => {
+                let Some((disks, sent)) = &chunks else {
+                    return Err(EngineError::Protocol(format!(
+                        "chunk {index} requested, but the guest has no disk"
+                    )));
+                };
+                for c in index..index + u64::from(count) {
+                    sent.mark(c);
+                    disks.read(c, &mut buf)?;
+                    let b = &buf;
+                    tx.send_unit(UnitKind::Chunk, c, b.len(), |out| out.copy_from_slice(b))
+                        .map_err(EngineError::send("fault"))?;
+                    chunks_served += 1;
                 }
                 tx.flush().map_err(EngineError::send("fault"))?;
                 Ok(Flow::Continue)
@@ -794,5 +1003,5 @@ fn serve_faults(
     .map_err(|e| EngineError::from_recv("fault", e))?;
     tx.send_goodbye().map_err(EngineError::send("fault"))?;
     tx.flush().map_err(EngineError::send("fault"))?;
-    Ok((served, tx.stats().wire_bytes))
+    Ok((served, tx.stats().wire_bytes, chunks_served))
 }

@@ -14,11 +14,13 @@
 
 mod chunk_log;
 mod disk_set;
+mod disks;
 mod postcopy_image;
 mod presence;
 
 pub use chunk_log::{ChunkCounts, ChunkLog};
 pub use disk_set::{ChunkAddr, ChunkReader, ChunkSpace};
+pub use disks::{ChunkRequests, DestDisks, DiskFetcher, SourceDisks};
 pub use postcopy_image::{ChunkFetcher, PostcopyImage, PostcopyImageError, StorageCounters};
 pub use presence::{BLOCK, BlockPresence, BlockState, PresenceError};
 
