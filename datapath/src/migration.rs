@@ -34,10 +34,12 @@ use wanmig_planner::units::Rate;
 /// Where the plan comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Planning {
-    /// A fixed memory fraction, pages in address order (no profile).
+    /// Fixed fractions, pages and chunks in address order (no profile).
     Fixed {
         /// `M`.
         m: f64,
+        /// `S` (ignored for a guest without disks).
+        s: f64,
     },
     /// The planner library on a profile file, for a link.
     Profile {
@@ -93,6 +95,9 @@ pub struct LocalMigration {
     pub tag: String,
     /// Heartbeats to see at the source before migrating.
     pub warmup_heartbeats: usize,
+    /// Disk-checker heartbeats (`DHB`) to see at the source before
+    /// migrating (0: do not wait for the disk checker).
+    pub warmup_disk_heartbeats: usize,
     /// Heartbeats to see at the destination afterwards.
     pub observe_heartbeats: usize,
 }
@@ -356,16 +361,28 @@ fn migrate(
             source.process().paths.serial.display()
         )));
     }
+    if spec.warmup_disk_heartbeats > 0 {
+        let marker = format!("DHB {} ", spec.warmup_disk_heartbeats);
+        let warm = source_log
+            .wait_for(&marker, Duration::from_secs(120))
+            .map_err(io("reading the source console"))?;
+        if !warm {
+            return Err(MigrationError::Guest(format!(
+                "no disk-checker heartbeat from the guest at the source (see {})",
+                source.process().paths.serial.display()
+            )));
+        }
+    }
     let mut dest = QemuDest::start(&spec.guest, dest_paths, &spec.run_dir)?;
     write_pid(&spec.run_dir, "destination", dest.process().pid())?;
 
     let pages = source.page_count();
     let (order, predicted, s, origin) = match &spec.planning {
-        Planning::Fixed { m } => (
+        Planning::Fixed { m, s } => (
             PageOrder::by_address(pages, *m)?,
             None,
-            0.0,
-            "fixed M, address order".to_string(),
+            *s,
+            "fixed M and S, address order".to_string(),
         ),
         Planning::Profile {
             path,
@@ -398,11 +415,19 @@ fn migrate(
             (p.order, Some(p.predicted), p.s, p.origin)
         }
     };
+    // The disks' chunks, in address order with the plan's S as prefix.
+    let (order, chunks) = match source.disks() {
+        Some(d) => {
+            let n = d.space().chunks();
+            (order.with_chunks(PageOrder::by_address(n, s)?), n)
+        }
+        None => (order, 1),
+    };
     let geometry = Geometry::new(
         source.page_size() as u32,
         pages,
-        64 << 10,
-        1,
+        crate::storage::DEFAULT_CHUNK_SIZE as u32,
+        chunks,
         source.device_state_max(),
     );
     let key = PskKey::generate();
@@ -474,7 +499,9 @@ fn migrate(
             dest_paths.serial.display()
         )));
     }
-    let checker_errors = dest_log.last_heartbeat().map_or(0, |h| h.errors);
+    // The page checker's errors, and the disk checker's if it runs.
+    let checker_errors = dest_log.last_heartbeat().map_or(0, |h| h.errors)
+        + dest_log.last_disk_heartbeat().map_or(0, |h| h.errors);
     let mut report =
         MigrationReport::combine(source_report, dest_report, checker_errors, spec.dest.dt, s);
     report.predicted = predicted;

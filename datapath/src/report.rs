@@ -45,6 +45,24 @@ pub struct IntegrityFigures {
     pub pages_compared: u64,
     /// Of those, pages that differ (must be 0).
     pub pages_differing: u64,
+    /// Destination disk chunks compared with the source's frozen chunks
+    /// (those the guest has not modified since the resume).
+    pub chunks_compared: u64,
+    /// Of those, chunks that differ (must be 0).
+    pub chunks_differing: u64,
+}
+
+/// The disks' side of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StorageFigures {
+    /// Chunks fetched on demand at the destination.
+    pub chunks_fetched: u64,
+    /// Absent blocks the guest overwrote whole at the destination (no fetch).
+    pub whole_block_overwrites: u64,
+    /// Absent blocks written in part (fetched first, then merged).
+    pub partial_block_merges: u64,
+    /// Frame bytes of chunks on the bulk connection.
+    pub bytes_sent: u64,
 }
 
 /// The whole report.
@@ -60,6 +78,8 @@ pub struct MigrationReport {
     pub plan_origin: String,
     /// Integrity.
     pub integrity: IntegrityFigures,
+    /// The disks, if the guest has any.
+    pub storage: Option<StorageFigures>,
     /// The source engine's details.
     pub source: SourceReport,
     /// The destination engine's details.
@@ -95,6 +115,14 @@ impl MigrationReport {
             _ => (f64::NAN, f64::NAN),
         };
         let integrity = destination.integrity.unwrap_or_default();
+        let dest_disks = destination.storage.clone().unwrap_or_default();
+        let storage = source.storage.as_ref().map(|st| StorageFigures {
+            chunks_fetched: dest_disks.counters.chunks_fetched,
+            whole_block_overwrites: dest_disks.counters.whole_block_overwrites,
+            partial_block_merges: dest_disks.counters.partial_block_merges,
+            bytes_sent: st.bytes_sent,
+        });
+        let s = source.storage.as_ref().map_or(s, |st| st.s);
         MigrationReport {
             plan: PlanFigures { m: source.m, s },
             measured: Figures {
@@ -112,7 +140,10 @@ impl MigrationReport {
                 checker_errors,
                 pages_compared: integrity.pages_compared,
                 pages_differing: integrity.pages_differing,
+                chunks_compared: dest_disks.chunks_compared,
+                chunks_differing: dest_disks.chunks_differing,
             },
+            storage,
             source,
             destination,
         }

@@ -147,13 +147,14 @@ fn a_source_that_cannot_connect_keeps_its_guest_and_a_failed_save_leaves_it_resu
     let dir = run_dir(&tag);
     let spec = LocalMigration {
         guest: guest(),
-        planning: Planning::Fixed { m: 0.5 },
+        planning: Planning::Fixed { m: 0.5, s: 0.0 },
         source: SourceConfig::default(),
         dest: DestConfig::default(),
         link: LinkConfig::default(),
         run_dir: dir.clone(),
         tag: tag.clone(),
         warmup_heartbeats: 1,
+        warmup_disk_heartbeats: 0,
         observe_heartbeats: 1,
     };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

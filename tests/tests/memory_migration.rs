@@ -30,7 +30,7 @@ use wanmig_wan::{Wan, WanConfig};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn migrate(name: &str, m: f64, params: &str, hold: bool) -> LocalOutcome {
-    migrate_with(name, Planning::Fixed { m }, params, hold)
+    migrate_with(name, Planning::Fixed { m, s: 0.0 }, params, hold)
 }
 
 fn migrate_with(name: &str, planning: Planning, params: &str, hold: bool) -> LocalOutcome {
@@ -49,6 +49,7 @@ fn migrate_with(name: &str, planning: Planning, params: &str, hold: bool) -> Loc
         run_dir: std::env::temp_dir().join(format!("wanmig-test-{tag}")),
         tag,
         warmup_heartbeats: 3,
+        warmup_disk_heartbeats: 0,
         observe_heartbeats: 3,
     };
     let wan = Wan::up(WanConfig::new(

@@ -6,7 +6,7 @@ use crate::checker::Pattern;
 pub const USAGE: &str = "\
 usage: wanmig-pagecheck [--mib N] [--rate MIB_S] [--readrate MIB_S] [--wss MIB]
                         [--pattern seq|rand] [--run-id HEX] [--duration S]
-                        [--max-print N] [--slice-ms MS] [--disk DEV [--split]]
+                        [--max-print N] [--slice-ms MS] [--disk DEV [--split] [--blind]]
   --mib N          region size in MiB (default 64)
   --rate R         page writes, MiB/s (default 4; 0 = none)
   --readrate R     verification reads (sweep of the whole region), MiB/s (default 16)
@@ -19,7 +19,9 @@ usage: wanmig-pagecheck [--mib N] [--rate MIB_S] [--readrate MIB_S] [--wss MIB]
   --disk DEV       check the first --mib MiB of disk DEV instead of RAM (4 KiB
                    blocks, O_DIRECT; lines DISKCHECK-*, heartbeat DHB)
   --split          (with --disk) write each block as two direct writes cut at a
-                   random 512-byte boundary";
+                   random 512-byte boundary
+  --blind          (with --disk) rewrite blocks without reading them first (the
+                   sweep still verifies every block)";
 
 /// Parsed options.
 #[derive(Clone, Debug, PartialEq)]
@@ -46,6 +48,8 @@ pub struct Config {
     pub disk: Option<String>,
     /// Write disk blocks in two parts.
     pub split: bool,
+    /// Rewrite disk blocks without reading them first.
+    pub blind: bool,
 }
 
 impl Default for Config {
@@ -62,6 +66,7 @@ impl Default for Config {
             slice_ms: 0,
             disk: None,
             split: false,
+            blind: false,
         }
     }
 }
@@ -80,6 +85,10 @@ impl Config {
             }
             if arg == "--split" {
                 c.split = true;
+                continue;
+            }
+            if arg == "--blind" {
+                c.blind = true;
                 continue;
             }
             let (key, value) = match arg.split_once('=') {
@@ -121,8 +130,8 @@ impl Config {
         if c.mib == 0 {
             return Err("--mib must be at least 1".into());
         }
-        if c.split && c.disk.is_none() {
-            return Err("--split needs --disk".into());
+        if (c.split || c.blind) && c.disk.is_none() {
+            return Err("--split and --blind need --disk".into());
         }
         Ok(c)
     }

@@ -56,6 +56,7 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("{dev}: {e}"))
                 .and_then(|d| {
                     DiskChecker::new(d, run, cfg.pages(), cfg.wss_pages(), cfg.pattern, cfg.split)
+                        .map(|c| c.blind_writes(cfg.blind))
                         .map_err(|e| e.to_string())
                 });
             let ck = match ck {
@@ -67,12 +68,13 @@ fn main() -> ExitCode {
             };
             emit(&format!(
                 "DISKCHECK-START run={run:016x} blocks={} mib={} rate={} readrate={} disk={dev} \
-                 split={} pattern={} init_s={:.2}",
+                 split={} blind={} pattern={} init_s={:.2}",
                 ck.len(),
                 cfg.mib,
                 cfg.rate,
                 cfg.readrate,
                 u8::from(cfg.split),
+                u8::from(cfg.blind),
                 cfg.pattern.name(),
                 t0.elapsed().as_secs_f64()
             ));

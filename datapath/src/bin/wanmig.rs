@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use wanmig_datapath::backend::qemu::GuestSpec;
+use wanmig_datapath::backend::qemu::{DiskSpec, GuestSpec};
 use wanmig_datapath::connection::{self, LinkConfig};
 use wanmig_datapath::engine::{DestConfig, SourceConfig};
 use wanmig_datapath::migration::{
@@ -65,6 +65,15 @@ struct MigrateArgs {
     /// --profile, --segment or --profile-now.
     #[arg(long, conflicts_with_all = ["profile_now"])]
     m: Option<f64>,
+    /// With --m: the fraction of disk chunks to pre-copy (1 = all, 0 = none:
+    /// post-copy with on-demand fetch), chunks in address order.
+    #[arg(long, default_value_t = 0.5, requires = "m")]
+    s: f64,
+    /// Give the built-in guest a virtio disk of this many MiB, served by the
+    /// engine over NBD, with the guest's disk checker on its first 32 MiB
+    /// (0: no disk).
+    #[arg(long, default_value_t = 0)]
+    disk_mib: u64,
     /// Plan with this profile (the planner's format) for the WAN's rate and RTT;
     /// with --segment, the profile the planner serves from.
     #[arg(long)]
@@ -121,6 +130,8 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate(&args),
         Command::Demo { json } => migrate(&MigrateArgs {
             m: None,
+            s: 0.5,
+            disk_mib: 0,
             profile: None,
             segment: None,
             profile_now: Some("20x250ms".into()),
@@ -170,8 +181,20 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/run/wanmig/{tag}")));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let params = format!("wanmig.workload={} {}", args.workload, args.guest_params);
-    let guest = GuestSpec::builtin(args.memory_mib, &params)?;
+    let mut params = format!("wanmig.workload={} {}", args.workload, args.guest_params);
+    if args.disk_mib > 0 && !args.guest_params.contains("wanmig.disk=") {
+        params.push_str(&format!(
+            " wanmig.disk=check wanmig.diskmib={}",
+            args.disk_mib.min(32)
+        ));
+    }
+    let mut guest = GuestSpec::builtin(args.memory_mib, &params)?;
+    if args.disk_mib > 0 {
+        guest.disks.push(DiskSpec {
+            size: args.disk_mib << 20,
+            image: None,
+        });
+    }
     let planning = planning(args, &run_dir)?;
     let spec = LocalMigration {
         guest,
@@ -188,6 +211,7 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
         run_dir,
         tag,
         warmup_heartbeats: 3,
+        warmup_disk_heartbeats: if args.disk_mib > 0 { 2 } else { 0 },
         observe_heartbeats: 3,
     };
     if !args.json {
@@ -243,7 +267,7 @@ fn planning(args: &MigrateArgs, run_dir: &std::path::Path) -> Result<Planning> {
     let downtime_target = Some(args.downtime_target);
     Ok(
         match (&args.m, &args.profile, &args.segment, &args.profile_now) {
-            (Some(m), None, None, None) => Planning::Fixed { m: *m },
+            (Some(m), None, None, None) => Planning::Fixed { m: *m, s: args.s },
             (None, Some(p), Some(name), None) => Planning::Segment {
                 name: name.clone(),
                 profile: p.clone(),
@@ -267,7 +291,7 @@ fn planning(args: &MigrateArgs, run_dir: &std::path::Path) -> Result<Planning> {
                     downtime_target,
                 }
             }
-            (None, None, None, None) => Planning::Fixed { m: 0.5 },
+            (None, None, None, None) => Planning::Fixed { m: 0.5, s: args.s },
             _ => bail!("give one of --m, --profile [--segment], --profile-now"),
         },
     )
@@ -275,7 +299,7 @@ fn planning(args: &MigrateArgs, run_dir: &std::path::Path) -> Result<Planning> {
 
 fn describe(p: &Planning) -> String {
     match p {
-        Planning::Fixed { m } => format!("M = {m} (address order)"),
+        Planning::Fixed { m, s } => format!("M = {m}, S = {s} (address order)"),
         Planning::Profile { path, .. } => format!("planner on {}", path.display()),
         Planning::ProfileNow {
             samples, interval, ..
@@ -329,14 +353,29 @@ fn report(outcome: &LocalOutcome, json: bool) -> Result<ExitCode> {
             s.postcopy_pushed,
             s.fault_pages_served
         );
+        if let Some(st) = &r.storage {
+            println!(
+                "storage: {} chunks fetched on demand, {} whole-block overwrites (no fetch), {} partial-block merges, {:.1} MB of chunks sent",
+                st.chunks_fetched,
+                st.whole_block_overwrites,
+                st.partial_block_merges,
+                st.bytes_sent as f64 / 1e6
+            );
+        }
         let i = &r.integrity;
         println!(
             "integrity: checker errors {}, {} pages compared with the source's frozen memory, {} differing",
             i.checker_errors, i.pages_compared, i.pages_differing
         );
+        if r.storage.is_some() {
+            println!(
+                "           {} disk chunks compared with the source's frozen disks, {} differing",
+                i.chunks_compared, i.chunks_differing
+            );
+        }
     }
     let i = &r.integrity;
-    if i.pages_differing != 0 || i.checker_errors != 0 {
+    if i.pages_differing != 0 || i.chunks_differing != 0 || i.checker_errors != 0 {
         eprintln!("wanmig: DATA MISMATCH: the guest's memory did not arrive intact");
         return Ok(ExitCode::from(2));
     }

@@ -97,6 +97,11 @@ impl ChunkRequests {
         i.sink = Some(sink);
     }
 
+    /// True once a sink is attached.
+    pub fn attached(&self) -> bool {
+        self.inner.lock().expect("requests lock").sink.is_some()
+    }
+
     /// Requests are queued again (the connection is gone).
     pub fn detach(&self) {
         self.inner.lock().expect("requests lock").sink = None;
@@ -120,6 +125,10 @@ impl DiskFetcher {
 impl ChunkFetcher for DiskFetcher {
     fn fetch(&self, first: u64, count: u32) {
         self.requests.request(self.base + first, count);
+    }
+
+    fn ready(&self) -> bool {
+        self.requests.attached()
     }
 }
 

@@ -30,6 +30,11 @@ pub trait ChunkFetcher: Send + Sync {
     /// Requests `count` chunks from `first`. The data arrives later through
     /// [`PostcopyImage::install_chunk`].
     fn fetch(&self, first: u64, count: u32);
+
+    /// False while nothing can answer (no source connected yet).
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// Counters of a post-copy image.
@@ -486,6 +491,13 @@ impl BlockDevice for PostcopyImage {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        // Before the guest runs here and before any source is connected,
+        // only QEMU itself reads (its start-up probes of a disk it has just
+        // opened, incoming): they see the image as it is, absent data as
+        // zeros, as on the empty image a management stack would create.
+        if !self.resumed.load(Ordering::Acquire) && !self.fetcher.ready() {
+            return self.image.read_at(offset, buf);
+        }
         let (blocks, _, _) = self.span(offset, buf.len() as u64);
         self.ensure_present(blocks)?;
         self.image.read_at(offset, buf)

@@ -1,6 +1,6 @@
 //! The guest's serial console, as QEMU writes it to a file: markers and the
 //! page checker's heartbeats (`HB <n> t=<s> written=<p> verified=<p>
-//! errors=<n> gen=<g>`).
+//! errors=<n> gen=<g>`), and the disk checker's (`DHB ...`, same fields).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -21,10 +21,19 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Parses a heartbeat line.
+    /// Parses a heartbeat line of the page checker.
     pub fn parse(line: &str) -> Option<Heartbeat> {
+        Self::parse_with("HB", line)
+    }
+
+    /// Parses a heartbeat line of the disk checker.
+    pub fn parse_disk(line: &str) -> Option<Heartbeat> {
+        Self::parse_with("DHB", line)
+    }
+
+    fn parse_with(prefix: &str, line: &str) -> Option<Heartbeat> {
         let mut it = line.split_whitespace();
-        if it.next()? != "HB" {
+        if it.next()? != prefix {
             return None;
         }
         let n = it.next()?.parse().ok()?;
@@ -57,6 +66,7 @@ pub struct SerialLog {
     partial: String,
     lines: Vec<String>,
     heartbeats: Vec<(Instant, Heartbeat)>,
+    disk_heartbeats: Vec<(Instant, Heartbeat)>,
 }
 
 impl SerialLog {
@@ -68,6 +78,7 @@ impl SerialLog {
             partial: String::new(),
             lines: Vec::new(),
             heartbeats: Vec::new(),
+            disk_heartbeats: Vec::new(),
         }
     }
 
@@ -92,6 +103,8 @@ impl SerialLog {
             let line = line.trim_end_matches(['\r', '\n']).to_string();
             if let Some(hb) = Heartbeat::parse(&line) {
                 self.heartbeats.push((now, hb));
+            } else if let Some(hb) = Heartbeat::parse_disk(&line) {
+                self.disk_heartbeats.push((now, hb));
             }
             self.lines.push(line);
             new += 1;
@@ -114,10 +127,23 @@ impl SerialLog {
         self.heartbeats.last().map(|&(_, h)| h)
     }
 
+    /// The disk checker's heartbeats so far.
+    pub fn disk_heartbeats(&self) -> &[(Instant, Heartbeat)] {
+        &self.disk_heartbeats
+    }
+
+    /// The disk checker's latest heartbeat.
+    pub fn last_disk_heartbeat(&self) -> Option<Heartbeat> {
+        self.disk_heartbeats.last().map(|&(_, h)| h)
+    }
+
     /// Lines reporting a checker error or a guest crash.
     pub fn error_lines(&self) -> impl Iterator<Item = &String> {
         self.lines.iter().filter(|l| {
             l.starts_with("PAGECHECK-ERROR")
+                || l.starts_with("DISKCHECK-ERROR")
+                || l.starts_with("DISKCHECK-FAILED")
+                || l.starts_with("PAGECHECK-FAILED")
                 || l.contains("Kernel panic")
                 || l.contains("BUG:")
                 || l.contains("Oops")

@@ -134,6 +134,8 @@ pub struct QemuDest {
     installer: Arc<UffdInstaller>,
     devstate_sock: PathBuf,
     pages: u64,
+    /// After `process`: the disks' servers outlive QEMU.
+    disks: Option<(super::disks::DiskServers, Arc<crate::storage::DestDisks>)>,
 }
 
 impl QemuDest {
@@ -166,6 +168,8 @@ impl QemuDest {
         let listener = RegistrationListener::bind(&paths.uffd_sock)
             .map_err(|e| BackendError::new(B, "registration socket", e))?;
         let mode = UffdMode::MissingWpAsync;
+        // QEMU connects to its disks as it starts.
+        let disks = super::disks::serve_destination(&guest.disks, paths)?;
         let mut process = QemuProcess::spawn(guest, paths, mode, true)
             .map_err(|e| BackendError::new(B, "starting QEMU", e))?;
         let reg = listener
@@ -199,6 +203,7 @@ impl QemuDest {
             }),
             devstate_sock: run_dir.join("destination.migrate"),
             pages,
+            disks,
         })
     }
 
@@ -227,6 +232,9 @@ impl QemuDest {
 }
 
 impl DestBackend for QemuDest {
+    fn disks(&self) -> Option<Arc<crate::storage::DestDisks>> {
+        self.disks.as_ref().map(|(_, d)| d.clone())
+    }
     fn page_size(&self) -> usize {
         PAGE_SIZE
     }

@@ -23,8 +23,35 @@ pub struct GuestSpec {
     pub append: String,
     /// Guest RAM, MiB.
     pub memory_mib: u64,
-    /// More QEMU arguments (disks, devices): identical on both sides.
+    /// More QEMU arguments (devices): identical on both sides.
     pub extra_args: Vec<String>,
+    /// The guest's disks (virtio-blk, served by the engine over NBD), in
+    /// order: `/dev/vda`, `/dev/vdb`...
+    pub disks: Vec<DiskSpec>,
+}
+
+/// One guest disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Size in bytes (a multiple of 4096).
+    pub size: u64,
+    /// The source's raw image; `None`: a new sparse (all-zero) image in the
+    /// run directory.
+    pub image: Option<PathBuf>,
+}
+
+/// The QEMU arguments of disk `i`, reached over NBD on `socket`: the same
+/// node and device names on both sides (migration matches devices by them).
+pub fn disk_args(i: usize, socket: &Path) -> [String; 4] {
+    [
+        "-blockdev".into(),
+        format!(
+            "driver=nbd,node-name=wmdisk{i},server.type=unix,server.path={},export=disk{i}",
+            socket.display()
+        ),
+        "-device".into(),
+        format!("virtio-blk-pci,drive=wmdisk{i},id=wmvd{i}"),
+    ]
 }
 
 /// Default location of the built-in guest built by `scripts/setup`.
@@ -50,6 +77,7 @@ impl GuestSpec {
             append: format!("console=ttyS0 quiet {params}").trim().to_string(),
             memory_mib,
             extra_args: Vec::new(),
+            disks: Vec::new(),
         })
     }
 
@@ -73,6 +101,10 @@ pub struct QemuPaths {
     pub log: PathBuf,
     /// The engine's socket the preload library registers with.
     pub uffd_sock: PathBuf,
+    /// Directory for disk images, presence files and NBD sockets.
+    pub disk_dir: PathBuf,
+    /// This side's role (`source`, `destination`).
+    pub role: String,
 }
 
 impl QemuPaths {
@@ -84,7 +116,25 @@ impl QemuPaths {
             serial: run_dir.join(format!("{role}.serial")),
             log: run_dir.join(format!("{role}.log")),
             uffd_sock: run_dir.join(format!("{role}.uffd")),
+            disk_dir: run_dir.to_path_buf(),
+            role: role.to_string(),
         }
+    }
+
+    /// Disk `i`'s image on this side (when not given).
+    pub fn disk_image(&self, i: usize) -> PathBuf {
+        self.disk_dir.join(format!("{}-disk{i}.raw", self.role))
+    }
+
+    /// Disk `i`'s presence file (destination).
+    pub fn disk_presence(&self, i: usize) -> PathBuf {
+        self.disk_dir
+            .join(format!("{}-disk{i}.presence", self.role))
+    }
+
+    /// The engine's NBD socket for disk `i`.
+    pub fn disk_socket(&self, i: usize) -> PathBuf {
+        self.disk_dir.join(format!("{}-disk{i}.nbd", self.role))
     }
 }
 
@@ -222,6 +272,9 @@ impl QemuProcess {
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", paths.qmp.display()))
         .args(&guest.extra_args);
+        for i in 0..guest.disks.len() {
+            cmd.args(disk_args(i, &paths.disk_socket(i)));
+        }
         if incoming {
             cmd.args(["-incoming", "defer", "-S"]);
         }

@@ -7,11 +7,13 @@
 //! write-protect async on the source (dirty log via `PAGEMAP_SCAN`), missing
 //! pages plus write-protect async on the destination (post-copy faults, and
 //! which pages the guest wrote after the resume). The destination is started
-//! with `-incoming defer -S`, never with `prealloc` or `mem-lock`.
+//! with `-incoming defer -S`, never with `prealloc` or `mem-lock`. Disks are
+//! virtio-blk devices on NBD exports the engine serves ([`disks`]).
 
 pub mod console;
 pub mod dest;
 pub mod devstate;
+pub mod disks;
 pub mod launch;
 pub mod registration;
 pub mod source;
@@ -19,7 +21,8 @@ pub mod source;
 pub use console::{Heartbeat, SerialLog};
 pub use dest::{QemuDest, UffdInstaller};
 pub use launch::{
-    DEFAULT_GUEST_DIR, GuestSpec, LaunchError, QemuPaths, QemuProcess, locate_preload,
+    DEFAULT_GUEST_DIR, DiskSpec, GuestSpec, LaunchError, QemuPaths, QemuProcess, disk_args,
+    locate_preload,
 };
 pub use registration::{Registration, RegistrationFailure, RegistrationListener};
 pub use source::QemuSource;

@@ -35,6 +35,8 @@ pub struct QemuSource {
     memory: Arc<SourceMemory>,
     devstate_sock: PathBuf,
     pages: u64,
+    /// After `process`: the disks' servers outlive QEMU.
+    disks: Option<(super::disks::DiskServers, Arc<crate::storage::SourceDisks>)>,
 }
 
 impl QemuSource {
@@ -62,6 +64,8 @@ impl QemuSource {
         let listener = RegistrationListener::bind(&paths.uffd_sock)
             .map_err(|e| BackendError::new(B, "registration socket", e))?;
         let _ = std::fs::remove_file(&paths.ram);
+        // QEMU connects to its disks as it starts.
+        let disks = super::disks::serve_source(&guest.disks, paths)?;
         let mut process = QemuProcess::spawn(guest, paths, UffdMode::WpAsync, false)
             .map_err(|e| BackendError::new(B, "starting QEMU", e))?;
         let reg = listener
@@ -98,6 +102,7 @@ impl QemuSource {
             memory: Arc::new(memory),
             devstate_sock: run_dir.join("source.migrate"),
             pages,
+            disks,
         })
     }
 
@@ -119,6 +124,9 @@ impl QemuSource {
 }
 
 impl SourceBackend for QemuSource {
+    fn disks(&self) -> Option<Arc<crate::storage::SourceDisks>> {
+        self.disks.as_ref().map(|(_, d)| d.clone())
+    }
     fn page_size(&self) -> usize {
         PAGE_SIZE
     }
