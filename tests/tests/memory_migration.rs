@@ -68,6 +68,19 @@ fn assert_intact(o: &LocalOutcome) {
     assert_eq!(i.checker_errors, 0, "{:#?}", o.report);
     // Most of the 65536 pages are compared (the rest the guest rewrote since).
     assert!(i.pages_compared > 40_000, "too few pages compared: {i:?}");
+    // The source's own downtime figure (no shared clock: its pause to the
+    // destination's Resumed, minus half the RTT) agrees with the same-clock
+    // one, within scheduling noise.
+    let est = o
+        .report
+        .source
+        .downtime_estimate_s
+        .expect("Resumed was seen");
+    let d = o.report.measured.downtime_s;
+    assert!(
+        est > 0.0 && (est - d).abs() < 0.1,
+        "source estimate {est:.4} s vs measured {d:.4} s"
+    );
     // Nothing went wrong on the way, not even harmlessly.
     let d = &o.report.destination;
     assert!(d.late_error.is_none(), "{:?}", d.late_error);

@@ -106,6 +106,9 @@ pub struct SourceTimes {
     pub push_done: Instant,
     /// Everything finished.
     pub end: Instant,
+    /// The destination's `Resumed` arrived (it resumed the guest one
+    /// one-way delay earlier).
+    pub resumed_seen: Option<Instant>,
 }
 
 /// What the source did.
@@ -142,6 +145,12 @@ pub struct SourceReport {
     pub precopy_s: f64,
     /// Post-copy push duration (`PostcopyBegin` to `Done`), s.
     pub push_s: f64,
+    /// Downtime as the source alone can measure it (no shared clock): from
+    /// its pause to the destination's `Resumed`, minus half the smallest RTT
+    /// seen on the bulk connection (the way back is nearly empty); s.
+    pub downtime_estimate_s: Option<f64>,
+    /// The same without the RTT correction: an upper bound; s.
+    pub downtime_upper_s: Option<f64>,
     /// Milestones.
     #[serde(skip)]
     pub times: Option<SourceTimes>,
@@ -726,7 +735,7 @@ fn migrate(
             .as_mut()
             .zip(chunk_served.as_ref().map(|(_, s)| s.as_ref())),
     );
-    let (pushed, skipped, postcopy_begin, push_done) = match post {
+    let (pushed, skipped, postcopy_begin, push_done, resumed_seen) = match post {
         Ok(p) => p,
         Err(e) => {
             // The destination owns the guest now and may still need pages:
@@ -756,12 +765,18 @@ fn migrate(
         bytes_sent: bulk.tx.stats().wire_bytes + fault_stats.1,
         precopy_s: paused_at.duration_since(start).as_secs_f64(),
         push_s: push_done.duration_since(postcopy_begin).as_secs_f64(),
+        downtime_upper_s: resumed_seen.map(|t| t.duration_since(paused_at).as_secs_f64()),
+        downtime_estimate_s: resumed_seen.map(|t| {
+            let rtt = bulk.tx.sender().pacer().min_rtt().unwrap_or_default();
+            (t.duration_since(paused_at).as_secs_f64() - rtt.as_secs_f64() / 2.0).max(0.0)
+        }),
         times: Some(SourceTimes {
             start,
             paused: paused_at,
             postcopy_begin,
             push_done,
             end,
+            resumed_seen,
         }),
     })
 }
@@ -810,15 +825,70 @@ fn postcopy(
     populated: &DirtyBitmap,
     sent_by_fault: &SentByFault,
     ps: usize,
-    mut storage: Option<(&mut Storage<'_>, &SentByFault)>,
-) -> Result<(u64, u64, Instant, Instant), EngineError> {
-    let pages = order.pages();
+    storage: Option<(&mut Storage<'_>, &SentByFault)>,
+) -> Result<(u64, u64, Instant, Instant, Option<Instant>), EngineError> {
     bulk.tx
         .send_control(ControlCode::PostcopyBegin)
         .map_err(EngineError::send("bulk"))?;
     bulk.tx.flush().map_err(EngineError::send("bulk"))?;
     let postcopy_begin = Instant::now();
+    // The destination's frames (Resumed, at once; Goodbye, once it has
+    // everything) are read while the push goes on, so that the moment of
+    // the resume is seen when it comes.
+    let dec = bulk.session.decoder();
+    let sock = bulk
+        .rx
+        .socket()
+        .try_clone()
+        .map_err(|e| EngineError::Recv {
+            conn: "bulk",
+            message: format!("cloning the socket: {e}"),
+        })?;
+    let Connection { tx, rx, .. } = bulk;
+    std::thread::scope(|sc| {
+        let reader = std::thread::Builder::new()
+            .name("wanmig-bulk-rx".into())
+            .spawn_scoped(sc, move || read_until_goodbye(rx, &dec))
+            .map_err(|_| EngineError::Panicked("bulk receiver"))?;
+        let pushed = push(
+            tx,
+            mem,
+            order,
+            cfg,
+            zero,
+            populated,
+            sent_by_fault,
+            ps,
+            storage,
+        );
+        if pushed.is_err() {
+            // Nothing more will come from here: let the reader go.
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+        let read = reader
+            .join()
+            .map_err(|_| EngineError::Panicked("bulk receiver"))?;
+        let (pushed, skipped, push_done) = pushed?;
+        let resumed_seen = read?;
+        Ok((pushed, skipped, postcopy_begin, push_done, resumed_seen))
+    })
+}
 
+/// The push, `Done`, the digests, `Goodbye`; returns (pushed, skipped,
+/// push end).
+#[allow(clippy::too_many_arguments)]
+fn push(
+    tx: &mut UnitSender,
+    mem: &dyn PageReader,
+    order: &PageOrder,
+    cfg: &SourceConfig,
+    zero: &DirtyBitmap,
+    populated: &DirtyBitmap,
+    sent_by_fault: &SentByFault,
+    ps: usize,
+    mut storage: Option<(&mut Storage<'_>, &SentByFault)>,
+) -> Result<(u64, u64, Instant), EngineError> {
+    let pages = order.pages();
     // Post-copy push, hottest first.
     let (mut pushed, mut skipped) = (0u64, 0u64);
     for &p in order.postcopy() {
@@ -829,7 +899,7 @@ fn postcopy(
             skipped += 1;
             continue;
         }
-        send_page(&mut bulk.tx, mem, p, ps)?;
+        send_page(tx, mem, p, ps)?;
         pushed += 1;
     }
     // Then the disks' post-copy chunks, hottest first.
@@ -840,33 +910,42 @@ fn postcopy(
                 st.report.chunks_skipped += 1;
                 continue;
             }
-            st.send(&mut bulk.tx, c)?;
+            st.send(tx, c)?;
             st.report.chunks_pushed += 1;
         }
     }
-    let units_total = bulk.tx.stats().units;
-    bulk.tx
-        .send_control(ControlCode::Done { units_total })
+    let units_total = tx.stats().units;
+    tx.send_control(ControlCode::Done { units_total })
         .map_err(EngineError::send("bulk"))?;
-    bulk.tx.flush().map_err(EngineError::send("bulk"))?;
+    tx.flush().map_err(EngineError::send("bulk"))?;
     let push_done = Instant::now();
 
     if cfg.integrity {
-        send_digests(&mut bulk.tx, mem, populated, pages, ps)?;
+        send_digests(tx, mem, populated, pages, ps)?;
         if let Some((st, _)) = &mut storage {
-            send_chunk_digests(&mut bulk.tx, st)?;
+            send_chunk_digests(tx, st)?;
         }
     }
-    bulk.tx.send_goodbye().map_err(EngineError::send("bulk"))?;
-    bulk.tx.flush().map_err(EngineError::send("bulk"))?;
+    tx.send_goodbye().map_err(EngineError::send("bulk"))?;
+    tx.flush().map_err(EngineError::send("bulk"))?;
 
-    // The destination says goodbye once it has everything.
-    let dec = bulk.session.decoder();
-    let end = bulk
-        .rx
-        .run(&dec, |f| -> Result<Flow, EngineError> {
+    Ok((pushed, skipped, push_done))
+}
+
+/// Reads the destination's bulk frames until its goodbye; returns when its
+/// `Resumed` arrived.
+fn read_until_goodbye(
+    rx: &mut crate::transport::FrameReceiver,
+    dec: &crate::wire::FrameDecoder,
+) -> Result<Option<Instant>, EngineError> {
+    let mut resumed_seen = None;
+    let end = rx
+        .run(dec, |f| -> Result<Flow, EngineError> {
             match f {
-                FrameRef::Control(ControlCode::Resumed) => Ok(Flow::Continue),
+                FrameRef::Control(ControlCode::Resumed) => {
+                    resumed_seen.get_or_insert_with(Instant::now);
+                    Ok(Flow::Continue)
+                }
                 FrameRef::Goodbye => Ok(Flow::Stop),
                 FrameRef::Control(ControlCode::Abort { reason }) => Err(EngineError::Aborted {
                     peer: "destination",
@@ -885,7 +964,7 @@ fn postcopy(
             message: "the destination closed the connection without a goodbye".into(),
         });
     }
-    Ok((pushed, skipped, postcopy_begin, push_done))
+    Ok(resumed_seen)
 }
 
 /// CRC32 of every page of the frozen guest, in Digest frames.
