@@ -19,6 +19,7 @@ pub mod backend;
 pub mod connection;
 pub mod engine;
 pub mod guest;
+pub mod host;
 pub mod migration;
 pub mod nbd;
 pub mod planning;

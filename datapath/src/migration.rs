@@ -157,17 +157,17 @@ impl MigrationError {
 
 /// Files removed when dropped (a migration's RAM files and sockets).
 #[derive(Debug, Default)]
-struct Leftovers {
+pub(crate) struct Leftovers {
     paths: Vec<PathBuf>,
 }
 
 impl Leftovers {
-    fn add(&mut self, p: &Path) {
+    pub(crate) fn add(&mut self, p: &Path) {
         self.paths.push(p.to_path_buf());
     }
 
     /// Takes `p` out: it is no longer removed.
-    fn keep(&mut self, p: &Path) {
+    pub(crate) fn keep(&mut self, p: &Path) {
         self.paths.retain(|x| x != p);
     }
 }
@@ -192,7 +192,7 @@ pub struct KeptSource {
     /// Its paths.
     pub paths: QemuPaths,
     // Last: dropped after QEMU is killed.
-    files: Leftovers,
+    pub(crate) files: Leftovers,
 }
 
 impl KeptSource {
@@ -239,7 +239,7 @@ impl LocalOutcome {
     }
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
     let what = what.into();
     move |source| MigrationError::Io { what, source }
 }
@@ -348,88 +348,22 @@ fn migrate(
     dest_paths: &QemuPaths,
     engines_started: &mut bool,
 ) -> Result<Migrated, MigrationError> {
-    let warm = source_log
-        .wait_heartbeats(
-            spec.warmup_heartbeats,
-            Instant::now(),
-            Duration::from_secs(120),
-        )
-        .map_err(io("reading the source console"))?;
-    if !warm {
-        return Err(MigrationError::Guest(format!(
-            "no heartbeat from the guest at the source (see {})",
-            source.process().paths.serial.display()
-        )));
-    }
-    if spec.warmup_disk_heartbeats > 0 {
-        let marker = format!("DHB {} ", spec.warmup_disk_heartbeats);
-        let warm = source_log
-            .wait_for(&marker, Duration::from_secs(120))
-            .map_err(io("reading the source console"))?;
-        if !warm {
-            return Err(MigrationError::Guest(format!(
-                "no disk-checker heartbeat from the guest at the source (see {})",
-                source.process().paths.serial.display()
-            )));
-        }
-    }
+    warm_up(
+        source_log,
+        spec.warmup_heartbeats,
+        spec.warmup_disk_heartbeats,
+        &source.process().paths.serial.clone(),
+    )?;
     let mut dest = QemuDest::start(&spec.guest, dest_paths, &spec.run_dir)?;
     write_pid(&spec.run_dir, "destination", dest.process().pid())?;
 
-    let pages = source.page_count();
-    let (order, predicted, s, origin) = match &spec.planning {
-        Planning::Fixed { m, s } => (
-            PageOrder::by_address(pages, *m)?,
-            None,
-            *s,
-            "fixed M and S, address order".to_string(),
-        ),
-        Planning::Profile {
-            path,
-            rate,
-            rtt,
-            downtime_target,
-        } => {
-            let p = plan_in_process(path, *rate, *rtt, *downtime_target, pages)?;
-            (p.order, Some(p.predicted), p.s, p.origin)
-        }
-        Planning::ProfileNow {
-            path,
-            samples,
-            interval,
-            rate,
-            rtt,
-            downtime_target,
-        } => {
-            let state = spec.source.device_state_estimate;
-            let stats = profile_writes(source, *samples, *interval, state, path)?;
-            let p = plan_in_process(path, *rate, *rtt, *downtime_target, pages)?;
-            let origin = format!(
-                "{} after profiling writes for {} x {:.2} s ({} pages written; reads not sampled, assumed where writes are)",
-                p.origin, stats.samples, stats.interval_s, stats.pages_written
-            );
-            (p.order, Some(p.predicted), p.s, origin)
-        }
-        Planning::Segment { name, profile } => {
-            let p = plan_from_segment(name, profile, pages, Duration::from_secs(30))?;
-            (p.order, Some(p.predicted), p.s, p.origin)
-        }
-    };
-    // The disks' chunks, in address order with the plan's S as prefix.
-    let (order, chunks) = match source.disks() {
-        Some(d) => {
-            let n = d.space().chunks();
-            (order.with_chunks(PageOrder::by_address(n, s)?), n)
-        }
-        None => (order, 1),
-    };
-    let geometry = Geometry::new(
-        source.page_size() as u32,
-        pages,
-        crate::storage::DEFAULT_CHUNK_SIZE as u32,
-        chunks,
-        source.device_state_max(),
-    );
+    let Planned {
+        order,
+        predicted,
+        s,
+        origin,
+        geometry,
+    } = plan(&spec.planning, source, spec.source.device_state_estimate)?;
     let key = PskKey::generate();
     let id = MigrationId::random();
     let addr = listener.local_addr().map_err(io("listening socket"))?;
@@ -513,7 +447,120 @@ fn migrate(
     })
 }
 
-fn write_pid(dir: &std::path::Path, role: &str, pid: u32) -> Result<(), MigrationError> {
+/// Waits for `heartbeats` page-checker heartbeats and the `disk`-th disk
+/// checker heartbeat (0: none) on the source's console.
+pub(crate) fn warm_up(
+    log: &mut SerialLog,
+    heartbeats: usize,
+    disk: usize,
+    serial: &Path,
+) -> Result<(), MigrationError> {
+    let warm = log
+        .wait_heartbeats(heartbeats, Instant::now(), Duration::from_secs(120))
+        .map_err(io("reading the source console"))?;
+    if !warm {
+        return Err(MigrationError::Guest(format!(
+            "no heartbeat from the guest at the source (see {})",
+            serial.display()
+        )));
+    }
+    if disk > 0 {
+        let warm = log
+            .wait_for(&format!("DHB {disk} "), Duration::from_secs(120))
+            .map_err(io("reading the source console"))?;
+        if !warm {
+            return Err(MigrationError::Guest(format!(
+                "no disk-checker heartbeat from the guest at the source (see {})",
+                serial.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A plan ready for the engines.
+pub(crate) struct Planned {
+    /// Pages (and the disks' chunks) in priority order, M and S prefixes.
+    pub order: PageOrder,
+    /// The planner's prediction, if a profile was used.
+    pub predicted: Option<crate::report::Figures>,
+    /// S.
+    pub s: f64,
+    /// Where the plan came from.
+    pub origin: String,
+    /// The session geometry for this guest.
+    pub geometry: Geometry,
+}
+
+/// Plans the migration of `source`'s guest as `planning` says.
+pub(crate) fn plan(
+    planning: &Planning,
+    source: &mut QemuSource,
+    device_state_estimate: u64,
+) -> Result<Planned, MigrationError> {
+    let pages = source.page_count();
+    let (order, predicted, s, origin) = match planning {
+        Planning::Fixed { m, s } => (
+            PageOrder::by_address(pages, *m)?,
+            None,
+            *s,
+            "fixed M and S, address order".to_string(),
+        ),
+        Planning::Profile {
+            path,
+            rate,
+            rtt,
+            downtime_target,
+        } => {
+            let p = plan_in_process(path, *rate, *rtt, *downtime_target, pages)?;
+            (p.order, Some(p.predicted), p.s, p.origin)
+        }
+        Planning::ProfileNow {
+            path,
+            samples,
+            interval,
+            rate,
+            rtt,
+            downtime_target,
+        } => {
+            let stats = profile_writes(source, *samples, *interval, device_state_estimate, path)?;
+            let p = plan_in_process(path, *rate, *rtt, *downtime_target, pages)?;
+            let origin = format!(
+                "{} after profiling writes for {} x {:.2} s ({} pages written; reads not sampled, assumed where writes are)",
+                p.origin, stats.samples, stats.interval_s, stats.pages_written
+            );
+            (p.order, Some(p.predicted), p.s, origin)
+        }
+        Planning::Segment { name, profile } => {
+            let p = plan_from_segment(name, profile, pages, Duration::from_secs(30))?;
+            (p.order, Some(p.predicted), p.s, p.origin)
+        }
+    };
+    // The disks' chunks, in address order with the plan's S as prefix.
+    let (order, chunks) = match source.disks() {
+        Some(d) => {
+            let n = d.space().chunks();
+            (order.with_chunks(PageOrder::by_address(n, s)?), n)
+        }
+        None => (order, 1),
+    };
+    let geometry = Geometry::new(
+        source.page_size() as u32,
+        pages,
+        crate::storage::DEFAULT_CHUNK_SIZE as u32,
+        chunks,
+        source.device_state_max(),
+    );
+    Ok(Planned {
+        order,
+        predicted,
+        s,
+        origin,
+        geometry,
+    })
+}
+
+pub(crate) fn write_pid(dir: &std::path::Path, role: &str, pid: u32) -> Result<(), MigrationError> {
     let p = dir.join(format!("{role}.pid"));
     std::fs::write(&p, format!("{pid}\n")).map_err(io(format!("writing {}", p.display())))
 }

@@ -9,7 +9,7 @@
 //! wanmig demo [--json]                         the built-in guest over 40 Mbit/s, 5 ms
 //! ```
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use wanmig_datapath::backend::qemu::{DiskSpec, GuestSpec};
 use wanmig_datapath::connection::{self, LinkConfig};
 use wanmig_datapath::engine::{DestConfig, SourceConfig};
+use wanmig_datapath::host::{HostSpec, run_destination_host, run_source_host};
 use wanmig_datapath::migration::{
     LocalMigration, LocalOutcome, MigrationError, Planning, run_local, run_over_wan,
 };
@@ -50,12 +51,62 @@ enum Command {
     /// Migrate a QEMU guest started here, source and destination engines on
     /// either side of an emulated WAN.
     Migrate(Box<MigrateArgs>),
+    /// On the destination host: start QEMU waiting for the guest, accept one
+    /// migration, run the destination engine. The guest then runs here.
+    Destination(Box<DestinationArgs>),
+    /// On the source host: start the guest, plan, connect to the destination
+    /// engine and migrate. (`--no-wan`, `--wan-name` and `--hold` do not
+    /// apply.)
+    Source(Box<SourceArgs>),
     /// The built-in guest with its page checker over a 40 Mbit/s, 5 ms WAN.
     Demo {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Args, Clone)]
+struct DestinationArgs {
+    /// Address to listen on for the source engine (e.g. 0.0.0.0:7700).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The pre-shared key file (`wanmig keygen`), the same on both hosts.
+    #[arg(long)]
+    key: PathBuf,
+    /// Guest RAM, MiB (as on the source).
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    /// The built-in guest's workload (as on the source).
+    #[arg(long, default_value = "pagecheck")]
+    workload: String,
+    /// More guest kernel parameters (as on the source).
+    #[arg(long, default_value = "")]
+    guest_params: String,
+    /// A virtio disk of this many MiB (as on the source; 0: none).
+    #[arg(long, default_value_t = 0)]
+    disk_mib: u64,
+    /// Keep the guest paused until everything has arrived.
+    #[arg(long)]
+    hold: bool,
+    /// Directory for sockets, logs and pid files [default: /run/wanmig/<tag>].
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+struct SourceArgs {
+    /// The destination engine's address.
+    #[arg(long)]
+    connect: SocketAddr,
+    /// The pre-shared key file (`wanmig keygen`), the same on both hosts.
+    #[arg(long)]
+    key: PathBuf,
+    #[command(flatten)]
+    migrate: MigrateArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -128,6 +179,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keygen { out } => keygen(&out),
         Command::Migrate(args) => migrate(&args),
+        Command::Destination(args) => destination(&args),
+        Command::Source(args) => source(&args),
         Command::Demo { json } => migrate(&MigrateArgs {
             m: None,
             s: 0.5,
@@ -181,20 +234,12 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/run/wanmig/{tag}")));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let mut params = format!("wanmig.workload={} {}", args.workload, args.guest_params);
-    if args.disk_mib > 0 && !args.guest_params.contains("wanmig.disk=") {
-        params.push_str(&format!(
-            " wanmig.disk=check wanmig.diskmib={}",
-            args.disk_mib.min(32)
-        ));
-    }
-    let mut guest = GuestSpec::builtin(args.memory_mib, &params)?;
-    if args.disk_mib > 0 {
-        guest.disks.push(DiskSpec {
-            size: args.disk_mib << 20,
-            image: None,
-        });
-    }
+    let guest = guest_spec(
+        args.memory_mib,
+        &args.workload,
+        &args.guest_params,
+        args.disk_mib,
+    )?;
     let planning = planning(args, &run_dir)?;
     let spec = LocalMigration {
         guest,
@@ -261,6 +306,174 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
     let code = report(&outcome, args.json)?;
     outcome.cleanup();
     Ok(code)
+}
+
+/// The built-in guest with `workload`, more kernel parameters, and a disk of
+/// `disk_mib` MiB with the disk checker on it (0: no disk).
+fn guest_spec(memory_mib: u64, workload: &str, extra: &str, disk_mib: u64) -> Result<GuestSpec> {
+    let mut params = format!("wanmig.workload={workload} {extra}");
+    if disk_mib > 0 && !extra.contains("wanmig.disk=") {
+        params.push_str(&format!(
+            " wanmig.disk=check wanmig.diskmib={}",
+            disk_mib.min(32)
+        ));
+    }
+    let mut guest = GuestSpec::builtin(memory_mib, &params)?;
+    if disk_mib > 0 {
+        guest.disks.push(DiskSpec {
+            size: disk_mib << 20,
+            image: None,
+        });
+    }
+    Ok(guest)
+}
+
+fn host_spec(
+    guest: GuestSpec,
+    key: &std::path::Path,
+    run_dir: Option<&PathBuf>,
+    role: &str,
+) -> Result<HostSpec> {
+    let key = PskKey::load(key).with_context(|| format!("reading the key {}", key.display()))?;
+    let tag = format!("{role}{}", std::process::id());
+    let run_dir = run_dir
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(format!("/run/wanmig/{tag}")));
+    Ok(HostSpec {
+        guest,
+        run_dir,
+        tag,
+        key,
+        link: LinkConfig::default(),
+    })
+}
+
+fn destination(args: &DestinationArgs) -> Result<ExitCode> {
+    if unsafe_not_root() {
+        bail!("must run as root (QEMU's userfaultfd)");
+    }
+    let guest = guest_spec(
+        args.memory_mib,
+        &args.workload,
+        &args.guest_params,
+        args.disk_mib,
+    )?;
+    let spec = host_spec(guest, &args.key, args.run_dir.as_ref(), "dst")?;
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("listening on {}", args.listen))?;
+    if !args.json {
+        eprintln!("waiting for the source engine on {}", args.listen);
+    }
+    let cfg = DestConfig {
+        hold: args.hold,
+        ..DestConfig::default()
+    };
+    let out = run_destination_host(&spec, listener, &cfg)?;
+    let r = &out.report;
+    let differing = r.integrity.map_or(0, |i| i.pages_differing)
+        + r.storage.as_ref().map_or(0, |s| s.chunks_differing);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "destination": r,
+                "qemu": {
+                    "pid": out.dest.pid(),
+                    "qmp": out.paths.qmp,
+                    "serial": out.paths.serial,
+                    "ram": out.paths.ram,
+                },
+            })
+        );
+    } else {
+        println!(
+            "the guest runs here: QEMU pid {}, QMP {}, console {}",
+            out.dest.pid(),
+            out.paths.qmp.display(),
+            out.paths.serial.display()
+        );
+        println!(
+            "post-copy: remote uptime {:.2} s, penalty {:.3} s over {} faults; integrity: {:?}",
+            r.uptime_s, r.penalty_s, r.faults, r.integrity
+        );
+    }
+    let mut dest = out.dest;
+    if dest.has_disks() {
+        // This process serves the guest's disks: stay until QEMU exits.
+        if !args.json {
+            eprintln!("serving the guest's disks until its QEMU exits");
+        }
+        while dest.process().is_running() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    } else {
+        dest.detach();
+    }
+    Ok(if differing == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("wanmig: DATA MISMATCH: the guest did not arrive intact");
+        ExitCode::from(2)
+    })
+}
+
+fn source(args: &SourceArgs) -> Result<ExitCode> {
+    if unsafe_not_root() {
+        bail!("must run as root (QEMU's userfaultfd)");
+    }
+    let m = &args.migrate;
+    let guest = guest_spec(m.memory_mib, &m.workload, &m.guest_params, m.disk_mib)?;
+    let spec = host_spec(guest, &args.key, m.run_dir.as_ref(), "src")?;
+    std::fs::create_dir_all(&spec.run_dir)
+        .with_context(|| format!("creating {}", spec.run_dir.display()))?;
+    let planning = planning(m, &spec.run_dir)?;
+    let cfg = SourceConfig {
+        downtime_target: m.downtime_target,
+        ..SourceConfig::default()
+    };
+    let warmup = (3, if m.disk_mib > 0 { 2 } else { 0 });
+    let mut out = match run_source_host(&spec, args.connect, &planning, &cfg, warmup) {
+        Ok(o) => o,
+        Err(MigrationError::SourceKept { cause, kept }) => {
+            let (qmp, ram) = (kept.paths.qmp.clone(), kept.paths.ram.clone());
+            let pid = kept.detach();
+            return Err(anyhow::Error::new(*cause).context(format!(
+                "the migration failed before the destination ran the guest; it still runs here (QEMU pid {pid}, QMP {}, RAM {})",
+                qmp.display(),
+                ram.display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let r = &out.report;
+    if m.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "plan": { "m": r.m, "s": out.s, "origin": out.plan_origin },
+                "predicted": out.predicted,
+                "source": r,
+            })
+        );
+    } else {
+        println!(
+            "plan: M = {:.2}, S = {:.2} ({})",
+            r.m, out.s, out.plan_origin
+        );
+        println!(
+            "downtime (source clock): {} (upper bound {}), {:.1} MB sent, pre-copy {:.2} s, push {:.2} s",
+            r.downtime_estimate_s
+                .map_or("n/a".into(), |d| format!("{:.0} ms", d * 1e3)),
+            r.downtime_upper_s
+                .map_or("n/a".into(), |d| format!("{:.0} ms", d * 1e3)),
+            r.bytes_sent as f64 / 1e6,
+            r.precopy_s,
+            r.push_s
+        );
+    }
+    // The guest runs at the destination: this QEMU holds a stale copy.
+    out.source.process().qmp().quit().ok();
+    Ok(ExitCode::SUCCESS)
 }
 
 fn planning(args: &MigrateArgs, run_dir: &std::path::Path) -> Result<Planning> {

@@ -212,6 +212,23 @@ impl QemuDest {
         &mut self.process
     }
 
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Lets QEMU (and the guest) run on after this handle is gone; returns
+    /// its pid. Its disks' NBD servers stop with this process: detach only
+    /// a guest without disks.
+    pub fn detach(self) -> u32 {
+        self.process.detach()
+    }
+
+    /// True if the guest has disks (served by this process).
+    pub fn has_disks(&self) -> bool {
+        self.disks.is_some()
+    }
+
     fn scan_written(&self, out: &mut DirtyBitmap) -> Result<(), BackendError> {
         let range = self.installer.range;
         let mut scanner = PagemapScanner::open(self.process_pid(), range)
