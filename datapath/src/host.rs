@@ -37,6 +37,19 @@ pub struct HostSpec {
     pub key: PskKey,
     /// Transport tuning.
     pub link: LinkConfig,
+    /// Source: attach to this running QEMU instead of starting one.
+    pub attach: Option<AttachTo>,
+}
+
+/// A running QEMU to migrate, started by someone else with the preload
+/// library in attach mode (`WANMIG_UFFD_SOCK=attach`,
+/// `WANMIG_UFFD_MODE=wp-async`).
+#[derive(Debug, Clone)]
+pub struct AttachTo {
+    /// Its QMP socket.
+    pub qmp: PathBuf,
+    /// Its guest-RAM file (`/dev/shm/wanmig-...`, `share=on`).
+    pub ram: PathBuf,
 }
 
 /// A finished migration on the destination host: the guest runs here.
@@ -126,17 +139,31 @@ pub fn run_source_host(
         "creating {}",
         spec.run_dir.display()
     )))?;
-    let paths = QemuPaths::new(&spec.run_dir, &spec.tag, "source");
+    let mut paths = QemuPaths::new(&spec.run_dir, &spec.tag, "source");
     let mut files = Leftovers::default();
-    files.add(&paths.ram);
-    files.add(&paths.uffd_sock);
     files.add(&spec.run_dir.join("source.migrate"));
-    let mut source = QemuSource::start(&spec.guest, &paths, &spec.run_dir)?;
+    let mut source = match &spec.attach {
+        None => {
+            files.add(&paths.ram);
+            files.add(&paths.uffd_sock);
+            QemuSource::start(&spec.guest, &paths, &spec.run_dir)?
+        }
+        // Its files are not ours either.
+        Some(a) => {
+            paths.qmp = a.qmp.clone();
+            paths.ram = a.ram.clone();
+            QemuSource::attach(&paths, &spec.run_dir)?
+        }
+    };
     write_pid(&spec.run_dir, "source", source.pid())?;
     let mut log = SerialLog::new(&paths.serial);
     let mut engines_started = false;
+    let attached = spec.attach.is_some();
     let result = (|| {
-        warm_up(&mut log, warmup.0, warmup.1, &paths.serial)?;
+        if !attached {
+            // An attached guest's console is not ours to read.
+            warm_up(&mut log, warmup.0, warmup.1, &paths.serial)?;
+        }
         let Planned {
             order,
             predicted,
@@ -170,7 +197,9 @@ pub fn run_source_host(
             }
             files.keep(&paths.ram);
             let mut kept_files = Leftovers::default();
-            kept_files.add(&paths.ram);
+            if !attached {
+                kept_files.add(&paths.ram);
+            }
             Err(MigrationError::SourceKept {
                 cause: Box::new(cause),
                 kept: Box::new(KeptSource {

@@ -49,7 +49,10 @@ mod uffd_sys;
 pub const ENV_PREFIX: &str = "WANMIG_PREFIX";
 /// The prefix used when [`ENV_PREFIX`] is unset.
 pub const DEFAULT_PREFIX: &str = "/dev/shm/wanmig-";
-/// Environment variable: the engine's unix socket for registrations.
+/// Environment variable: the engine's unix socket for registrations, or
+/// `attach`: register the mapping, keep the userfaultfd, and go on (an
+/// engine started later takes a copy with `pidfd_getfd(2)`; see
+/// `wanmig source --attach-qmp`).
 pub const ENV_UFFD_SOCK: &str = "WANMIG_UFFD_SOCK";
 /// Environment variable: the registration mode, one of `wp-async`, `missing`,
 /// `missing+wp-async` ([`proto::UffdMode::env_value`]).

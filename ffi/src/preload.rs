@@ -46,6 +46,8 @@ static ARMED: AtomicBool = AtomicBool::new(false);
 const C_ENV_PREFIX: &CStr = c"WANMIG_PREFIX";
 const C_ENV_UFFD_SOCK: &CStr = c"WANMIG_UFFD_SOCK";
 const C_ENV_UFFD_MODE: &CStr = c"WANMIG_UFFD_MODE";
+/// `WANMIG_UFFD_SOCK` value: no hand-over; an engine attaches later.
+const ATTACH: &[u8] = b"attach";
 
 /// Runs when the shared object is loaded (before `main`): resolves the real
 /// `mmap` and decides whether to arm the wrappers.
@@ -372,6 +374,20 @@ fn register(base: u64, len: u64, offset: off_t, path: &[u8]) {
             "cannot describe {path_shown} to the engine: {e}"
         )),
     };
+    if sock == ATTACH {
+        // No engine yet: keep the descriptor for one that attaches later
+        // (it takes it with pidfd_getfd(2)).
+        let mut m = StackMsg::new();
+        let _ = write!(
+            m,
+            "wanmig-preload[{pid}]: {path_shown} at {base:#x} len {reg_len} offset {offset}: \
+             registered {mode} on uffd {uffd} (via {how}, features {:#x}); kept for an engine \
+             to attach",
+            mode.api_features()
+        );
+        m.emit();
+        return;
+    }
     if let Err(f) = hand_over(sock, &msg, uffd) {
         die(format_args!(
             "handing the userfaultfd of {path_shown} to the engine at {ENV_UFFD_SOCK}={} \

@@ -16,39 +16,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use wanmig_tests::{KillOnDrop, alive, wanmig, wanmig_in};
 use wanmig_wan::{Wan, WanConfig};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// The `wanmig` binary next to this test's directory (`scripts/test` builds
-/// the workspace first).
-fn wanmig() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join("wanmig");
-    assert!(
-        p.is_file(),
-        "{} missing: build the workspace first (`cargo build --workspace`, as scripts/test does)",
-        p.display()
-    );
-    p
-}
-
-fn in_ns(ns: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]).arg(wanmig());
-    c
-}
-
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-}
-
-fn kill(pid: u32) {
-    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-}
 
 struct Scratch(PathBuf);
 
@@ -78,7 +49,7 @@ fn setup(name: &str) -> (Scratch, PathBuf, Wan) {
 }
 
 fn spawn_destination(wan: &Wan, key: &Path, run_dir: &Path, port: u16) -> Child {
-    in_ns(wan.dst_ns())
+    wanmig_in(wan.dst_ns())
         .args([
             "destination",
             "--listen",
@@ -94,7 +65,7 @@ fn spawn_destination(wan: &Wan, key: &Path, run_dir: &Path, port: u16) -> Child 
 }
 
 fn run_source(wan: &Wan, key: &Path, run_dir: &Path, port: u16) -> Output {
-    in_ns(wan.src_ns())
+    wanmig_in(wan.src_ns())
         .args(["source", "--connect", &format!("{}:{port}", wan.dst_addr())])
         .args(["--key", key.to_str().unwrap(), "--m", "0.5"])
         .args(["--guest-params", "wanmig.rate=2 wanmig.mib=32"])
@@ -124,7 +95,7 @@ fn a_guest_migrates_between_two_per_host_engines() {
     let s = json(&src.stdout);
     let d = json(&dst.stdout);
     let qemu = d["qemu"]["pid"].as_u64().unwrap() as u32;
-    let guard = scopeguard(qemu);
+    let guard = KillOnDrop(qemu);
     // The destination's integrity check, on its own clock and data.
     let i = &d["destination"]["integrity"];
     assert_eq!(i["pages_differing"], 0, "{d}");
@@ -166,17 +137,6 @@ fn a_guest_migrates_between_two_per_host_engines() {
     drop(guard);
 }
 
-/// Kills the destination QEMU (left running by design) when dropped.
-fn scopeguard(pid: u32) -> impl Drop {
-    struct K(u32);
-    impl Drop for K {
-        fn drop(&mut self) {
-            kill(self.0);
-        }
-    }
-    K(pid)
-}
-
 #[test]
 fn a_source_with_the_wrong_key_is_refused_and_keeps_its_guest() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -199,13 +159,13 @@ fn a_source_with_the_wrong_key_is_refused_and_keeps_its_guest() {
         .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no pid in: {err}"));
-    let guard = scopeguard(pid);
+    let guard = KillOnDrop(pid);
     assert!(alive(pid), "the source guest runs on");
     // The destination refused the peer; stop it and its QEMU.
     let _ = dst.kill();
     let _ = dst.wait();
     if let Ok(p) = std::fs::read_to_string(dst_dir.join("destination.pid")) {
-        kill(p.trim().parse().unwrap_or(0));
+        wanmig_tests::kill(p.trim().parse().unwrap_or(0));
     }
     drop(guard);
 }

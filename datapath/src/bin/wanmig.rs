@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use wanmig_datapath::backend::qemu::{DiskSpec, GuestSpec};
 use wanmig_datapath::connection::{self, LinkConfig};
 use wanmig_datapath::engine::{DestConfig, SourceConfig};
-use wanmig_datapath::host::{HostSpec, run_destination_host, run_source_host};
+use wanmig_datapath::host::{AttachTo, HostSpec, run_destination_host, run_source_host};
 use wanmig_datapath::migration::{
     LocalMigration, LocalOutcome, MigrationError, Planning, run_local, run_over_wan,
 };
@@ -105,6 +105,17 @@ struct SourceArgs {
     /// The pre-shared key file (`wanmig keygen`), the same on both hosts.
     #[arg(long)]
     key: PathBuf,
+    /// Migrate this running QEMU (its QMP socket) instead of starting the
+    /// built-in guest. It must have been started with the preload library in
+    /// attach mode: LD_PRELOAD=libwanmig_ffi.so WANMIG_UFFD_SOCK=attach
+    /// WANMIG_UFFD_MODE=wp-async, guest RAM in a memory-backend-file under
+    /// /dev/shm/wanmig- with share=on. The destination's guest options must
+    /// describe the same machine.
+    #[arg(long, requires = "attach_ram")]
+    attach_qmp: Option<PathBuf>,
+    /// With --attach-qmp: its guest-RAM file.
+    #[arg(long, requires = "attach_qmp")]
+    attach_ram: Option<PathBuf>,
     #[command(flatten)]
     migrate: MigrateArgs,
 }
@@ -345,6 +356,7 @@ fn host_spec(
         tag,
         key,
         link: LinkConfig::default(),
+        attach: None,
     })
 }
 
@@ -423,7 +435,13 @@ fn source(args: &SourceArgs) -> Result<ExitCode> {
     }
     let m = &args.migrate;
     let guest = guest_spec(m.memory_mib, &m.workload, &m.guest_params, m.disk_mib)?;
-    let spec = host_spec(guest, &args.key, m.run_dir.as_ref(), "src")?;
+    let mut spec = host_spec(guest, &args.key, m.run_dir.as_ref(), "src")?;
+    if let (Some(qmp), Some(ram)) = (&args.attach_qmp, &args.attach_ram) {
+        spec.attach = Some(AttachTo {
+            qmp: qmp.clone(),
+            ram: ram.clone(),
+        });
+    }
     std::fs::create_dir_all(&spec.run_dir)
         .with_context(|| format!("creating {}", spec.run_dir.display()))?;
     let planning = planning(m, &spec.run_dir)?;
@@ -471,8 +489,11 @@ fn source(args: &SourceArgs) -> Result<ExitCode> {
             r.push_s
         );
     }
-    // The guest runs at the destination: this QEMU holds a stale copy.
-    out.source.process().qmp().quit().ok();
+    // The guest runs at the destination: this QEMU holds a stale copy. An
+    // attached one is left (paused) to whoever started it.
+    if !out.source.process().is_attached() {
+        out.source.process().qmp().quit().ok();
+    }
     Ok(ExitCode::SUCCESS)
 }
 

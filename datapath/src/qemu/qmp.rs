@@ -173,6 +173,30 @@ pub struct QmpClient {
 }
 
 impl QmpClient {
+    /// The pid of the process at the other end of the QMP socket
+    /// (`SO_PEERCRED`): QEMU's.
+    pub fn peer_pid(&self) -> Option<u32> {
+        use std::os::fd::AsRawFd;
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: SO_PEERCRED writes one `struct ucred` of `len` bytes into
+        // `cred`, a live local.
+        let r = unsafe {
+            libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
+    }
+
     /// Connects to the QMP socket at `path`, retrying until it appears and
     /// accepts (QEMU starting), reads the greeting, checks the version and
     /// negotiates capabilities, all within `timeout`.

@@ -210,10 +210,13 @@ pub fn locate_preload() -> Result<PathBuf, LaunchError> {
     })
 }
 
-/// A running QEMU, killed when dropped.
+/// A running QEMU: started here (killed when dropped), or attached to
+/// (left running when dropped: it belongs to whoever started it).
 #[derive(Debug)]
 pub struct QemuProcess {
-    child: Child,
+    /// `None` for an attached QEMU.
+    child: Option<Child>,
+    pid: u32,
     /// Its QMP connection (after [`connect_qmp`](Self::connect_qmp)).
     qmp: Option<QmpClient>,
     /// Its paths.
@@ -289,8 +292,25 @@ impl QemuProcess {
             source,
         })?;
         Ok(QemuProcess {
-            child,
+            pid: child.id(),
+            child: Some(child),
             qmp: None,
+            paths: paths.clone(),
+        })
+    }
+
+    /// Attaches to a QEMU someone else started, through its QMP socket
+    /// `paths.qmp`; its pid comes from the socket (`SO_PEERCRED`).
+    pub fn attach(paths: &QemuPaths) -> Result<Self, LaunchError> {
+        let qmp = QmpClient::connect(&paths.qmp, Duration::from_secs(10))?;
+        let pid = qmp.peer_pid().ok_or_else(|| LaunchError::File {
+            path: paths.qmp.clone(),
+            source: io::Error::other("no peer credentials on the QMP socket"),
+        })?;
+        Ok(QemuProcess {
+            child: None,
+            pid,
+            qmp: Some(qmp),
             paths: paths.clone(),
         })
     }
@@ -303,9 +323,9 @@ impl QemuProcess {
                 self.qmp = Some(qmp);
                 Ok(())
             }
-            Err(e) => match self.child.try_wait().ok().flatten() {
-                Some(s) => Err(LaunchError::Exited {
-                    status: s.to_string(),
+            Err(e) => match self.exit_status() {
+                Some(status) => Err(LaunchError::Exited {
+                    status,
                     log: self.paths.log.clone(),
                 }),
                 None => Err(e.into()),
@@ -323,12 +343,21 @@ impl QemuProcess {
 
     /// Why QEMU is gone, if it is.
     pub fn exit_status(&mut self) -> Option<String> {
-        self.child.try_wait().ok().flatten().map(|s| s.to_string())
+        match &mut self.child {
+            Some(c) => c.try_wait().ok().flatten().map(|s| s.to_string()),
+            None => (!std::path::Path::new(&format!("/proc/{}", self.pid)).exists())
+                .then(|| "exited".to_string()),
+        }
     }
 
     /// QEMU's pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
+    }
+
+    /// True if this process did not start QEMU (it is never killed here).
+    pub fn is_attached(&self) -> bool {
+        self.child.is_none()
     }
 
     /// Lets QEMU run on after this handle (and this process) is gone: it is
@@ -343,7 +372,7 @@ impl QemuProcess {
 
     /// Whether QEMU still runs.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.exit_status().is_none()
     }
 
     /// Asks QEMU to quit, then kills it if it does not.
@@ -362,9 +391,12 @@ impl QemuProcess {
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
+        // An attached QEMU is not ours to kill.
+        if let Some(child) = &mut self.child {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
         }
-        let _ = self.child.wait();
     }
 }

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use wanmig_preload_proto::{
-    ACK_ACCEPT, ACK_REFUSE, REGISTRATION_LEN, RegistrationError, UffdMode, UffdRegistration,
+    ACK_ACCEPT, ACK_REFUSE, REGISTRATION_LEN, RegistrationError, RegistrationFields,
+    RegistrationMsg, UffdMode, UffdRegistration,
 };
 
 use crate::uffd::{AdoptError, Features, RecvFdError, Userfaultfd, recv_fd};
@@ -197,6 +198,133 @@ fn receive(
         .map_err(|e| RegistrationFailure::Inspect(format!("{}: {e}", smaps.display())))?;
     check_vm_flags(&text, info.base, info.len, mode)?;
     Ok(Registration { uffd, info })
+}
+
+/// Takes the guest-RAM userfaultfd of a QEMU that was started with the
+/// preload library in attach mode (`WANMIG_UFFD_SOCK=attach`): finds the
+/// mapping of `ram` in `/proc/<pid>/maps`, QEMU's one userfaultfd in
+/// `/proc/<pid>/fd`, copies it with `pidfd_getfd(2)` (ptrace rights: root,
+/// or the same user with Yama's `ptrace_scope` 0), and checks it as a
+/// hand-over is checked.
+pub fn attach_registration(
+    pid: u32,
+    ram: &Path,
+    len: u64,
+    mode: UffdMode,
+) -> Result<Registration, RegistrationFailure> {
+    let inspect = |what: String| RegistrationFailure::Inspect(what);
+    // The mapping.
+    let maps_path = format!("/proc/{pid}/maps");
+    let maps =
+        std::fs::read_to_string(&maps_path).map_err(|e| inspect(format!("{maps_path}: {e}")))?;
+    let base = maps
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(5)
+                .is_some_and(|p| Path::new(p) == ram)
+        })
+        .filter_map(|l| {
+            let (a, _) = l.split_whitespace().next()?.split_once('-')?;
+            u64::from_str_radix(a, 16).ok()
+        })
+        .min()
+        .ok_or_else(|| RegistrationFailure::Unexpected {
+            what: "guest RAM mapping",
+            got: format!("no mapping of {} in QEMU pid {pid}", ram.display()),
+            expected: "QEMU's memory-backend-file on that path".into(),
+        })?;
+    // QEMU's userfaultfd.
+    let fd_dir = format!("/proc/{pid}/fd");
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(&fd_dir).map_err(|e| inspect(format!("{fd_dir}: {e}")))? {
+        let Ok(e) = e else { continue };
+        let is_uffd =
+            std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[userfaultfd]");
+        if is_uffd {
+            if let Some(n) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+                found.push(n);
+            }
+        }
+    }
+    let target = match found[..] {
+        [fd] => fd,
+        [] => {
+            return Err(RegistrationFailure::Unexpected {
+                what: "userfaultfd in QEMU",
+                got: format!("none in pid {pid}"),
+                expected: "one (start QEMU with LD_PRELOAD=libwanmig_ffi.so, \
+                           WANMIG_UFFD_SOCK=attach and WANMIG_UFFD_MODE)"
+                    .into(),
+            });
+        }
+        _ => {
+            return Err(RegistrationFailure::Unexpected {
+                what: "userfaultfd in QEMU",
+                got: format!("{} in pid {pid} (fds {found:?})", found.len()),
+                expected: "exactly one".into(),
+            });
+        }
+    };
+    let fd = take_fd(pid, target)?;
+    let uffd = Userfaultfd::from_owned_fd(fd)?;
+    check_features(&uffd, mode)?;
+    let smaps = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&smaps).map_err(|e| inspect(format!("{smaps}: {e}")))?;
+    check_vm_flags(&text, base, len, mode)?;
+    let path = ram.as_os_str().as_encoded_bytes();
+    let msg = RegistrationMsg::new(&RegistrationFields {
+        mode,
+        pid: pid as i32,
+        base,
+        len,
+        file_offset: 0,
+        features: mode.api_features(),
+        ioctls: 0,
+        path,
+    })?;
+    let info = UffdRegistration::parse(zerocopy::IntoBytes::as_bytes(&msg))?;
+    Ok(Registration { uffd, info })
+}
+
+/// A copy of descriptor `target` of process `pid` (`pidfd_getfd(2)`).
+fn take_fd(pid: u32, target: i32) -> Result<std::os::fd::OwnedFd, RegistrationFailure> {
+    use std::os::fd::FromRawFd;
+    let fail = |what: &str, e: std::io::Error| {
+        let hint = if e.raw_os_error() == Some(libc::EPERM) {
+            " (needs ptrace rights over QEMU: run as root, or as its user with \
+             /proc/sys/kernel/yama/ptrace_scope = 0)"
+        } else {
+            ""
+        };
+        RegistrationFailure::Inspect(format!("{what} of QEMU pid {pid}: {e}{hint}"))
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let pidfd =
+        unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0 as libc::c_long) };
+    if pidfd < 0 {
+        return Err(fail("pidfd_open", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pidfd_open returned a descriptor we own.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    let raw = {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_getfd takes a pidfd, a target descriptor number and
+        // flags, and returns a new descriptor (close-on-exec).
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_getfd,
+                pidfd.as_raw_fd() as libc::c_long,
+                target as libc::c_long,
+                0 as libc::c_long,
+            )
+        }
+    };
+    if raw < 0 {
+        return Err(fail("pidfd_getfd", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pidfd_getfd returned a descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw as i32) })
 }
 
 /// The descriptor has the features `mode` relies on enabled.

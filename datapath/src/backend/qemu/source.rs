@@ -83,6 +83,51 @@ impl QemuSource {
         process
             .connect_qmp()
             .map_err(|e| BackendError::new(B, "QMP", e))?;
+        Self::with(process, reg, len, paths, run_dir, disks)
+    }
+
+    /// Attaches to a running QEMU that someone else started (a management
+    /// stack) with the preload library in attach mode
+    /// (`LD_PRELOAD=libwanmig_ffi.so WANMIG_UFFD_SOCK=attach
+    /// WANMIG_UFFD_MODE=wp-async`) and its guest RAM in `paths.ram`: QMP on
+    /// `paths.qmp`, the userfaultfd taken with `pidfd_getfd(2)`. Dropping
+    /// the backend leaves QEMU running. Guests whose disks the engine does
+    /// not serve are migrated memory-only.
+    pub fn attach(paths: &QemuPaths, run_dir: &std::path::Path) -> Result<Self, BackendError> {
+        let mut process =
+            QemuProcess::attach(paths).map_err(|e| BackendError::new(B, "attaching to QEMU", e))?;
+        let status = process
+            .qmp()
+            .query_status()
+            .map_err(|e| BackendError::new(B, "query-status", e))?;
+        if status.status != crate::qemu::RunState::Running {
+            return Err(BackendError::new(
+                B,
+                "attaching to QEMU",
+                format!("its guest is {:?}, not running", status.status),
+            ));
+        }
+        let len = std::fs::metadata(&paths.ram)
+            .map_err(|e| BackendError::new(B, "guest RAM file", e))?
+            .len();
+        let reg = super::registration::attach_registration(
+            process.pid(),
+            &paths.ram,
+            len,
+            UffdMode::WpAsync,
+        )
+        .map_err(|e| BackendError::new(B, "RAM registration", e))?;
+        Self::with(process, reg, len, paths, run_dir, None)
+    }
+
+    fn with(
+        mut process: QemuProcess,
+        reg: super::registration::Registration,
+        len: u64,
+        paths: &QemuPaths,
+        run_dir: &std::path::Path,
+        disks: Option<(super::disks::DiskServers, Arc<crate::storage::SourceDisks>)>,
+    ) -> Result<Self, BackendError> {
         process
             .qmp()
             .migrate_set_capabilities(&[("x-ignore-shared", true)])
