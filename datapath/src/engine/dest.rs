@@ -1175,10 +1175,7 @@ fn start_fault_threads(
                 .and_then(|_| t.flush());
         }));
     }
-    let sock = rx.socket().try_clone().map_err(|e| EngineError::Recv {
-        conn: "fault",
-        message: format!("cloning the socket: {e}"),
-    })?;
+    let sock = super::error::socket_clone(&rx, "fault")?;
     let dec = session.decoder();
     let answer_disks = disks.clone();
     let requester_disks = disks;

@@ -122,3 +122,15 @@ impl From<DecodeError> for EngineError {
         EngineError::Protocol(e.to_string())
     }
 }
+
+/// A second handle on `rx`'s socket (to shut it down under a thread
+/// blocked on it).
+pub(crate) fn socket_clone(
+    rx: &crate::transport::FrameReceiver,
+    conn: &'static str,
+) -> Result<std::net::TcpStream, EngineError> {
+    rx.socket().try_clone().map_err(|e| EngineError::Recv {
+        conn,
+        message: format!("cloning the socket: {e}"),
+    })
+}

@@ -377,14 +377,7 @@ impl FaultServer {
         sent: Arc<SentByFault>,
         chunks: Option<(Arc<SourceDisks>, Arc<SentByFault>)>,
     ) -> Result<Self, EngineError> {
-        let sock = fault
-            .rx
-            .socket()
-            .try_clone()
-            .map_err(|e| EngineError::Recv {
-                conn: "fault",
-                message: format!("cloning the socket: {e}"),
-            })?;
+        let sock = super::error::socket_clone(&fault.rx, "fault")?;
         let handle = std::thread::Builder::new()
             .name("wanmig-fault-server".into())
             .spawn(move || serve_faults(fault, mem.as_ref(), ps, &sent, chunks))
@@ -836,14 +829,7 @@ fn postcopy(
     // everything) are read while the push goes on, so that the moment of
     // the resume is seen when it comes.
     let dec = bulk.session.decoder();
-    let sock = bulk
-        .rx
-        .socket()
-        .try_clone()
-        .map_err(|e| EngineError::Recv {
-            conn: "bulk",
-            message: format!("cloning the socket: {e}"),
-        })?;
+    let sock = super::error::socket_clone(&bulk.rx, "bulk")?;
     let Connection { tx, rx, .. } = bulk;
     std::thread::scope(|sc| {
         let reader = std::thread::Builder::new()
