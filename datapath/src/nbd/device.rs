@@ -1,5 +1,6 @@
 //! What an NBD export serves: a [`BlockDevice`], and [`FileImage`], the one
-//! backed by a raw image file or a block device.
+//! backed by a raw image file or a block device (reads and writes through
+//! io_uring where the kernel has it, `pread`/`pwrite` otherwise).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -67,6 +68,8 @@ pub struct FileImage {
     size: u64,
     read_only: bool,
     block_device: bool,
+    /// Reads and writes go through io_uring (else `pread`/`pwrite`).
+    uring: bool,
 }
 
 /// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`.
@@ -105,7 +108,20 @@ impl FileImage {
             size,
             read_only,
             block_device,
+            uring: super::uring_io::available(),
         })
+    }
+
+    /// Uses io_uring for reads and writes (`true`, the default where the
+    /// kernel has it) or `pread`/`pwrite`.
+    pub fn with_uring(mut self, on: bool) -> Self {
+        self.uring = on && super::uring_io::available();
+        self
+    }
+
+    /// True if reads and writes go through io_uring.
+    pub fn uses_uring(&self) -> bool {
+        self.uring
     }
 
     /// The image's path.
@@ -184,16 +200,23 @@ impl BlockDevice for FileImage {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(self.err("read", offset, buf.len() as u64))
+        let len = buf.len() as u64;
+        if self.uring {
+            super::uring_io::read_exact_at(self.file.as_raw_fd(), buf, offset)
+        } else {
+            self.file.read_exact_at(buf, offset)
+        }
+        .map_err(self.err("read", offset, len))
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
         let len = data.len() as u64;
-        self.file
-            .write_all_at(data, offset)
-            .map_err(self.err("write", offset, len))?;
+        if self.uring {
+            super::uring_io::write_all_at(self.file.as_raw_fd(), data, offset)
+        } else {
+            self.file.write_all_at(data, offset)
+        }
+        .map_err(self.err("write", offset, len))?;
         if fua {
             self.datasync("write (FUA)", offset, len)?;
         }
@@ -291,6 +314,26 @@ mod tests {
             assert_eq!(b, if zeroed { 0 } else { d }, "byte {at}");
         }
         img.flush().unwrap();
+    }
+
+    #[test]
+    fn io_uring_and_pread_paths_read_and_write_the_same_bytes() {
+        let (_p, img) = image(1 << 20);
+        let uring = img.with_uring(true);
+        assert_eq!(uring.uses_uring(), super::super::uring_io::available());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        uring.write_at(12345, &data, false).unwrap();
+        let plain = FileImage::open(uring.path(), false)
+            .unwrap()
+            .with_uring(false);
+        let mut back = vec![0u8; data.len()];
+        plain.read_at(12345, &mut back).unwrap();
+        assert_eq!(back, data);
+        let mut again = vec![0u8; data.len()];
+        uring.read_at(12345, &mut again).unwrap();
+        assert_eq!(again, data);
+        let e = uring.read_at((1 << 20) - 10, &mut again[..20]).unwrap_err();
+        assert_eq!(e.source.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

@@ -33,6 +33,7 @@ mod device;
 pub mod proto;
 mod server;
 mod unix;
+mod uring_io;
 
 pub use device::{BlockDevice, DeviceError, FileImage};
 pub use server::{Access, Export, NbdError, RequestLog, ServeEnd, WORKERS, serve};
