@@ -102,6 +102,10 @@ pub enum SendError {
         /// Bytes that left before the close.
         sent: u64,
     },
+    /// The pacer held the stream back this long without the peer
+    /// acknowledging anything: the peer stopped reading.
+    #[error("no progress for {0:?}: the peer acknowledges nothing")]
+    Stalled(std::time::Duration),
     /// io_uring is unusable and was required.
     #[error(transparent)]
     Backend(#[from] ProbeError),
@@ -192,7 +196,15 @@ pub struct FrameSender {
     stats: SendStats,
     poisoned: bool,
     fallback_reason: Option<String>,
+    /// Since when the pacer has held every send back (and `bytes_sent`
+    /// then).
+    paced_since: Option<(Instant, u64)>,
 }
+
+/// How long the pacer may hold the stream back without the peer
+/// acknowledging anything before the stream fails (the liveness limit the
+/// kernel applies to unacknowledged data, `TCP_USER_TIMEOUT`).
+const PACED_STALL: std::time::Duration = super::tcp::USER_TIMEOUT;
 
 impl FrameSender {
     /// Wraps a connected socket.
@@ -216,6 +228,7 @@ impl FrameSender {
             stats: SendStats::default(),
             poisoned: false,
             fallback_reason: choice.fallback_reason,
+            paced_since: None,
         })
     }
 
@@ -418,6 +431,19 @@ impl FrameSender {
                     return Ok(());
                 }
                 NextSend::Paced(deficit) => {
+                    // Held back while nothing gets acknowledged: a peer that
+                    // stopped reading (the kernel sees no unacknowledged
+                    // data, so its own timeout never fires).
+                    let sent = self.stats.bytes_sent;
+                    match self.paced_since {
+                        Some((t, at)) if at == sent => {
+                            if t.elapsed() >= PACED_STALL {
+                                self.poisoned = true;
+                                return Err(SendError::Stalled(PACED_STALL));
+                            }
+                        }
+                        _ => self.paced_since = Some((Instant::now(), sent)),
+                    }
                     if wait {
                         let pause = self.pacer.wait_hint(deficit);
                         let t = Instant::now();
