@@ -25,7 +25,9 @@ use crate::connection::{self, ConnectError, ConnectionPair, LinkConfig};
 use crate::engine::{
     DestConfig, EngineError, PageOrder, PageOrderError, SourceConfig, run_destination, run_source,
 };
-use crate::planning::{PlanningError, plan_from_segment, plan_in_process, profile_writes};
+use crate::planning::{
+    EnginePlan, GuestUnits, PlanningError, plan_from_segment, plan_in_process, profile_guest,
+};
 use crate::qemu::RunState;
 use crate::report::MigrationReport;
 use crate::wire::{Geometry, MigrationId, PskKey, ServerPolicy};
@@ -216,6 +218,9 @@ impl KeptSource {
 pub struct LocalOutcome {
     /// The report.
     pub report: MigrationReport,
+    /// The plan's order: pages (and the disks' chunks) in priority order,
+    /// the pre-copied prefix first.
+    pub order: PageOrder,
     /// The source QEMU (paused).
     pub source: QemuSource,
     /// The destination QEMU.
@@ -289,6 +294,7 @@ pub fn run_local(
     ) {
         Ok(m) => Ok(LocalOutcome {
             report: m.report,
+            order: m.order,
             source,
             dest: m.dest,
             source_log,
@@ -329,6 +335,7 @@ pub fn run_local(
 /// What [`migrate`] hands back.
 struct Migrated {
     report: MigrationReport,
+    order: PageOrder,
     dest: QemuDest,
     dest_log: SerialLog,
 }
@@ -442,13 +449,15 @@ fn migrate(
     report.plan_origin = origin;
     Ok(Migrated {
         report,
+        order,
         dest,
         dest_log,
     })
 }
 
-/// Waits for `heartbeats` page-checker heartbeats and the `disk`-th disk
-/// checker heartbeat (0: none) on the source's console.
+/// Waits for `heartbeats` page-checker heartbeats and `disk` heartbeats of
+/// the disk workload (the disk checker's or sysbench's; 0: none) on the
+/// source's console.
 pub(crate) fn warm_up(
     log: &mut SerialLog,
     heartbeats: usize,
@@ -464,16 +473,17 @@ pub(crate) fn warm_up(
             serial.display()
         )));
     }
-    if disk > 0 {
-        let warm = log
-            .wait_for(&format!("DHB {disk} "), Duration::from_secs(120))
-            .map_err(io("reading the source console"))?;
-        if !warm {
+    // The disk workload may have a file system to make first.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while log.disk_heartbeats().len() < disk {
+        if Instant::now() >= deadline {
             return Err(MigrationError::Guest(format!(
-                "no disk-checker heartbeat from the guest at the source (see {})",
+                "no disk-workload heartbeat from the guest at the source (see {})",
                 serial.display()
             )));
         }
+        std::thread::sleep(Duration::from_millis(100));
+        log.poll().map_err(io("reading the source console"))?;
     }
     Ok(())
 }
@@ -499,11 +509,18 @@ pub(crate) fn plan(
     device_state_estimate: u64,
 ) -> Result<Planned, MigrationError> {
     let pages = source.page_count();
-    let (order, predicted, s, origin) = match planning {
+    let disks = source.disks();
+    let guest = GuestUnits {
+        pages,
+        chunks: disks.as_ref().map_or(0, |d| d.space().chunks()),
+    };
+    let planned = |p: EnginePlan| (p.order, p.chunk_order, p.s, Some(p.predicted), p.origin);
+    let (order, chunk_order, mut s, predicted, mut origin) = match planning {
         Planning::Fixed { m, s } => (
             PageOrder::by_address(pages, *m)?,
             None,
             *s,
+            None,
             "fixed M and S, address order".to_string(),
         ),
         Planning::Profile {
@@ -511,10 +528,7 @@ pub(crate) fn plan(
             rate,
             rtt,
             downtime_target,
-        } => {
-            let p = plan_in_process(path, *rate, *rtt, *downtime_target, pages)?;
-            (p.order, Some(p.predicted), p.s, p.origin)
-        }
+        } => planned(plan_in_process(path, *rate, *rtt, *downtime_target, guest)?),
         Planning::ProfileNow {
             path,
             samples,
@@ -523,31 +537,55 @@ pub(crate) fn plan(
             rtt,
             downtime_target,
         } => {
-            let stats = profile_writes(source, *samples, *interval, device_state_estimate, path)?;
-            let p = plan_in_process(path, *rate, *rtt, *downtime_target, pages)?;
-            let origin = format!(
-                "{} after profiling writes for {} x {:.2} s ({} pages written; reads not sampled, assumed where writes are)",
-                p.origin, stats.samples, stats.interval_s, stats.pages_written
+            let stats = profile_guest(source, *samples, *interval, device_state_estimate, path)?;
+            let mut p = plan_in_process(path, *rate, *rtt, *downtime_target, guest)?;
+            p.origin = format!(
+                "{} after profiling for {} x {:.2} s ({} pages written; reads of pages not sampled, assumed where writes are{})",
+                p.origin,
+                stats.samples,
+                stats.interval_s,
+                stats.pages_written,
+                if stats.chunks > 0 {
+                    format!(
+                        "; {} of {} chunks read, {} written",
+                        stats.chunks_read, stats.chunks, stats.chunks_written
+                    )
+                } else {
+                    String::new()
+                }
             );
-            (p.order, Some(p.predicted), p.s, origin)
+            planned(p)
         }
-        Planning::Segment { name, profile } => {
-            let p = plan_from_segment(name, profile, pages, Duration::from_secs(30))?;
-            (p.order, Some(p.predicted), p.s, p.origin)
-        }
+        Planning::Segment { name, profile } => planned(plan_from_segment(
+            name,
+            profile,
+            guest,
+            Duration::from_secs(30),
+        )?),
     };
-    // The disks' chunks, in address order with the plan's S as prefix.
-    let (order, chunks) = match source.disks() {
-        Some(d) => {
+    // The disks' chunks: the planner's order, or address order with S as
+    // prefix (a fixed plan, or a profile without chunks: then S = 1, the
+    // safe choice, since the planner did not see the disks).
+    let (order, chunks) = match (&disks, chunk_order) {
+        (Some(d), Some(c)) => (order.with_chunks(c), d.space().chunks()),
+        (Some(d), None) => {
+            if predicted.is_some() {
+                s = 1.0;
+                origin.push_str("; the profile has no chunks: the disks are pre-copied whole");
+            }
             let n = d.space().chunks();
             (order.with_chunks(PageOrder::by_address(n, s)?), n)
         }
-        None => (order, 1),
+        (None, _) => (order, 1),
     };
     let geometry = Geometry::new(
         source.page_size() as u32,
         pages,
-        crate::storage::DEFAULT_CHUNK_SIZE as u32,
+        disks
+            .as_ref()
+            .map_or(crate::storage::DEFAULT_CHUNK_SIZE, |d| {
+                d.space().chunk_size()
+            }) as u32,
         chunks,
         source.device_state_max(),
     );

@@ -49,8 +49,10 @@ pub enum PlanningError {
     #[error("planner: {0}")]
     Planner(String),
     /// The profile does not describe this guest.
-    #[error("the profile has {profile} pages, the guest {guest}")]
+    #[error("the profile has {profile} {what}s, the guest {guest}")]
     Mismatch {
+        /// "page" or "chunk".
+        what: &'static str,
         /// Pages in the profile.
         profile: u64,
         /// Pages of the guest.
@@ -58,12 +60,14 @@ pub enum PlanningError {
     },
     /// The order disagrees with the planner's rule (a bug or a foreign
     /// profile).
-    #[error("page {page} is {what} the planner's pre-copy set but the ranking says otherwise")]
+    #[error("{what} {unit} is {set} the planner's pre-copy set but the ranking says otherwise")]
     RuleDisagrees {
-        /// The page.
-        page: u64,
-        /// "in" or "not in".
+        /// "page" or "chunk".
         what: &'static str,
+        /// The unit.
+        unit: u64,
+        /// "in" or "not in".
+        set: &'static str,
     },
     /// The plan does not fit the guest.
     #[error(transparent)]
@@ -77,9 +81,9 @@ fn profile_err(path: &Path) -> impl Fn(String) -> PlanningError + '_ {
     }
 }
 
-/// What a write profile saw.
+/// What a profile of the running guest saw.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct WriteProfileStats {
+pub struct ProfileStats {
     /// Intervals.
     pub samples: u32,
     /// Interval length, s.
@@ -88,23 +92,48 @@ pub struct WriteProfileStats {
     pub pages_written: u64,
     /// Page-intervals with a write (sum of `w`).
     pub write_events: u64,
+    /// Chunks of the guest's disks (0 without disks).
+    pub chunks: u64,
+    /// Chunks read at least once.
+    pub chunks_read: u64,
+    /// Chunks written at least once.
+    pub chunks_written: u64,
+    /// Chunk-intervals whose writes were whole-block overwrites (sum of `o`).
+    pub chunk_overwrites: u64,
 }
 
-/// Profiles the guest's writes for `samples` intervals of `interval` and
-/// writes the profile to `out` (reads assumed where writes are; see the
-/// module docs). `state_bytes` is the device-state estimate it records.
-pub fn profile_writes(
+/// A unit's interval counts while profiling.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    r: u16,
+    w: u16,
+    o: u16,
+}
+
+/// Profiles the running guest for `samples` intervals of `interval` and
+/// writes the profile to `out`: pages' writes from the dirty log (reads
+/// assumed where writes are; see the module docs) and, for a guest with
+/// disks, chunks' reads, writes and whole-block overwrites from the NBD
+/// request stream. `state_bytes` is the device-state estimate it records.
+pub fn profile_guest(
     backend: &mut dyn SourceBackend,
     samples: u32,
     interval: Duration,
     state_bytes: u64,
     out: &Path,
-) -> Result<WriteProfileStats, PlanningError> {
+) -> Result<ProfileStats, PlanningError> {
     let pages = backend.page_count();
     let ps = backend.page_size();
+    let disks = backend.disks();
+    let chunks = disks.as_ref().map_or(0, |d| d.space().chunks());
     let mut w = vec![0u16; pages as usize];
+    let mut tally = vec![Tally::default(); chunks as usize];
     let mut dirty = page_bitmap(pages, ps);
     backend.dirty_log_start()?;
+    if let Some(d) = &disks {
+        // What the guest did before the first interval is not in it.
+        d.take_interval(|_, _| {});
+    }
     let start = Instant::now();
     for i in 1..=samples {
         let due = start + interval * i;
@@ -115,6 +144,14 @@ pub fn profile_writes(
             if let Some(c) = w.get_mut(p as usize) {
                 *c = c.saturating_add(1);
             }
+        }
+        if let Some(d) = &disks {
+            d.take_interval(|c, what| {
+                let t = &mut tally[c as usize];
+                t.r += u16::from(what.read);
+                t.w += u16::from(what.written);
+                t.o += u16::from(what.overwritten);
+            });
         }
     }
     // Zero at the end: never populated, or populated and all zero (the
@@ -133,22 +170,43 @@ pub fn profile_writes(
             }
         }
     }
+    // Chunks that hold no data (holes of a sparse image) are zero; chunks
+    // with data are not read to find zeros (a TiB disk would take minutes).
+    let with_data = match &disks {
+        Some(d) => d
+            .chunks_with_data()
+            .map_err(|e| PlanningError::Backend(BackendError::new("profile", "disk extents", e)))?,
+        None => Vec::new(),
+    };
     let header = ProfileHeader {
         samples,
         interval_ns: interval.as_nanos() as u64,
         page_size: ps as u32,
-        chunk_size: 64 << 10,
+        chunk_size: disks
+            .as_ref()
+            .map_or(crate::storage::DEFAULT_CHUNK_SIZE, |d| {
+                d.space().chunk_size()
+            }) as u32,
         page_count: pages,
-        chunk_count: 0,
+        chunk_count: chunks,
         state_bytes,
     };
     let err = profile_err(out);
     let mut writer = ProfileWriter::create(out, &header).map_err(|e| err(e.to_string()))?;
-    let (mut pages_written, mut write_events) = (0u64, 0u64);
+    let mut stats = ProfileStats {
+        samples,
+        interval_s: interval.as_secs_f64(),
+        pages_written: 0,
+        write_events: 0,
+        chunks,
+        chunks_read: 0,
+        chunks_written: 0,
+        chunk_overwrites: 0,
+    };
     for (p, &k) in w.iter().enumerate() {
         let k = u32::from(k);
-        pages_written += u64::from(k > 0);
-        write_events += u64::from(k);
+        stats.pages_written += u64::from(k > 0);
+        stats.write_events += u64::from(k);
         writer
             .push_page(UnitCounters {
                 r: k,
@@ -158,13 +216,21 @@ pub fn profile_writes(
             })
             .map_err(|e| err(e.to_string()))?;
     }
+    for (c, t) in tally.iter().enumerate() {
+        stats.chunks_read += u64::from(t.r > 0);
+        stats.chunks_written += u64::from(t.w > 0);
+        stats.chunk_overwrites += u64::from(t.o);
+        writer
+            .push_chunk(UnitCounters {
+                r: t.r.into(),
+                w: t.w.into(),
+                o: t.o.into(),
+                zero: !with_data[c] && t.w == 0,
+            })
+            .map_err(|e| err(e.to_string()))?;
+    }
     writer.finish().map_err(|e| err(e.to_string()))?;
-    Ok(WriteProfileStats {
-        samples,
-        interval_s: interval.as_secs_f64(),
-        pages_written,
-        write_events,
-    })
+    Ok(stats)
 }
 
 /// A plan the engine can execute.
@@ -172,6 +238,8 @@ pub fn profile_writes(
 pub struct EnginePlan {
     /// The page order with its pre-copy prefix.
     pub order: PageOrder,
+    /// The chunk order with its pre-copy prefix, if the profile has chunks.
+    pub chunk_order: Option<PageOrder>,
     /// Storage fraction.
     pub s: f64,
     /// The planner's prediction.
@@ -198,7 +266,7 @@ pub fn plan_in_process(
     rate: Rate,
     rtt: Duration,
     downtime_target: Option<Duration>,
-    guest_pages: u64,
+    guest: GuestUnits,
 ) -> Result<EnginePlan, PlanningError> {
     let err = profile_err(profile_path);
     let profile = Profile::open(profile_path).map_err(|e| err(e.to_string()))?;
@@ -216,9 +284,10 @@ pub fn plan_in_process(
     )
     .map_err(|e| PlanningError::Planner(e.to_string()))?;
     let snapshot = PlanSnapshot::from_plan(&plan);
-    let order = order_from_rule(&profile, &snapshot.page_rule, snapshot.m, guest_pages)?;
+    let (order, chunk_order) = orders(&profile, &snapshot, guest)?;
     Ok(EnginePlan {
         order,
+        chunk_order,
         s: snapshot.s,
         predicted: figures(&snapshot.predicted, plan.prediction.expected_faults),
         origin: format!(
@@ -233,7 +302,7 @@ pub fn plan_in_process(
 pub fn plan_from_segment(
     name: &str,
     profile_path: &Path,
-    guest_pages: u64,
+    guest: GuestUnits,
     wait: Duration,
 ) -> Result<EnginePlan, PlanningError> {
     let segment = Segment::open(name).map_err(|e| PlanningError::Planner(e.to_string()))?;
@@ -254,9 +323,10 @@ pub fn plan_from_segment(
     };
     let err = profile_err(profile_path);
     let profile = Profile::open(profile_path).map_err(|e| err(e.to_string()))?;
-    let order = order_from_rule(&profile, &snapshot.page_rule, snapshot.m, guest_pages)?;
+    let (order, chunk_order) = orders(&profile, &snapshot, guest)?;
     Ok(EnginePlan {
         order,
+        chunk_order,
         s: snapshot.s,
         predicted: figures(&snapshot.predicted, f64::NAN),
         origin: format!(
@@ -266,40 +336,78 @@ pub fn plan_from_segment(
     })
 }
 
-/// Ranks every page of `profile` as the planner does and pre-copies the top
-/// `round(m × pages)`, checking each page against `rule`.
+/// How many pages and chunks the guest has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestUnits {
+    /// Pages of RAM.
+    pub pages: u64,
+    /// Chunks of all its disks (0 without disks).
+    pub chunks: u64,
+}
+
+/// The page order, and the chunk order if the profile has chunks.
+fn orders(
+    profile: &Profile,
+    plan: &PlanSnapshot,
+    guest: GuestUnits,
+) -> Result<(PageOrder, Option<PageOrder>), PlanningError> {
+    let pages = order_from_rule(profile, Kind::Page, &plan.page_rule, plan.m, guest.pages)?;
+    let chunks = if profile.count(Kind::Chunk) == 0 {
+        None
+    } else {
+        Some(order_from_rule(
+            profile,
+            Kind::Chunk,
+            &plan.chunk_rule,
+            plan.s,
+            guest.chunks,
+        )?)
+    };
+    Ok((pages, chunks))
+}
+
+/// Ranks every unit of `kind` in `profile` as the planner does and
+/// pre-copies the top `round(fraction × units)`, checking each against
+/// `rule`.
 pub fn order_from_rule(
     profile: &Profile,
+    kind: Kind,
     rule: &PrecopyRule,
-    m: f64,
-    guest_pages: u64,
+    fraction: f64,
+    guest_units: u64,
 ) -> Result<PageOrder, PlanningError> {
     let n = profile.header().samples;
-    let pages = profile.count(Kind::Page);
-    if pages != guest_pages {
+    let units = profile.count(kind);
+    let what = match kind {
+        Kind::Page => "page",
+        Kind::Chunk => "chunk",
+    };
+    if units != guest_units {
         return Err(PlanningError::Mismatch {
-            profile: pages,
-            guest: guest_pages,
+            what,
+            profile: units,
+            guest: guest_units,
         });
     }
     let path = profile.path().to_path_buf();
     let err = profile_err(&path);
-    let mut counters = Vec::with_capacity(pages as usize);
+    let mut counters = Vec::with_capacity(units as usize);
     profile
-        .for_each(Kind::Page, |_, c| counters.push(c))
+        .for_each(kind, |_, c| counters.push(c))
         .map_err(|e| err(e.to_string()))?;
-    let mut order: Vec<u64> = (0..pages).collect();
+    let mut order: Vec<u64> = (0..units).collect();
     order.sort_by(|&a, &b| {
         rank_cmp(n, &counters[a as usize], &counters[b as usize]).then(a.cmp(&b))
     });
-    let order = PageOrder::new(order, m)?;
+    let order = PageOrder::new(order, fraction)?;
     let mut scanner = rule.scanner();
-    for p in 0..pages {
-        let planned = scanner.contains(counters[p as usize], p);
-        if planned != order.is_precopy(p) {
+    for u in 0..units {
+        let planned = scanner.contains(counters[u as usize], u);
+        if planned != order.is_precopy(u) {
             return Err(PlanningError::RuleDisagrees {
-                page: p,
-                what: if planned { "in" } else { "not in" },
+                what,
+                unit: u,
+                set: if planned { "in" } else { "not in" },
             });
         }
     }
@@ -313,13 +421,30 @@ mod tests {
     /// A profile where page `i` has `w = r = (i * 7) % (n + 1)` and every
     /// fifth page is zero.
     fn write_profile(path: &Path, pages: u64, n: u32) {
+        write_profile_with_chunks(path, pages, 0, n)
+    }
+
+    /// The chunk counters of [`write_profile_with_chunks`].
+    fn chunk_counters(c: u64, n: u32) -> UnitCounters {
+        let n = u64::from(n);
+        let w = ((c * 5) % (n + 1)) as u32;
+        UnitCounters {
+            r: ((c * 3) % (n + 1)) as u32,
+            w,
+            o: w / 2,
+            zero: c % 7 == 0 && w == 0,
+        }
+    }
+
+    /// [`write_profile`] with `chunks` chunks as [`chunk_counters`] says.
+    fn write_profile_with_chunks(path: &Path, pages: u64, chunks: u64, n: u32) {
         let header = ProfileHeader {
             samples: n,
             interval_ns: 250_000_000,
             page_size: 4096,
             chunk_size: 64 << 10,
             page_count: pages,
-            chunk_count: 0,
+            chunk_count: chunks,
             state_bytes: 300_000,
         };
         let mut w = ProfileWriter::create(path, &header).unwrap();
@@ -333,7 +458,67 @@ mod tests {
             })
             .unwrap();
         }
+        for c in 0..chunks {
+            w.push_chunk(chunk_counters(c, n)).unwrap();
+        }
         w.finish().unwrap();
+    }
+
+    #[test]
+    fn chunks_are_ranked_as_the_planner_ranks_them_with_s_as_prefix() {
+        let path = std::env::temp_dir().join(format!("wanmig-chunks-{}.wmp", std::process::id()));
+        let (pages, chunks, n) = (4096, 3000, 10);
+        write_profile_with_chunks(&path, pages, chunks, n);
+        let profile = Profile::open(&path).unwrap();
+        let classes = ClassProfile::from_profile(&profile).unwrap();
+        let plan = wanmig_planner::plan::make_plan(
+            &classes,
+            Some(&profile),
+            Link::new("40mbit".parse().unwrap(), Duration::from_millis(5)),
+            ModelParams::default(),
+            &SearchOptions::default(),
+        )
+        .unwrap();
+        let snap = PlanSnapshot::from_plan(&plan);
+        let guest = GuestUnits { pages, chunks };
+        let (_, order) = orders(&profile, &snap, guest).unwrap();
+        let order = order.expect("the profile has chunks");
+        assert_eq!(
+            order.precopy().len() as u64,
+            (snap.s * chunks as f64).round() as u64
+        );
+        // Every chunk once, ranked as the planner ranks: no chunk after
+        // one it outranks.
+        let all: Vec<u64> = order
+            .precopy()
+            .iter()
+            .chain(order.postcopy())
+            .copied()
+            .collect();
+        let mut sorted = all.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..chunks).collect::<Vec<_>>());
+        assert!(
+            all.windows(2).all(|x| {
+                rank_cmp(n, &chunk_counters(x[0], n), &chunk_counters(x[1], n)).is_le()
+            })
+        );
+        assert_ne!(all, sorted, "ranked, not in address order");
+        // Another disk size is refused; another S disagrees with the rule.
+        assert!(matches!(
+            orders(&profile, &snap, GuestUnits { pages, chunks: 100 }),
+            Err(PlanningError::Mismatch {
+                what: "chunk",
+                profile: 3000,
+                guest: 100
+            })
+        ));
+        let other = if snap.s > 0.5 { 0.1 } else { 0.9 };
+        assert!(matches!(
+            order_from_rule(&profile, Kind::Chunk, &snap.chunk_rule, other, chunks),
+            Err(PlanningError::RuleDisagrees { what: "chunk", .. })
+        ));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
@@ -352,7 +537,7 @@ mod tests {
         )
         .unwrap();
         let snap = PlanSnapshot::from_plan(&plan);
-        let order = order_from_rule(&profile, &snap.page_rule, snap.m, 5000).unwrap();
+        let order = order_from_rule(&profile, Kind::Page, &snap.page_rule, snap.m, 5000).unwrap();
         assert_eq!(
             order.precopy().len() as u64,
             (snap.m * 5000.0).round() as u64
@@ -369,8 +554,9 @@ mod tests {
         assert!(ws.windows(2).all(|x| x[0] >= x[1]), "not hottest first");
         // A guest of another size is refused.
         assert!(matches!(
-            order_from_rule(&profile, &snap.page_rule, snap.m, 4096),
+            order_from_rule(&profile, Kind::Page, &snap.page_rule, snap.m, 4096),
             Err(PlanningError::Mismatch {
+                what: "page",
                 profile: 5000,
                 guest: 4096
             })
@@ -378,7 +564,7 @@ mod tests {
         // An M that disagrees with the rule is caught page by page.
         let other = if snap.m > 0.5 { 0.1 } else { 0.9 };
         assert!(matches!(
-            order_from_rule(&profile, &snap.page_rule, other, 5000),
+            order_from_rule(&profile, Kind::Page, &snap.page_rule, other, 5000),
             Err(PlanningError::RuleDisagrees { .. })
         ));
         std::fs::remove_file(&path).unwrap();

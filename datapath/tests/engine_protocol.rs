@@ -42,7 +42,8 @@ use wanmig_datapath::storage::{
 use wanmig_datapath::transport::{Flow, IoPreference};
 use wanmig_datapath::uffd::DirtyBitmap;
 use wanmig_datapath::wire::{
-    AbortReason, ControlCode, FrameRef, Geometry, MigrationId, PskKey, ServerPolicy, UnitKind,
+    AbortReason, Compression, ControlCode, FrameRef, Geometry, MigrationId, PskKey, ServerPolicy,
+    UnitKind, encode_buffer_len, encode_unit,
 };
 
 const PS: usize = 4096;
@@ -1481,9 +1482,30 @@ fn after_the_resume_reads_fetch_whole_block_writes_do_not_and_the_guest_wins() {
         }
     });
     let (sr, dr, _) = migrate_disks(&mut src, &mut dst, 0.5, 0.0, disks.chunks());
-    sr.unwrap();
+    let sr = sr.unwrap();
     let dr = dr.unwrap();
     let read = guest.join().unwrap();
+    // Every chunk crossed once, pushed or fetched, and the storage bytes
+    // count both connections: at least the frames of the chunks with data.
+    let ss = sr.storage.unwrap();
+    assert!(ss.fault_chunks_served >= 2, "{ss:?}");
+    assert_eq!(ss.chunks_pushed + ss.chunks_skipped, 49, "{ss:?}");
+    let frames: u64 = std::fs::read(disks.dir.join("src.raw"))
+        .unwrap()
+        .chunks(CHUNK as usize)
+        .enumerate()
+        .map(|(i, c)| {
+            let mut out = vec![0; encode_buffer_len(c.len(), Compression::Lz4)];
+            encode_unit(&mut out, UnitKind::Chunk, i as u64, c, Compression::Lz4)
+                .unwrap()
+                .len as u64
+        })
+        .sum();
+    assert!(
+        ss.bytes_sent >= frames && ss.bytes_sent < sr.bytes_sent,
+        "{} bytes of chunk frames, at least {frames} expected: {ss:?}",
+        ss.bytes_sent
+    );
     let src_bytes = std::fs::read(disks.dir.join("src.raw")).unwrap();
     let dst_bytes = std::fs::read(disks.dir.join("dst.raw")).unwrap();
     let c = |i: u64| (i * CHUNK) as usize;

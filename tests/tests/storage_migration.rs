@@ -21,7 +21,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use wanmig_datapath::backend::qemu::{DiskSpec, GuestSpec};
+use wanmig_datapath::backend::qemu::{DiskSpec, GuestSpec, Heartbeat};
 use wanmig_datapath::connection::LinkConfig;
 use wanmig_datapath::engine::{DestConfig, SourceConfig};
 use wanmig_datapath::migration::{LocalMigration, LocalOutcome, Planning, run_over_wan};
@@ -30,21 +30,33 @@ use wanmig_wan::{Wan, WanConfig};
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const DISK_MIB: u64 = 64;
+const CHUNK: u64 = 64 << 10;
 
 fn migrate(name: &str, m: f64, s: f64, disk_params: &str, hold: bool) -> LocalOutcome {
-    let params = format!(
-        "wanmig.workload=pagecheck wanmig.mib=32 wanmig.rate=2 wanmig.disk=check \
-         wanmig.diskmib=32 {disk_params}"
-    );
+    let params = format!("wanmig.disk=check wanmig.diskmib=32 {disk_params}");
+    migrate_with(name, Planning::Fixed { m, s }, &params, CHUNK, hold)
+}
+
+/// The guest (page checker beside `disk_params`' disk workload) migrated
+/// with `planning` and chunks of `chunk_size`.
+fn migrate_with(
+    name: &str,
+    planning: Planning,
+    disk_params: &str,
+    chunk_size: u64,
+    hold: bool,
+) -> LocalOutcome {
+    let params = format!("wanmig.workload=pagecheck wanmig.mib=32 wanmig.rate=2 {disk_params}");
     let mut guest = GuestSpec::builtin(256, &params).expect("run scripts/setup");
     guest.disks.push(DiskSpec {
         size: DISK_MIB << 20,
         image: None,
     });
+    guest.chunk_size = chunk_size;
     let tag = format!("{name}{}", std::process::id());
     let spec = LocalMigration {
         guest,
-        planning: Planning::Fixed { m, s },
+        planning,
         source: SourceConfig::default(),
         dest: DestConfig {
             hold,
@@ -66,8 +78,9 @@ fn migrate(name: &str, m: f64, s: f64, disk_params: &str, hold: bool) -> LocalOu
     run_over_wan(&spec, &wan).unwrap_or_else(|e| panic!("migration failed: {e:?}"))
 }
 
-/// What every migration with a disk must show.
-fn assert_intact(o: &mut LocalOutcome, held: bool) {
+/// The integrity section, the chunk count and the logs of a migration of
+/// the 64 MiB disk in chunks of `chunk_size`.
+fn assert_same_bytes(o: &LocalOutcome, chunk_size: u64) {
     let r = &o.report;
     let i = r.integrity;
     assert_eq!(i.pages_differing, 0, "{:#?}", r.integrity);
@@ -76,22 +89,26 @@ fn assert_intact(o: &mut LocalOutcome, held: bool) {
     assert!(i.chunks_compared > 0, "{i:?}");
     assert!(r.storage.is_some());
     let st = r.source.storage.as_ref().unwrap();
-    assert_eq!(st.chunks, DISK_MIB * 16);
-    assert_eq!(
-        o.dest_log.error_lines().count(),
-        0,
-        "{:?}",
-        o.dest_log.error_lines().collect::<Vec<_>>()
-    );
-    if held {
-        // Nothing ran at the destination yet.
-        return;
+    assert_eq!(st.chunks, (DISK_MIB << 20) / chunk_size);
+    for log in [&o.source_log, &o.dest_log] {
+        assert_eq!(
+            log.error_lines().count(),
+            0,
+            "{:?}",
+            log.error_lines().collect::<Vec<_>>()
+        );
     }
-    // The disk checker goes on at the destination, with no error: three
-    // heartbeats after the source's last (numbers skip after a stall).
-    let last_src = o.source_log.last_disk_heartbeat().expect("source DHB");
+}
+
+/// The disk workload's heartbeats after the source's last: at least three
+/// at the destination (waited for), none reporting an error.
+fn heartbeats_after_resume(o: &mut LocalOutcome) -> (Heartbeat, Vec<Heartbeat>) {
+    let last_src = o
+        .source_log
+        .last_disk_heartbeat()
+        .expect("source disk heartbeat");
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let after = loop {
+    loop {
         o.dest_log.poll().unwrap();
         let after: Vec<_> = o
             .dest_log
@@ -101,21 +118,39 @@ fn assert_intact(o: &mut LocalOutcome, held: bool) {
             .filter(|h| h.n > last_src.n)
             .collect();
         if after.len() >= 3 {
-            break after;
+            assert!(after.iter().all(|h| h.errors == 0), "{after:?}");
+            assert_eq!(
+                o.dest_log.error_lines().count(),
+                0,
+                "{:?}",
+                o.dest_log.error_lines().collect::<Vec<_>>()
+            );
+            return (last_src, after);
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the disk checker stalled at the destination: {after:?} after {last_src:?}"
+            "the disk workload stalled at the destination: {after:?} after {last_src:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
+}
+
+/// What every migration with the disk checker must show.
+fn assert_intact(o: &mut LocalOutcome, held: bool) {
+    assert_same_bytes(o, CHUNK);
+    if held {
+        // Nothing ran at the destination yet.
+        return;
+    }
+    // The disk checker goes on at the destination, with no error: three
+    // heartbeats after the source's last (numbers skip after a stall), and
+    // it has verified blocks since.
+    let (last_src, after) = heartbeats_after_resume(o);
     let last = after.last().unwrap();
-    assert_eq!(last.errors, 0, "{last:?}");
     assert!(
         last.verified > last_src.verified,
         "{last:?} after {last_src:?}"
     );
-    assert_eq!(o.dest_log.error_lines().count(), 0);
 }
 
 #[test]
@@ -221,4 +256,100 @@ fn blind_whole_block_rewrites_need_no_fetch_and_split_writes_merge() {
     let s = o.report.storage.unwrap();
     assert!(s.partial_block_merges > 0, "{s:?}");
     o.cleanup();
+}
+
+/// sysbench fileio (`wanmig.disk=sysbench`): an ext2 file system on the
+/// disk, 4 files of 8 MiB read and rewritten at random in 4 KiB O_DIRECT
+/// requests, every read checked against the checksum sysbench wrote.
+const SYSBENCH: &str = "wanmig.disk=sysbench wanmig.diskmib=32 wanmig.sbrate=150";
+
+/// What a migration under sysbench must show: the same bytes, and sysbench
+/// going on at the destination without a validation error.
+fn assert_sysbench_goes_on(o: &mut LocalOutcome, chunk_size: u64) {
+    assert_same_bytes(o, chunk_size);
+    assert!(
+        o.source_log
+            .lines()
+            .iter()
+            .any(|l| l.starts_with("DISKSB-START")),
+        "sysbench never started"
+    );
+    heartbeats_after_resume(o);
+}
+
+#[test]
+fn sysbench_fileio_validates_every_read_across_a_post_copy_disk() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut o = migrate_with(
+        "tsb0",
+        Planning::Fixed { m: 0.5, s: 0.0 },
+        SYSBENCH,
+        CHUNK,
+        false,
+    );
+    assert_sysbench_goes_on(&mut o, CHUNK);
+    let st = o.report.storage.unwrap();
+    assert!(
+        st.chunks_fetched > 0,
+        "sysbench reads absent chunks: {st:?}"
+    );
+    o.cleanup();
+}
+
+#[test]
+fn a_profiled_plan_ranks_the_chunks_sysbench_uses_and_takes_any_chunk_size() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let chunk = 256 << 10;
+    let profile =
+        std::env::temp_dir().join(format!("wanmig-test-sbprof{}.wmp", std::process::id()));
+    let planning = Planning::ProfileNow {
+        path: profile.clone(),
+        samples: 8,
+        interval: Duration::from_millis(250),
+        rate: "400mbit".parse().unwrap(),
+        rtt: Duration::from_millis(2),
+        downtime_target: None,
+    };
+    let mut o = migrate_with("tsbp", planning, SYSBENCH, chunk, false);
+    assert_sysbench_goes_on(&mut o, chunk);
+    // The profile saw the disk: sysbench's chunks read and written.
+    let p = wanmig_planner::profile::Profile::open(&profile).unwrap();
+    assert_eq!(p.header().chunk_count, (DISK_MIB << 20) / chunk);
+    assert_eq!(u64::from(p.header().chunk_size), chunk);
+    let mut used = Vec::new();
+    p.for_each(wanmig_planner::profile::Kind::Chunk, |c, u| {
+        if u.r > 0 || u.w > 0 {
+            used.push(c)
+        }
+    })
+    .unwrap();
+    assert!(!used.is_empty(), "no chunk read or written while profiling");
+    assert!(
+        o.report.plan_origin.contains("chunks read"),
+        "{}",
+        o.report.plan_origin
+    );
+    // Ranked as in the model: a pre-copy set smaller than the chunks the
+    // guest used holds only used chunks; a larger one holds them all.
+    let st = o.report.source.storage.clone().unwrap();
+    let precopied = o
+        .order
+        .chunks()
+        .expect("chunks in the order")
+        .precopy()
+        .to_vec();
+    assert_eq!(precopied.len() as u64, st.precopy_chunks);
+    if precopied.len() <= used.len() {
+        assert!(
+            precopied.iter().all(|c| used.contains(c)),
+            "{precopied:?} vs {used:?}"
+        );
+    } else {
+        assert!(
+            used.iter().all(|c| precopied.contains(c)),
+            "{precopied:?} vs {used:?}"
+        );
+    }
+    o.cleanup();
+    let _ = std::fs::remove_file(&profile);
 }

@@ -74,18 +74,9 @@ struct DestinationArgs {
     /// The pre-shared key file (`wanmig keygen`), the same on both hosts.
     #[arg(long)]
     key: PathBuf,
-    /// Guest RAM, MiB (as on the source).
-    #[arg(long, default_value_t = 256)]
-    memory_mib: u64,
-    /// The built-in guest's workload (as on the source).
-    #[arg(long, default_value = "pagecheck")]
-    workload: String,
-    /// More guest kernel parameters (as on the source).
-    #[arg(long, default_value = "")]
-    guest_params: String,
-    /// A virtio disk of this many MiB (as on the source; 0: none).
-    #[arg(long, default_value_t = 0)]
-    disk_mib: u64,
+    /// The guest (as on the source).
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Keep the guest paused until everything has arrived.
     #[arg(long)]
     hold: bool,
@@ -131,11 +122,6 @@ struct MigrateArgs {
     /// post-copy with on-demand fetch), chunks in address order.
     #[arg(long, default_value_t = 0.5, requires = "m")]
     s: f64,
-    /// Give the built-in guest a virtio disk of this many MiB, served by the
-    /// engine over NBD, with the guest's disk checker on its first 32 MiB
-    /// (0: no disk).
-    #[arg(long, default_value_t = 0)]
-    disk_mib: u64,
     /// Plan with this profile (the planner's format) for the WAN's rate and RTT;
     /// with --segment, the profile the planner serves from.
     #[arg(long)]
@@ -159,15 +145,9 @@ struct MigrateArgs {
     /// Name of the emulated WAN (brought up and torn down by this command).
     #[arg(long, default_value = "mig")]
     wan_name: String,
-    /// Guest RAM, MiB.
-    #[arg(long, default_value_t = 256)]
-    memory_mib: u64,
-    /// The built-in guest's workload: pagecheck, idle, stress-vm, sysbench-memory...
-    #[arg(long, default_value = "pagecheck")]
-    workload: String,
-    /// More guest kernel parameters (e.g. "wanmig.rate=16 wanmig.mib=96").
-    #[arg(long, default_value = "")]
-    guest_params: String,
+    /// The guest.
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Keep the destination paused until every page has arrived.
     #[arg(long)]
     hold: bool,
@@ -185,6 +165,29 @@ struct MigrateArgs {
     json: bool,
 }
 
+/// The built-in guest: the same on both sides of a migration.
+#[derive(Debug, Args, Clone)]
+struct GuestArgs {
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    /// The built-in guest's workload: pagecheck, idle, stress-vm, sysbench-memory...
+    #[arg(long, default_value = "pagecheck")]
+    workload: String,
+    /// More guest kernel parameters (e.g. "wanmig.rate=16 wanmig.mib=96").
+    #[arg(long, default_value = "")]
+    guest_params: String,
+    /// Give the guest a virtio disk of this many MiB, served by the engine
+    /// over NBD, with the guest's disk checker on its first 32 MiB (0: no
+    /// disk).
+    #[arg(long, default_value_t = 0)]
+    disk_mib: u64,
+    /// The disks' chunk size in KiB, the unit of transfer and profiling (a
+    /// power of two, 4..=4096).
+    #[arg(long, default_value_t = 64)]
+    chunk_kib: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -195,7 +198,6 @@ fn main() -> ExitCode {
         Command::Demo { json } => migrate(&MigrateArgs {
             m: None,
             s: 0.5,
-            disk_mib: 0,
             profile: None,
             segment: None,
             profile_now: Some("20x250ms".into()),
@@ -203,9 +205,13 @@ fn main() -> ExitCode {
             rtt: Duration::from_millis(5),
             no_wan: false,
             wan_name: "demo".into(),
-            memory_mib: 256,
-            workload: "pagecheck".into(),
-            guest_params: "wanmig.rate=8".into(),
+            guest: GuestArgs {
+                memory_mib: 256,
+                workload: "pagecheck".into(),
+                guest_params: "wanmig.rate=8".into(),
+                disk_mib: 0,
+                chunk_kib: 64,
+            },
             hold: false,
             downtime_target: Duration::from_millis(300),
             run_dir: None,
@@ -245,12 +251,7 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/run/wanmig/{tag}")));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let guest = guest_spec(
-        args.memory_mib,
-        &args.workload,
-        &args.guest_params,
-        args.disk_mib,
-    )?;
+    let guest = guest_spec(&args.guest)?;
     let planning = planning(args, &run_dir)?;
     let spec = LocalMigration {
         guest,
@@ -267,14 +268,14 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
         run_dir,
         tag,
         warmup_heartbeats: 3,
-        warmup_disk_heartbeats: if args.disk_mib > 0 { 2 } else { 0 },
+        warmup_disk_heartbeats: if args.guest.disk_mib > 0 { 2 } else { 0 },
         observe_heartbeats: 3,
     };
     if !args.json {
         eprintln!(
             "migrating a {} MiB guest ({}), plan: {}, over {}",
-            args.memory_mib,
-            args.workload,
+            args.guest.memory_mib,
+            args.guest.workload,
             describe(&spec.planning),
             if args.no_wan {
                 "loopback".to_string()
@@ -319,23 +320,33 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
     Ok(code)
 }
 
-/// The built-in guest with `workload`, more kernel parameters, and a disk of
-/// `disk_mib` MiB with the disk checker on it (0: no disk).
-fn guest_spec(memory_mib: u64, workload: &str, extra: &str, disk_mib: u64) -> Result<GuestSpec> {
-    let mut params = format!("wanmig.workload={workload} {extra}");
-    if disk_mib > 0 && !extra.contains("wanmig.disk=") {
+/// The built-in guest as `g` says: its workload, more kernel parameters,
+/// and a disk with the disk checker on it (if any).
+fn guest_spec(g: &GuestArgs) -> Result<GuestSpec> {
+    let mut params = format!("wanmig.workload={} {}", g.workload, g.guest_params);
+    if g.disk_mib > 0 && !g.guest_params.contains("wanmig.disk=") {
         params.push_str(&format!(
             " wanmig.disk=check wanmig.diskmib={}",
-            disk_mib.min(32)
+            g.disk_mib.min(32)
         ));
     }
-    let mut guest = GuestSpec::builtin(memory_mib, &params)?;
-    if disk_mib > 0 {
+    let mut guest = GuestSpec::builtin(g.memory_mib, &params)?;
+    if g.disk_mib > 0 {
         guest.disks.push(DiskSpec {
-            size: disk_mib << 20,
+            size: g.disk_mib << 20,
             image: None,
         });
     }
+    guest.chunk_size = g
+        .chunk_kib
+        .checked_mul(1024)
+        .filter(|c| c.is_power_of_two() && (4096..=4 << 20).contains(c))
+        .with_context(|| {
+            format!(
+                "--chunk-kib {}: must be a power of two in 4..=4096",
+                g.chunk_kib
+            )
+        })?;
     Ok(guest)
 }
 
@@ -364,12 +375,7 @@ fn destination(args: &DestinationArgs) -> Result<ExitCode> {
     if unsafe_not_root() {
         bail!("must run as root (QEMU's userfaultfd)");
     }
-    let guest = guest_spec(
-        args.memory_mib,
-        &args.workload,
-        &args.guest_params,
-        args.disk_mib,
-    )?;
+    let guest = guest_spec(&args.guest)?;
     let spec = host_spec(guest, &args.key, args.run_dir.as_ref(), "dst")?;
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -434,7 +440,7 @@ fn source(args: &SourceArgs) -> Result<ExitCode> {
         bail!("must run as root (QEMU's userfaultfd)");
     }
     let m = &args.migrate;
-    let guest = guest_spec(m.memory_mib, &m.workload, &m.guest_params, m.disk_mib)?;
+    let guest = guest_spec(&m.guest)?;
     let mut spec = host_spec(guest, &args.key, m.run_dir.as_ref(), "src")?;
     if let (Some(qmp), Some(ram)) = (&args.attach_qmp, &args.attach_ram) {
         spec.attach = Some(AttachTo {
@@ -449,7 +455,7 @@ fn source(args: &SourceArgs) -> Result<ExitCode> {
         downtime_target: m.downtime_target,
         ..SourceConfig::default()
     };
-    let warmup = (3, if m.disk_mib > 0 { 2 } else { 0 });
+    let warmup = (3, if m.guest.disk_mib > 0 { 2 } else { 0 });
     let mut out = match run_source_host(&spec, args.connect, &planning, &cfg, warmup) {
         Ok(o) => o,
         Err(MigrationError::SourceKept { cause, kept }) => {

@@ -836,12 +836,21 @@ pub fn run_destination(
     }
     let disks = backend.disks();
     let chunks = disks.as_ref().map_or(0, |d| d.space().chunks());
-    if disks.is_some() && g.chunk_count() != chunks {
-        return Err(EngineError::Geometry {
-            what: "chunk count",
-            session: g.chunk_count(),
-            guest: chunks,
-        });
+    if let Some(d) = &disks {
+        if u64::from(g.chunk_size()) != d.space().chunk_size() {
+            return Err(EngineError::Geometry {
+                what: "chunk size",
+                session: g.chunk_size().into(),
+                guest: d.space().chunk_size(),
+            });
+        }
+        if g.chunk_count() != chunks {
+            return Err(EngineError::Geometry {
+                what: "chunk count",
+                session: g.chunk_count(),
+                guest: chunks,
+            });
+        }
     }
     let shared = Arc::new(Shared {
         states: PageStates::new(pages),

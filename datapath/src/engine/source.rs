@@ -175,8 +175,21 @@ pub struct SourceStorageReport {
     pub chunks_skipped: u64,
     /// Chunks sent in answer to fault requests.
     pub fault_chunks_served: u64,
-    /// Frame bytes of chunks on the bulk connection.
+    /// Frame bytes of chunks, on both connections.
     pub bytes_sent: u64,
+}
+
+/// What the fault server sent.
+#[derive(Debug, Clone, Copy, Default)]
+struct FaultStats {
+    /// Pages sent in answer to requests.
+    pages: u64,
+    /// Chunks sent in answer to requests.
+    chunks: u64,
+    /// Frame bytes of those chunks.
+    chunk_bytes: u64,
+    /// Every byte sent on the fault connection.
+    wire_bytes: u64,
 }
 
 /// The source's disks during a migration.
@@ -365,7 +378,7 @@ impl AckedRate {
 
 /// The thread answering fault requests.
 struct FaultServer {
-    handle: std::thread::JoinHandle<Result<(u64, u64, u64), EngineError>>,
+    handle: std::thread::JoinHandle<Result<FaultStats, EngineError>>,
     sock: TcpStream,
 }
 
@@ -386,8 +399,8 @@ impl FaultServer {
     }
 
     /// Waits until the destination said goodbye on the fault connection (or
-    /// it broke); returns (pages served, wire bytes, chunks served).
-    fn join(self) -> Result<(u64, u64, u64), EngineError> {
+    /// it broke); returns what it served.
+    fn join(self) -> Result<FaultStats, EngineError> {
         self.handle
             .join()
             .map_err(|_| EngineError::Panicked("fault server"))?
@@ -750,12 +763,13 @@ fn migrate(
         postcopy_pushed: pushed,
         postcopy_skipped: skipped,
         zero_pages,
-        fault_pages_served: fault_stats.0,
+        fault_pages_served: fault_stats.pages,
         storage: storage.map(|mut st| {
-            st.report.fault_chunks_served = fault_stats.2;
+            st.report.fault_chunks_served = fault_stats.chunks;
+            st.report.bytes_sent += fault_stats.chunk_bytes;
             st.report
         }),
-        bytes_sent: bulk.tx.stats().wire_bytes + fault_stats.1,
+        bytes_sent: bulk.tx.stats().wire_bytes + fault_stats.wire_bytes,
         precopy_s: paused_at.duration_since(start).as_secs_f64(),
         push_s: push_done.duration_since(postcopy_begin).as_secs_f64(),
         downtime_upper_s: resumed_seen.map(|t| t.duration_since(paused_at).as_secs_f64()),
@@ -1003,18 +1017,17 @@ fn send_chunk_digests(tx: &mut UnitSender, st: &mut Storage<'_>) -> Result<(), E
 }
 
 /// Answers the destination's fault requests until it says goodbye; returns
-/// (pages served, wire bytes, chunks served).
+/// what it sent.
 fn serve_faults(
     mut fault: Connection,
     mem: &dyn PageReader,
     ps: usize,
     sent: &SentByFault,
     chunks: Option<(Arc<SourceDisks>, Arc<SentByFault>)>,
-) -> Result<(u64, u64, u64), EngineError> {
+) -> Result<FaultStats, EngineError> {
     let dec = fault.session.decoder();
     let Connection { tx, rx, .. } = &mut fault;
-    let mut served = 0u64;
-    let mut chunks_served = 0u64;
+    let mut st = FaultStats::default();
     let mut buf = Vec::new();
     rx.run(&dec, |f| -> Result<Flow, EngineError> {
         match f {
@@ -1027,7 +1040,7 @@ fn serve_faults(
                     sent.mark(p);
                     tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
                         .map_err(EngineError::send("fault"))?;
-                    served += 1;
+                    st.pages += 1;
                 }
                 tx.flush().map_err(EngineError::send("fault"))?;
                 Ok(Flow::Continue)
@@ -1046,9 +1059,11 @@ fn serve_faults(
                     sent.mark(c);
                     disks.read(c, &mut buf)?;
                     let b = &buf;
+                    let before = tx.stats().wire_bytes;
                     tx.send_unit(UnitKind::Chunk, c, b.len(), |out| out.copy_from_slice(b))
                         .map_err(EngineError::send("fault"))?;
-                    chunks_served += 1;
+                    st.chunks += 1;
+                    st.chunk_bytes += tx.stats().wire_bytes - before;
                 }
                 tx.flush().map_err(EngineError::send("fault"))?;
                 Ok(Flow::Continue)
@@ -1068,5 +1083,6 @@ fn serve_faults(
     .map_err(|e| EngineError::from_recv("fault", e))?;
     tx.send_goodbye().map_err(EngineError::send("fault"))?;
     tx.flush().map_err(EngineError::send("fault"))?;
-    Ok((served, tx.stats().wire_bytes, chunks_served))
+    st.wire_bytes = tx.stats().wire_bytes;
+    Ok(st)
 }

@@ -58,6 +58,11 @@ pub trait BlockDevice: Send + Sync {
         may_punch: bool,
         fua: bool,
     ) -> Result<(), DeviceError>;
+    /// The byte ranges `(offset, len)` that may hold data, in order; the
+    /// rest reads as zeros. `None`: the device cannot tell (all may).
+    fn data_extents(&self) -> Result<Option<Vec<(u64, u64)>>, DeviceError> {
+        Ok(None)
+    }
 }
 
 /// A raw image file or a block device, read and written in place.
@@ -178,6 +183,21 @@ impl FileImage {
         }
     }
 
+    /// `lseek(SEEK_DATA / SEEK_HOLE)` from `offset`; `None` at the end.
+    fn seek(&self, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek takes plain integers; the fd is open.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // No data at or after offset.
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    }
+
     fn write_zero_bytes(&self, offset: u64, len: u64) -> std::io::Result<()> {
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0;
@@ -260,6 +280,32 @@ impl BlockDevice for FileImage {
             self.datasync("write zeroes (FUA)", offset, len)?;
         }
         Ok(())
+    }
+
+    fn data_extents(&self) -> Result<Option<Vec<(u64, u64)>>, DeviceError> {
+        if self.block_device {
+            return Ok(None);
+        }
+        let err = self.err("finding data extents", 0, self.size);
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < self.size {
+            let data = match self.seek(at, libc::SEEK_DATA) {
+                Ok(Some(d)) if d < self.size => d,
+                Ok(_) => break,
+                // A file system without SEEK_DATA: no holes known.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && at == 0 => return Ok(None),
+                Err(e) => return Err(err(e)),
+            };
+            let hole = match self.seek(data, libc::SEEK_HOLE) {
+                Ok(Some(h)) => h.min(self.size),
+                Ok(None) => self.size,
+                Err(e) => return Err(err(e)),
+            };
+            out.push((data, hole - data));
+            at = hole;
+        }
+        Ok(Some(out))
     }
 }
 
@@ -349,5 +395,23 @@ mod tests {
     fn a_directory_is_refused() {
         let e = FileImage::open(&std::env::temp_dir(), true).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn data_extents_skip_the_holes_of_a_sparse_image() {
+        let (_p, img) = image(64 << 20);
+        assert_eq!(img.data_extents().unwrap(), Some(vec![]), "all hole");
+        img.write_at(8 << 20, &[1u8; 4096], false).unwrap();
+        img.write_at(40 << 20, &[2u8; 8192], false).unwrap();
+        let e = img.data_extents().unwrap().unwrap();
+        // The file system may allocate more than was written, never less.
+        assert_eq!(e.len(), 2, "{e:?}");
+        for (want, len) in [(8u64 << 20, 4096u64), (40 << 20, 8192)] {
+            assert!(
+                e.iter().any(|&(o, l)| o <= want && o + l >= want + len),
+                "{want} not covered: {e:?}"
+            );
+        }
+        assert!(e.iter().all(|&(o, l)| l > 0 && o + l <= 64 << 20), "{e:?}");
     }
 }

@@ -122,6 +122,29 @@ impl ChunkReader {
         &self.space
     }
 
+    /// For every global chunk, whether it may hold data (`false`: it reads
+    /// as zeros), from the disks' data extents; devices that cannot tell
+    /// count as all data.
+    pub fn chunks_with_data(&self) -> Result<Vec<bool>, DeviceError> {
+        let cs = self.space.chunk_size();
+        let mut out = vec![false; self.space.chunks() as usize];
+        for (i, d) in self.disks.iter().enumerate() {
+            let base = self.space.global(i, 0);
+            let n = d.size().div_ceil(cs);
+            match d.data_extents()? {
+                None => out[base as usize..(base + n) as usize].fill(true),
+                Some(extents) => {
+                    for (o, l) in extents.into_iter().filter(|&(_, l)| l > 0) {
+                        let first = base + o / cs;
+                        let last = base + ((o + l - 1) / cs).min(n - 1);
+                        out[first as usize..=last as usize].fill(true);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads global chunk `index` into `out` (resized to the chunk's
     /// length); returns its address.
     pub fn read(&self, index: u64, out: &mut Vec<u8>) -> Result<ChunkAddr, DeviceError> {

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::chunk_log::ChunkLog;
+use super::chunk_log::{ChunkInterval, ChunkLog};
 use super::disk_set::{ChunkReader, ChunkSpace};
 use super::postcopy_image::{ChunkFetcher, PostcopyImage, StorageCounters};
 use crate::nbd::{BlockDevice, DeviceError};
@@ -39,6 +39,21 @@ impl SourceDisks {
     /// Reads global chunk `index` into `out`.
     pub fn read(&self, index: u64, out: &mut Vec<u8>) -> Result<(), DeviceError> {
         self.reader.read(index, out).map(drop)
+    }
+
+    /// For every global chunk, whether it may hold data (see
+    /// [`ChunkReader::chunks_with_data`]).
+    pub fn chunks_with_data(&self) -> Result<Vec<bool>, DeviceError> {
+        self.reader.chunks_with_data()
+    }
+
+    /// Ends the current profiling interval of every disk: `each(global
+    /// chunk, what)` for the chunks touched in it, in order.
+    pub fn take_interval(&self, mut each: impl FnMut(u64, ChunkInterval)) {
+        for (disk, log) in self.logs.iter().enumerate() {
+            let base = self.space().global(disk, 0);
+            log.take_interval(|c, i| each(base + c, i));
+        }
     }
 
     /// The global chunks dirtied since the last call (bits cleared).

@@ -18,7 +18,7 @@ mod disks;
 mod postcopy_image;
 mod presence;
 
-pub use chunk_log::{ChunkCounts, ChunkLog};
+pub use chunk_log::{ChunkInterval, ChunkLog};
 pub use disk_set::{ChunkAddr, ChunkReader, ChunkSpace};
 pub use disks::{ChunkRequests, DestDisks, DiskFetcher, SourceDisks};
 pub use postcopy_image::{ChunkFetcher, PostcopyImage, PostcopyImageError, StorageCounters};

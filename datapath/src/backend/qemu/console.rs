@@ -1,6 +1,7 @@
 //! The guest's serial console, as QEMU writes it to a file: markers and the
 //! page checker's heartbeats (`HB <n> t=<s> written=<p> verified=<p>
-//! errors=<n> gen=<g>`), and the disk checker's (`DHB ...`, same fields).
+//! errors=<n> gen=<g>`), the disk checker's (`DHB ...`, same fields) and
+//! the sysbench fileio disk workload's (`SBHB <s> ...`).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -26,9 +27,11 @@ impl Heartbeat {
         Self::parse_with("HB", line)
     }
 
-    /// Parses a heartbeat line of the disk checker.
+    /// Parses a heartbeat line of the disk workload: the disk checker's
+    /// (`DHB`), or sysbench fileio's (`SBHB <s> reads=.. writes=..`: only
+    /// `n`, the seconds sysbench has run, is set).
     pub fn parse_disk(line: &str) -> Option<Heartbeat> {
-        Self::parse_with("DHB", line)
+        Self::parse_with("DHB", line).or_else(|| Self::parse_with("SBHB", line))
     }
 
     fn parse_with(prefix: &str, line: &str) -> Option<Heartbeat> {
@@ -144,6 +147,9 @@ impl SerialLog {
                 || l.starts_with("DISKCHECK-ERROR")
                 || l.starts_with("DISKCHECK-FAILED")
                 || l.starts_with("PAGECHECK-FAILED")
+                || l.starts_with("DISKSB-ERROR")
+                || l.starts_with("DISKSB-FAILED")
+                || l.contains("EXT4-fs error")
                 || l.contains("Kernel panic")
                 || l.contains("BUG:")
                 || l.contains("Oops")
@@ -206,6 +212,13 @@ mod tests {
         );
         assert_eq!(Heartbeat::parse("HB x t=1").map(|h| h.n), None);
         assert_eq!(Heartbeat::parse("WANMIG-GUEST-UP uptime=1"), None);
+        let sb = "SBHB 31 reads=0.41 writes=0.27 fsyncs=8.00";
+        assert_eq!(Heartbeat::parse_disk(sb).map(|h| h.n), Some(31));
+        assert_eq!(Heartbeat::parse(sb), None);
+        assert_eq!(
+            Heartbeat::parse_disk("DHB 4 written=1 verified=2 errors=0").map(|h| h.verified),
+            Some(2)
+        );
     }
 
     #[test]

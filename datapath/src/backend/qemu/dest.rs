@@ -169,7 +169,7 @@ impl QemuDest {
             .map_err(|e| BackendError::new(B, "registration socket", e))?;
         let mode = UffdMode::MissingWpAsync;
         // QEMU connects to its disks as it starts.
-        let disks = super::disks::serve_destination(&guest.disks, paths)?;
+        let disks = super::disks::serve_destination(&guest.disks, guest.chunk_size, paths)?;
         let mut process = QemuProcess::spawn(guest, paths, mode, true)
             .map_err(|e| BackendError::new(B, "starting QEMU", e))?;
         let reg = listener

@@ -15,8 +15,7 @@ use super::launch::{DiskSpec, QemuPaths};
 use crate::backend::BackendError;
 use crate::nbd::{BlockDevice, Export, FileImage, NbdServer};
 use crate::storage::{
-    ChunkLog, ChunkRequests, ChunkSpace, DEFAULT_CHUNK_SIZE, DestDisks, DiskFetcher, PostcopyImage,
-    SourceDisks,
+    ChunkLog, ChunkRequests, ChunkSpace, DestDisks, DiskFetcher, PostcopyImage, SourceDisks,
 };
 
 const B: &str = "qemu disks";
@@ -44,6 +43,19 @@ fn serve(paths: &QemuPaths, i: usize, e: Export) -> Result<NbdServer, BackendErr
     NbdServer::start(&paths.disk_socket(i), e).map_err(|e| BackendError::new(B, "NBD server", e))
 }
 
+fn check_chunk_size(chunk_size: u64) -> Result<(), BackendError> {
+    use crate::wire::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+    let (min, max) = (u64::from(MIN_CHUNK_SIZE), u64::from(MAX_CHUNK_SIZE));
+    if !chunk_size.is_power_of_two() || !(min..=max).contains(&chunk_size) {
+        return Err(BackendError::new(
+            B,
+            "chunk size",
+            format!("{chunk_size} bytes is not a power of two in {min}..={max}"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_size(d: &DiskSpec) -> Result<(), BackendError> {
     if d.size == 0 || d.size % 4096 != 0 {
         return Err(BackendError::new(
@@ -58,11 +70,13 @@ fn check_size(d: &DiskSpec) -> Result<(), BackendError> {
 /// Serves the source's disks; the images are opened (or created sparse).
 pub fn serve_source(
     disks: &[DiskSpec],
+    chunk_size: u64,
     paths: &QemuPaths,
 ) -> Result<Option<(DiskServers, Arc<SourceDisks>)>, BackendError> {
     if disks.is_empty() {
         return Ok(None);
     }
+    check_chunk_size(chunk_size)?;
     let mut servers = Vec::new();
     let mut devices: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut logs = Vec::new();
@@ -96,7 +110,7 @@ pub fn serve_source(
             ));
         }
         let device: Arc<dyn BlockDevice> = Arc::new(image);
-        let log = Arc::new(ChunkLog::new(d.size, DEFAULT_CHUNK_SIZE));
+        let log = Arc::new(ChunkLog::new(d.size, chunk_size));
         servers.push(serve(
             paths,
             i,
@@ -107,19 +121,21 @@ pub fn serve_source(
     }
     Ok(Some((
         DiskServers { _servers: servers },
-        Arc::new(SourceDisks::new(DEFAULT_CHUNK_SIZE, devices, logs)),
+        Arc::new(SourceDisks::new(chunk_size, devices, logs)),
     )))
 }
 
 /// Serves the destination's disks: new post-copy images, every block absent.
 pub fn serve_destination(
     disks: &[DiskSpec],
+    chunk_size: u64,
     paths: &QemuPaths,
 ) -> Result<Option<(DiskServers, Arc<DestDisks>)>, BackendError> {
     if disks.is_empty() {
         return Ok(None);
     }
-    let space = ChunkSpace::new(DEFAULT_CHUNK_SIZE, disks.iter().map(|d| d.size).collect());
+    check_chunk_size(chunk_size)?;
+    let space = ChunkSpace::new(chunk_size, disks.iter().map(|d| d.size).collect());
     let requests = Arc::new(ChunkRequests::default());
     let mut servers = Vec::new();
     let mut images = Vec::new();
@@ -130,7 +146,7 @@ pub fn serve_destination(
                 &paths.disk_image(i),
                 &paths.disk_presence(i),
                 d.size,
-                DEFAULT_CHUNK_SIZE,
+                chunk_size,
                 Arc::new(DiskFetcher::new(requests.clone(), space.global(i, 0))),
                 FETCH_TIMEOUT,
             )

@@ -28,6 +28,9 @@ pub struct GuestSpec {
     /// The guest's disks (virtio-blk, served by the engine over NBD), in
     /// order: `/dev/vda`, `/dev/vdb`...
     pub disks: Vec<DiskSpec>,
+    /// The disks' chunk size, the unit of transfer and profiling (a power
+    /// of two in 4 KiB..=4 MiB; the same on both sides).
+    pub chunk_size: u64,
 }
 
 /// One guest disk.
@@ -78,6 +81,7 @@ impl GuestSpec {
             memory_mib,
             extra_args: Vec::new(),
             disks: Vec::new(),
+            chunk_size: crate::storage::DEFAULT_CHUNK_SIZE,
         })
     }
 

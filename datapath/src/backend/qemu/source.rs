@@ -65,7 +65,7 @@ impl QemuSource {
             .map_err(|e| BackendError::new(B, "registration socket", e))?;
         let _ = std::fs::remove_file(&paths.ram);
         // QEMU connects to its disks as it starts.
-        let disks = super::disks::serve_source(&guest.disks, paths)?;
+        let disks = super::disks::serve_source(&guest.disks, guest.chunk_size, paths)?;
         let mut process = QemuProcess::spawn(guest, paths, UffdMode::WpAsync, false)
             .map_err(|e| BackendError::new(B, "starting QEMU", e))?;
         let reg = listener
