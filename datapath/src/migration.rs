@@ -440,9 +440,11 @@ fn migrate(
             dest_paths.serial.display()
         )));
     }
-    // The page checker's errors, and the disk checker's if it runs.
+    // The page checker's errors, the disk checker's if it runs, and
+    // sysbench's validation failures (it stops at the first).
     let checker_errors = dest_log.last_heartbeat().map_or(0, |h| h.errors)
-        + dest_log.last_disk_heartbeat().map_or(0, |h| h.errors);
+        + dest_log.last_disk_heartbeat().map_or(0, |h| h.errors)
+        + dest_log.sysbench_failures();
     let mut report =
         MigrationReport::combine(source_report, dest_report, checker_errors, spec.dest.dt, s);
     report.predicted = predicted;
@@ -473,9 +475,21 @@ pub(crate) fn warm_up(
             serial.display()
         )));
     }
-    // The disk workload may have a file system to make first.
+    // Every disk workload the guest started (sysbench has a file system to
+    // make first); the disk checker if none has said yet.
+    if disk == 0 {
+        return Ok(());
+    }
     let deadline = Instant::now() + Duration::from_secs(180);
-    while log.disk_heartbeats().len() < disk {
+    loop {
+        let modes = log.disk_workloads();
+        let warm = |mode: &str| match mode {
+            "sysbench" => log.sysbench_heartbeats().len() >= disk,
+            _ => log.disk_heartbeats().len() >= disk,
+        };
+        if modes.is_empty() && warm("check") || !modes.is_empty() && modes.iter().all(|m| warm(m)) {
+            break;
+        }
         if Instant::now() >= deadline {
             return Err(MigrationError::Guest(format!(
                 "no disk-workload heartbeat from the guest at the source (see {})",

@@ -34,24 +34,37 @@ const CHUNK: u64 = 64 << 10;
 
 fn migrate(name: &str, m: f64, s: f64, disk_params: &str, hold: bool) -> LocalOutcome {
     let params = format!("wanmig.disk=check wanmig.diskmib=32 {disk_params}");
-    migrate_with(name, Planning::Fixed { m, s }, &params, CHUNK, hold)
+    migrate_with(name, Planning::Fixed { m, s }, &params, CHUNK, 1, hold)
 }
 
-/// The guest (page checker beside `disk_params`' disk workload) migrated
-/// with `planning` and chunks of `chunk_size`.
+/// [`migrate`] with a second disk, `/dev/vdb`, under sysbench fileio.
+fn migrate_two(name: &str, m: f64, s: f64, disk_params: &str, hold: bool) -> LocalOutcome {
+    let params = format!(
+        "wanmig.disk=check,sysbench wanmig.diskmib=32 wanmig.sbdev=/dev/vdb wanmig.sbmib=32 \
+         wanmig.sbrate=100 {disk_params}"
+    );
+    migrate_with(name, Planning::Fixed { m, s }, &params, CHUNK, 2, hold)
+}
+
+/// The guest (page checker beside `disk_params`' disk workloads) with
+/// `disks` disks of 64 MiB migrated with `planning` and chunks of
+/// `chunk_size`.
 fn migrate_with(
     name: &str,
     planning: Planning,
     disk_params: &str,
     chunk_size: u64,
+    disks: usize,
     hold: bool,
 ) -> LocalOutcome {
     let params = format!("wanmig.workload=pagecheck wanmig.mib=32 wanmig.rate=2 {disk_params}");
     let mut guest = GuestSpec::builtin(256, &params).expect("run scripts/setup");
-    guest.disks.push(DiskSpec {
-        size: DISK_MIB << 20,
-        image: None,
-    });
+    for _ in 0..disks {
+        guest.disks.push(DiskSpec {
+            size: DISK_MIB << 20,
+            image: None,
+        });
+    }
     guest.chunk_size = chunk_size;
     let tag = format!("{name}{}", std::process::id());
     let spec = LocalMigration {
@@ -79,7 +92,7 @@ fn migrate_with(
 }
 
 /// The integrity section, the chunk count and the logs of a migration of
-/// the 64 MiB disk in chunks of `chunk_size`.
+/// 64 MiB disks in chunks of `chunk_size`.
 fn assert_same_bytes(o: &LocalOutcome, chunk_size: u64) {
     let r = &o.report;
     let i = r.integrity;
@@ -89,7 +102,8 @@ fn assert_same_bytes(o: &LocalOutcome, chunk_size: u64) {
     assert!(i.chunks_compared > 0, "{i:?}");
     assert!(r.storage.is_some());
     let st = r.source.storage.as_ref().unwrap();
-    assert_eq!(st.chunks, (DISK_MIB << 20) / chunk_size);
+    let disks = o.source_paths.disk_image(1).exists() as u64 + 1;
+    assert_eq!(st.chunks, disks * (DISK_MIB << 20) / chunk_size);
     for log in [&o.source_log, &o.dest_log] {
         assert_eq!(
             log.error_lines().count(),
@@ -100,21 +114,35 @@ fn assert_same_bytes(o: &LocalOutcome, chunk_size: u64) {
     }
 }
 
+/// Which heartbeats of the guest's console.
+#[derive(Clone, Copy, Debug)]
+enum Beat {
+    /// The disk checker's.
+    Check,
+    /// sysbench's.
+    Sysbench,
+}
+
+impl Beat {
+    fn of(self, log: &wanmig_datapath::backend::qemu::SerialLog) -> Vec<Heartbeat> {
+        let all = match self {
+            Beat::Check => log.disk_heartbeats(),
+            Beat::Sysbench => log.sysbench_heartbeats(),
+        };
+        all.iter().map(|(_, h)| *h).collect()
+    }
+}
+
 /// The disk workload's heartbeats after the source's last: at least three
 /// at the destination (waited for), none reporting an error.
-fn heartbeats_after_resume(o: &mut LocalOutcome) -> (Heartbeat, Vec<Heartbeat>) {
-    let last_src = o
-        .source_log
-        .last_disk_heartbeat()
-        .expect("source disk heartbeat");
+fn heartbeats_after_resume(o: &mut LocalOutcome, beat: Beat) -> (Heartbeat, Vec<Heartbeat>) {
+    let last_src = *beat.of(&o.source_log).last().expect("source heartbeat");
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         o.dest_log.poll().unwrap();
-        let after: Vec<_> = o
-            .dest_log
-            .disk_heartbeats()
-            .iter()
-            .map(|(_, h)| *h)
+        let after: Vec<_> = beat
+            .of(&o.dest_log)
+            .into_iter()
             .filter(|h| h.n > last_src.n)
             .collect();
         if after.len() >= 3 {
@@ -129,7 +157,7 @@ fn heartbeats_after_resume(o: &mut LocalOutcome) -> (Heartbeat, Vec<Heartbeat>) 
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the disk workload stalled at the destination: {after:?} after {last_src:?}"
+            "the disk workload ({beat:?}) stalled at the destination: {after:?} after {last_src:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -145,7 +173,10 @@ fn assert_intact(o: &mut LocalOutcome, held: bool) {
     // The disk checker goes on at the destination, with no error: three
     // heartbeats after the source's last (numbers skip after a stall), and
     // it has verified blocks since.
-    let (last_src, after) = heartbeats_after_resume(o);
+    let (last_src, after) = heartbeats_after_resume(o, Beat::Check);
+    if o.source_log.disk_workloads().contains(&"sysbench") {
+        heartbeats_after_resume(o, Beat::Sysbench);
+    }
     let last = after.last().unwrap();
     assert!(
         last.verified > last_src.verified,
@@ -156,7 +187,7 @@ fn assert_intact(o: &mut LocalOutcome, held: bool) {
 #[test]
 fn s1_is_classic_precopy_of_the_disk() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let mut o = migrate(
+    let mut o = migrate_two(
         "ts1",
         0.5,
         1.0,
@@ -190,7 +221,7 @@ fn s0_is_post_copy_of_the_disk_with_on_demand_fetch() {
 #[test]
 fn half_the_disk_precopied_under_a_write_heavy_checker() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let mut o = migrate(
+    let mut o = migrate_two(
         "tsh",
         0.5,
         0.5,
@@ -209,20 +240,24 @@ fn half_the_disk_precopied_under_a_write_heavy_checker() {
 #[test]
 fn a_held_destination_image_equals_the_frozen_source_image() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let mut o = migrate("tshold", 0.5, 0.5, "wanmig.diskrate=2", true);
+    let mut o = migrate_two("tshold", 0.5, 0.5, "wanmig.diskrate=2", true);
     assert_intact(&mut o, true);
-    let src = std::fs::read(o.source_paths.disk_image(0)).unwrap();
-    let dst = std::fs::read(o.dest_paths.disk_image(0)).unwrap();
-    assert_eq!(src.len(), dst.len());
-    let differing = src
-        .chunks(4096)
-        .zip(dst.chunks(4096))
-        .filter(|(a, b)| a != b)
-        .count();
-    assert_eq!(
-        differing, 0,
-        "blocks differ between the frozen source and the held destination"
-    );
+    // Both disks: the checker's and sysbench's file system.
+    for disk in 0..2 {
+        let src = std::fs::read(o.source_paths.disk_image(disk)).unwrap();
+        let dst = std::fs::read(o.dest_paths.disk_image(disk)).unwrap();
+        assert_eq!(src.len(), dst.len());
+        let differing = src
+            .chunks(4096)
+            .zip(dst.chunks(4096))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            differing, 0,
+            "disk {disk}: blocks differ between the frozen source and the held destination"
+        );
+        assert!(src.iter().any(|&b| b != 0), "disk {disk} was written");
+    }
     o.cleanup();
 }
 
@@ -261,7 +296,7 @@ fn blind_whole_block_rewrites_need_no_fetch_and_split_writes_merge() {
 /// sysbench fileio (`wanmig.disk=sysbench`): an ext2 file system on the
 /// disk, 4 files of 8 MiB read and rewritten at random in 4 KiB O_DIRECT
 /// requests, every read checked against the checksum sysbench wrote.
-const SYSBENCH: &str = "wanmig.disk=sysbench wanmig.diskmib=32 wanmig.sbrate=150";
+const SYSBENCH: &str = "wanmig.disk=sysbench wanmig.sbmib=32 wanmig.sbrate=150";
 
 /// What a migration under sysbench must show: the same bytes, and sysbench
 /// going on at the destination without a validation error.
@@ -274,7 +309,7 @@ fn assert_sysbench_goes_on(o: &mut LocalOutcome, chunk_size: u64) {
             .any(|l| l.starts_with("DISKSB-START")),
         "sysbench never started"
     );
-    heartbeats_after_resume(o);
+    heartbeats_after_resume(o, Beat::Sysbench);
 }
 
 #[test]
@@ -285,6 +320,7 @@ fn sysbench_fileio_validates_every_read_across_a_post_copy_disk() {
         Planning::Fixed { m: 0.5, s: 0.0 },
         SYSBENCH,
         CHUNK,
+        1,
         false,
     );
     assert_sysbench_goes_on(&mut o, CHUNK);
@@ -310,7 +346,7 @@ fn a_profiled_plan_ranks_the_chunks_sysbench_uses_and_takes_any_chunk_size() {
         rtt: Duration::from_millis(2),
         downtime_target: None,
     };
-    let mut o = migrate_with("tsbp", planning, SYSBENCH, chunk, false);
+    let mut o = migrate_with("tsbp", planning, SYSBENCH, chunk, 1, false);
     assert_sysbench_goes_on(&mut o, chunk);
     // The profile saw the disk: sysbench's chunks read and written.
     let p = wanmig_planner::profile::Profile::open(&profile).unwrap();

@@ -27,11 +27,16 @@ impl Heartbeat {
         Self::parse_with("HB", line)
     }
 
-    /// Parses a heartbeat line of the disk workload: the disk checker's
-    /// (`DHB`), or sysbench fileio's (`SBHB <s> reads=.. writes=..`: only
-    /// `n`, the seconds sysbench has run, is set).
+    /// Parses a heartbeat line of the disk checker (`DHB`).
     pub fn parse_disk(line: &str) -> Option<Heartbeat> {
-        Self::parse_with("DHB", line).or_else(|| Self::parse_with("SBHB", line))
+        Self::parse_with("DHB", line)
+    }
+
+    /// Parses a heartbeat line of the sysbench fileio disk workload
+    /// (`SBHB <s> reads=.. writes=..`: only `n`, the seconds sysbench has
+    /// run, is set).
+    pub fn parse_sysbench(line: &str) -> Option<Heartbeat> {
+        Self::parse_with("SBHB", line)
     }
 
     fn parse_with(prefix: &str, line: &str) -> Option<Heartbeat> {
@@ -70,6 +75,7 @@ pub struct SerialLog {
     lines: Vec<String>,
     heartbeats: Vec<(Instant, Heartbeat)>,
     disk_heartbeats: Vec<(Instant, Heartbeat)>,
+    sysbench_heartbeats: Vec<(Instant, Heartbeat)>,
 }
 
 impl SerialLog {
@@ -82,6 +88,7 @@ impl SerialLog {
             lines: Vec::new(),
             heartbeats: Vec::new(),
             disk_heartbeats: Vec::new(),
+            sysbench_heartbeats: Vec::new(),
         }
     }
 
@@ -108,6 +115,8 @@ impl SerialLog {
                 self.heartbeats.push((now, hb));
             } else if let Some(hb) = Heartbeat::parse_disk(&line) {
                 self.disk_heartbeats.push((now, hb));
+            } else if let Some(hb) = Heartbeat::parse_sysbench(&line) {
+                self.sysbench_heartbeats.push((now, hb));
             }
             self.lines.push(line);
             new += 1;
@@ -133,6 +142,30 @@ impl SerialLog {
     /// The disk checker's heartbeats so far.
     pub fn disk_heartbeats(&self) -> &[(Instant, Heartbeat)] {
         &self.disk_heartbeats
+    }
+
+    /// The sysbench fileio disk workload's heartbeats so far.
+    pub fn sysbench_heartbeats(&self) -> &[(Instant, Heartbeat)] {
+        &self.sysbench_heartbeats
+    }
+
+    /// sysbench's validation failures so far (`DISKSB-ERROR ... Validation
+    /// failed ...`: it stops at the first).
+    pub fn sysbench_failures(&self) -> u64 {
+        self.lines
+            .iter()
+            .filter(|l| l.starts_with("DISKSB-ERROR") && l.contains("Validation failed"))
+            .count() as u64
+    }
+
+    /// The disk workloads the guest started (`WANMIG-DISK-WORKLOAD
+    /// mode=<m>`), in order.
+    pub fn disk_workloads(&self) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("WANMIG-DISK-WORKLOAD mode="))
+            .filter_map(|r| r.split_whitespace().next())
+            .collect()
     }
 
     /// The disk checker's latest heartbeat.
@@ -213,8 +246,9 @@ mod tests {
         assert_eq!(Heartbeat::parse("HB x t=1").map(|h| h.n), None);
         assert_eq!(Heartbeat::parse("WANMIG-GUEST-UP uptime=1"), None);
         let sb = "SBHB 31 reads=0.41 writes=0.27 fsyncs=8.00";
-        assert_eq!(Heartbeat::parse_disk(sb).map(|h| h.n), Some(31));
+        assert_eq!(Heartbeat::parse_sysbench(sb).map(|h| h.n), Some(31));
         assert_eq!(Heartbeat::parse(sb), None);
+        assert_eq!(Heartbeat::parse_disk(sb), None);
         assert_eq!(
             Heartbeat::parse_disk("DHB 4 written=1 verified=2 errors=0").map(|h| h.verified),
             Some(2)
