@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 use memmap2::{MmapOptions, MmapRaw};
 use wanmig_datapath::uffd::{
     AdoptError, ApiError, CopyError, CopyFlags, CopyOutcome, DirtyBitmap, Errno, Event, Features,
-    Mode, PagemapScanner, PollError, ReadError, RegisterError, RemoteAddr, RemoteRange, ScanError,
-    UnregisterError, Userfaultfd, WriteProtectError, ZeropageError, page_size, recv_fd, send_fd,
-    write_protect_all,
+    Mode, PagemapScanner, PollError, ReadError, ReadSampler, RegisterError, RemoteAddr,
+    RemoteRange, ScanError, UnregisterError, Userfaultfd, WriteProtectError, ZeropageError,
+    page_size, recv_fd, send_fd, write_protect_all,
 };
 
 const PS: usize = 4096;
@@ -1622,5 +1622,99 @@ fn measure_pagemap_scan_1gib_cross_process() {
         written[1].as_secs_f64() * 1e3,
         written[1].as_secs_f64() * 1e9 / pages as f64
     );
+    t.exit();
+}
+
+// ---------------------------------------------------------------------------
+// read sampling (MINOR faults beside the write log)
+
+#[test]
+fn read_sampling_sees_the_pages_touched_and_leaves_the_write_log_exact() {
+    let pages = 2048u64; // 8 MiB, all populated (page cache)
+    let mut t = Target::spawn(
+        "xrs",
+        TargetSpec {
+            features: Features::WP_ASYNC | Features::WP_UNPOPULATED | Features::MINOR_SHMEM,
+            mode: Mode::WP,
+            pages,
+            prepopulate: pages,
+        },
+    );
+    let range = t.range;
+    let mut scanner = PagemapScanner::open(t.pid, range).unwrap();
+    let mut dirty = DirtyBitmap::new(range).unwrap();
+    write_protect_all(t.uffd(), range).unwrap();
+    scanner.scan_written_and_protect(&mut dirty).unwrap();
+    let mut sampler = ReadSampler::start(t.uffd(), t.pid, range, Mode::WP).unwrap();
+    let mut rng = Rng(7);
+    let mut seen_fraction = Vec::new();
+    for round in 0..4 {
+        // Written before the zap, read after it: still a write (the page
+        // must come back unprotected).
+        let early = round >= 2;
+        if early {
+            t.write_pages(&[9]);
+        }
+        sampler.begin_interval().unwrap();
+        let reads: Vec<u64> = (0..300)
+            .map(|_| rng.below(pages))
+            .chain(early.then_some(9))
+            .collect();
+        let writes: Vec<u64> = (0..200).map(|_| rng.below(pages)).collect();
+        t.read_pages(&reads);
+        t.write_pages(&writes);
+        // A page written last round and only read now: a read, not a write.
+        if round > 0 {
+            t.read_pages(&[0, 1, 2]);
+        }
+        let mut touched = std::collections::BTreeSet::new();
+        sampler.take_touched(|p| {
+            touched.insert(p);
+        });
+        dirty.clear();
+        scanner.scan_written_and_protect(&mut dirty).unwrap();
+        let written: std::collections::BTreeSet<u64> = dirty.iter_set().collect();
+        let want_written: std::collections::BTreeSet<u64> =
+            writes.iter().copied().chain(early.then_some(9)).collect();
+        assert_eq!(
+            written, want_written,
+            "round {round}: the write log must be exact under read sampling"
+        );
+        let mut accessed: std::collections::BTreeSet<u64> =
+            reads.iter().chain(&writes).copied().collect();
+        if round > 0 {
+            accessed.extend([0, 1, 2]);
+        }
+        let extra: Vec<_> = touched.difference(&accessed).collect();
+        assert!(extra.is_empty(), "round {round}: never accessed: {extra:?}");
+        seen_fraction.push(touched.len() as f64 / accessed.len() as f64);
+        if round == 0 {
+            // Written at the end of this round, read (only) in the next.
+            t.write_pages(&[0, 1, 2]);
+            dirty.clear();
+            scanner.scan_written_and_protect(&mut dirty).unwrap();
+            assert_eq!(dirty.iter_set().collect::<Vec<_>>(), vec![0, 1, 2]);
+        }
+    }
+    // MADV_PAGEOUT leaves a page mapped now and then (busy in reclaim):
+    // nearly every access is seen.
+    assert!(
+        seen_fraction.iter().all(|&f| f > 0.9),
+        "accesses seen per round: {seen_fraction:?}"
+    );
+    let st = sampler.stop().unwrap();
+    assert!(st.faults >= 400, "{st:?}");
+    assert_eq!(st.intervals, 4);
+    // Back to WP only: zapped pages fault in by themselves, nothing hangs,
+    // and, the log re-armed, writes are logged.
+    t.read_pages(&(0..pages).collect::<Vec<_>>());
+    write_protect_all(t.uffd(), range).unwrap();
+    dirty.clear();
+    scanner.scan_written_and_protect(&mut dirty).unwrap();
+    assert!(!dirty.any(), "re-armed: nothing written yet");
+    t.write_pages(&[5, 6]);
+    dirty.clear();
+    scanner.scan_written_and_protect(&mut dirty).unwrap();
+    assert_eq!(dirty.iter_set().collect::<Vec<_>>(), vec![5, 6]);
     t.exit();
 }

@@ -33,6 +33,7 @@ mod fd;
 mod flags;
 pub mod pagemap;
 pub mod pass;
+mod read_sampler;
 
 pub use addr::{RemoteAddr, RemoteRange, page_size};
 pub use errno::Errno;
@@ -49,3 +50,4 @@ pub use pagemap::{
     write_protect_all,
 };
 pub use pass::{RecvFdError, SendFdError, recv_fd, send_fd};
+pub use read_sampler::{ReadSampleError, ReadSampleStats, ReadSampler};

@@ -199,6 +199,63 @@ impl PagemapScanner {
         self.scan(abi::PM_SCAN_CHECK_WPASYNC, out)
     }
 
+    /// Whether the page at `addr` (in the range) has been written since the
+    /// last scan, changing nothing: one `PAGEMAP_SCAN` of one page.
+    pub fn page_written(&mut self, addr: RemoteAddr) -> Result<bool, ScanError> {
+        let range = self.range;
+        let ps = page_size();
+        let start = addr.get() & !(ps - 1);
+        if !range.contains(RemoteAddr(start)) {
+            return Err(ScanError::BadAnswer {
+                range,
+                detail: format!("page {start:#x} is outside the range"),
+            });
+        }
+        loop {
+            let mut arg = abi::pm_scan_arg {
+                size: size_of::<abi::pm_scan_arg>() as u64,
+                flags: abi::PM_SCAN_CHECK_WPASYNC,
+                start,
+                end: start + ps,
+                walk_end: 0,
+                vec: self.vec.as_mut_ptr() as usize as u64,
+                vec_len: 1,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: abi::PAGE_IS_WRITTEN,
+                category_anyof_mask: 0,
+                return_mask: abi::PAGE_IS_WRITTEN,
+            };
+            // SAFETY: as in `scan`: `arg` is exclusively borrowed, `arg.vec`
+            // points to `self.vec` (at least one initialised region, the
+            // `vec_len` given), the file is a live pagemap descriptor.
+            let r = unsafe {
+                libc::ioctl(
+                    self.file.as_raw_fd(),
+                    abi::request(abi::PAGEMAP_SCAN),
+                    std::ptr::from_mut(&mut arg).cast::<libc::c_void>(),
+                )
+            };
+            return match r {
+                0 => Ok(false),
+                1 => Ok(true),
+                r if r > 1 => Err(ScanError::BadAnswer {
+                    range,
+                    detail: format!("{r} regions for one page"),
+                }),
+                _ => {
+                    let errno = Errno::last();
+                    Err(match errno.0 {
+                        libc::EINTR => continue,
+                        libc::EPERM => ScanError::NotWpAsync { range, errno },
+                        libc::ESRCH => ScanError::TargetGone { range, errno },
+                        _ => ScanError::Os { range, errno },
+                    })
+                }
+            };
+        }
+    }
+
     fn scan(&mut self, flags: u64, out: &mut DirtyBitmap) -> Result<ScanStats, ScanError> {
         let range = self.range;
         if out.range() != range || out.page_size() != page_size() {
