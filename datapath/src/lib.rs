@@ -23,6 +23,7 @@ pub mod host;
 pub mod migration;
 pub mod nbd;
 pub mod planning;
+pub mod profiling;
 pub mod qemu;
 pub mod report;
 pub mod storage;

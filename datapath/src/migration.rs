@@ -25,9 +25,8 @@ use crate::connection::{self, ConnectError, ConnectionPair, LinkConfig};
 use crate::engine::{
     DestConfig, EngineError, PageOrder, PageOrderError, SourceConfig, run_destination, run_source,
 };
-use crate::planning::{
-    EnginePlan, GuestUnits, PlanningError, plan_from_segment, plan_in_process, profile_guest,
-};
+use crate::planning::{EnginePlan, GuestUnits, PlanningError, plan_from_segment, plan_in_process};
+use crate::profiling::{ProfileOptions, profile_guest};
 use crate::qemu::RunState;
 use crate::report::MigrationReport;
 use crate::wire::{Geometry, MigrationId, PskKey, ServerPolicy};
@@ -551,23 +550,10 @@ pub(crate) fn plan(
             rtt,
             downtime_target,
         } => {
-            let stats = profile_guest(source, *samples, *interval, device_state_estimate, path)?;
+            let opts = ProfileOptions::new(*samples, *interval, device_state_estimate);
+            let stats = profile_guest(source, &opts, path)?;
             let mut p = plan_in_process(path, *rate, *rtt, *downtime_target, guest)?;
-            p.origin = format!(
-                "{} after profiling for {} x {:.2} s ({} pages written; reads of pages not sampled, assumed where writes are{})",
-                p.origin,
-                stats.samples,
-                stats.interval_s,
-                stats.pages_written,
-                if stats.chunks > 0 {
-                    format!(
-                        "; {} of {} chunks read, {} written",
-                        stats.chunks_read, stats.chunks, stats.chunks_written
-                    )
-                } else {
-                    String::new()
-                }
-            );
+            p.origin = format!("{} after {}", p.origin, stats.describe());
             planned(p)
         }
         Planning::Segment { name, profile } => planned(plan_from_segment(

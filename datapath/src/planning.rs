@@ -1,10 +1,7 @@
 //! From a profile to the engine's page order: the planner's ranking and `M`.
 //!
-//! - [`profile_writes`] samples the running guest's writes through the
-//!   source backend's dirty log (`n` intervals of `tau`) and writes a profile
-//!   in the planner's format. It does not see reads yet (that takes
-//!   missing-page sampling of the mapping); until it does, it assumes a page
-//!   is read in the intervals it is written (`r = w`) and says so.
+//! - [`profile_guest`](crate::profiling::profile_guest) (in
+//!   [`profiling`](crate::profiling)) writes the profile these read.
 //! - [`plan_in_process`] runs the planner library on a profile for a link.
 //! - [`plan_from_segment`] takes the plan a separate `wanmig-planner serve`
 //!   published in shared memory.
@@ -18,16 +15,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use wanmig_planner::model::{Link, ModelParams, rates::rank_cmp};
-use wanmig_planner::profile::{
-    ClassProfile, Kind, Profile, ProfileHeader, ProfileWriter, UnitCounters,
-};
+use wanmig_planner::profile::{ClassProfile, Kind, Profile};
 use wanmig_planner::rule::PrecopyRule;
 use wanmig_planner::search::SearchOptions;
 use wanmig_planner::segment::{PlanSnapshot, Segment};
 use wanmig_planner::units::Rate;
 
-use crate::backend::{BackendError, SourceBackend};
-use crate::engine::source::page_bitmap;
+use crate::backend::BackendError;
 use crate::engine::{PageOrder, PageOrderError};
 use crate::report::Figures;
 
@@ -74,163 +68,11 @@ pub enum PlanningError {
     Order(#[from] PageOrderError),
 }
 
-fn profile_err(path: &Path) -> impl Fn(String) -> PlanningError + '_ {
+pub(crate) fn profile_err(path: &Path) -> impl Fn(String) -> PlanningError + '_ {
     move |message| PlanningError::Profile {
         path: path.display().to_string(),
         message,
     }
-}
-
-/// What a profile of the running guest saw.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct ProfileStats {
-    /// Intervals.
-    pub samples: u32,
-    /// Interval length, s.
-    pub interval_s: f64,
-    /// Pages written at least once.
-    pub pages_written: u64,
-    /// Page-intervals with a write (sum of `w`).
-    pub write_events: u64,
-    /// Chunks of the guest's disks (0 without disks).
-    pub chunks: u64,
-    /// Chunks read at least once.
-    pub chunks_read: u64,
-    /// Chunks written at least once.
-    pub chunks_written: u64,
-    /// Chunk-intervals whose writes were whole-block overwrites (sum of `o`).
-    pub chunk_overwrites: u64,
-}
-
-/// A unit's interval counts while profiling.
-#[derive(Debug, Clone, Copy, Default)]
-struct Tally {
-    r: u16,
-    w: u16,
-    o: u16,
-}
-
-/// Profiles the running guest for `samples` intervals of `interval` and
-/// writes the profile to `out`: pages' writes from the dirty log (reads
-/// assumed where writes are; see the module docs) and, for a guest with
-/// disks, chunks' reads, writes and whole-block overwrites from the NBD
-/// request stream. `state_bytes` is the device-state estimate it records.
-pub fn profile_guest(
-    backend: &mut dyn SourceBackend,
-    samples: u32,
-    interval: Duration,
-    state_bytes: u64,
-    out: &Path,
-) -> Result<ProfileStats, PlanningError> {
-    let pages = backend.page_count();
-    let ps = backend.page_size();
-    let disks = backend.disks();
-    let chunks = disks.as_ref().map_or(0, |d| d.space().chunks());
-    let mut w = vec![0u16; pages as usize];
-    let mut tally = vec![Tally::default(); chunks as usize];
-    let mut dirty = page_bitmap(pages, ps);
-    backend.dirty_log_start()?;
-    if let Some(d) = &disks {
-        // What the guest did before the first interval is not in it.
-        d.take_interval(|_, _| {});
-    }
-    let start = Instant::now();
-    for i in 1..=samples {
-        let due = start + interval * i;
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        dirty.clear();
-        backend.dirty_log_collect(&mut dirty)?;
-        for p in dirty.iter_set() {
-            if let Some(c) = w.get_mut(p as usize) {
-                *c = c.saturating_add(1);
-            }
-        }
-        if let Some(d) = &disks {
-            d.take_interval(|c, what| {
-                let t = &mut tally[c as usize];
-                t.r += u16::from(what.read);
-                t.w += u16::from(what.written);
-                t.o += u16::from(what.overwritten);
-            });
-        }
-    }
-    // Zero at the end: never populated, or populated and all zero (the
-    // engine never fetches either).
-    let mut populated = page_bitmap(pages, ps);
-    for (first, count) in backend.populated_runs()? {
-        populated.set_range(first, count);
-    }
-    let mem = backend.memory();
-    let mut page = vec![0u8; ps];
-    for p in 0..pages {
-        if populated.get(p) {
-            mem.copy_page(p, &mut page);
-            if crate::wire::is_zero(&page) {
-                populated.unset(p);
-            }
-        }
-    }
-    // Chunks that hold no data (holes of a sparse image) are zero; chunks
-    // with data are not read to find zeros (a TiB disk would take minutes).
-    let with_data = match &disks {
-        Some(d) => d
-            .chunks_with_data()
-            .map_err(|e| PlanningError::Backend(BackendError::new("profile", "disk extents", e)))?,
-        None => Vec::new(),
-    };
-    let header = ProfileHeader {
-        samples,
-        interval_ns: interval.as_nanos() as u64,
-        page_size: ps as u32,
-        chunk_size: disks
-            .as_ref()
-            .map_or(crate::storage::DEFAULT_CHUNK_SIZE, |d| {
-                d.space().chunk_size()
-            }) as u32,
-        page_count: pages,
-        chunk_count: chunks,
-        state_bytes,
-    };
-    let err = profile_err(out);
-    let mut writer = ProfileWriter::create(out, &header).map_err(|e| err(e.to_string()))?;
-    let mut stats = ProfileStats {
-        samples,
-        interval_s: interval.as_secs_f64(),
-        pages_written: 0,
-        write_events: 0,
-        chunks,
-        chunks_read: 0,
-        chunks_written: 0,
-        chunk_overwrites: 0,
-    };
-    for (p, &k) in w.iter().enumerate() {
-        let k = u32::from(k);
-        stats.pages_written += u64::from(k > 0);
-        stats.write_events += u64::from(k);
-        writer
-            .push_page(UnitCounters {
-                r: k,
-                w: k,
-                o: 0,
-                zero: !populated.get(p as u64) && k == 0,
-            })
-            .map_err(|e| err(e.to_string()))?;
-    }
-    for (c, t) in tally.iter().enumerate() {
-        stats.chunks_read += u64::from(t.r > 0);
-        stats.chunks_written += u64::from(t.w > 0);
-        stats.chunk_overwrites += u64::from(t.o);
-        writer
-            .push_chunk(UnitCounters {
-                r: t.r.into(),
-                w: t.w.into(),
-                o: t.o.into(),
-                zero: !with_data[c] && t.w == 0,
-            })
-            .map_err(|e| err(e.to_string()))?;
-    }
-    writer.finish().map_err(|e| err(e.to_string()))?;
-    Ok(stats)
 }
 
 /// A plan the engine can execute.
@@ -417,6 +259,7 @@ pub fn order_from_rule(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wanmig_planner::profile::{ProfileHeader, ProfileWriter, UnitCounters};
 
     /// A profile where page `i` has `w = r = (i * 7) % (n + 1)` and every
     /// fifth page is zero.

@@ -90,6 +90,31 @@ pub trait SourceBackend: Send {
     fn disks(&self) -> Option<std::sync::Arc<crate::storage::SourceDisks>> {
         None
     }
+
+    /// Starts sampling the guest's page accesses (see
+    /// [`ReadSampler`](crate::uffd::ReadSampler)); `false` if this backend
+    /// cannot. [`read_sampling_stop`](Self::read_sampling_stop) leaves the
+    /// dirty log armed afresh (as [`dirty_log_start`](Self::dirty_log_start)
+    /// does): writes before it are forgotten.
+    fn read_sampling_start(&mut self) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
+    /// Adds to `out` the pages the guest accessed since the last call, then
+    /// starts a new interval watching pages `[first, first + count)`.
+    fn read_sampling_interval(
+        &mut self,
+        _out: &mut DirtyBitmap,
+        _first: u64,
+        _count: u64,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Stops sampling accesses (nothing pending is lost to the guest).
+    fn read_sampling_stop(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// How an install went.

@@ -107,6 +107,26 @@ impl SourceMemory {
         &self.path
     }
 
+    /// Drops this process's page-table entries for the mapping (the pages
+    /// stay in the file): a page mapped here as well as in QEMU is skipped
+    /// by `MADV_PAGEOUT`, which read sampling relies on. Later copies map
+    /// pages again.
+    pub fn release_mappings(&self) -> Result<(), SourceMemoryError> {
+        // SAFETY: MADV_DONTNEED on a read-only shared file mapping only
+        // drops page-table entries; the next read refaults the same bytes
+        // from the file. No reference into the mapping is live (it is only
+        // read through raw-pointer copies).
+        unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        }
+        .map_err(|source| SourceMemoryError::Io {
+            path: self.path.clone(),
+            op: "madvise(MADV_DONTNEED)",
+            source,
+        })
+    }
+
     /// Copies page `index` into `out` (`page_size` bytes): a snapshot of a
     /// page the guest may be writing concurrently.
     ///

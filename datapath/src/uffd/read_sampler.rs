@@ -232,9 +232,24 @@ impl ReadSampler {
     /// its next access to each is seen. Pages touched before this call and
     /// not yet taken stay marked.
     pub fn begin_interval(&mut self) -> Result<(), ReadSampleError> {
+        self.begin_interval_in(0, self.range.page_count())
+    }
+
+    /// [`begin_interval`](Self::begin_interval) watching only pages
+    /// `[first, first + count)` of the range (clamped to it): the others
+    /// keep their mappings and cost the target nothing.
+    pub fn begin_interval_in(&mut self, first: u64, count: u64) -> Result<(), ReadSampleError> {
+        let ps = page_size();
+        let pages = self.range.page_count();
+        let first = first.min(pages);
+        let count = count.min(pages - first);
+        self.intervals += 1;
+        if count == 0 {
+            return Ok(());
+        }
         let iov = libc::iovec {
-            iov_base: self.range.start.get() as *mut libc::c_void,
-            iov_len: self.range.len as usize,
+            iov_base: (self.range.start.get() + first * ps) as *mut libc::c_void,
+            iov_len: (count * ps) as usize,
         };
         // SAFETY: process_madvise reads one iovec from a live local; the
         // address range is the target's, never dereferenced here.
@@ -254,7 +269,6 @@ impl ReadSampler {
                 errno: Errno::last(),
             });
         }
-        self.intervals += 1;
         Ok(())
     }
 

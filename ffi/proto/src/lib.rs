@@ -54,6 +54,9 @@ pub const MIN_PAGE: u64 = 4096;
 pub const REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// `UFFDIO_REGISTER_MODE_WP` (linux/userfaultfd.h).
 pub const REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFD_FEATURE_MINOR_SHMEM`: MINOR faults on shmem (the source's read
+/// sampling registers MINOR mode with it while profiling).
+pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 /// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write-protect on shmem and hugetlbfs.
 pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// `UFFD_FEATURE_WP_UNPOPULATED`: write-protect also marks unpopulated pages.
@@ -123,10 +126,18 @@ impl UffdMode {
 
     /// The `features` requested from `UFFDIO_API`.
     pub const fn api_features(self) -> u64 {
-        if self.tracks_writes() {
-            FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED | FEATURE_WP_HUGETLBFS_SHMEM
-        } else {
-            0
+        match self {
+            UffdMode::Missing => 0,
+            // The source: writes logged, reads sampled while profiling.
+            UffdMode::WpAsync => {
+                FEATURE_WP_ASYNC
+                    | FEATURE_WP_UNPOPULATED
+                    | FEATURE_WP_HUGETLBFS_SHMEM
+                    | FEATURE_MINOR_SHMEM
+            }
+            UffdMode::MissingWpAsync => {
+                FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED | FEATURE_WP_HUGETLBFS_SHMEM
+            }
         }
     }
 
@@ -525,7 +536,7 @@ mod tests {
         assert_eq!(UffdMode::WpAsync.register_mode(), 2);
         assert_eq!(UffdMode::MissingWpAsync.register_mode(), 3);
         assert_eq!(UffdMode::Missing.api_features(), 0);
-        assert_eq!(UffdMode::WpAsync.api_features(), 0xb000);
+        assert_eq!(UffdMode::WpAsync.api_features(), 0xb400);
         assert_eq!(UffdMode::MissingWpAsync.api_features(), 0xb000);
         for m in UffdMode::ALL {
             assert_eq!(UffdMode::from_env_value(m.env_value().as_bytes()), Some(m));

@@ -15,7 +15,8 @@ use crate::backend::{BackendError, PageReader, SourceBackend};
 use crate::guest::SourceMemory;
 use crate::qemu::RunState;
 use crate::uffd::{
-    DirtyBitmap, PagemapScanner, RemoteAddr, RemoteRange, Userfaultfd, write_protect_all,
+    DirtyBitmap, Mode, PagemapScanner, ReadSampler, RemoteAddr, RemoteRange, Userfaultfd,
+    write_protect_all,
 };
 
 impl PageReader for SourceMemory {
@@ -37,6 +38,8 @@ pub struct QemuSource {
     pages: u64,
     /// After `process`: the disks' servers outlive QEMU.
     disks: Option<(super::disks::DiskServers, Arc<crate::storage::SourceDisks>)>,
+    /// Access sampling while profiling.
+    reads: Option<ReadSampler>,
 }
 
 impl QemuSource {
@@ -148,6 +151,7 @@ impl QemuSource {
             devstate_sock: run_dir.join("source.migrate"),
             pages,
             disks,
+            reads: None,
         })
     }
 
@@ -208,6 +212,46 @@ impl SourceBackend for QemuSource {
             out.set_range(first, count);
         }
         Ok(())
+    }
+
+    fn read_sampling_start(&mut self) -> Result<bool, BackendError> {
+        if self.reads.is_some() {
+            return Ok(true);
+        }
+        self.memory
+            .release_mappings()
+            .map_err(|e| BackendError::new(B, "read sampling", e))?;
+        let sampler = ReadSampler::start(&self.uffd, self.process.pid(), self.range, Mode::WP)
+            .map_err(|e| BackendError::new(B, "read sampling", e))?;
+        self.reads = Some(sampler);
+        Ok(true)
+    }
+
+    fn read_sampling_interval(
+        &mut self,
+        out: &mut DirtyBitmap,
+        first: u64,
+        count: u64,
+    ) -> Result<(), BackendError> {
+        let Some(s) = &mut self.reads else {
+            return Ok(());
+        };
+        s.take_touched(|p| out.set(p));
+        s.begin_interval_in(first, count)
+            .map_err(|e| BackendError::new(B, "read sampling", e))
+    }
+
+    fn read_sampling_stop(&mut self) -> Result<(), BackendError> {
+        let Some(s) = self.reads.take() else {
+            return Ok(());
+        };
+        let stopped = s
+            .stop()
+            .map_err(|e| BackendError::new(B, "stopping read sampling", e));
+        // Going back cleared the write protection: arm the log afresh.
+        write_protect_all(&self.uffd, self.range)
+            .map_err(|e| BackendError::new(B, "re-arming the dirty log", e))?;
+        stopped.map(drop)
     }
 
     fn pause(&mut self) -> Result<(), BackendError> {
