@@ -5,9 +5,12 @@
 //!   delay line (the kernel here has no netem).
 //! - [`link`]: the datapath's goodput against iperf3 on the same link.
 //! - [`nbd`]: the engine's NBD server against `qemu-nbd`, same client, same run.
+//! - [`profile_overhead`]: what profiling (write log, read sampling) costs
+//!   the guest.
 //! - [`content`]: deterministic page contents (random, text, zero, mixed).
 
 pub mod content;
 pub mod link;
 pub mod nbd;
+pub mod profile_overhead;
 pub use wanmig_wan as wan;

@@ -7,19 +7,31 @@
 //!
 //! # Reads of pages
 //!
-//! Each interval watches one slice of guest RAM: with `read_slices = k`,
-//! interval `i` watches pages whose index falls in slice `i mod k` (of `k`
-//! equal, contiguous slices). The guest's first access to a watched page in
-//! the interval costs it one MINOR fault (tens of microseconds); the other
-//! pages cost nothing. A page is counted as *read* in a watched interval
-//! when it was accessed and not written in it (a write is its own event; a
-//! page both read and written in one interval counts as written only, so
-//! `r + w` never counts one access twice). Each page is watched in `m ~ n /
-//! k` of the `n` intervals, and its read count is scaled to the profile's
-//! `n`: `r = round(r_watched * n / m)`. `k = 1` watches everything every
-//! interval (exact, costliest); the guest's cost falls as `1 / k`.
-//! Backends that cannot sample reads (or `read_slices = 0`) fall back to
-//! `r = w` and say so.
+//! Each interval watches a window of guest RAM: the guest's first access to
+//! a watched page in the interval costs it one MINOR fault (50-60 us on
+//! this 2-core VM with the fault thread spinning; `wanmig-bench
+//! profile-overhead` measures it), the other pages cost nothing. A page is
+//! counted as *read* in a watched interval when it was accessed and not
+//! written in it (a write is its own event; a page both read and written in
+//! one interval counts as written only, so `r + w` never counts one access
+//! twice).
+//!
+//! The window is budgeted: the guest may lose at most `read_budget` of its
+//! time to these faults (default 5 %), i.e. at most `budget x tau /
+//! fault_cost` faults per interval. The window is the next stretch of a
+//! fixed permutation of RAM's pages (a stride coprime with the page count,
+//! near `pages / phi`), so every window is a scattered sample of all of RAM
+//! and its access density a steady estimate of the next one's: it starts
+//! one page per allowed fault, then each interval is sized from the density
+//! the last one saw (at most 4x larger), and the permutation wraps, so all
+//! of RAM is watched in turn as far as the budget allows. Each
+//! page's read count is scaled from the `m` intervals it was watched to the
+//! profile's `n`: `r = round(r_watched x n / m)`. A page never watched (a
+//! busy guest, a short profile) falls back to `r = w`; the stats say how
+//! much of RAM was covered. `read_budget = None` does not sample reads
+//! (`r = w` for every page), `Some(f64::INFINITY)` watches all of RAM every
+//! interval (exact, and as costly as the guest's working set makes it).
+//! Backends that cannot sample reads fall back to `r = w` and say so.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -37,25 +49,43 @@ pub struct ProfileOptions {
     pub samples: u32,
     /// Interval length (`tau`).
     pub interval: Duration,
-    /// Slices of RAM watched in turn for reads (see the module docs); 0:
-    /// do not sample reads.
-    pub read_slices: u32,
+    /// The share of the guest's time read sampling may cost it (see the
+    /// module docs); `None`: do not sample reads.
+    pub read_budget: Option<f64>,
+    /// What one MINOR fault costs the guest, for the budget.
+    pub fault_cost: Duration,
     /// The device-state estimate the profile records (bytes).
     pub state_bytes: u64,
 }
 
 impl ProfileOptions {
-    /// Default read slices: each interval watches a quarter of RAM.
-    pub const DEFAULT_READ_SLICES: u32 = 4;
+    /// Default read budget: 5 % of the guest's time.
+    pub const DEFAULT_READ_BUDGET: f64 = 0.05;
+    /// Default cost of one MINOR fault to the guest, for the budget: 50-60
+    /// us measured with `wanmig-bench profile-overhead` on a 2-core VM
+    /// (sysbench memory reading 32 MiB), rounded up so the default budget
+    /// holds with a margin.
+    pub const DEFAULT_FAULT_COST: Duration = Duration::from_micros(75);
 
-    /// `samples` intervals of `interval`, reads sampled with the default
-    /// slices.
+    /// `samples` intervals of `interval`, reads sampled within the default
+    /// budget.
     pub fn new(samples: u32, interval: Duration, state_bytes: u64) -> Self {
         ProfileOptions {
             samples,
             interval,
-            read_slices: Self::DEFAULT_READ_SLICES,
+            read_budget: Some(Self::DEFAULT_READ_BUDGET),
+            fault_cost: Self::DEFAULT_FAULT_COST,
             state_bytes,
+        }
+    }
+
+    /// Faults allowed per interval (at least one page).
+    fn faults_per_interval(&self) -> f64 {
+        match self.read_budget {
+            None => 0.0,
+            Some(b) => {
+                (b * self.interval.as_secs_f64() / self.fault_cost.as_secs_f64().max(1e-9)).max(1.0)
+            }
         }
     }
 }
@@ -73,13 +103,16 @@ pub struct ProfileStats {
     pub write_events: u64,
     /// Reads of pages were sampled (else `r = w`).
     pub reads_sampled: bool,
-    /// Slices watched in turn for reads.
-    pub read_slices: u32,
     /// Pages with `r > 0`.
     pub pages_read: u64,
     /// Watched page-intervals with an access (the MINOR faults the guest
     /// paid for).
     pub read_faults: u64,
+    /// Page-intervals watched.
+    pub pages_watched: u64,
+    /// Share of RAM watched in at least one interval (the rest fell back to
+    /// `r = w`).
+    pub read_coverage: f64,
     /// Chunks of the guest's disks (0 without disks).
     pub chunks: u64,
     /// Chunks read at least once.
@@ -95,8 +128,9 @@ impl ProfileStats {
     pub fn describe(&self) -> String {
         let reads = if self.reads_sampled {
             format!(
-                "{} read (sampled, 1/{} of RAM per interval)",
-                self.pages_read, self.read_slices
+                "{} read (sampled on {:.0} % of RAM)",
+                self.pages_read,
+                self.read_coverage * 100.0
             )
         } else {
             "reads not sampled, assumed where writes are".to_string()
@@ -124,13 +158,53 @@ struct Tally {
     o: u16,
 }
 
-/// The slice of `pages` watched in interval `i` (0-based) of `k` slices:
-/// `(first, count)`.
-fn slice(pages: u64, k: u32, i: u32) -> (u64, u64) {
-    let k = u64::from(k.max(1));
-    let s = u64::from(i) % k;
-    let first = pages * s / k;
-    (first, pages * (s + 1) / k - first)
+/// A fixed permutation of `[0, pages)`: `j -> (j x stride) mod pages`,
+/// `stride` coprime with `pages` and near `pages / phi` (consecutive
+/// entries land far apart).
+#[derive(Debug, Clone, Copy)]
+struct Permutation {
+    pages: u64,
+    stride: u64,
+}
+
+impl Permutation {
+    fn new(pages: u64) -> Self {
+        fn gcd(a: u64, b: u64) -> u64 {
+            if b == 0 { a } else { gcd(b, a % b) }
+        }
+        let mut stride = ((pages as f64 / 1.618_033_988_75) as u64).max(1);
+        while pages > 1 && gcd(stride, pages) != 1 {
+            stride += 1;
+        }
+        Permutation { pages, stride }
+    }
+
+    /// Entries `[from, from + count)` (wrapping), at most all pages.
+    fn window(&self, from: u64, count: u64) -> Vec<u64> {
+        let n = self.pages.max(1);
+        (from..from + count.min(self.pages))
+            .map(|j| ((u128::from(j % n) * u128::from(self.stride)) % u128::from(n)) as u64)
+            .collect()
+    }
+}
+
+/// The next window's length: as many pages as the budget allows at the
+/// access density the last window saw.
+fn next_count(pages: u64, allowed: f64, watched: u64, faults: u64) -> u64 {
+    // Unknown density (nothing watched): assume every page is touched.
+    let density = if watched == 0 {
+        1.0
+    } else {
+        (faults as f64 / watched as f64).max(1.0 / watched as f64)
+    };
+    let grow = if watched == 0 {
+        u64::MAX
+    } else {
+        watched.saturating_mul(4)
+    };
+    ((allowed / density) as u64)
+        .min(grow)
+        .clamp(1, pages.max(1))
 }
 
 /// Profiles the running guest as `opts` says and writes the profile to
@@ -149,25 +223,25 @@ pub fn profile_guest(
     let mut chunk_tally = vec![Tally::default(); chunks as usize];
     let mut dirty = page_bitmap(pages, ps);
     let mut touched = page_bitmap(pages, ps);
-    let k = opts.read_slices;
-    if k > samples {
-        return Err(PlanningError::Planner(format!(
-            "{k} read slices need at least {k} samples, not {samples}"
-        )));
-    }
+    let allowed = opts.faults_per_interval();
     backend.dirty_log_start()?;
-    let sampling = k > 0 && backend.read_sampling_start()?;
+    let sampling = opts.read_budget.is_some() && pages > 0 && backend.read_sampling_start()?;
+    // Per page: intervals watched, and of those, read.
+    let mut watched = vec![0u16; if sampling { pages as usize } else { 0 }];
+    let perm = Permutation::new(pages);
+    let mut cursor = 0u64;
+    let mut window = perm.window(cursor, next_count(pages, allowed, 0, 0));
+    let mut read_faults = 0u64;
+    let mut pages_watched = 0u64;
     let result = (|| {
         if sampling {
-            let (first, count) = slice(pages, k, 0);
-            backend.read_sampling_interval(&mut touched, first, count)?;
+            backend.read_sampling_interval(&mut touched, &window)?;
             touched.clear();
         }
         if let Some(d) = &disks {
             // What the guest did before the first interval is not in it.
             d.take_interval(|_, _| {});
         }
-        let mut read_faults = 0u64;
         let start = Instant::now();
         for i in 1..=samples {
             let due = start + interval * i;
@@ -175,19 +249,30 @@ pub fn profile_guest(
             dirty.clear();
             backend.dirty_log_collect(&mut dirty)?;
             if sampling {
-                let (next_first, next_count) = slice(pages, k, i);
-                backend.read_sampling_interval(&mut touched, next_first, next_count)?;
-                let (first, count) = slice(pages, k, i - 1);
-                for p in touched
-                    .iter_set()
-                    .filter(|&p| p >= first && p < first + count)
-                {
-                    read_faults += 1;
-                    if !dirty.get(p) {
-                        tally[p as usize].r += 1;
+                // Take this interval's accesses and start watching the next
+                // window (in one call: the gap between them is as short as
+                // it can be).
+                backend.read_sampling_interval(&mut touched, &[])?;
+                let mut faults = 0u64;
+                for &p in &window {
+                    watched[p as usize] += 1;
+                    if touched.get(p) {
+                        faults += 1;
+                        if !dirty.get(p) {
+                            tally[p as usize].r += 1;
+                        }
                     }
                 }
                 touched.clear();
+                read_faults += faults;
+                let n = window.len() as u64;
+                pages_watched += n;
+                if i < samples {
+                    cursor += n;
+                    window = perm.window(cursor, next_count(pages, allowed, n, faults));
+                    backend.read_sampling_interval(&mut touched, &window)?;
+                    touched.clear();
+                }
             }
             for p in dirty.iter_set() {
                 if let Some(t) = tally.get_mut(p as usize) {
@@ -203,7 +288,7 @@ pub fn profile_guest(
                 });
             }
         }
-        Ok::<_, BackendError>(read_faults)
+        Ok::<_, BackendError>(())
     })();
     // Whatever happened, the guest must not be left with MINOR faults no
     // one serves.
@@ -212,34 +297,9 @@ pub fn profile_guest(
     } else {
         Ok(())
     };
-    let read_faults = result?;
+    result?;
     stopped?;
-    // Each page's watched intervals: its slice came up in `m` of them.
-    let watched = |p: u64| -> u32 {
-        (0..samples)
-            .filter(|&i| {
-                let (first, count) = slice(pages, k, i);
-                p >= first && p < first + count
-            })
-            .count() as u32
-    };
-    let mut watched_by_slice = Vec::new();
-    if sampling {
-        for s in 0..k {
-            let (first, _) = slice(pages, k, s);
-            watched_by_slice.push((first, watched(first)));
-        }
-    }
-    let scale = |p: u64, r: u16| -> u32 {
-        // The slice holding p: the last whose first page is <= p.
-        let m = watched_by_slice
-            .iter()
-            .rev()
-            .find(|&&(first, _)| first <= p)
-            .map_or(samples, |&(_, m)| m);
-        if m == 0 {
-            return 0;
-        }
+    let scale = |m: u16, r: u16| -> u32 {
         ((f64::from(r) * f64::from(samples) / f64::from(m)).round() as u32).min(samples)
     };
     // Zero at the end: never populated, or populated and all zero (the
@@ -287,9 +347,14 @@ pub fn profile_guest(
         pages_written: 0,
         write_events: 0,
         reads_sampled: sampling,
-        read_slices: if sampling { k } else { 0 },
         pages_read: 0,
         read_faults,
+        pages_watched,
+        read_coverage: if sampling {
+            watched.iter().filter(|&&m| m > 0).count() as f64 / pages.max(1) as f64
+        } else {
+            0.0
+        },
         chunks,
         chunks_read: 0,
         chunks_written: 0,
@@ -297,8 +362,11 @@ pub fn profile_guest(
     };
     for (p, t) in tally.iter().enumerate() {
         let w = u32::from(t.w);
-        // Without sampling, a page is assumed read where it is written.
-        let r = if sampling { scale(p as u64, t.r) } else { w };
+        // Unwatched, a page is assumed read where it is written.
+        let r = match watched.get(p) {
+            Some(&m) if m > 0 => scale(m, t.r),
+            _ => w,
+        };
         stats.pages_written += u64::from(w > 0);
         stats.pages_read += u64::from(r > 0);
         stats.write_events += u64::from(w);
@@ -333,17 +401,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slices_cover_every_page_once_in_turn() {
-        for (pages, k) in [(10u64, 3u32), (65536, 4), (7, 7), (5, 1)] {
-            let mut seen = vec![0u32; pages as usize];
-            for i in 0..k {
-                let (first, count) = slice(pages, k, i);
-                for p in first..first + count {
-                    seen[p as usize] += 1;
-                }
+    fn the_permutation_visits_every_page_once_per_turn_scattered() {
+        for pages in [1u64, 2, 10, 4096, 65536, 65537, 1 << 20] {
+            let p = Permutation::new(pages);
+            let all = p.window(0, pages);
+            let mut sorted = all.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..pages).collect::<Vec<_>>(), "{pages} pages");
+            // Wraps: the next turn is the same order.
+            assert_eq!(p.window(pages, pages.min(5)), all[..pages.min(5) as usize]);
+            // At most all pages in one window.
+            assert_eq!(p.window(3, 2 * pages).len() as u64, pages);
+            if pages >= 4096 {
+                // Scattered: a window of 1/8 of RAM touches every eighth.
+                let w = p.window(17, pages / 8);
+                let eighths: std::collections::BTreeSet<u64> =
+                    w.iter().map(|&x| x * 8 / pages).collect();
+                assert_eq!(eighths.len(), 8, "{pages} pages");
             }
-            assert!(seen.iter().all(|&n| n == 1), "{pages} pages, {k} slices");
-            assert_eq!(slice(pages, k, k), slice(pages, k, 0), "in turn");
         }
+    }
+
+    #[test]
+    fn the_window_is_sized_to_the_fault_budget() {
+        // 5 % of 250 ms at 50 us a fault: 250 faults an interval.
+        let o = ProfileOptions {
+            fault_cost: Duration::from_micros(50),
+            ..ProfileOptions::new(20, Duration::from_millis(250), 0)
+        };
+        assert!((o.faults_per_interval() - 250.0).abs() < 1e-6);
+        // Unknown density: one page per allowed fault.
+        assert_eq!(next_count(65536, 250.0, 0, 0), 250);
+        // Every other watched page touched: twice as many pages.
+        assert_eq!(next_count(65536, 250.0, 1000, 500), 500);
+        // Nothing touched: as if one page were, at most 4x larger, capped
+        // at all of RAM.
+        assert_eq!(next_count(65536, 250.0, 1000, 0), 4000);
+        assert_eq!(next_count(65536, 250.0, 100_000, 0), 65536);
+        // No budget: nothing watched.
+        let off = ProfileOptions {
+            read_budget: None,
+            ..o
+        };
+        assert_eq!(off.faults_per_interval(), 0.0);
+        let all = ProfileOptions {
+            read_budget: Some(f64::INFINITY),
+            ..o
+        };
+        let inf = all.faults_per_interval();
+        assert_eq!(next_count(65536, inf, 0, 0), 65536, "all of RAM at once");
+        assert_eq!(next_count(65536, inf, 65536, 65536), 65536, "and again");
     }
 }

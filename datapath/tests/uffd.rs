@@ -1702,9 +1702,21 @@ fn read_sampling_sees_the_pages_touched_and_leaves_the_write_log_exact() {
         seen_fraction.iter().all(|&f| f > 0.9),
         "accesses seen per round: {seen_fraction:?}"
     );
+    // Watching a few pages only: the others stay mapped and unseen (all
+    // mapped first: a page zapped earlier and not touched since would
+    // still fault).
+    t.read_pages(&(0..pages).collect::<Vec<_>>());
+    sampler.take_touched(|_| {});
+    sampler
+        .begin_interval_on(&[10, 11, 500, pages + 7])
+        .unwrap();
+    t.read_pages(&[10, 12, 500, 501]);
+    let mut touched = Vec::new();
+    sampler.take_touched(|p| touched.push(p));
+    assert_eq!(touched, vec![10, 500]);
     let st = sampler.stop().unwrap();
     assert!(st.faults >= 400, "{st:?}");
-    assert_eq!(st.intervals, 4);
+    assert_eq!(st.intervals, 5);
     // Back to WP only: zapped pages fault in by themselves, nothing hangs,
     // and, the log re-armed, writes are logged.
     t.read_pages(&(0..pages).collect::<Vec<_>>());

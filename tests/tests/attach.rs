@@ -211,3 +211,71 @@ fn an_attached_qemu_migrates_to_a_per_host_destination() {
     assert_eq!(log.last_heartbeat().unwrap().errors, 0);
     drop(guard);
 }
+
+#[test]
+fn wanmig_profile_samples_an_attached_guests_writes_and_reads_and_leaves_it_running() {
+    use wanmig_planner::profile::{Kind, Profile};
+    use wanmig_tests::wanmig;
+    let q = Foreign::start("prof", true);
+    let out = q.dir.join("guest.wmp");
+    let run = |budget: &str| {
+        let o = Command::new(wanmig())
+            .args(["profile", "--attach-qmp", q.paths.qmp.to_str().unwrap()])
+            .args(["--attach-ram", q.paths.ram.to_str().unwrap()])
+            .args([
+                "--samples",
+                "8",
+                "--interval",
+                "250ms",
+                "--read-budget",
+                budget,
+            ])
+            .args(["--out", out.to_str().unwrap(), "--json"])
+            .args(["--run-dir", q.dir.join("prof").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["stats"].clone()
+    };
+    let st = run("all");
+    // The checker rewrites 4 MiB/s of its 32 MiB and reads it back: both
+    // seen, every page watched every interval.
+    assert_eq!(st["reads_sampled"], true, "{st}");
+    assert_eq!(st["read_coverage"], 1.0, "{st}");
+    assert!(st["pages_written"].as_u64().unwrap() > 500, "{st}");
+    assert!(st["pages_read"].as_u64().unwrap() > 100, "{st}");
+    let p = Profile::open(&out).unwrap();
+    assert_eq!(p.header().samples, 8);
+    assert_eq!(p.count(Kind::Page), 256 * 256);
+    assert_eq!(
+        p.count(Kind::Chunk),
+        0,
+        "an attached guest's disks are not ours"
+    );
+    // Some page was read in an interval it was not written in.
+    let mut read_only = 0u64;
+    p.for_each(Kind::Page, |_, u| {
+        read_only += u64::from(u.r > 0 && u.w == 0)
+    })
+    .unwrap();
+    assert!(read_only > 0, "{st}");
+    // Again, within the default budget: less of RAM watched, and the guest
+    // (not ours) runs on, its checker clean, through both profiles.
+    let st = run("0.05");
+    let cov = st["read_coverage"].as_f64().unwrap();
+    assert!(cov > 0.0 && cov <= 1.0, "{st}");
+    let mut log = SerialLog::new(&q.paths.serial);
+    log.poll().unwrap();
+    let before = log.last_heartbeat().unwrap();
+    assert!(
+        log.wait_heartbeats(3, std::time::Instant::now(), Duration::from_secs(30))
+            .unwrap(),
+        "the guest runs on"
+    );
+    let after = log.last_heartbeat().unwrap();
+    assert!(after.n > before.n && after.errors == 0, "{after:?}");
+    assert_eq!(log.error_lines().count(), 0);
+    let mut qmp = QmpClient::connect(&q.paths.qmp, Duration::from_secs(10)).unwrap();
+    assert_eq!(qmp.query_status().unwrap().status, RunState::Running);
+}

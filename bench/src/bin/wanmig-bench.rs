@@ -7,6 +7,7 @@
 //! wanmig-bench wan check  [--name N] [--rate R --rtt T] [--seconds S] [--json]
 //! wanmig-bench link       --rate 40mbit --rtt 5ms --content random|text|zero|mixed [--size 256MiB] [--json]
 //! wanmig-bench nbd        [--size 256MiB] [--runs 3] [--dir /dev/shm] [--json]
+//! wanmig-bench profile-overhead [--oper read|write] [--block-mib 32] [--budgets 0,0.05,0.2,all] [--rounds 2] [--json]
 //! ```
 
 use std::process::ExitCode;
@@ -51,6 +52,38 @@ enum Command {
     /// The engine's NBD server against qemu-nbd on the same image, both read
     /// and written by nbdcopy in the same run.
     Nbd(NbdBenchArgs),
+    /// What profiling costs the guest: sysbench memory's throughput in the
+    /// built-in guest while the engine profiles it against quiet windows.
+    ProfileOverhead(OverheadArgs),
+}
+
+#[derive(Debug, Args)]
+struct OverheadArgs {
+    /// sysbench memory's operation (read: what read sampling costs most).
+    #[arg(long, default_value = "read")]
+    oper: String,
+    /// sysbench memory's buffer (the working set), MiB.
+    #[arg(long, default_value_t = 32)]
+    block_mib: u64,
+    /// Read budgets to measure, comma-separated: a share of the guest's
+    /// time, 0 (the write log alone) or "all" (all of RAM every interval).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.05,0.2,all")]
+    budgets: Vec<String>,
+    /// Profile intervals per window.
+    #[arg(long, default_value_t = 20)]
+    samples: u32,
+    /// Interval length.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    interval: Duration,
+    /// Rounds (a quiet window, then one per mode).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Directory for the guest's files.
+    #[arg(long, default_value = "/run/wanmig/bench-overhead")]
+    dir: std::path::PathBuf,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +257,7 @@ fn main() -> ExitCode {
         Command::Wan(cmd) => run_wan(cmd),
         Command::Link(args) => link_cmd(args),
         Command::Nbd(args) => nbd_cmd(args),
+        Command::ProfileOverhead(args) => overhead_cmd(args),
     };
     match result {
         Ok(code) => code,
@@ -671,6 +705,55 @@ fn nbd_cmd(args: NbdBenchArgs) -> Result<ExitCode> {
             r.qemu_nbd.read_mib_s, r.qemu_nbd.write_mib_s
         );
         println!("ratio    {:>8.3}  {:>8.3}", r.read_ratio, r.write_ratio);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn overhead_cmd(args: OverheadArgs) -> Result<ExitCode> {
+    use wanmig_bench::profile_overhead::{OverheadOptions, run};
+    if args.oper != "read" && args.oper != "write" {
+        bail!("--oper must be read or write, not {:?}", args.oper);
+    }
+    let budgets = args
+        .budgets
+        .iter()
+        .map(|b| match b.as_str() {
+            "all" => Ok(Some(f64::INFINITY)),
+            b => match b.parse::<f64>() {
+                Ok(0.0) => Ok(None),
+                Ok(x) if x > 0.0 && x <= 1.0 => Ok(Some(x)),
+                _ => bail!("--budgets: {b:?} is not a share of the guest's time, 0 or all"),
+            },
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let r = run(&OverheadOptions {
+        dir: args.dir,
+        memory_mib: 256,
+        block_mib: args.block_mib,
+        oper: args.oper,
+        samples: args.samples,
+        interval: args.interval,
+        budgets,
+        rounds: args.rounds,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "sysbench memory --memory-oper={} ({} MiB buffer) in the built-in guest: {:.1} MiB/s with nothing watching",
+            r.oper, r.block_mib, r.quiet_mib_s
+        );
+        println!("profiling     MiB/s   ratio   read faults/s   RAM watched");
+        for m in &r.modes {
+            println!(
+                "{:<12} {:>7.1}  {:>6.3}  {:>13.0}   {:>9.0} %",
+                m.mode,
+                m.mib_s,
+                m.ratio,
+                m.read_faults_per_s,
+                m.read_coverage * 100.0
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -101,12 +101,11 @@ pub trait SourceBackend: Send {
     }
 
     /// Adds to `out` the pages the guest accessed since the last call, then
-    /// starts a new interval watching pages `[first, first + count)`.
+    /// starts a new interval watching `watch` (page indices).
     fn read_sampling_interval(
         &mut self,
         _out: &mut DirtyBitmap,
-        _first: u64,
-        _count: u64,
+        _watch: &[u64],
     ) -> Result<(), BackendError> {
         Ok(())
     }

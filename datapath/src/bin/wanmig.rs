@@ -54,6 +54,12 @@ enum Command {
     /// On the destination host: start QEMU waiting for the guest, accept one
     /// migration, run the destination engine. The guest then runs here.
     Destination(Box<DestinationArgs>),
+    /// Profile a running QEMU guest for the planner: pages written (dirty
+    /// log) and read (MINOR-fault sampling) per interval, in the planner's
+    /// profile format. The QEMU must have been started with the preload
+    /// library in attach mode (as for `source --attach-qmp`); it runs on
+    /// afterwards. Its disks are not the engine's: the profile has no chunks.
+    Profile(ProfileArgs),
     /// On the source host: start the guest, plan, connect to the destination
     /// engine and migrate. (`--no-wan`, `--wan-name` and `--hold` do not
     /// apply.)
@@ -65,6 +71,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Args, Clone)]
+struct ProfileArgs {
+    /// The running QEMU's QMP socket.
+    #[arg(long)]
+    attach_qmp: PathBuf,
+    /// Its guest-RAM file (a memory-backend-file under /dev/shm/wanmig-,
+    /// share=on).
+    #[arg(long)]
+    attach_ram: PathBuf,
+    /// Intervals (n).
+    #[arg(long, default_value_t = 20)]
+    samples: u32,
+    /// Interval length (tau).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    interval: Duration,
+    /// The share of the guest's time read sampling may cost it (each
+    /// interval watches as much of RAM, in turn, as that allows); 0: do not
+    /// sample reads; "all": watch all of RAM every interval (exact, costly
+    /// for a busy guest).
+    #[arg(long, default_value = "0.05", value_parser = parse_budget)]
+    read_budget: f64,
+    /// Where to write the profile.
+    #[arg(long)]
+    out: PathBuf,
+    /// Directory for sockets [default: /run/wanmig/<tag>].
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Print what was seen as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -196,6 +234,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate(&args),
         Command::Destination(args) => destination(&args),
         Command::Source(args) => source(&args),
+        Command::Profile(args) => profile(&args),
         Command::Demo { json } => migrate(&MigrateArgs {
             m: None,
             s: 0.5,
@@ -226,6 +265,63 @@ fn main() -> ExitCode {
             eprintln!("wanmig: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn profile(args: &ProfileArgs) -> Result<ExitCode> {
+    use wanmig_datapath::backend::qemu::{QemuPaths, QemuSource};
+    use wanmig_datapath::profiling::{ProfileOptions, profile_guest};
+    if unsafe_not_root() {
+        bail!("must run as root (QEMU's userfaultfd and pagemap)");
+    }
+    let tag = format!("prof{}", std::process::id());
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/run/wanmig/{tag}")));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let mut paths = QemuPaths::new(&run_dir, &tag, "source");
+    paths.qmp = args.attach_qmp.clone();
+    paths.ram = args.attach_ram.clone();
+    let mut src = QemuSource::attach(&paths, &run_dir)?;
+    let opts = ProfileOptions {
+        read_budget: (args.read_budget > 0.0).then_some(args.read_budget),
+        ..ProfileOptions::new(
+            args.samples,
+            args.interval,
+            SourceConfig::default().device_state_estimate,
+        )
+    };
+    let stats = profile_guest(&mut src, &opts, &args.out)?;
+    let pid = src.detach();
+    let _ = std::fs::remove_dir(&run_dir);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "profile": args.out, "qemu_pid": pid, "stats": stats })
+        );
+    } else {
+        println!(
+            "wrote {}: {}; {} pages watched faulted in ({} per interval)",
+            args.out.display(),
+            stats.describe(),
+            stats.read_faults,
+            stats.read_faults / u64::from(stats.samples.max(1))
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A read budget: a fraction in (0, 1], 0, or "all".
+fn parse_budget(s: &str) -> std::result::Result<f64, String> {
+    if s == "all" {
+        return Ok(f64::INFINITY);
+    }
+    match s.parse::<f64>() {
+        Ok(b) if (0.0..=1.0).contains(&b) => Ok(b),
+        _ => Err(format!(
+            "{s:?}: a fraction of the guest's time (0..=1) or \"all\""
+        )),
     }
 }
 

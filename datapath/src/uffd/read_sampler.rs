@@ -33,6 +33,9 @@ use std::time::Duration;
 
 use super::{Errno, Event, Mode, PagemapScanner, RemoteAddr, RemoteRange, Userfaultfd, page_size};
 
+/// How long the fault thread spins for the next fault after one.
+const SPIN: Duration = Duration::from_millis(2);
+
 /// `MADV_PAGEOUT` (Linux 5.4).
 const MADV_PAGEOUT: libc::c_int = 21;
 
@@ -239,35 +242,69 @@ impl ReadSampler {
     /// `[first, first + count)` of the range (clamped to it): the others
     /// keep their mappings and cost the target nothing.
     pub fn begin_interval_in(&mut self, first: u64, count: u64) -> Result<(), ReadSampleError> {
-        let ps = page_size();
         let pages = self.range.page_count();
         let first = first.min(pages);
         let count = count.min(pages - first);
         self.intervals += 1;
-        if count == 0 {
-            return Ok(());
+        self.zap(&[(first, count)])
+    }
+
+    /// [`begin_interval`](Self::begin_interval) watching only `pages`
+    /// (indices in the range, any order; those outside are ignored).
+    pub fn begin_interval_on(&mut self, pages: &[u64]) -> Result<(), ReadSampleError> {
+        let n = self.range.page_count();
+        let mut sorted: Vec<u64> = pages.iter().copied().filter(|&p| p < n).collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for p in sorted {
+            match runs.last_mut() {
+                Some((f, c)) if *f + *c == p => *c += 1,
+                _ => runs.push((p, 1)),
+            }
         }
-        let iov = libc::iovec {
-            iov_base: (self.range.start.get() + first * ps) as *mut libc::c_void,
-            iov_len: (count * ps) as usize,
-        };
-        // SAFETY: process_madvise reads one iovec from a live local; the
-        // address range is the target's, never dereferenced here.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_process_madvise,
-                self.pidfd.as_raw_fd(),
-                &iov as *const libc::iovec,
-                1usize,
-                MADV_PAGEOUT,
-                0u32,
-            )
-        };
-        if r < 0 {
-            return Err(ReadSampleError::Zap {
-                range: self.range,
-                errno: Errno::last(),
-            });
+        self.intervals += 1;
+        self.zap(&runs)
+    }
+
+    /// `process_madvise(MADV_PAGEOUT)` of the page runs, `IOV_MAX` at a
+    /// time.
+    fn zap(&mut self, runs: &[(u64, u64)]) -> Result<(), ReadSampleError> {
+        /// `UIO_MAXIOV`.
+        const IOV_MAX: usize = 1024;
+        let ps = page_size();
+        let base = self.range.start.get();
+        for batch in runs.chunks(IOV_MAX) {
+            let iov: Vec<libc::iovec> = batch
+                .iter()
+                .filter(|&&(_, c)| c > 0)
+                .map(|&(f, c)| libc::iovec {
+                    iov_base: (base + f * ps) as *mut libc::c_void,
+                    iov_len: (c * ps) as usize,
+                })
+                .collect();
+            if iov.is_empty() {
+                continue;
+            }
+            // SAFETY: process_madvise reads `iov.len()` iovecs from a live
+            // vector; the addresses are the target's, never dereferenced
+            // here.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    self.pidfd.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len(),
+                    MADV_PAGEOUT,
+                    0u32,
+                )
+            };
+            if r < 0 {
+                return Err(ReadSampleError::Zap {
+                    range: self.range,
+                    errno: Errno::last(),
+                });
+            }
         }
         Ok(())
     }
@@ -291,10 +328,13 @@ impl ReadSampler {
         let Some(thread) = self.thread.take() else {
             return Ok(ReadSampleStats::default());
         };
-        let back = register_back(&self.uffd, self.range, self.mode_after);
+        // The thread first (it scans and continues with the range still
+        // registered for WP): faults that come after it stops wait, briefly,
+        // until the unregistration wakes them.
         self.stop.store(true, Ordering::Release);
-        let served = thread.join().map_err(|_| ReadSampleError::Panicked)?;
-        back?;
+        let served = thread.join().map_err(|_| ReadSampleError::Panicked);
+        register_back(&self.uffd, self.range, self.mode_after)?;
+        let served = served?;
         let mut stats = served?;
         stats.intervals = self.intervals;
         Ok(stats)
@@ -345,13 +385,26 @@ fn serve(
     let mut stats = ReadSampleStats::default();
     let mut events = Vec::with_capacity(64);
     let fail = |addr: u64, message: String| ReadSampleError::Serve { addr, message };
+    // While faults come, spin (a fault then waits for this thread's wake-up
+    // no longer: on a virtualised host that is most of its cost); after
+    // SPIN without one, sleep in poll.
+    let mut last_fault = std::time::Instant::now();
     while !stop.load(Ordering::Acquire) {
+        let spinning = last_fault.elapsed() < SPIN;
         let ready = uffd
-            .poll_readable(Some(Duration::from_millis(20)))
+            .poll_readable(Some(if spinning {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(20)
+            }))
             .map_err(|e| fail(range.start.get(), e.to_string()))?;
         if !ready {
+            if spinning {
+                std::hint::spin_loop();
+            }
             continue;
         }
+        last_fault = std::time::Instant::now();
         events.clear();
         uffd.read_events(&mut events)
             .map_err(|e| fail(range.start.get(), e.to_string()))?;

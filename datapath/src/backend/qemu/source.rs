@@ -230,14 +230,13 @@ impl SourceBackend for QemuSource {
     fn read_sampling_interval(
         &mut self,
         out: &mut DirtyBitmap,
-        first: u64,
-        count: u64,
+        watch: &[u64],
     ) -> Result<(), BackendError> {
         let Some(s) = &mut self.reads else {
             return Ok(());
         };
         s.take_touched(|p| out.set(p));
-        s.begin_interval_in(first, count)
+        s.begin_interval_on(watch)
             .map_err(|e| BackendError::new(B, "read sampling", e))
     }
 
