@@ -203,7 +203,9 @@ impl KeptSource {
     }
 
     /// Leaves the guest running after this process is gone: QEMU is not
-    /// killed and its RAM file stays. Returns QEMU's pid.
+    /// killed and its RAM file and disk images stay (a guest with disks
+    /// loses them with this process, which serves them: keep it alive if
+    /// the guest must go on). Returns QEMU's pid.
     pub fn detach(mut self) -> u32 {
         self.files.paths.clear();
         self.source.detach()
@@ -277,6 +279,17 @@ pub fn run_local(
     }
     files.add(&spec.run_dir.join("source.migrate"));
     files.add(&spec.run_dir.join("destination.migrate"));
+    // Both sides' disks are this run's: the destination's image and
+    // presence map, and the source's image unless the caller gave it.
+    for (i, d) in spec.guest.disks.iter().enumerate() {
+        if d.image.is_none() {
+            files.add(&source_paths.disk_image(i));
+        }
+        files.add(&source_paths.disk_socket(i));
+        files.add(&dest_paths.disk_image(i));
+        files.add(&dest_paths.disk_presence(i));
+        files.add(&dest_paths.disk_socket(i));
+    }
 
     let mut source = QemuSource::start(&spec.guest, &source_paths, &spec.run_dir)?;
     write_pid(&spec.run_dir, "source", source.process().pid())?;
@@ -315,9 +328,18 @@ pub fn run_local(
             if !running {
                 return Err(cause);
             }
-            files.keep(&source_paths.ram);
+            // The guest's RAM and disks go with it.
             let mut kept_files = Leftovers::default();
-            kept_files.add(&source_paths.ram);
+            let mut kept = vec![source_paths.ram.clone()];
+            for (i, d) in spec.guest.disks.iter().enumerate() {
+                if d.image.is_none() {
+                    kept.push(source_paths.disk_image(i));
+                }
+            }
+            for p in &kept {
+                files.keep(p);
+                kept_files.add(p);
+            }
             Err(MigrationError::SourceKept {
                 cause: Box::new(cause),
                 kept: Box::new(KeptSource {

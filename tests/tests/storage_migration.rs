@@ -198,7 +198,20 @@ fn s1_is_classic_precopy_of_the_disk() {
     let st = o.report.source.storage.clone().unwrap();
     assert_eq!(st.chunks_pushed + st.chunks_skipped, 0, "{st:?}");
     assert_eq!(o.report.storage.unwrap().chunks_fetched, 0);
+    // The run's disks go with it (they live in the run directory).
+    let files: Vec<_> = (0..2)
+        .flat_map(|i| {
+            [
+                o.source_paths.disk_image(i),
+                o.dest_paths.disk_image(i),
+                o.dest_paths.disk_presence(i),
+            ]
+        })
+        .collect();
+    assert!(files.iter().all(|f| f.exists()), "{files:?}");
     o.cleanup();
+    let left: Vec<_> = files.iter().filter(|f| f.exists()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]

@@ -312,6 +312,33 @@ fn profile(args: &ProfileArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A migration that failed before the destination ran the guest: the guest
+/// runs on at the source. A guest with disks reaches them through this
+/// process's NBD servers: stay, serving them, until its QEMU exits.
+fn give_back(
+    cause: MigrationError,
+    mut kept: wanmig_datapath::migration::KeptSource,
+    where_: &str,
+) -> anyhow::Error {
+    use wanmig_datapath::backend::SourceBackend;
+    let (qmp, ram) = (kept.paths.qmp.clone(), kept.paths.ram.clone());
+    let what = format!(
+        "the migration failed before the destination ran the guest; it still runs {where_} (QEMU pid {}, QMP {}, RAM {})",
+        kept.pid(),
+        qmp.display(),
+        ram.display()
+    );
+    if kept.source.disks().is_some() {
+        eprintln!("wanmig: error: {cause:#}\n{what}: serving its disks until its QEMU exits");
+        while kept.source.process().is_running() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        return anyhow::Error::new(cause).context(format!("{what}; it has exited"));
+    }
+    kept.detach();
+    anyhow::Error::new(cause).context(what)
+}
+
 /// A read budget: a fraction in (0, 1], 0, or "all".
 fn parse_budget(s: &str) -> std::result::Result<f64, String> {
     if s == "all" {
@@ -401,14 +428,7 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
         Ok(o) => o,
         Err(MigrationError::SourceKept { cause, kept }) => {
             // The guest is the user's: it runs on where it was.
-            let qmp = kept.paths.qmp.clone();
-            let ram = kept.paths.ram.clone();
-            let pid = kept.detach();
-            return Err(anyhow::Error::new(*cause).context(format!(
-                "the migration failed before the destination ran the guest; it still runs at the source (QEMU pid {pid}, QMP {}, RAM {})",
-                qmp.display(),
-                ram.display()
-            )));
+            return Err(give_back(*cause, *kept, "at the source"));
         }
         Err(e) => return Err(e.into()),
     };
@@ -556,13 +576,7 @@ fn source(args: &SourceArgs) -> Result<ExitCode> {
     let mut out = match run_source_host(&spec, args.connect, &planning, &cfg, warmup) {
         Ok(o) => o,
         Err(MigrationError::SourceKept { cause, kept }) => {
-            let (qmp, ram) = (kept.paths.qmp.clone(), kept.paths.ram.clone());
-            let pid = kept.detach();
-            return Err(anyhow::Error::new(*cause).context(format!(
-                "the migration failed before the destination ran the guest; it still runs here (QEMU pid {pid}, QMP {}, RAM {})",
-                qmp.display(),
-                ram.display()
-            )));
+            return Err(give_back(*cause, *kept, "here"));
         }
         Err(e) => return Err(e.into()),
     };
