@@ -31,9 +31,10 @@ use wanmig_datapath::backend::{
     BackendError, DestBackend, Install, PageInstaller, PageReader, SourceBackend,
 };
 use wanmig_datapath::connection::{Connection, ConnectionPair, LinkConfig, accept, connect};
+use wanmig_datapath::engine::plan_channel::{Phase, Telemetry};
 use wanmig_datapath::engine::{
-    DestConfig, DestReport, EngineError, PageOrder, SourceConfig, SourceReport, run_destination,
-    run_source,
+    DestConfig, DestReport, EngineError, NewPlan, PageOrder, PlanChannel, SourceConfig,
+    SourceReport, run_destination, run_source, run_source_adaptive,
 };
 use wanmig_datapath::nbd::{Access, BlockDevice, FileImage, RequestLog};
 use wanmig_datapath::storage::{
@@ -1536,4 +1537,96 @@ fn after_the_resume_reads_fetch_whole_block_writes_do_not_and_the_guest_wins() {
         "the two written chunks are not compared"
     );
     assert_eq!(ds.chunks_differing, 0);
+}
+
+/// A planner that publishes a newer plan once the engine asks after round
+/// 0, and records the telemetry it is sent. `at_switch` runs as the newer
+/// plan is handed over (the guest writing meanwhile).
+struct ScriptedPlanner {
+    newer: Option<NewPlan>,
+    at_switch: Option<Box<dyn FnOnce() + Send>>,
+    seen: Arc<Mutex<Vec<Telemetry>>>,
+}
+
+impl PlanChannel for ScriptedPlanner {
+    fn publish(&mut self, t: &Telemetry) {
+        self.seen.lock().unwrap().push(*t);
+    }
+    fn newer_plan(&mut self) -> Option<NewPlan> {
+        if let Some(f) = self.at_switch.take() {
+            f();
+        }
+        self.newer.take()
+    }
+}
+
+#[test]
+fn a_newer_plan_applies_at_a_round_boundary_and_loses_no_page() {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    // Planned: the low quarter by address. Newer: the high half, hottest
+    // (highest address) first; it also holds never-populated pages.
+    let planned = PageOrder::by_address(PAGES, 0.25).unwrap();
+    let newer = PageOrder::new((0..PAGES).rev().collect(), 0.5).unwrap();
+    let g = src.g.clone();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut planner = ScriptedPlanner {
+        newer: Some(NewPlan {
+            generation: 7,
+            order: newer,
+        }),
+        // Sent in round 0 and now only in the old set: written again, it
+        // must be sent again (or the destination keeps the stale copy); a
+        // page of the newer set and a post-copy page written too.
+        at_switch: Some(Box::new(move || {
+            g.write(3, 0xa1);
+            g.write(PAGES - 2, 0xa2);
+            g.write(400, 0xa3);
+        })),
+        seen: seen.clone(),
+    };
+    let (sconns, dconns) = link(LinkConfig::default());
+    let dcfg = quick_dest();
+    let (s, d) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| run_destination(&mut dst, dconns, &dcfg));
+        let s = run_source_adaptive(
+            &mut src,
+            sconns,
+            &planned,
+            &SourceConfig::default(),
+            &mut planner,
+        );
+        (s, d.join().unwrap())
+    });
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_eq!(s.plans_applied.len(), 1, "{:?}", s.plans_applied);
+    let a = s.plans_applied[0];
+    assert_eq!((a.round, a.generation, a.m), (1, 7, 0.5));
+    assert_eq!(a.pages_added, PAGES / 2, "the high half was all post-copy");
+    // The set went on covering the old members: 1/4 + 1/2 of the pages.
+    assert_eq!(s.precopy_pages, PAGES / 4 + PAGES / 2);
+    assert_eq!(d.integrity.unwrap().pages_differing, 0, "{d:#?}");
+    assert_same(&src.g, &dst.g);
+    // Telemetry: the phases in order, and the round that applied
+    // generation 7 says so.
+    let seen = seen.lock().unwrap();
+    let phases: Vec<Phase> = seen.iter().map(|t| t.phase).fold(Vec::new(), |mut v, p| {
+        if v.last() != Some(&p) {
+            v.push(p);
+        }
+        v
+    });
+    assert_eq!(
+        phases,
+        vec![Phase::Precopy, Phase::Freeze, Phase::Postcopy, Phase::Done]
+    );
+    let r0 = seen
+        .iter()
+        .find(|t| t.phase == Phase::Precopy && t.round == 1 && t.last_round == 0)
+        .expect("round 0 reported");
+    assert_eq!(r0.plan_generation, 0);
+    assert!(r0.bytes_sent > 0 && r0.last_round_duration_ns > 0, "{r0:?}");
+    assert_eq!(r0.pages_sent, PAGES / 4, "{r0:?}");
+    let frozen = seen.iter().find(|t| t.phase == Phase::Freeze).unwrap();
+    assert_eq!(frozen.plan_generation, 7, "{frozen:?}");
 }

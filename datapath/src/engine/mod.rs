@@ -5,10 +5,14 @@ pub mod dest;
 pub mod error;
 pub mod page_order;
 pub mod page_states;
+pub mod plan_channel;
 pub mod source;
 
 pub use dest::{DestConfig, DestReport, DestTimes, IntegrityReport, run_destination};
 pub use error::EngineError;
-pub use page_order::{PageOrder, PageOrderError};
+pub use page_order::{Adopted, PageOrder, PageOrderError};
 pub use page_states::{PageState, PageStates};
-pub use source::{RoundReport, SourceConfig, SourceReport, SourceTimes, run_source};
+pub use plan_channel::{AppliedPlan, NewPlan, NoPlanChannel, PlanChannel};
+pub use source::{
+    RoundReport, SourceConfig, SourceReport, SourceTimes, run_source, run_source_adaptive,
+};

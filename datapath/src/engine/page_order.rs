@@ -60,16 +60,85 @@ impl PageOrder {
             seen[w] |= 1 << b;
         }
         let precopy = ((m * pages as f64).round() as usize).min(order.len());
-        let mut in_precopy = vec![0u64; seen.len()];
+        Ok(Self::with_prefix(order, precopy))
+    }
+
+    /// `order` (already checked) with its first `precopy` units pre-copied.
+    fn with_prefix(order: Vec<u64>, precopy: usize) -> Self {
+        let mut in_precopy = vec![0u64; order.len().div_ceil(64)];
         for &p in &order[..precopy] {
             in_precopy[(p / 64) as usize] |= 1 << (p % 64);
         }
-        Ok(PageOrder {
+        PageOrder {
             order,
             precopy,
             in_precopy,
             chunks: None,
+        }
+    }
+
+    /// The order to go on with when a newer plan arrives between pre-copy
+    /// rounds: the newer plan's ranking, with a pre-copy set that keeps
+    /// every unit of this one (they may have been sent: the dirty log must
+    /// go on covering them, or the destination would keep a stale copy) and
+    /// adds the newer plan's. Chunks alike. Returns the order and the units
+    /// it adds, hottest first.
+    pub fn adopt(&self, newer: &PageOrder) -> Result<Adopted, PageOrderError> {
+        let (order, pages) = self.adopt_one(newer)?;
+        let (order, chunks) = match (self.chunks(), newer.chunks()) {
+            (Some(a), Some(b)) => {
+                let (c, added) = a.adopt_one(b)?;
+                (order.with_chunks(c), added)
+            }
+            (Some(a), None) => (order.with_chunks(a.clone()), Vec::new()),
+            (None, Some(_)) => {
+                return Err(PageOrderError::NotAPermutation {
+                    pages: 0,
+                    why: "the newer plan has chunks, the guest none".into(),
+                });
+            }
+            (None, None) => (order, Vec::new()),
+        };
+        Ok(Adopted {
+            order,
+            pages,
+            chunks,
         })
+    }
+
+    fn adopt_one(&self, newer: &PageOrder) -> Result<(PageOrder, Vec<u64>), PageOrderError> {
+        if newer.pages() != self.pages() {
+            return Err(PageOrderError::NotAPermutation {
+                pages: self.pages(),
+                why: format!("the newer plan has {} units", newer.pages()),
+            });
+        }
+        let added: Vec<u64> = newer
+            .precopy()
+            .iter()
+            .copied()
+            .filter(|&p| !self.is_precopy(p))
+            .collect();
+        let kept = newer
+            .postcopy()
+            .iter()
+            .copied()
+            .filter(|&p| self.is_precopy(p));
+        let rest = newer
+            .postcopy()
+            .iter()
+            .copied()
+            .filter(|&p| !self.is_precopy(p));
+        let order: Vec<u64> = newer
+            .precopy()
+            .iter()
+            .copied()
+            .chain(kept)
+            .chain(rest)
+            .collect();
+        let precopy =
+            newer.precopy().len() + (self.precopy - (newer.precopy().len() - added.len()));
+        Ok((Self::with_prefix(order, precopy), added))
     }
 
     /// This order for the memory, with `chunks` the order of the disks'
@@ -116,9 +185,50 @@ impl PageOrder {
     }
 }
 
+/// What [`PageOrder::adopt`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    /// The order to go on with.
+    pub order: PageOrder,
+    /// Pages added to the pre-copy set, hottest first.
+    pub pages: Vec<u64>,
+    /// Chunks added to the pre-copy set, hottest first.
+    pub chunks: Vec<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adopting_a_newer_plan_keeps_every_unit_already_in_the_set() {
+        // Old: pages 0 1 2 3 pre-copied of 8.
+        let old = PageOrder::by_address(8, 0.5)
+            .unwrap()
+            .with_chunks(PageOrder::by_address(4, 0.25).unwrap());
+        // Newer: ranked 7 6 5 4 3 2 1 0, M = 0.25 (7, 6); chunks 3 2 1 0, S = 0.5.
+        let newer = PageOrder::new((0..8).rev().collect(), 0.25)
+            .unwrap()
+            .with_chunks(PageOrder::new(vec![3, 2, 1, 0], 0.5).unwrap());
+        let a = old.adopt(&newer).unwrap();
+        assert_eq!(a.pages, vec![7, 6]);
+        assert_eq!(a.order.precopy(), &[7, 6, 3, 2, 1, 0]);
+        assert_eq!(
+            a.order.postcopy(),
+            &[5, 4],
+            "the push follows the newer ranking"
+        );
+        let c = a.order.chunks().unwrap();
+        assert_eq!(a.chunks, vec![3, 2]);
+        assert_eq!(c.precopy(), &[3, 2, 0]);
+        assert_eq!(c.postcopy(), &[1]);
+        // Nothing new: the same set.
+        let same = a.order.adopt(&a.order).unwrap();
+        assert!(same.pages.is_empty() && same.chunks.is_empty());
+        assert_eq!(same.order, a.order);
+        // Another guest is refused.
+        assert!(old.adopt(&PageOrder::by_address(9, 0.5).unwrap()).is_err());
+    }
 
     #[test]
     fn the_prefix_is_the_precopy_set() {

@@ -48,6 +48,8 @@ use crate::uffd::{DirtyBitmap, RemoteAddr, RemoteRange};
 use crate::unit_stream::UnitSender;
 use crate::wire::{AbortReason, ControlCode, FrameRef, MAX_DIGEST_UNITS, UnitKind, is_zero};
 
+use super::plan_channel::{AppliedPlan, NoPlanChannel, Phase, PlanChannel, Telemetry};
+
 /// Tuning of the source engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceConfig {
@@ -120,6 +122,8 @@ pub struct SourceReport {
     pub pages: u64,
     /// Pages in the pre-copy set.
     pub precopy_pages: u64,
+    /// Newer plans applied at round boundaries (the adaptive loop).
+    pub plans_applied: Vec<AppliedPlan>,
     /// The live rounds.
     pub rounds: Vec<RoundReport>,
     /// Why pre-copy stopped.
@@ -195,7 +199,7 @@ struct FaultStats {
 /// The source's disks during a migration.
 struct Storage<'a> {
     disks: Arc<SourceDisks>,
-    order: &'a PageOrder,
+    order: std::borrow::Cow<'a, PageOrder>,
     buf: Vec<u8>,
     /// Pre-copy chunks dirtied since their last send.
     pending: std::collections::BTreeSet<u64>,
@@ -205,9 +209,14 @@ struct Storage<'a> {
 impl Storage<'_> {
     /// Notes the pre-copy chunks dirtied since the last look.
     fn collect(&mut self) {
-        let order = self.order;
-        self.pending.extend(
-            self.disks
+        let Storage {
+            disks,
+            order,
+            pending,
+            ..
+        } = self;
+        pending.extend(
+            disks
                 .take_dirty()
                 .into_iter()
                 .filter(|&c| order.is_precopy(c)),
@@ -296,11 +305,42 @@ pub fn run_source(
     order: &PageOrder,
     cfg: &SourceConfig,
 ) -> Result<SourceReport, EngineError> {
+    run_source_adaptive(backend, conns, order, cfg, &mut NoPlanChannel)
+}
+
+/// [`run_source`] in the adaptive loop: telemetry goes to `channel`, and a
+/// newer plan from it is applied at the next pre-copy round boundary.
+pub fn run_source_adaptive(
+    backend: &mut dyn SourceBackend,
+    conns: ConnectionPair,
+    order: &PageOrder,
+    cfg: &SourceConfig,
+    channel: &mut dyn PlanChannel,
+) -> Result<SourceReport, EngineError> {
     let ConnectionPair { bulk, fault } = conns;
     let mut bulk = bulk;
     let mut fault = Some(fault);
     let mut paused = false;
-    match migrate(backend, &mut bulk, &mut fault, order, cfg, &mut paused) {
+    let result = migrate(
+        backend,
+        &mut bulk,
+        &mut fault,
+        order,
+        cfg,
+        &mut paused,
+        channel,
+    );
+    channel.publish(&Telemetry {
+        phase: if result.is_ok() {
+            Phase::Done
+        } else {
+            Phase::Failed
+        },
+        bytes_sent: bulk.tx.stats().wire_bytes,
+        faults_served: result.as_ref().map_or(0, |r| r.fault_pages_served),
+        ..Telemetry::default()
+    });
+    match result {
         Ok(r) => Ok(r),
         Err(PhaseError::BeforeResume(e)) => {
             // The destination never ran the guest: it goes on here, first.
@@ -417,10 +457,15 @@ fn migrate(
     backend: &mut dyn SourceBackend,
     bulk: &mut Connection,
     fault: &mut Option<Connection>,
-    order: &PageOrder,
+    planned: &PageOrder,
     cfg: &SourceConfig,
     paused: &mut bool,
+    channel: &mut dyn PlanChannel,
 ) -> Result<SourceReport, PhaseError> {
+    // The plan's order, until a newer plan replaces it.
+    let mut order = std::borrow::Cow::Borrowed(planned);
+    let mut applied = Vec::new();
+    let mut generation = 0u64;
     let pages = backend.page_count();
     let ps = backend.page_size();
     if order.pages() != pages {
@@ -444,7 +489,7 @@ fn migrate(
             .into());
         }
     }
-    let mut storage = match (backend.disks(), order.chunks()) {
+    let mut storage = match (backend.disks(), planned.chunks()) {
         (None, _) => None,
         (Some(disks), Some(chunks)) => {
             let n = disks.space().chunks();
@@ -458,7 +503,7 @@ fn migrate(
             }
             Some(Storage {
                 disks,
-                order: chunks,
+                order: std::borrow::Cow::Borrowed(chunks),
                 buf: Vec::new(),
                 pending: Default::default(),
                 report: SourceStorageReport {
@@ -481,6 +526,17 @@ fn migrate(
     let mut zero_pages = 0u64;
     let mut acked = AckedRate::default();
     acked.sample(bulk.tx.sender().socket());
+
+    let unix_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    };
+    channel.publish(&Telemetry {
+        phase: Phase::Precopy,
+        round_started_unix_ns: unix_ns(),
+        ..Telemetry::default()
+    });
 
     // Round 0. The dirty log is armed first, so a page written after a page
     // is copied is sent again; a page written before it is copied already
@@ -521,12 +577,13 @@ fn migrate(
         }
     }
     if let Some(st) = &mut storage {
-        let order = st.order;
-        for &c in order.precopy() {
+        let n = st.order.precopy().len();
+        for i in 0..n {
+            let c = st.order.precopy()[i];
             st.send(tx, c)?;
             sent0 += 1;
         }
-        st.report.precopy_sends += order.precopy().len() as u64;
+        st.report.precopy_sends += n as u64;
     }
     // Post-copy pages that hold only zeros now: unless the guest writes them
     // (the dirty log says), they are announced at the freeze and never
@@ -547,11 +604,30 @@ fn migrate(
     })
     .map_err(EngineError::send("bulk"))?;
     tx.flush().map_err(EngineError::send("bulk"))?;
+    let seconds0 = t.elapsed().as_secs_f64();
     rounds.push(RoundReport {
         round: 0,
         pages: sent0,
         bytes: tx.stats().wire_bytes - before,
-        seconds: t.elapsed().as_secs_f64(),
+        seconds: seconds0,
+    });
+    channel.publish(&Telemetry {
+        phase: Phase::Precopy,
+        round: 1,
+        bytes_sent: tx.stats().wire_bytes,
+        pages_sent: sent0,
+        bandwidth_bps: acked
+            .sample(tx.sender().socket())
+            .map_or(0, |b| (b * 8.0) as u64),
+        rtt_ns: tx
+            .sender()
+            .pacer()
+            .min_rtt()
+            .map_or(0, |r| r.as_nanos() as u64),
+        last_round: 0,
+        last_round_duration_ns: (seconds0 * 1e9) as u64,
+        round_started_unix_ns: unix_ns(),
+        ..Telemetry::default()
     });
 
     // Rounds k ≥ 1 while the guest runs.
@@ -565,17 +641,56 @@ fn migrate(
         for p in dirty.iter_set() {
             zero.unset(p);
         }
-        let todo: Vec<u64> = dirty
+        let mut todo: Vec<u64> = dirty
             .iter_set()
             .filter(|&p| p < pages && order.is_precopy(p))
             .collect();
-        let (chunk_len, nc) = match &mut storage {
+        let (chunk_len, nc0) = match &mut storage {
             Some(st) => {
                 st.collect();
                 (st.disks.space().chunk_size(), st.pending.len() as u64)
             }
             None => (0, 0),
         };
+        let dirty_pages = todo.len() as u64;
+        // A newer plan applies from this round boundary: its new members
+        // are sent in this round, and everything sent so far stays covered.
+        if let Some(np) = channel.newer_plan().filter(|np| np.generation > generation) {
+            let a = order.adopt(&np.order).map_err(|e| {
+                EngineError::Protocol(format!("plan generation {}: {e}", np.generation))
+            })?;
+            for &p in &a.pages {
+                zero.unset(p);
+                if populated.get(p) {
+                    // As if dirtied: sent in this round, or at the freeze
+                    // if pre-copy stops here.
+                    dirty.set(p);
+                    todo.push(p);
+                } else {
+                    bulk.tx
+                        .send_control(ControlCode::ZeroPages { first: p, count: 1 })
+                        .map_err(EngineError::send("bulk"))?;
+                    zero_pages += 1;
+                }
+            }
+            if let (Some(st), Some(c)) = (&mut storage, a.order.chunks()) {
+                st.order = std::borrow::Cow::Owned(c.clone());
+                st.pending.extend(a.chunks.iter().copied());
+                st.report.precopy_chunks = c.precopy().len() as u64;
+                st.report.s = c.m();
+            }
+            applied.push(AppliedPlan {
+                round,
+                generation: np.generation,
+                m: np.order.m(),
+                s: np.order.chunks().map(PageOrder::m),
+                pages_added: a.pages.len() as u64,
+                chunks_added: a.chunks.len() as u64,
+            });
+            generation = np.generation;
+            order = std::borrow::Cow::Owned(a.order);
+        }
+        let nc = storage.as_ref().map_or(0, |st| st.pending.len() as u64);
         let n = todo.len() as u64 + nc;
         let pacer = bulk.tx.sender().pacer().bandwidth().map(|b| b as f64);
         let bandwidth = match (acked.sample(bulk.tx.sender().socket()), pacer) {
@@ -629,11 +744,29 @@ fn migrate(
             })
             .map_err(EngineError::send("bulk"))?;
         bulk.tx.flush().map_err(EngineError::send("bulk"))?;
+        let seconds = t.elapsed().as_secs_f64();
         rounds.push(RoundReport {
             round,
             pages: n,
             bytes: bulk.tx.stats().wire_bytes - before,
-            seconds: t.elapsed().as_secs_f64(),
+            seconds,
+        });
+        channel.publish(&Telemetry {
+            phase: Phase::Precopy,
+            round: round + 1,
+            plan_generation: generation,
+            bytes_sent: bulk.tx.stats().wire_bytes,
+            pages_sent: rounds.iter().map(|r| r.pages).sum(),
+            chunks_sent: storage.as_ref().map_or(0, |st| st.report.precopy_sends),
+            bandwidth_bps: (bandwidth * 8.0) as u64,
+            rtt_ns: (rtt * 1e9) as u64,
+            last_round: round,
+            last_round_duration_ns: (seconds * 1e9) as u64,
+            dirty_pages_last_round: dirty_pages,
+            dirty_chunks_last_round: nc0,
+            round_started_unix_ns: unix_ns(),
+            updated_unix_ns: 0,
+            faults_served: 0,
         });
         previous = n;
         round += 1;
@@ -642,6 +775,13 @@ fn migrate(
     // Freeze. From the first attempt to stop the guest on, a failure must
     // resume it (a stop that "failed" may have stopped it all the same).
     *paused = true;
+    channel.publish(&Telemetry {
+        phase: Phase::Freeze,
+        round,
+        plan_generation: generation,
+        bytes_sent: bulk.tx.stats().wire_bytes,
+        ..Telemetry::default()
+    });
     backend.pause()?;
     let paused_at = Instant::now();
     let freeze_deadline = paused_at + cfg.freeze_timeout;
@@ -728,10 +868,17 @@ fn migrate(
     }
 
     // The commit: from PostcopyBegin on, the destination may run the guest.
+    channel.publish(&Telemetry {
+        phase: Phase::Postcopy,
+        round,
+        plan_generation: generation,
+        bytes_sent: bulk.tx.stats().wire_bytes,
+        ..Telemetry::default()
+    });
     let post = postcopy(
         bulk,
         mem.as_ref(),
-        order,
+        &order,
         cfg,
         &zero,
         &populated,
@@ -756,6 +903,7 @@ fn migrate(
         m: order.m(),
         pages,
         precopy_pages: order.precopy().len() as u64,
+        plans_applied: applied,
         rounds,
         stop_reason,
         remainder_pages: remainder,
@@ -904,8 +1052,8 @@ fn push(
     }
     // Then the disks' post-copy chunks, hottest first.
     if let Some((st, served)) = &mut storage {
-        let order = st.order;
-        for &c in order.postcopy() {
+        for i in 0..st.order.postcopy().len() {
+            let c = st.order.postcopy()[i];
             if served.get(c) {
                 st.report.chunks_skipped += 1;
                 continue;
