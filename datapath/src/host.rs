@@ -16,6 +16,7 @@ use crate::backend::qemu::{GuestSpec, QemuDest, QemuPaths, QemuSource, SerialLog
 use crate::connection::{self, LinkConfig};
 use crate::engine::{
     DestConfig, DestReport, SourceConfig, SourceReport, run_destination, run_source,
+    run_source_adaptive,
 };
 use crate::migration::{
     KeptSource, Leftovers, MigrationError, Planned, Planning, plan, warm_up, write_pid,
@@ -170,10 +171,14 @@ pub fn run_source_host(
             s,
             origin,
             geometry,
+            mut channel,
         } = plan(planning, &mut source, cfg.device_state_estimate)?;
         let pair = connection::connect(to, MigrationId::random(), geometry, &spec.key, &spec.link)?;
         engines_started = true;
-        let report = run_source(&mut source, pair, &order, cfg)?;
+        let report = match channel.as_mut() {
+            Some(ch) => run_source_adaptive(&mut source, pair, &order, cfg, ch)?,
+            None => run_source(&mut source, pair, &order, cfg)?,
+        };
         Ok::<_, MigrationError>((report, predicted, s, origin))
     })();
     match result {

@@ -24,6 +24,7 @@ use crate::backend::{BackendError, SourceBackend};
 use crate::connection::{self, ConnectError, ConnectionPair, LinkConfig};
 use crate::engine::{
     DestConfig, EngineError, PageOrder, PageOrderError, SourceConfig, run_destination, run_source,
+    run_source_adaptive,
 };
 use crate::planning::{EnginePlan, GuestUnits, PlanningError, plan_from_segment, plan_in_process};
 use crate::profiling::{ProfileOptions, profile_guest};
@@ -391,6 +392,7 @@ fn migrate(
         s,
         origin,
         geometry,
+        mut channel,
     } = plan(&spec.planning, source, spec.source.device_state_estimate)?;
     let key = PskKey::generate();
     let id = MigrationId::random();
@@ -425,7 +427,11 @@ fn migrate(
         .map_err(io("starting the destination engine"))?;
 
     let source_result = match connect(addr, id, geometry, &key, &spec.link) {
-        Ok(pair) => run_source(source, pair, &order, &spec.source).map_err(MigrationError::from),
+        Ok(pair) => match channel.as_mut() {
+            Some(ch) => run_source_adaptive(source, pair, &order, &spec.source, ch),
+            None => run_source(source, pair, &order, &spec.source),
+        }
+        .map_err(MigrationError::from),
         Err(e) => {
             called_off.store(true, Ordering::Release);
             Err(MigrationError::from(e))
@@ -535,6 +541,8 @@ pub(crate) struct Planned {
     pub origin: String,
     /// The session geometry for this guest.
     pub geometry: Geometry,
+    /// The planner's loop, if the plan came from a `serve` segment.
+    pub channel: Option<crate::planning::SegmentChannel>,
 }
 
 /// Plans the migration of `source`'s guest as `planning` says.
@@ -550,6 +558,7 @@ pub(crate) fn plan(
         chunks: disks.as_ref().map_or(0, |d| d.space().chunks()),
     };
     let planned = |p: EnginePlan| (p.order, p.chunk_order, p.s, Some(p.predicted), p.origin);
+    let mut channel = None;
     let (order, chunk_order, mut s, predicted, mut origin) = match planning {
         Planning::Fixed { m, s } => (
             PageOrder::by_address(pages, *m)?,
@@ -578,12 +587,11 @@ pub(crate) fn plan(
             p.origin = format!("{} after {}", p.origin, stats.describe());
             planned(p)
         }
-        Planning::Segment { name, profile } => planned(plan_from_segment(
-            name,
-            profile,
-            guest,
-            Duration::from_secs(30),
-        )?),
+        Planning::Segment { name, profile } => {
+            let (p, ch) = plan_from_segment(name, profile, guest, Duration::from_secs(30))?;
+            channel = Some(ch);
+            planned(p)
+        }
     };
     // The disks' chunks: the planner's order, or address order with S as
     // prefix (a fixed plan, or a profile without chunks: then S = 1, the
@@ -617,6 +625,7 @@ pub(crate) fn plan(
         s,
         origin,
         geometry,
+        channel,
     })
 }
 

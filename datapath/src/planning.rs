@@ -140,13 +140,15 @@ pub fn plan_in_process(
     })
 }
 
-/// Takes the plan a `wanmig-planner serve --segment NAME` published.
+/// Takes the plan a `wanmig-planner serve --segment NAME` published, and
+/// the channel that keeps the engine in that planner's loop (telemetry out,
+/// newer plans in).
 pub fn plan_from_segment(
     name: &str,
     profile_path: &Path,
     guest: GuestUnits,
     wait: Duration,
-) -> Result<EnginePlan, PlanningError> {
+) -> Result<(EnginePlan, SegmentChannel), PlanningError> {
     let segment = Segment::open(name).map_err(|e| PlanningError::Planner(e.to_string()))?;
     let deadline = Instant::now() + wait;
     let snapshot = loop {
@@ -166,7 +168,7 @@ pub fn plan_from_segment(
     let err = profile_err(profile_path);
     let profile = Profile::open(profile_path).map_err(|e| err(e.to_string()))?;
     let (order, chunk_order) = orders(&profile, &snapshot, guest)?;
-    Ok(EnginePlan {
+    let plan = EnginePlan {
         order,
         chunk_order,
         s: snapshot.s,
@@ -175,7 +177,74 @@ pub fn plan_from_segment(
             "planner segment {name:?}, generation {}",
             snapshot.generation
         ),
-    })
+    };
+    let channel = SegmentChannel {
+        segment,
+        profile,
+        guest,
+        generation: snapshot.generation,
+        refused: Vec::new(),
+    };
+    Ok((plan, channel))
+}
+
+/// The engine's side of a `wanmig-planner serve` segment: telemetry out,
+/// newer plans in (ranked against the same profile as the first).
+pub struct SegmentChannel {
+    segment: Segment,
+    profile: Profile,
+    guest: GuestUnits,
+    generation: u64,
+    /// Newer plans that could not be applied, and why (the engine goes on
+    /// with the one it has).
+    pub refused: Vec<(u64, String)>,
+}
+
+impl std::fmt::Debug for SegmentChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentChannel")
+            .field("segment", &self.segment.path())
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl crate::engine::PlanChannel for SegmentChannel {
+    fn publish(&mut self, t: &crate::engine::plan_channel::Telemetry) {
+        // Best effort: a planner that went away must not stop a migration.
+        let _ = self.segment.publish_telemetry(t);
+    }
+
+    fn initial_generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn newer_plan(&mut self) -> Option<crate::engine::NewPlan> {
+        let snap = self.segment.read_plan().ok().flatten()?;
+        if snap.generation <= self.generation {
+            return None;
+        }
+        let generation = snap.generation;
+        self.generation = generation;
+        let built = orders(&self.profile, &snap, self.guest).and_then(|(order, chunks)| {
+            Ok(match chunks {
+                Some(c) => order.with_chunks(c),
+                // As for the first plan: disks the profile did not see
+                // are pre-copied whole.
+                None if self.guest.chunks > 0 => {
+                    order.with_chunks(PageOrder::by_address(self.guest.chunks, 1.0)?)
+                }
+                None => order,
+            })
+        });
+        match built {
+            Ok(order) => Some(crate::engine::NewPlan { generation, order }),
+            Err(e) => {
+                self.refused.push((generation, e.to_string()));
+                None
+            }
+        }
+    }
 }
 
 /// How many pages and chunks the guest has.

@@ -698,9 +698,21 @@ impl Wan {
         Ok(stats?)
     }
 
-    /// The settings.
+    /// The settings it was brought up with ([`set_rate`](Self::set_rate)
+    /// changes the link, not these).
     pub fn config(&self) -> &WanConfig {
         &self.config
+    }
+
+    /// Changes the bottleneck rate in both directions now (the tbf on each
+    /// router is replaced, with the same queue time), as a WAN whose
+    /// available bandwidth changes under a running migration.
+    pub fn set_rate(&self, rate: Rate) -> Result<(), WanError> {
+        let tbf = TbfParams::for_link(rate, self.config.mtu, self.config.queue);
+        let n = &self.names;
+        tc::apply_tbf(&n.src_router_ns, &n.src_tun, &tbf)?;
+        tc::apply_tbf(&n.dst_router_ns, &n.dst_tun, &tbf)?;
+        Ok(())
     }
 
     /// The WAN's name.

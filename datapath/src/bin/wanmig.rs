@@ -704,6 +704,17 @@ fn report(outcome: &LocalOutcome, json: bool) -> Result<ExitCode> {
             s.postcopy_pushed,
             s.fault_pages_served
         );
+        for a in &s.plans_applied {
+            println!(
+                "re-planned: generation {} applied from round {} (M = {:.2}{}; {} pages, {} chunks added to the pre-copy set)",
+                a.generation,
+                a.round,
+                a.m,
+                a.s.map_or(String::new(), |s| format!(", S = {s:.2}")),
+                a.pages_added,
+                a.chunks_added
+            );
+        }
         if let Some(st) = &r.storage {
             println!(
                 "storage: {} chunks fetched on demand, {} whole-block overwrites (no fetch), {} partial-block merges, {:.1} MB of chunks sent",

@@ -23,6 +23,10 @@ pub trait PlanChannel: Send {
     /// Publishes what the engine sees (best effort: a planner that went
     /// away must not stop a migration).
     fn publish(&mut self, t: &Telemetry);
+    /// The generation of the plan the engine starts with.
+    fn initial_generation(&self) -> u64 {
+        0
+    }
     /// A plan newer than the one applied, if the planner published one.
     fn newer_plan(&mut self) -> Option<NewPlan>;
 }

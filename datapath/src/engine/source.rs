@@ -465,7 +465,7 @@ fn migrate(
     // The plan's order, until a newer plan replaces it.
     let mut order = std::borrow::Cow::Borrowed(planned);
     let mut applied = Vec::new();
-    let mut generation = 0u64;
+    let mut generation = channel.initial_generation();
     let pages = backend.page_count();
     let ps = backend.page_size();
     if order.pages() != pages {
