@@ -212,30 +212,7 @@ impl PagemapScanner {
             });
         }
         loop {
-            let mut arg = abi::pm_scan_arg {
-                size: size_of::<abi::pm_scan_arg>() as u64,
-                flags: abi::PM_SCAN_CHECK_WPASYNC,
-                start,
-                end: start + ps,
-                walk_end: 0,
-                vec: self.vec.as_mut_ptr() as usize as u64,
-                vec_len: 1,
-                max_pages: 0,
-                category_inverted: 0,
-                category_mask: abi::PAGE_IS_WRITTEN,
-                category_anyof_mask: 0,
-                return_mask: abi::PAGE_IS_WRITTEN,
-            };
-            // SAFETY: as in `scan`: `arg` is exclusively borrowed, `arg.vec`
-            // points to `self.vec` (at least one initialised region, the
-            // `vec_len` given), the file is a live pagemap descriptor.
-            let r = unsafe {
-                libc::ioctl(
-                    self.file.as_raw_fd(),
-                    abi::request(abi::PAGEMAP_SCAN),
-                    std::ptr::from_mut(&mut arg).cast::<libc::c_void>(),
-                )
-            };
+            let (r, _) = self.scan_once(abi::PM_SCAN_CHECK_WPASYNC, start, start + ps, 1);
             return match r {
                 0 => Ok(false),
                 1 => Ok(true),
@@ -256,6 +233,45 @@ impl PagemapScanner {
         }
     }
 
+    /// One `PAGEMAP_SCAN` of `[start, end)` for written pages into the
+    /// first `vec_len` (at most `self.vec.len()`) regions of the vector;
+    /// returns the ioctl's result and the kernel's `walk_end`.
+    fn scan_once(
+        &mut self,
+        flags: u64,
+        start: u64,
+        end: u64,
+        vec_len: usize,
+    ) -> (libc::c_int, u64) {
+        let mut arg = abi::pm_scan_arg {
+            size: size_of::<abi::pm_scan_arg>() as u64,
+            flags,
+            start,
+            end,
+            walk_end: 0,
+            vec: self.vec.as_mut_ptr() as usize as u64,
+            vec_len: vec_len.min(self.vec.len()) as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: abi::PAGE_IS_WRITTEN,
+            category_anyof_mask: 0,
+            return_mask: abi::PAGE_IS_WRITTEN,
+        };
+        // SAFETY: `arg` is an exclusively borrowed `pm_scan_arg` (the size
+        // PAGEMAP_SCAN encodes, checked in `abi`); `arg.vec` points to
+        // `self.vec`, a live, exclusively borrowed buffer of initialised
+        // `page_region`s that the kernel fills at most `vec_len` (never more
+        // than its length) of; the file is a live pagemap descriptor.
+        let r = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                abi::request(abi::PAGEMAP_SCAN),
+                std::ptr::from_mut(&mut arg).cast::<libc::c_void>(),
+            )
+        };
+        (r, arg.walk_end)
+    }
+
     fn scan(&mut self, flags: u64, out: &mut DirtyBitmap) -> Result<ScanStats, ScanError> {
         let range = self.range;
         if out.range() != range || out.page_size() != page_size() {
@@ -270,32 +286,7 @@ impl PagemapScanner {
         let mut start = range.start.get();
         let mut stats = ScanStats::default();
         loop {
-            let mut arg = abi::pm_scan_arg {
-                size: size_of::<abi::pm_scan_arg>() as u64,
-                flags,
-                start,
-                end,
-                walk_end: 0,
-                vec: self.vec.as_mut_ptr() as usize as u64,
-                vec_len: cap as u64,
-                max_pages: 0,
-                category_inverted: 0,
-                category_mask: abi::PAGE_IS_WRITTEN,
-                category_anyof_mask: 0,
-                return_mask: abi::PAGE_IS_WRITTEN,
-            };
-            // SAFETY: `arg` is an exclusively borrowed `pm_scan_arg` (the
-            // size PAGEMAP_SCAN encodes, checked in `abi`); `arg.vec` points to
-            // `self.vec`, a live, exclusively borrowed buffer of `cap`
-            // initialised `page_region`s that the kernel fills at most
-            // `vec_len` of; the file is a live pagemap descriptor.
-            let r = unsafe {
-                libc::ioctl(
-                    self.file.as_raw_fd(),
-                    abi::request(abi::PAGEMAP_SCAN),
-                    std::ptr::from_mut(&mut arg).cast::<libc::c_void>(),
-                )
-            };
+            let (r, walk_end) = self.scan_once(flags, start, end, cap);
             stats.ioctls = stats.ioctls.saturating_add(1);
             let n = match usize::try_from(r) {
                 Ok(n) => n,
@@ -331,7 +322,7 @@ impl PagemapScanner {
             // After a complete walk that flushed the kernel's internal
             // 512-entry bounce buffer it is stale (< end), so it must not be
             // followed then.
-            if n < cap || arg.walk_end >= end {
+            if n < cap || walk_end >= end {
                 break;
             }
             // A full vector is ambiguous when the walk ended exactly as it
@@ -339,7 +330,7 @@ impl PagemapScanner {
             // reported. The walk reports in address order, so everything
             // before the last region's end has been covered either way.
             let covered = self.vec[n - 1].end;
-            let next = arg.walk_end.max(covered);
+            let next = walk_end.max(covered);
             if next >= end {
                 break;
             }
@@ -347,8 +338,7 @@ impl PagemapScanner {
                 return Err(ScanError::BadAnswer {
                     range,
                     detail: format!(
-                        "full vector but walk_end {:#x} made no progress from {start:#x}",
-                        arg.walk_end
+                        "full vector but walk_end {walk_end:#x} made no progress from {start:#x}"
                     ),
                 });
             }
