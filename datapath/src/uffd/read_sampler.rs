@@ -15,8 +15,9 @@
 //! Unmapping must not disturb the write log: the kernel keeps a zapped
 //! page's write-protect state in a PTE marker, and the sampler maps a page
 //! back write-protected (`CONTINUE_MODE_WP`) exactly when a one-page
-//! `PAGEMAP_SCAN` says it has not been written since the last scan, so a
-//! sampled read never looks like a write and a write is never lost.
+//! `PAGEMAP_SCAN` says it has not been written since the last scan and the
+//! fault is not a write, so a sampled read never looks like a write and a
+//! write is never lost.
 //!
 //! A page that is also mapped by another process (this engine's own
 //! mapping of the RAM file, for instance) is not unmapped by `MADV_PAGEOUT`
@@ -409,7 +410,10 @@ fn serve(
         uffd.read_events(&mut events)
             .map_err(|e| fail(range.start.get(), e.to_string()))?;
         for ev in events.drain(..) {
-            let Event::Pagefault { addr, minor, .. } = ev else {
+            let Event::Pagefault {
+                addr, minor, write, ..
+            } = ev
+            else {
                 continue;
             };
             let page_addr = RemoteAddr(addr.get() & !(ps - 1));
@@ -421,10 +425,13 @@ fn serve(
             }
             touched.mark((page_addr.get() - range.start.get()) / ps);
             // Keep the write log's view: back write-protected unless the
-            // page has been written since the last scan.
-            let written = scanner
-                .page_written(page_addr)
-                .map_err(|e| fail(page_addr.get(), e.to_string()))?;
+            // page has been written since the last scan, or is being written
+            // now (the faulting write retries and lands: marking it written
+            // is exact, and spares it a second, write-protect fault).
+            let written = write
+                || scanner
+                    .page_written(page_addr)
+                    .map_err(|e| fail(page_addr.get(), e.to_string()))?;
             let one = RemoteRange::new(page_addr, ps);
             match uffd.continue_(one, !written) {
                 // Mapped already (the target raced itself): wake the waiter.
