@@ -8,8 +8,10 @@
 //! - [`profile_overhead`]: what profiling (write log, read sampling) costs
 //!   the guest.
 //! - [`content`]: deterministic page contents (random, text, zero, mixed).
+//! - [`eval`]: predicted vs measured, and every mode's Gamma, per workload.
 
 pub mod content;
+pub mod eval;
 pub mod link;
 pub mod nbd;
 pub mod profile_overhead;

@@ -61,7 +61,7 @@ pub struct StorageFigures {
     pub whole_block_overwrites: u64,
     /// Absent blocks written in part (fetched first, then merged).
     pub partial_block_merges: u64,
-    /// Frame bytes of chunks on the bulk connection.
+    /// Frame bytes of chunks, on both connections.
     pub bytes_sent: u64,
 }
 

@@ -7,6 +7,7 @@
 //! wanmig-bench wan check  [--name N] [--rate R --rtt T] [--seconds S] [--json]
 //! wanmig-bench link       --rate 40mbit --rtt 5ms --content random|text|zero|mixed [--size 256MiB] [--json]
 //! wanmig-bench nbd        [--size 256MiB] [--runs 3] [--dir /dev/shm] [--json]
+//! wanmig-bench eval       [--workloads memory,idle,io,mixed] [--rate 40mbit --rtt 5ms] [--json] [--out F] [--markdown F]
 //! wanmig-bench profile-overhead [--oper read|write] [--block-mib 32] [--budgets 0,0.05,0.2,all] [--rounds 2] [--json]
 //! ```
 
@@ -55,6 +56,40 @@ enum Command {
     /// What profiling costs the guest: sysbench memory's throughput in the
     /// built-in guest while the engine profiles it against quiet windows.
     ProfileOverhead(OverheadArgs),
+    /// Per workload: profile, plan, migrate; predicted vs measured, and
+    /// Gamma of the planned plan, classic pre-copy and classic post-copy.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// Workloads, comma-separated (memory, idle, io, mixed).
+    #[arg(long, value_delimiter = ',', default_value = "memory,idle,io,mixed")]
+    workloads: Vec<String>,
+    /// WAN rate.
+    #[arg(long, default_value = "40mbit")]
+    rate: Rate,
+    /// WAN round-trip time.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    rtt: Duration,
+    /// Profile intervals.
+    #[arg(long, default_value_t = 20)]
+    samples: u32,
+    /// Profile interval length.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    interval: Duration,
+    /// Directory for the runs.
+    #[arg(long, default_value = "/run/wanmig/eval")]
+    dir: std::path::PathBuf,
+    /// Print the JSON report instead of the Markdown.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Also write the Markdown tables here.
+    #[arg(long)]
+    markdown: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -258,6 +293,7 @@ fn main() -> ExitCode {
         Command::Link(args) => link_cmd(args),
         Command::Nbd(args) => nbd_cmd(args),
         Command::ProfileOverhead(args) => overhead_cmd(args),
+        Command::Eval(args) => eval_cmd(args),
     };
     match result {
         Ok(code) => code,
@@ -755,5 +791,42 @@ fn overhead_cmd(args: OverheadArgs) -> Result<ExitCode> {
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval_cmd(args: EvalArgs) -> Result<ExitCode> {
+    use wanmig_bench::eval::{EvalOptions, Workload, markdown, run};
+    let builtin = Workload::builtin();
+    let workloads = args
+        .workloads
+        .iter()
+        .map(|n| {
+            builtin
+                .iter()
+                .find(|w| &w.name == n)
+                .cloned()
+                .with_context(|| format!("no workload {n:?} (memory, idle, io, mixed)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let r = run(&EvalOptions {
+        workloads,
+        rate: args.rate,
+        rtt: args.rtt,
+        samples: args.samples,
+        interval: args.interval,
+        memory_mib: 256,
+        dir: args.dir,
+    })?;
+    let json = serde_json::to_string_pretty(&r)?;
+    let md = markdown(&r);
+    if let Some(p) = &args.out {
+        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &args.markdown {
+        std::fs::write(p, &md).with_context(|| format!("writing {}", p.display()))?;
+    }
+    println!("{}", if args.json { json } else { md });
     Ok(ExitCode::SUCCESS)
 }
