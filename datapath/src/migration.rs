@@ -572,7 +572,14 @@ pub(crate) fn plan(
             rate,
             rtt,
             downtime_target,
-        } => planned(plan_in_process(path, *rate, *rtt, *downtime_target, guest)?),
+        } => planned(plan_in_process(
+            path,
+            *rate,
+            *rtt,
+            *downtime_target,
+            guest,
+            1.0,
+        )?),
         Planning::ProfileNow {
             path,
             samples,
@@ -583,7 +590,8 @@ pub(crate) fn plan(
         } => {
             let opts = ProfileOptions::new(*samples, *interval, device_state_estimate);
             let stats = profile_guest(source, &opts, path)?;
-            let mut p = plan_in_process(path, *rate, *rtt, *downtime_target, guest)?;
+            let mut p =
+                plan_in_process(path, *rate, *rtt, *downtime_target, guest, stats.wire_ratio)?;
             p.origin = format!("{} after {}", p.origin, stats.describe());
             planned(p)
         }

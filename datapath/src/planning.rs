@@ -102,13 +102,16 @@ fn figures(p: &wanmig_planner::segment::PlanFigures, expected_faults: f64) -> Fi
     }
 }
 
-/// Plans in-process: the planner library on `profile` for a link.
+/// Plans in-process: the planner library on `profile` for a link whose
+/// rate carries `wire_ratio` times as many unit bytes (how the guest's
+/// content compresses on the wire; 1 when unknown).
 pub fn plan_in_process(
     profile_path: &Path,
     rate: Rate,
     rtt: Duration,
     downtime_target: Option<Duration>,
     guest: GuestUnits,
+    wire_ratio: f64,
 ) -> Result<EnginePlan, PlanningError> {
     let err = profile_err(profile_path);
     let profile = Profile::open(profile_path).map_err(|e| err(e.to_string()))?;
@@ -120,7 +123,10 @@ pub fn plan_in_process(
     let plan = wanmig_planner::plan::make_plan(
         &classes,
         Some(&profile),
-        Link::new(rate, rtt),
+        Link {
+            bandwidth: rate.bytes_per_second() * wire_ratio.max(1e-3),
+            ..Link::new(rate, rtt)
+        },
         params,
         &SearchOptions::default(),
     )

@@ -27,8 +27,9 @@
 //! of RAM is watched in turn as far as the budget allows. Each
 //! page's read count is scaled from the `m` intervals it was watched to the
 //! profile's `n`: `r = round(r_watched x n / m)`. A page never watched (a
-//! busy guest, a short profile) falls back to `r = w`; the stats say how
-//! much of RAM was covered. `read_budget = None` does not sample reads
+//! busy guest, a short profile) draws its `r` from the watched pages with
+//! the same `w` (see `ReadImputation`); the stats say how much of RAM was
+//! covered. `read_budget = None` does not sample reads
 //! (`r = w` for every page), `Some(f64::INFINITY)` watches all of RAM every
 //! interval (exact, and as costly as the guest's working set makes it).
 //! Backends that cannot sample reads fall back to `r = w` and say so.
@@ -91,7 +92,7 @@ impl ProfileOptions {
 }
 
 /// What a profile of the running guest saw.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ProfileStats {
     /// Intervals.
     pub samples: u32,
@@ -121,6 +122,12 @@ pub struct ProfileStats {
     pub chunks_written: u64,
     /// Chunk-intervals whose writes were whole-block overwrites (sum of `o`).
     pub chunk_overwrites: u64,
+    /// Why reads could not be sampled, if they were to be and were not.
+    pub read_sampling_error: Option<String>,
+    /// How the guest's memory compresses on the wire: raw bytes over frame
+    /// bytes (LZ4 and headers, as the engine sends them) of a scattered
+    /// sample of its populated, non-zero pages (1: nothing to sample).
+    pub wire_ratio: f64,
 }
 
 impl ProfileStats {
@@ -132,6 +139,8 @@ impl ProfileStats {
                 self.pages_read,
                 self.read_coverage * 100.0
             )
+        } else if let Some(e) = &self.read_sampling_error {
+            format!("reads not sampled ({e}), assumed where writes are")
         } else {
             "reads not sampled, assumed where writes are".to_string()
         };
@@ -145,7 +154,10 @@ impl ProfileStats {
                 self.chunks_read, self.chunks, self.chunks_written
             ));
         }
-        s.push(')');
+        s.push_str(&format!(
+            "; pages compress {:.2}x on the wire)",
+            self.wire_ratio
+        ));
         s
     }
 }
@@ -188,6 +200,103 @@ impl Permutation {
     }
 }
 
+/// Read counts for pages the budget never let the sampler watch: for each
+/// write count `w`, the distribution of `r` among the watched pages with
+/// that `w` (or among all watched pages, if none had it); an unwatched page
+/// draws from it by a hash of its index. The profile's classes (what the
+/// model integrates) then keep the watched pages' proportions, where
+/// assuming "no reads" would bias every unwatched read-only page to cold.
+/// Without any watched page, `r = w`.
+struct ReadImputation {
+    /// `by_w[w][r]`: watched pages with those counts.
+    by_w: Vec<Vec<u64>>,
+    all: Vec<u64>,
+}
+
+impl ReadImputation {
+    fn new(samples: u32, watched: impl Iterator<Item = (u32, u32)>) -> Self {
+        let n = samples as usize + 1;
+        let mut by_w = vec![vec![0u64; n]; n];
+        let mut all = vec![0u64; n];
+        for (w, r) in watched {
+            let (w, r) = ((w as usize).min(n - 1), (r as usize).min(n - 1));
+            by_w[w][r] += 1;
+            all[r] += 1;
+        }
+        ReadImputation { by_w, all }
+    }
+
+    fn draw(&self, w: u32, page: u64) -> u32 {
+        let hist = match self.by_w.get(w as usize) {
+            Some(h) if h.iter().any(|&c| c > 0) => h,
+            _ if self.all.iter().any(|&c| c > 0) => &self.all,
+            _ => return w,
+        };
+        let total: u64 = hist.iter().sum();
+        // A fixed, well-mixed hash of the page (splitmix64).
+        let mut x = page.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        let mut at = x % total;
+        for (r, &c) in hist.iter().enumerate() {
+            if at < c {
+                return r as u32;
+            }
+            at -= c;
+        }
+        unreachable!("at < total")
+    }
+}
+
+/// `e` and its sources, "; "-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        parts.push(c.to_string());
+        cur = c.source();
+    }
+    parts.join("; ")
+}
+
+/// Pages sampled for [`ProfileStats::wire_ratio`].
+const RATIO_SAMPLE: u64 = 4096;
+
+/// Raw bytes over frame bytes of up to [`RATIO_SAMPLE`] populated pages,
+/// spread over RAM, encoded as the engine sends them (LZ4).
+fn wire_ratio(
+    mem: &dyn crate::backend::PageReader,
+    populated: &crate::uffd::DirtyBitmap,
+    pages: u64,
+    ps: usize,
+) -> f64 {
+    use crate::wire::{Compression, UnitKind, encode_buffer_len, encode_unit};
+    let have = populated.count();
+    if have == 0 {
+        return 1.0;
+    }
+    let step = (have / RATIO_SAMPLE).max(1);
+    let (mut raw, mut wire) = (0u64, 0u64);
+    let mut page = vec![0u8; ps];
+    let mut out = vec![0u8; encode_buffer_len(ps, Compression::Lz4)];
+    for (i, p) in populated.iter_set().filter(|&p| p < pages).enumerate() {
+        if i as u64 % step != 0 {
+            continue;
+        }
+        mem.copy_page(p, &mut page);
+        if let Ok(e) = encode_unit(&mut out, UnitKind::Page, p, &page, Compression::Lz4) {
+            raw += ps as u64;
+            wire += e.len as u64;
+        }
+    }
+    if wire == 0 {
+        1.0
+    } else {
+        raw as f64 / wire as f64
+    }
+}
+
 /// The next window's length: as many pages as the budget allows at the
 /// access density the last window saw.
 fn next_count(pages: u64, allowed: f64, watched: u64, faults: u64) -> u64 {
@@ -225,7 +334,15 @@ pub fn profile_guest(
     let mut touched = page_bitmap(pages, ps);
     let allowed = opts.faults_per_interval();
     backend.dirty_log_start()?;
-    let sampling = opts.read_budget.is_some() && pages > 0 && backend.read_sampling_start()?;
+    // A backend that cannot sample (a QEMU whose preload library did not
+    // negotiate MINOR faults, say) still gives a write profile.
+    let mut read_sampling_error = None;
+    let sampling = opts.read_budget.is_some()
+        && pages > 0
+        && backend.read_sampling_start().unwrap_or_else(|e| {
+            read_sampling_error = Some(format!("{e}: {}", error_chain(&e)));
+            false
+        });
     // Per page: intervals watched, and of those, read.
     let mut watched = vec![0u16; if sampling { pages as usize } else { 0 }];
     let perm = Permutation::new(pages);
@@ -318,6 +435,7 @@ pub fn profile_guest(
             }
         }
     }
+    let wire_ratio = wire_ratio(mem.as_ref(), &populated, pages, ps);
     // Chunks that hold no data (holes of a sparse image) are zero; chunks
     // with data are not read to find zeros (a TiB disk would take minutes).
     let with_data = match &disks {
@@ -359,13 +477,27 @@ pub fn profile_guest(
         chunks_read: 0,
         chunks_written: 0,
         chunk_overwrites: 0,
+        read_sampling_error,
+        wire_ratio,
     };
+    let reads = ReadImputation::new(
+        samples,
+        tally
+            .iter()
+            .zip(&watched)
+            .filter(|&(_, &m)| m > 0)
+            .map(|(t, &m)| (u32::from(t.w), scale(m, t.r))),
+    );
     for (p, t) in tally.iter().enumerate() {
         let w = u32::from(t.w);
-        // Unwatched, a page is assumed read where it is written.
         let r = match watched.get(p) {
             Some(&m) if m > 0 => scale(m, t.r),
-            _ => w,
+            // Never watched (or not sampled): drawn from what the watched
+            // pages with the same writes showed (see `ReadImputation`);
+            // a page never populated reads as zero, never fetched.
+            Some(_) if populated.get(p as u64) || w > 0 => reads.draw(w, p as u64),
+            Some(_) => 0,
+            None => w,
         };
         stats.pages_written += u64::from(w > 0);
         stats.pages_read += u64::from(r > 0);
@@ -420,6 +552,28 @@ mod tests {
                 assert_eq!(eighths.len(), 8, "{pages} pages");
             }
         }
+    }
+
+    #[test]
+    fn unwatched_pages_draw_reads_in_the_watched_pages_proportions() {
+        // Watched: pages with w = 0 are read in every interval 1 time in 4;
+        // pages with w = 2 always read in 10 of 20.
+        let watched = (0..4000)
+            .map(|i| (0, if i % 4 == 0 { 20 } else { 0 }))
+            .chain((0..1000).map(|_| (2, 10)));
+        let imp = ReadImputation::new(20, watched);
+        let drawn: Vec<u32> = (0..40_000).map(|p| imp.draw(0, p)).collect();
+        let read = drawn.iter().filter(|&&r| r == 20).count() as f64 / drawn.len() as f64;
+        assert!((read - 0.25).abs() < 0.01, "{read}");
+        assert!(drawn.iter().all(|&r| r == 0 || r == 20));
+        assert!((0..100).all(|p| imp.draw(2, p) == 10));
+        assert_eq!(imp.draw(0, 17), imp.draw(0, 17), "fixed per page");
+        // A write count no watched page had: all watched pages.
+        let r7: Vec<u32> = (0..1000).map(|p| imp.draw(7, p)).collect();
+        assert!(r7.contains(&10) && r7.contains(&0));
+        // Nothing watched: r = w.
+        let none = ReadImputation::new(20, std::iter::empty());
+        assert_eq!(none.draw(3, 5), 3);
     }
 
     #[test]
