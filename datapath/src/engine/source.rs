@@ -6,7 +6,10 @@
 //!              send the pre-copy set (holes as ZeroPages), then the disks'
 //!              pre-copy chunks (the plan's S)
 //! round k ≥ 1  send the pre-copy pages and chunks the guest dirtied during
-//!              round k-1
+//!              round k-1; a newer plan from the planner (the adaptive
+//!              loop) applies here: its new pre-copy members go in this
+//!              round, and every unit already in the set stays under the
+//!              dirty log (`PageOrder::adopt`); telemetry after each round
 //!              … until the stop rule says freeze (its bandwidth estimate
 //!              is what the peer acknowledged, from TCP_INFO)
 //! freeze       pause; send the dirty remainder of the pre-copy sets,
