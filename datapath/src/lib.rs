@@ -16,6 +16,7 @@
 //!   destination's post-copy image.
 
 pub mod backend;
+mod bits;
 pub mod connection;
 pub mod engine;
 pub mod guest;

@@ -366,9 +366,8 @@ pub fn profile_guest(
             dirty.clear();
             backend.dirty_log_collect(&mut dirty)?;
             if sampling {
-                // Take this interval's accesses and start watching the next
-                // window (in one call: the gap between them is as short as
-                // it can be).
+                // Take this interval's accesses; the next window (sized
+                // from them) is watched from just below.
                 backend.read_sampling_interval(&mut touched, &[])?;
                 let mut faults = 0u64;
                 for &p in &window {
@@ -492,11 +491,12 @@ pub fn profile_guest(
         let w = u32::from(t.w);
         let r = match watched.get(p) {
             Some(&m) if m > 0 => scale(m, t.r),
-            // Never watched (or not sampled): drawn from what the watched
-            // pages with the same writes showed (see `ReadImputation`);
-            // a page never populated reads as zero, never fetched.
+            // Never watched: drawn from what the watched pages with the
+            // same writes showed (see `ReadImputation`); a page never
+            // populated reads as zero, never fetched.
             Some(_) if populated.get(p as u64) || w > 0 => reads.draw(w, p as u64),
             Some(_) => 0,
+            // Reads not sampled.
             None => w,
         };
         stats.pages_written += u64::from(w > 0);

@@ -101,7 +101,8 @@ pub trait SourceBackend: Send {
     }
 
     /// Adds to `out` the pages the guest accessed since the last call, then
-    /// starts a new interval watching `watch` (page indices).
+    /// starts a new interval watching `watch` (page indices; empty: only
+    /// take).
     fn read_sampling_interval(
         &mut self,
         _out: &mut DirtyBitmap,

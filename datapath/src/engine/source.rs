@@ -36,7 +36,6 @@
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -50,6 +49,8 @@ use crate::transport::{Flow, RecvEnd, RecvError, tcp};
 use crate::uffd::{DirtyBitmap, RemoteAddr, RemoteRange};
 use crate::unit_stream::UnitSender;
 use crate::wire::{AbortReason, ControlCode, FrameRef, MAX_DIGEST_UNITS, UnitKind, is_zero};
+
+use crate::bits::runs_of;
 
 use super::plan_channel::{AppliedPlan, NoPlanChannel, Phase, PlanChannel, Telemetry};
 
@@ -248,46 +249,14 @@ impl Storage<'_> {
     }
 }
 
-/// Pages the fault path has sent (the push skips them).
-#[derive(Debug)]
-struct SentByFault {
-    words: Vec<AtomicU64>,
-}
-
-impl SentByFault {
-    fn new(pages: u64) -> Self {
-        SentByFault {
-            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-    fn mark(&self, p: u64) {
-        if let Some(w) = self.words.get((p / 64) as usize) {
-            w.fetch_or(1 << (p % 64), Ordering::AcqRel);
-        }
-    }
-    fn get(&self, p: u64) -> bool {
-        self.words
-            .get((p / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (p % 64)) != 0)
-    }
-}
+/// Pages (or chunks) the fault path has sent (the push skips them).
+type SentByFault = crate::bits::AtomicBitmap;
 
 /// A bitmap in the engine's page-index space.
 pub(crate) fn page_bitmap(pages: u64, page_size: usize) -> DirtyBitmap {
     let len = (pages * page_size as u64).max(page_size as u64);
     DirtyBitmap::with_page_size(RemoteRange::new(RemoteAddr(0), len), page_size as u64)
         .expect("page-aligned range from 0")
-}
-
-fn runs_of(pages: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for p in pages {
-        match runs.last_mut() {
-            Some((first, count)) if *first + *count == p => *count += 1,
-            _ => runs.push((p, 1)),
-        }
-    }
-    runs
 }
 
 fn send_page(
@@ -662,6 +631,7 @@ fn migrate(
             let a = order.adopt(&np.order).map_err(|e| {
                 EngineError::Protocol(format!("plan generation {}: {e}", np.generation))
             })?;
+            let mut holes = std::collections::BTreeSet::new();
             for &p in &a.pages {
                 zero.unset(p);
                 if populated.get(p) {
@@ -670,11 +640,14 @@ fn migrate(
                     dirty.set(p);
                     todo.push(p);
                 } else {
-                    bulk.tx
-                        .send_control(ControlCode::ZeroPages { first: p, count: 1 })
-                        .map_err(EngineError::send("bulk"))?;
-                    zero_pages += 1;
+                    holes.insert(p);
                 }
+            }
+            for (first, count) in runs_of(holes.into_iter()) {
+                bulk.tx
+                    .send_control(ControlCode::ZeroPages { first, count })
+                    .map_err(EngineError::send("bulk"))?;
+                zero_pages += count;
             }
             if let (Some(st), Some(c)) = (&mut storage, a.order.chunks()) {
                 st.order = std::borrow::Cow::Owned(c.clone());
@@ -1188,7 +1161,7 @@ fn serve_faults(
                 count,
             } => {
                 for p in index..index + u64::from(count) {
-                    sent.mark(p);
+                    sent.set(p);
                     tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
                         .map_err(EngineError::send("fault"))?;
                     st.pages += 1;
@@ -1207,7 +1180,7 @@ fn serve_faults(
                     )));
                 };
                 for c in index..index + u64::from(count) {
-                    sent.mark(c);
+                    sent.set(c);
                     disks.read(c, &mut buf)?;
                     let b = &buf;
                     let before = tx.stats().wire_bytes;

@@ -12,7 +12,9 @@
 //! another spoils the interval); it never claims an overwrite that would
 //! have fetched.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::bits::AtomicBitmap;
 
 use crate::nbd::{Access, RequestLog};
 use crate::storage::BLOCK;
@@ -31,7 +33,7 @@ const FETCHING: u8 = 4;
 pub struct ChunkLog {
     chunk_size: u64,
     size: u64,
-    dirty: Vec<AtomicU64>,
+    dirty: AtomicBitmap,
     interval: Vec<AtomicU8>,
 }
 
@@ -55,9 +57,7 @@ impl ChunkLog {
         ChunkLog {
             chunk_size,
             size,
-            dirty: (0..chunks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            dirty: AtomicBitmap::new(chunks as u64),
             interval: (0..chunks).map(|_| AtomicU8::new(0)).collect(),
         }
     }
@@ -75,32 +75,14 @@ impl ChunkLog {
     /// Marks every chunk dirty (before the first round: everything is to
     /// be sent).
     pub fn mark_all_dirty(&self) {
-        let n = self.chunks();
-        for (i, w) in self.dirty.iter().enumerate() {
-            let bits = (n - i as u64 * 64).min(64);
-            w.store(
-                if bits == 64 {
-                    u64::MAX
-                } else {
-                    (1 << bits) - 1
-                },
-                Ordering::Release,
-            );
-        }
+        self.dirty.set_all();
     }
 
     /// The chunks dirtied since the last call, in order; their bits are
     /// cleared.
     pub fn take_dirty(&self) -> Vec<u64> {
         let mut out = Vec::new();
-        for (i, w) in self.dirty.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                out.push(i as u64 * 64 + b);
-                bits &= bits - 1;
-            }
-        }
+        self.dirty.take(|c| out.push(c));
         out
     }
 
@@ -150,7 +132,7 @@ impl RequestLog for ChunkLog {
                     if !whole_blocks || before & READ != 0 {
                         flags.fetch_or(FETCHING, Ordering::Relaxed);
                     }
-                    self.dirty[i / 64].fetch_or(1 << (i % 64), Ordering::AcqRel);
+                    self.dirty.set(c);
                 }
             }
         }

@@ -99,7 +99,7 @@ pub struct PostcopyImage {
     /// The guest runs here: pre-copy stores are refused, guest writes tracked.
     resumed: AtomicBool,
     /// Blocks the guest has modified since the resume, one bit each.
-    written: Vec<AtomicU64>,
+    written: crate::bits::AtomicBitmap,
 }
 
 impl std::fmt::Debug for PostcopyImage {
@@ -183,9 +183,7 @@ impl PostcopyImage {
             fetch_timeout,
             counters: Counters::default(),
             resumed: AtomicBool::new(false),
-            written: (0..blocks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            written: crate::bits::AtomicBitmap::new(blocks),
         })
     }
 
@@ -292,8 +290,7 @@ impl PostcopyImage {
 
     /// True if the guest has modified some block of `chunk` since the resume.
     pub fn chunk_written_since_resume(&self, chunk: u64) -> bool {
-        self.blocks_of_chunk(chunk)
-            .any(|b| self.written[(b / 64) as usize].load(Ordering::Acquire) & (1 << (b % 64)) != 0)
+        self.blocks_of_chunk(chunk).any(|b| self.written.get(b))
     }
 
     /// CRC32 of `chunk` as it is in the image now.
@@ -473,7 +470,7 @@ impl PostcopyImage {
                     whole += 1;
                 }
                 if track {
-                    self.written[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::AcqRel);
+                    self.written.set(b);
                 }
             }
             self.counters

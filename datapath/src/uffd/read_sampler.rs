@@ -28,7 +28,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -107,33 +107,7 @@ pub struct ReadSampleStats {
 
 /// The pages touched in the current interval: one bit per page, set by the
 /// fault thread, taken by the caller.
-#[derive(Debug)]
-struct TouchedSet {
-    words: Vec<AtomicU64>,
-}
-
-impl TouchedSet {
-    fn new(pages: u64) -> Self {
-        TouchedSet {
-            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    fn mark(&self, page: u64) {
-        self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
-    }
-
-    /// Calls `each(page)` for every marked page, clearing the set.
-    fn take(&self, mut each: impl FnMut(u64)) {
-        for (i, w) in self.words.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                each(i as u64 * 64 + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-            }
-        }
-    }
-}
+type TouchedSet = crate::bits::AtomicBitmap;
 
 /// Samples the reads of process `pid` on `range`: see the module docs.
 #[derive(Debug)]
@@ -257,13 +231,7 @@ impl ReadSampler {
         let mut sorted: Vec<u64> = pages.iter().copied().filter(|&p| p < n).collect();
         sorted.sort_unstable();
         sorted.dedup();
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for p in sorted {
-            match runs.last_mut() {
-                Some((f, c)) if *f + *c == p => *c += 1,
-                _ => runs.push((p, 1)),
-            }
-        }
+        let runs = crate::bits::runs_of(sorted.into_iter());
         self.intervals += 1;
         self.zap(&runs)
     }
@@ -423,7 +391,7 @@ fn serve(
                 let _ = uffd.wake(RemoteRange::new(page_addr, ps));
                 continue;
             }
-            touched.mark((page_addr.get() - range.start.get()) / ps);
+            touched.set((page_addr.get() - range.start.get()) / ps);
             // Keep the write log's view: back write-protected unless the
             // page has been written since the last scan, or is being written
             // now (the faulting write retries and lands: marking it written
