@@ -80,6 +80,22 @@ impl ProfileOptions {
         }
     }
 
+    /// Parses a read budget as the commands take it: a share of the
+    /// guest's time in (0, 1], `0` (do not sample reads: `None`) or `all`
+    /// (all of RAM every interval: infinite).
+    pub fn parse_read_budget(s: &str) -> Result<Option<f64>, String> {
+        if s == "all" {
+            return Ok(Some(f64::INFINITY));
+        }
+        match s.parse::<f64>() {
+            Ok(0.0) => Ok(None),
+            Ok(b) if b > 0.0 && b <= 1.0 => Ok(Some(b)),
+            _ => Err(format!(
+                "{s:?}: a share of the guest's time (0..=1), 0 or \"all\""
+            )),
+        }
+    }
+
     /// Faults allowed per interval (at least one page).
     fn faults_per_interval(&self) -> f64 {
         match self.read_budget {
@@ -574,6 +590,18 @@ mod tests {
         // Nothing watched: r = w.
         let none = ReadImputation::new(20, std::iter::empty());
         assert_eq!(none.draw(3, 5), 3);
+    }
+
+    #[test]
+    fn read_budgets_parse_as_the_commands_take_them() {
+        let p = ProfileOptions::parse_read_budget;
+        assert_eq!(p("0.05"), Ok(Some(0.05)));
+        assert_eq!(p("1"), Ok(Some(1.0)));
+        assert_eq!(p("0"), Ok(None));
+        assert_eq!(p("all"), Ok(Some(f64::INFINITY)));
+        for bad in ["1.5", "-0.1", "half", "NaN"] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

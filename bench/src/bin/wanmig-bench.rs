@@ -753,13 +753,9 @@ fn overhead_cmd(args: OverheadArgs) -> Result<ExitCode> {
     let budgets = args
         .budgets
         .iter()
-        .map(|b| match b.as_str() {
-            "all" => Ok(Some(f64::INFINITY)),
-            b => match b.parse::<f64>() {
-                Ok(0.0) => Ok(None),
-                Ok(x) if x > 0.0 && x <= 1.0 => Ok(Some(x)),
-                _ => bail!("--budgets: {b:?} is not a share of the guest's time, 0 or all"),
-            },
+        .map(|b| {
+            wanmig_datapath::profiling::ProfileOptions::parse_read_budget(b)
+                .map_err(|e| anyhow::anyhow!("--budgets: {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
     let r = run(&OverheadOptions {

@@ -93,7 +93,7 @@ struct ProfileArgs {
     /// sample reads; "all": watch all of RAM every interval (exact, costly
     /// for a busy guest).
     #[arg(long, default_value = "0.05", value_parser = parse_budget)]
-    read_budget: f64,
+    read_budget: ReadBudget,
     /// Where to write the profile.
     #[arg(long)]
     out: PathBuf,
@@ -285,7 +285,7 @@ fn profile(args: &ProfileArgs) -> Result<ExitCode> {
     paths.ram = args.attach_ram.clone();
     let mut src = QemuSource::attach(&paths, &run_dir)?;
     let opts = ProfileOptions {
-        read_budget: (args.read_budget > 0.0).then_some(args.read_budget),
+        read_budget: args.read_budget.0,
         ..ProfileOptions::new(
             args.samples,
             args.interval,
@@ -339,17 +339,12 @@ fn give_back(
     anyhow::Error::new(cause).context(what)
 }
 
-/// A read budget: a fraction in (0, 1], 0, or "all".
-fn parse_budget(s: &str) -> std::result::Result<f64, String> {
-    if s == "all" {
-        return Ok(f64::INFINITY);
-    }
-    match s.parse::<f64>() {
-        Ok(b) if (0.0..=1.0).contains(&b) => Ok(b),
-        _ => Err(format!(
-            "{s:?}: a fraction of the guest's time (0..=1) or \"all\""
-        )),
-    }
+/// `--read-budget` (`None`: reads not sampled).
+#[derive(Debug, Clone, Copy)]
+struct ReadBudget(Option<f64>);
+
+fn parse_budget(s: &str) -> std::result::Result<ReadBudget, String> {
+    wanmig_datapath::profiling::ProfileOptions::parse_read_budget(s).map(ReadBudget)
 }
 
 fn keygen(out: &PathBuf) -> Result<ExitCode> {
