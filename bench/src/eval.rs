@@ -5,7 +5,10 @@
 //! same engine on the same emulated WAN, and set every mode's Gamma side by
 //! side.
 //!
-//! This first version runs wanmig's own modes only: QEMU's own migration
+//! Per workload it also measures per-unit predictability (the seed's
+//! Tables I and II, see [`crate::predictability`]) on a guest of its own.
+//!
+//! This version runs wanmig's own modes only: QEMU's own migration
 //! modes (pre-copy with drive-mirror, post-copy, pre-copy then post-copy)
 //! are not measured yet, so `gamma_ratio_vs_best_qemu` is `null` and the
 //! Markdown says so.
@@ -22,6 +25,8 @@ use wanmig_datapath::migration::{LocalMigration, Planning, run_over_wan};
 use wanmig_datapath::report::{Figures, MigrationReport};
 use wanmig_planner::units::Rate;
 use wanmig_wan::{Wan, WanConfig};
+
+use crate::predictability::{self, Predictability, PredictabilityOptions, UnitPredictionAccuracy};
 
 /// A workload in the built-in guest.
 #[derive(Debug, Clone, Serialize)]
@@ -83,6 +88,9 @@ pub struct EvalOptions {
     pub memory_mib: u64,
     /// Run directory.
     pub dir: PathBuf,
+    /// Measure per-unit predictability (a guest alone, profiled, then
+    /// observed for this horizon), `None`: skip.
+    pub predictability_horizon: Option<Duration>,
 }
 
 /// The four headline figures.
@@ -178,6 +186,8 @@ pub struct WorkloadResult {
     /// Every run's integrity held (0 differing pages and chunks, 0 checker
     /// errors).
     pub intact: bool,
+    /// The seed's Tables I and II for this workload (`null`: not measured).
+    pub unit_prediction_accuracy: Option<UnitPredictionAccuracy>,
 }
 
 /// The evaluation.
@@ -220,6 +230,18 @@ const MODES: [&str; 6] = [
     "qemu_hybrid",
 ];
 
+/// The built-in guest running `w`, with its disk.
+fn guest_of(w: &Workload, memory_mib: u64) -> Result<GuestSpec, String> {
+    let mut guest = GuestSpec::builtin(memory_mib, &w.params).map_err(|e| e.to_string())?;
+    if w.disk_mib > 0 {
+        guest.disks.push(DiskSpec {
+            size: w.disk_mib << 20,
+            image: None,
+        });
+    }
+    Ok(guest)
+}
+
 fn intact(r: &MigrationReport) -> bool {
     let i = r.integrity;
     i.pages_differing == 0 && i.chunks_differing == 0 && i.checker_errors == 0
@@ -256,14 +278,7 @@ pub fn run(o: &EvalOptions) -> Result<EvalReport, EvalError> {
                 "wanmig_precopy" => Planning::Fixed { m: 1.0, s: 1.0 },
                 _ => Planning::Fixed { m: 0.0, s: 0.0 },
             };
-            let mut guest = GuestSpec::builtin(o.memory_mib, &w.params)
-                .map_err(|e| err(&w.name, mode)(e.to_string()))?;
-            if w.disk_mib > 0 {
-                guest.disks.push(DiskSpec {
-                    size: w.disk_mib << 20,
-                    image: None,
-                });
-            }
+            let guest = guest_of(w, o.memory_mib).map_err(err(&w.name, mode))?;
             let tag = format!("ev{}{}", &mode[7..9], std::process::id());
             let spec = LocalMigration {
                 guest,
@@ -287,6 +302,27 @@ pub fn run(o: &EvalOptions) -> Result<EvalReport, EvalError> {
                 planned = Some(r);
             }
         }
+        let unit_prediction_accuracy = match o.predictability_horizon {
+            Some(h) => {
+                let guest = guest_of(w, o.memory_mib).map_err(err(&w.name, "predictability"))?;
+                let horizon_interval = Duration::from_secs(1).min(h);
+                let opts = PredictabilityOptions {
+                    samples: o.samples,
+                    interval: o.interval,
+                    horizon_samples: (h.as_secs_f64() / horizon_interval.as_secs_f64())
+                        .round()
+                        .max(1.0) as u32,
+                    horizon_interval,
+                };
+                let dir = o.dir.join(format!("{}-predictability", w.name));
+                let tag = format!("evpr{}", std::process::id());
+                Some(
+                    predictability::measure(&guest, &opts, &dir, &tag)
+                        .map_err(|e| err(&w.name, "predictability")(e.to_string()))?,
+                )
+            }
+            None => None,
+        };
         let r = planned.expect("the planned mode runs first");
         let predicted: Headline = r
             .predicted
@@ -305,6 +341,7 @@ pub fn run(o: &EvalOptions) -> Result<EvalReport, EvalError> {
             gamma,
             gamma_ratio_vs_best_qemu: None,
             intact: all_intact,
+            unit_prediction_accuracy,
         });
     }
     drop(wan);
@@ -381,6 +418,36 @@ pub fn markdown(r: &EvalReport) -> String {
                 |x| { format!("{x:.2}") }
             )
         ));
+        if let Some(u) = &w.unit_prediction_accuracy {
+            s.push_str(&format!(
+                "Per-unit predictability within {:.0} s (predicted / accessed):\n\n\
+                 | units | accuracy | yes / yes | yes / no | no / yes | no / no |\n\
+                 |---|---:|---:|---:|---:|---:|\n",
+                u.horizon_s
+            ));
+            let rows: [(&str, Option<&Predictability>); 4] = [
+                ("memory read", Some(&u.memory_read)),
+                ("memory write", Some(&u.memory_write)),
+                ("storage read", u.storage_read.as_ref()),
+                ("storage write", u.storage_write.as_ref()),
+            ];
+            for (name, p) in rows {
+                if let Some(p) = p {
+                    let t = &p.table;
+                    s.push_str(&format!(
+                        "| {name} | {:.1} % | {} | {} | {} | {} |\n",
+                        p.accuracy * 100.0,
+                        t.predicted_and_accessed,
+                        t.predicted_not_accessed,
+                        t.accessed_not_predicted,
+                        t.neither
+                    ));
+                }
+            }
+            s.push_str(
+                "\n(The seed: memory 86.1 / 96.1 %, storage 96.9 / 96.6 %, read / write.)\n\n",
+            );
+        }
     }
     s.push_str(&format!(
         "Median |relative error| over T, U, D, P: {:.1} % (target <= 5 %), largest {:.1} % (target <= 15 %).\n",

@@ -14,5 +14,6 @@ pub mod content;
 pub mod eval;
 pub mod link;
 pub mod nbd;
+pub mod predictability;
 pub mod profile_overhead;
 pub use wanmig_wan as wan;

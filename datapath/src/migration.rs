@@ -13,6 +13,7 @@
 //! hands back the source QEMU, its guest running, inside the error
 //! ([`MigrationError::SourceKept`]) instead of killing it.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,10 +24,12 @@ use crate::backend::qemu::{GuestSpec, QemuDest, QemuPaths, QemuSource, SerialLog
 use crate::backend::{BackendError, SourceBackend};
 use crate::connection::{self, ConnectError, ConnectionPair, LinkConfig};
 use crate::engine::{
-    DestConfig, EngineError, PageOrder, PageOrderError, SourceConfig, run_destination, run_source,
-    run_source_adaptive,
+    DestConfig, DestReport, EngineError, PageOrder, PageOrderError, SourceConfig, run_destination,
+    run_source, run_source_adaptive,
 };
-use crate::planning::{EnginePlan, GuestUnits, PlanningError, plan_from_segment, plan_in_process};
+use crate::planning::{
+    EnginePlan, GuestUnits, PlanningError, WireRatios, plan_from_segment, plan_in_process,
+};
 use crate::profiling::{ProfileOptions, profile_guest};
 use crate::qemu::RunState;
 use crate::report::MigrationReport;
@@ -437,7 +440,7 @@ fn migrate(
             Err(MigrationError::from(e))
         }
     };
-    let (dest_result, dest) = dest_thread
+    let (dest_result, mut dest) = dest_thread
         .join()
         .map_err(|_| MigrationError::Guest("the destination engine panicked".into()))?;
     // A connect failure is the story (the destination only heard it was
@@ -463,8 +466,9 @@ fn migrate(
         .map_err(io("reading the destination console"))?;
     if !alive {
         return Err(MigrationError::Guest(format!(
-            "the guest did not keep running at the destination (see {})",
-            dest_paths.serial.display()
+            "the guest did not keep running at the destination (see {}): {}",
+            dest_paths.serial.display(),
+            stalled_guest_diagnosis(&mut dest, &dest_report)
         )));
     }
     // The page checker's errors, the disk checker's if it runs, and
@@ -482,6 +486,50 @@ fn migrate(
         dest,
         dest_log,
     })
+}
+
+/// What a destination guest that stopped printing heartbeats looks like
+/// from here: QEMU's run state, where its threads sleep in the kernel (a
+/// vCPU in `handle_userfault` waits on a page nobody installs), and what the
+/// destination engine saw (integrity, faults, a late error).
+fn stalled_guest_diagnosis(dest: &mut QemuDest, report: &DestReport) -> String {
+    let pid = dest.pid();
+    let state = match dest.process().qmp().query_status() {
+        Ok(s) => format!("QEMU {:?} (running: {})", s.status, s.running),
+        Err(e) => format!("QEMU status unknown ({e})"),
+    };
+    let mut waits: BTreeMap<String, usize> = BTreeMap::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            let wchan = if wchan.is_empty() || wchan == "0" {
+                "running".to_string()
+            } else {
+                wchan
+            };
+            *waits.entry(wchan).or_default() += 1;
+        }
+    }
+    let threads: Vec<String> = waits.iter().map(|(w, n)| format!("{n} in {w}")).collect();
+    let integrity = report.integrity.map_or_else(
+        || "no integrity check".to_string(),
+        |i| {
+            format!(
+                "{} of {} pages compared differ",
+                i.pages_differing, i.pages_compared
+            )
+        },
+    );
+    format!(
+        "{state}; threads: {}; {integrity}; {} faults, longest stall {:.3} s{}",
+        threads.join(", "),
+        report.faults,
+        report.max_stall_s,
+        report
+            .late_error
+            .as_deref()
+            .map_or_else(String::new, |e| format!("; late error: {e}"))
+    )
 }
 
 /// Waits for `heartbeats` page-checker heartbeats and `disk` heartbeats of
@@ -557,12 +605,12 @@ pub(crate) fn plan(
         pages,
         chunks: disks.as_ref().map_or(0, |d| d.space().chunks()),
     };
-    let planned = |p: EnginePlan| (p.order, p.chunk_order, p.s, Some(p.predicted), p.origin);
+    let planned = |p: EnginePlan| (p.order, p.has_chunks, p.s, Some(p.predicted), p.origin);
     let mut channel = None;
-    let (order, chunk_order, mut s, predicted, mut origin) = match planning {
+    let (order, has_chunks, mut s, predicted, mut origin) = match planning {
         Planning::Fixed { m, s } => (
             PageOrder::by_address(pages, *m)?,
-            None,
+            false,
             *s,
             None,
             "fixed M and S, address order".to_string(),
@@ -578,7 +626,7 @@ pub(crate) fn plan(
             *rtt,
             *downtime_target,
             guest,
-            1.0,
+            WireRatios::NONE,
         )?),
         Planning::ProfileNow {
             path,
@@ -590,8 +638,14 @@ pub(crate) fn plan(
         } => {
             let opts = ProfileOptions::new(*samples, *interval, device_state_estimate);
             let stats = profile_guest(source, &opts, path)?;
-            let mut p =
-                plan_in_process(path, *rate, *rtt, *downtime_target, guest, stats.wire_ratio)?;
+            let mut p = plan_in_process(
+                path,
+                *rate,
+                *rtt,
+                *downtime_target,
+                guest,
+                stats.wire_ratios(),
+            )?;
             p.origin = format!("{} after {}", p.origin, stats.describe());
             planned(p)
         }
@@ -601,12 +655,13 @@ pub(crate) fn plan(
             planned(p)
         }
     };
-    // The disks' chunks: the planner's order, or address order with S as
-    // prefix (a fixed plan, or a profile without chunks: then S = 1, the
-    // safe choice, since the planner did not see the disks).
-    let (order, chunks) = match (&disks, chunk_order) {
-        (Some(d), Some(c)) => (order.with_chunks(c), d.space().chunks()),
-        (Some(d), None) => {
+    // The disks' chunks: the planner's order (merged with the pages' in the
+    // push), or address order with S as prefix (a fixed plan, or a profile
+    // without chunks: then S = 1, the safe choice, since the planner did
+    // not see the disks).
+    let (order, chunks) = match (&disks, has_chunks) {
+        (Some(d), true) => (order, d.space().chunks()),
+        (Some(d), false) => {
             if predicted.is_some() {
                 s = 1.0;
                 origin.push_str("; the profile has no chunks: the disks are pre-copied whole");

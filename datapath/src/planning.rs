@@ -22,7 +22,7 @@ use wanmig_planner::segment::{PlanSnapshot, Segment};
 use wanmig_planner::units::Rate;
 
 use crate::backend::BackendError;
-use crate::engine::{PageOrder, PageOrderError};
+use crate::engine::{NO_PAGE, PageOrder, PageOrderError};
 use crate::report::Figures;
 
 /// Planning failed.
@@ -78,10 +78,11 @@ pub(crate) fn profile_err(path: &Path) -> impl Fn(String) -> PlanningError + '_ 
 /// A plan the engine can execute.
 #[derive(Debug, Clone)]
 pub struct EnginePlan {
-    /// The page order with its pre-copy prefix.
+    /// The page order with its pre-copy prefix, and the chunk order (its
+    /// prefix the plan's `S`) if the profile has chunks.
     pub order: PageOrder,
-    /// The chunk order with its pre-copy prefix, if the profile has chunks.
-    pub chunk_order: Option<PageOrder>,
+    /// Whether the profile had chunks (`order` carries their order).
+    pub has_chunks: bool,
     /// Storage fraction.
     pub s: f64,
     /// The planner's prediction.
@@ -102,16 +103,34 @@ fn figures(p: &wanmig_planner::segment::PlanFigures, expected_faults: f64) -> Fi
     }
 }
 
+/// How many unit bytes the engine carries per byte on the link (LZ4 and
+/// frame headers), for the pages the rounds resend and for the push.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WireRatios {
+    /// Units the guest rewrites: pre-copy rounds, the freeze, faults.
+    pub rewritten: f64,
+    /// The post-copy push (mostly units never written).
+    pub push: f64,
+}
+
+impl WireRatios {
+    /// Unknown: one unit byte per link byte.
+    pub const NONE: WireRatios = WireRatios {
+        rewritten: 1.0,
+        push: 1.0,
+    };
+}
+
 /// Plans in-process: the planner library on `profile` for a link whose
-/// rate carries `wire_ratio` times as many unit bytes (how the guest's
-/// content compresses on the wire; 1 when unknown).
+/// rate carries `wire` times as many unit bytes (how the guest's content
+/// compresses on the wire).
 pub fn plan_in_process(
     profile_path: &Path,
     rate: Rate,
     rtt: Duration,
     downtime_target: Option<Duration>,
     guest: GuestUnits,
-    wire_ratio: f64,
+    wire: WireRatios,
 ) -> Result<EnginePlan, PlanningError> {
     let err = profile_err(profile_path);
     let profile = Profile::open(profile_path).map_err(|e| err(e.to_string()))?;
@@ -124,7 +143,8 @@ pub fn plan_in_process(
         &classes,
         Some(&profile),
         Link {
-            bandwidth: rate.bytes_per_second() * wire_ratio.max(1e-3),
+            bandwidth: rate.bytes_per_second() * wire.rewritten.max(1e-3),
+            push_bandwidth: Some(rate.bytes_per_second() * wire.push.max(1e-3)),
             ..Link::new(rate, rtt)
         },
         params,
@@ -132,10 +152,10 @@ pub fn plan_in_process(
     )
     .map_err(|e| PlanningError::Planner(e.to_string()))?;
     let snapshot = PlanSnapshot::from_plan(&plan);
-    let (order, chunk_order) = orders(&profile, &snapshot, guest)?;
+    let (order, has_chunks) = orders(&profile, &snapshot, guest)?;
     Ok(EnginePlan {
         order,
-        chunk_order,
+        has_chunks,
         s: snapshot.s,
         predicted: figures(&snapshot.predicted, plan.prediction.expected_faults),
         origin: format!(
@@ -173,10 +193,10 @@ pub fn plan_from_segment(
     };
     let err = profile_err(profile_path);
     let profile = Profile::open(profile_path).map_err(|e| err(e.to_string()))?;
-    let (order, chunk_order) = orders(&profile, &snapshot, guest)?;
+    let (order, has_chunks) = orders(&profile, &snapshot, guest)?;
     let plan = EnginePlan {
         order,
-        chunk_order,
+        has_chunks,
         s: snapshot.s,
         predicted: figures(&snapshot.predicted, f64::NAN),
         origin: format!(
@@ -232,15 +252,13 @@ impl crate::engine::PlanChannel for SegmentChannel {
         }
         let generation = snap.generation;
         self.generation = generation;
-        let built = orders(&self.profile, &snap, self.guest).and_then(|(order, chunks)| {
-            Ok(match chunks {
-                Some(c) => order.with_chunks(c),
+        let built = orders(&self.profile, &snap, self.guest).and_then(|(order, has_chunks)| {
+            Ok(if !has_chunks && self.guest.chunks > 0 {
                 // As for the first plan: disks the profile did not see
                 // are pre-copied whole.
-                None if self.guest.chunks > 0 => {
-                    order.with_chunks(PageOrder::by_address(self.guest.chunks, 1.0)?)
-                }
-                None => order,
+                order.with_chunks(PageOrder::by_address(self.guest.chunks, 1.0)?)
+            } else {
+                order
             })
         });
         match built {
@@ -262,25 +280,56 @@ pub struct GuestUnits {
     pub chunks: u64,
 }
 
-/// The page order, and the chunk order if the profile has chunks.
+/// The page order (with the chunk order merged into its push, if the
+/// profile has chunks), and whether it has chunks.
 fn orders(
     profile: &Profile,
     plan: &PlanSnapshot,
     guest: GuestUnits,
-) -> Result<(PageOrder, Option<PageOrder>), PlanningError> {
+) -> Result<(PageOrder, bool), PlanningError> {
     let pages = order_from_rule(profile, Kind::Page, &plan.page_rule, plan.m, guest.pages)?;
-    let chunks = if profile.count(Kind::Chunk) == 0 {
-        None
-    } else {
-        Some(order_from_rule(
-            profile,
-            Kind::Chunk,
-            &plan.chunk_rule,
-            plan.s,
-            guest.chunks,
-        )?)
+    if profile.count(Kind::Chunk) == 0 {
+        return Ok((pages, false));
+    }
+    let chunks = order_from_rule(profile, Kind::Chunk, &plan.chunk_rule, plan.s, guest.chunks)?;
+    let after = chunks_after(profile, &pages, &chunks)?;
+    Ok((pages.with_ranked_chunks(chunks, after)?, true))
+}
+
+/// For each chunk of `chunks` (in its order), the last page of `pages`
+/// that ranks ahead of it ([`NO_PAGE`] if none): the post-copy push sends
+/// both kinds in one ranking, as the model integrates it (a page before a
+/// chunk of the same rank).
+fn chunks_after(
+    profile: &Profile,
+    pages: &PageOrder,
+    chunks: &PageOrder,
+) -> Result<Vec<u64>, PlanningError> {
+    let n = profile.header().samples;
+    let err = profile_err(profile.path());
+    let read = |kind| {
+        let mut counters = Vec::with_capacity(profile.count(kind) as usize);
+        profile
+            .for_each(kind, |_, c| counters.push(c))
+            .map(|()| counters)
+            .map_err(|e| err(e.to_string()))
     };
-    Ok((pages, chunks))
+    let (pc, cc) = (read(Kind::Page)?, read(Kind::Chunk)?);
+    let page_units = pages.units();
+    let mut i = 0;
+    Ok(chunks
+        .units()
+        .iter()
+        .map(|&c| {
+            while i < page_units.len()
+                && rank_cmp(n, &pc[page_units[i] as usize], &cc[c as usize])
+                    != std::cmp::Ordering::Greater
+            {
+                i += 1;
+            }
+            if i == 0 { NO_PAGE } else { page_units[i - 1] }
+        })
+        .collect())
 }
 
 /// Ranks every unit of `kind` in `profile` as the planner does and
@@ -399,8 +448,12 @@ mod tests {
         .unwrap();
         let snap = PlanSnapshot::from_plan(&plan);
         let guest = GuestUnits { pages, chunks };
-        let (_, order) = orders(&profile, &snap, guest).unwrap();
-        let order = order.expect("the profile has chunks");
+        let (pages_order, has_chunks) = orders(&profile, &snap, guest).unwrap();
+        assert!(has_chunks);
+        let order = pages_order
+            .chunks()
+            .expect("the profile has chunks")
+            .clone();
         assert_eq!(
             order.precopy().len() as u64,
             (snap.s * chunks as f64).round() as u64
@@ -422,6 +475,37 @@ mod tests {
             })
         );
         assert_ne!(all, sorted, "ranked, not in address order");
+        // The push merges both kinds in one ranking: no unit after one it
+        // outranks, pages and chunks interleaved.
+        let counters = |u: crate::engine::PushUnit| match u {
+            crate::engine::PushUnit::Page(p) => {
+                let k = ((p * 7) % u64::from(n + 1)) as u32;
+                wanmig_planner::profile::UnitCounters {
+                    r: k,
+                    w: k,
+                    o: 0,
+                    zero: p % 5 == 0 && k == 0,
+                }
+            }
+            crate::engine::PushUnit::Chunk(c) => chunk_counters(c, n),
+        };
+        let push = pages_order.push_sequence();
+        assert_eq!(
+            push.len(),
+            pages_order.postcopy().len() + order.postcopy().len()
+        );
+        assert!(
+            push.windows(2)
+                .all(|x| rank_cmp(n, &counters(x[0]), &counters(x[1])).is_le())
+        );
+        let first_chunk = push
+            .iter()
+            .position(|u| matches!(u, crate::engine::PushUnit::Chunk(_)))
+            .unwrap();
+        assert!(
+            first_chunk < pages_order.postcopy().len(),
+            "chunks are not all pushed after the pages"
+        );
         // Another disk size is refused; another S disagrees with the rule.
         assert!(matches!(
             orders(&profile, &snap, GuestUnits { pages, chunks: 100 }),

@@ -140,13 +140,26 @@ pub struct ProfileStats {
     pub chunk_overwrites: u64,
     /// Why reads could not be sampled, if they were to be and were not.
     pub read_sampling_error: Option<String>,
-    /// How the guest's memory compresses on the wire: raw bytes over frame
-    /// bytes (LZ4 and headers, as the engine sends them) of a scattered
-    /// sample of its populated, non-zero pages (1: nothing to sample).
+    /// How the pages the guest rewrites compress on the wire (what the
+    /// pre-copy rounds and the freeze resend): raw bytes over frame bytes
+    /// (LZ4 and headers, as the engine sends them) of a scattered sample of
+    /// the non-zero pages written while profiling (of all non-zero pages
+    /// when too few were written; 1: nothing to sample).
     pub wire_ratio: f64,
+    /// The same for all non-zero pages (what the post-copy push carries,
+    /// byte for byte, when the pre-copy set is a small part of RAM).
+    pub push_wire_ratio: f64,
 }
 
 impl ProfileStats {
+    /// The ratios the planner plans the link with.
+    pub fn wire_ratios(&self) -> crate::planning::WireRatios {
+        crate::planning::WireRatios {
+            rewritten: self.wire_ratio,
+            push: self.push_wire_ratio,
+        }
+    }
+
     /// One line for a report's plan origin.
     pub fn describe(&self) -> String {
         let reads = if self.reads_sampled {
@@ -171,8 +184,8 @@ impl ProfileStats {
             ));
         }
         s.push_str(&format!(
-            "; pages compress {:.2}x on the wire)",
-            self.wire_ratio
+            "; pages compress {:.2}x on the wire, {:.2}x those the guest rewrites)",
+            self.push_wire_ratio, self.wire_ratio
         ));
         s
     }
@@ -279,38 +292,35 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Pages sampled for [`ProfileStats::wire_ratio`].
 const RATIO_SAMPLE: u64 = 4096;
 
-/// Raw bytes over frame bytes of up to [`RATIO_SAMPLE`] populated pages,
-/// spread over RAM, encoded as the engine sends them (LZ4).
+/// Fewer rewritten pages than this: their ratio is the whole RAM's.
+const RATIO_MIN_SAMPLE: u64 = 64;
+
+/// Raw bytes over frame bytes of up to [`RATIO_SAMPLE`] of `candidates`,
+/// spread over them, encoded as the engine sends them (LZ4); `None` with
+/// fewer than `min` candidates.
 fn wire_ratio(
     mem: &dyn crate::backend::PageReader,
-    populated: &crate::uffd::DirtyBitmap,
-    pages: u64,
+    candidates: &[u64],
     ps: usize,
-) -> f64 {
+    min: u64,
+) -> Option<f64> {
     use crate::wire::{Compression, UnitKind, encode_buffer_len, encode_unit};
-    let have = populated.count();
-    if have == 0 {
-        return 1.0;
+    let have = candidates.len() as u64;
+    if have < min.max(1) {
+        return None;
     }
-    let step = (have / RATIO_SAMPLE).max(1);
+    let step = (have / RATIO_SAMPLE).max(1) as usize;
     let (mut raw, mut wire) = (0u64, 0u64);
     let mut page = vec![0u8; ps];
     let mut out = vec![0u8; encode_buffer_len(ps, Compression::Lz4)];
-    for (i, p) in populated.iter_set().filter(|&p| p < pages).enumerate() {
-        if i as u64 % step != 0 {
-            continue;
-        }
+    for &p in candidates.iter().step_by(step) {
         mem.copy_page(p, &mut page);
         if let Ok(e) = encode_unit(&mut out, UnitKind::Page, p, &page, Compression::Lz4) {
             raw += ps as u64;
             wire += e.len as u64;
         }
     }
-    if wire == 0 {
-        1.0
-    } else {
-        raw as f64 / wire as f64
-    }
+    (wire > 0).then(|| raw as f64 / wire as f64)
 }
 
 /// The next window's length: as many pages as the budget allows at the
@@ -450,7 +460,15 @@ pub fn profile_guest(
             }
         }
     }
-    let wire_ratio = wire_ratio(mem.as_ref(), &populated, pages, ps);
+    let nonzero: Vec<u64> = populated.iter_set().filter(|&p| p < pages).collect();
+    let written: Vec<u64> = nonzero
+        .iter()
+        .copied()
+        .filter(|&p| tally[p as usize].w > 0)
+        .collect();
+    let push_wire_ratio = wire_ratio(mem.as_ref(), &nonzero, ps, 1).unwrap_or(1.0);
+    let wire_ratio =
+        wire_ratio(mem.as_ref(), &written, ps, RATIO_MIN_SAMPLE).unwrap_or(push_wire_ratio);
     // Chunks that hold no data (holes of a sparse image) are zero; chunks
     // with data are not read to find zeros (a TiB disk would take minutes).
     let with_data = match &disks {
@@ -494,6 +512,7 @@ pub fn profile_guest(
         chunk_overwrites: 0,
         read_sampling_error,
         wire_ratio,
+        push_wire_ratio,
     };
     let reads = ReadImputation::new(
         samples,
@@ -633,5 +652,45 @@ mod tests {
         let inf = all.faults_per_interval();
         assert_eq!(next_count(65536, inf, 0, 0), 65536, "all of RAM at once");
         assert_eq!(next_count(65536, inf, 65536, 65536), 65536, "and again");
+    }
+
+    /// Pages `0..n` of `ps` bytes: even pages random (incompressible), odd
+    /// pages a repeated word.
+    struct Halves {
+        ps: usize,
+    }
+
+    impl crate::backend::PageReader for Halves {
+        fn copy_page(&self, index: u64, out: &mut [u8]) {
+            let mut x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = if index % 2 == 0 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                } else {
+                    (i % 8) as u8
+                };
+            }
+        }
+    }
+
+    #[test]
+    fn the_wire_ratio_is_the_sampled_pages_own() {
+        let mem = Halves { ps: 4096 };
+        let even: Vec<u64> = (0..400).step_by(2).collect();
+        let odd: Vec<u64> = (1..400).step_by(2).collect();
+        let all: Vec<u64> = (0..400).collect();
+        let r = |pages: &[u64]| wire_ratio(&mem, pages, mem.ps, 64).unwrap();
+        let (random, repeated, mixed) = (r(&even), r(&odd), r(&all));
+        // Random pages cost a little more than their size on the wire;
+        // repeated words compress many times.
+        assert!((0.95..=1.0).contains(&random), "{random}");
+        assert!(repeated > 20.0, "{repeated}");
+        // A mix is byte-weighted: about twice the random pages' ratio.
+        assert!((1.8..2.1).contains(&mixed), "{mixed}");
+        // Too few to sample: none (the caller falls back).
+        assert_eq!(wire_ratio(&mem, &even[..10], mem.ps, 64), None);
     }
 }

@@ -392,6 +392,7 @@ mod tests {
         let link = Link {
             bandwidth: mbit * 1e6 / 8.0,
             rtt,
+            push_bandwidth: None,
         };
         let model = Model::new(p, link, params).unwrap();
         search(&model, &SearchOptions { threads: 2 })
@@ -583,6 +584,7 @@ mod tests {
             let link = Link {
                 bandwidth: mbit * 1e6 / 8.0,
                 rtt: 0.005,
+                push_bandwidth: None,
             };
             let model = Model::new(&p, link, params).unwrap();
             let r = search(&model, &SearchOptions { threads: 1 });
@@ -643,6 +645,7 @@ mod tests {
         let link = Link {
             bandwidth: 40e6 / 8.0,
             rtt: 0.005,
+            push_bandwidth: None,
         };
         let model = Model::new(&p, link, ModelParams::default()).unwrap();
         let a = search(&model, &SearchOptions { threads: 1 });
@@ -716,6 +719,7 @@ mod bandwidth_tests {
             let link = Link {
                 bandwidth: mbit * 1e6 / 8.0,
                 rtt,
+                push_bandwidth: None,
             };
             let model = Model::new(p, link, params).unwrap();
             let r = search(&model, &SearchOptions { threads: 1 });

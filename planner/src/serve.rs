@@ -212,7 +212,7 @@ impl<'a> Server<'a> {
                     planned: link.bandwidth,
                     measured,
                 });
-                link.bandwidth = measured;
+                link = link.scaled(measured / link.bandwidth);
             }
         }
         if t.phase == Phase::Precopy
@@ -310,6 +310,7 @@ mod tests {
     const LINK: Link = Link {
         bandwidth: 40e6 / 8.0,
         rtt: 0.005,
+        push_bandwidth: None,
     };
 
     fn policy() -> ReplanPolicy {
@@ -385,7 +386,8 @@ mod tests {
             second.link,
             Link {
                 bandwidth: 10e6,
-                rtt: 0.007
+                rtt: 0.007,
+                push_bandwidth: None,
             }
         );
         assert!(second.predicted.gamma >= first.predicted.gamma);

@@ -144,6 +144,7 @@ fn exact_ties_pick_the_lower_write_rate() {
         Link {
             bandwidth: 125_000.0,
             rtt: 0.01,
+            push_bandwidth: None,
         },
         ModelParams::default(),
     )

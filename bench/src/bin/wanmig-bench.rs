@@ -90,6 +90,11 @@ struct EvalArgs {
     /// Also write the Markdown tables here.
     #[arg(long)]
     markdown: Option<std::path::PathBuf>,
+    /// The post-copy horizon of the per-unit predictability tables (a
+    /// guest of its own per workload, profiled, then observed this long
+    /// with every read sampled); 0 skips them.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    horizon: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -814,6 +819,7 @@ fn eval_cmd(args: EvalArgs) -> Result<ExitCode> {
         interval: args.interval,
         memory_mib: 256,
         dir: args.dir,
+        predictability_horizon: (!args.horizon.is_zero()).then_some(args.horizon),
     })?;
     let json = serde_json::to_string_pretty(&r)?;
     let md = markdown(&r);

@@ -16,6 +16,23 @@ pub struct PageOrder {
     in_precopy: Vec<u64>,
     /// The disks' chunks, in the same kind of order with `S` as prefix.
     chunks: Option<Box<PageOrder>>,
+    /// Where each chunk (by position in the chunk order) goes in the
+    /// post-copy push: after this page ([`NO_PAGE`]: before every page).
+    /// `None`: every chunk after every page.
+    chunk_after: Option<Vec<u64>>,
+}
+
+/// In [`PageOrder::with_ranked_chunks`]: a chunk that ranks ahead of every
+/// page.
+pub const NO_PAGE: u64 = u64::MAX;
+
+/// One unit of the post-copy push ([`PageOrder::push_sequence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushUnit {
+    /// A page.
+    Page(u64),
+    /// A chunk of the disks.
+    Chunk(u64),
 }
 
 /// A plan that cannot be applied to this guest.
@@ -74,6 +91,7 @@ impl PageOrder {
             precopy,
             in_precopy,
             chunks: None,
+            chunk_after: None,
         }
     }
 
@@ -88,7 +106,10 @@ impl PageOrder {
         let (order, chunks) = match (self.chunks(), newer.chunks()) {
             (Some(a), Some(b)) => {
                 let (c, added) = a.adopt_one(b)?;
-                (order.with_chunks(c), added)
+                let mut order = order.with_chunks(c);
+                // By page: still right where the newer plan moved units.
+                order.chunk_after = newer.chunk_after.clone();
+                (order, added)
             }
             (Some(a), None) => (order.with_chunks(a.clone()), Vec::new()),
             (None, Some(_)) => {
@@ -142,10 +163,78 @@ impl PageOrder {
     }
 
     /// This order for the memory, with `chunks` the order of the disks'
-    /// chunks (its fraction is the plan's `S`).
+    /// chunks (its fraction is the plan's `S`); the push sends every page
+    /// before any chunk.
     pub fn with_chunks(mut self, chunks: PageOrder) -> Self {
         self.chunks = Some(Box::new(chunks));
+        self.chunk_after = None;
         self
+    }
+
+    /// [`with_chunks`](Self::with_chunks), with both kinds ranked together
+    /// as the planner's model merges them: `after[j]` is the page that the
+    /// chunk at position `j` of the chunk order follows in the push (the
+    /// last page ranking ahead of it, [`NO_PAGE`] if none).
+    pub fn with_ranked_chunks(
+        self,
+        chunks: PageOrder,
+        after: Vec<u64>,
+    ) -> Result<Self, PageOrderError> {
+        let bad = |why: String| PageOrderError::NotAPermutation {
+            pages: self.pages(),
+            why,
+        };
+        if after.len() as u64 != chunks.pages() {
+            return Err(bad(format!(
+                "{} chunk positions for {} chunks",
+                after.len(),
+                chunks.pages()
+            )));
+        }
+        if let Some(&p) = after.iter().find(|&&p| p != NO_PAGE && p >= self.pages()) {
+            return Err(bad(format!("a chunk follows page {p}, out of range")));
+        }
+        let mut order = self.with_chunks(chunks);
+        order.chunk_after = Some(after);
+        Ok(order)
+    }
+
+    /// The post-copy push: the post-copy pages in order, with the
+    /// post-copy chunks merged in where the ranking puts them (or after
+    /// every page, without a joint ranking).
+    pub fn push_sequence(&self) -> Vec<PushUnit> {
+        let chunks = self.chunks();
+        let post_chunks = chunks.map_or(&[][..], PageOrder::postcopy);
+        let mut out = Vec::with_capacity(self.postcopy().len() + post_chunks.len());
+        let ahead: Vec<u64> = match (&self.chunk_after, chunks) {
+            (Some(after), Some(c)) => {
+                let mut pos = vec![0u64; self.order.len()];
+                for (i, &p) in self.order.iter().enumerate() {
+                    pos[p as usize] = i as u64;
+                }
+                after[c.precopy..]
+                    .iter()
+                    .map(|&p| if p == NO_PAGE { 0 } else { pos[p as usize] + 1 })
+                    .collect()
+            }
+            _ => vec![u64::MAX; post_chunks.len()],
+        };
+        let mut j = 0;
+        for (k, &p) in self.postcopy().iter().enumerate() {
+            let i = (self.precopy + k) as u64;
+            while j < post_chunks.len() && ahead[j] <= i {
+                out.push(PushUnit::Chunk(post_chunks[j]));
+                j += 1;
+            }
+            out.push(PushUnit::Page(p));
+        }
+        out.extend(post_chunks[j..].iter().map(|&c| PushUnit::Chunk(c)));
+        out
+    }
+
+    /// Every unit, hottest first (the pre-copy set, then the post-copy set).
+    pub fn units(&self) -> &[u64] {
+        &self.order
     }
 
     /// The order of the disks' chunks, if the plan has one.
@@ -266,5 +355,62 @@ mod tests {
             PageOrder::by_address(4, f64::NAN),
             Err(PageOrderError::Fraction(_))
         ));
+    }
+
+    #[test]
+    fn the_push_merges_chunks_where_they_rank() {
+        use PushUnit::{Chunk, Page};
+        // Pages ranked 0..6, the first two pre-copied; chunks ranked 0..4,
+        // chunk 0 pre-copied. Chunk 1 ranks ahead of every page, chunk 2
+        // right after page 3, chunk 3 after the last page.
+        let pages = PageOrder::by_address(6, 2.0 / 6.0).unwrap();
+        let chunks = PageOrder::by_address(4, 0.25).unwrap();
+        let order = pages
+            .clone()
+            .with_ranked_chunks(chunks.clone(), vec![NO_PAGE, NO_PAGE, 3, 5])
+            .unwrap();
+        assert_eq!(
+            order.push_sequence(),
+            vec![
+                Chunk(1),
+                Page(2),
+                Page(3),
+                Chunk(2),
+                Page(4),
+                Page(5),
+                Chunk(3)
+            ]
+        );
+        // A chunk following a pre-copied page goes first.
+        let early = pages
+            .clone()
+            .with_ranked_chunks(chunks.clone(), vec![NO_PAGE, 1, 1, 2])
+            .unwrap();
+        assert_eq!(early.push_sequence()[..3], [Chunk(1), Chunk(2), Page(2)]);
+        // Without a joint ranking: every page, then every chunk.
+        let plain = pages.clone().with_chunks(chunks.clone());
+        assert_eq!(
+            plain.push_sequence(),
+            vec![
+                Page(2),
+                Page(3),
+                Page(4),
+                Page(5),
+                Chunk(1),
+                Chunk(2),
+                Chunk(3)
+            ]
+        );
+        // The merge survives a re-plan: by page, in the adopted order.
+        let adopted = plain.adopt(&order).unwrap().order;
+        assert_eq!(adopted.push_sequence(), order.push_sequence());
+        // Wrong lengths and pages out of range are refused.
+        assert!(
+            pages
+                .clone()
+                .with_ranked_chunks(chunks.clone(), vec![NO_PAGE])
+                .is_err()
+        );
+        assert!(pages.with_ranked_chunks(chunks, vec![0, 0, 0, 6]).is_err());
     }
 }

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::error::EngineError;
-use super::page_order::PageOrder;
+use super::page_order::{PageOrder, PushUnit};
 use crate::backend::{PageReader, SourceBackend};
 use crate::connection::{Connection, ConnectionPair};
 use crate::storage::SourceDisks;
@@ -1013,29 +1013,34 @@ fn push(
     mut storage: Option<(&mut Storage<'_>, &SentByFault)>,
 ) -> Result<(u64, u64, Instant), EngineError> {
     let pages = order.pages();
-    // Post-copy push, hottest first.
+    // Post-copy push, hottest first: pages and the disks' chunks in one
+    // ranking when the plan has one (as the model integrates the push),
+    // else every page, then every chunk.
     let (mut pushed, mut skipped) = (0u64, 0u64);
-    for &p in order.postcopy() {
-        if zero.get(p) {
-            continue;
-        }
-        if sent_by_fault.get(p) {
-            skipped += 1;
-            continue;
-        }
-        send_page(tx, mem, p, ps)?;
-        pushed += 1;
-    }
-    // Then the disks' post-copy chunks, hottest first.
-    if let Some((st, served)) = &mut storage {
-        for i in 0..st.order.postcopy().len() {
-            let c = st.order.postcopy()[i];
-            if served.get(c) {
-                st.report.chunks_skipped += 1;
-                continue;
+    for unit in order.push_sequence() {
+        match unit {
+            PushUnit::Page(p) => {
+                if zero.get(p) {
+                    continue;
+                }
+                if sent_by_fault.get(p) {
+                    skipped += 1;
+                    continue;
+                }
+                send_page(tx, mem, p, ps)?;
+                pushed += 1;
             }
-            st.send(tx, c)?;
-            st.report.chunks_pushed += 1;
+            PushUnit::Chunk(c) => {
+                let Some((st, served)) = &mut storage else {
+                    continue;
+                };
+                if served.get(c) {
+                    st.report.chunks_skipped += 1;
+                    continue;
+                }
+                st.send(tx, c)?;
+                st.report.chunks_pushed += 1;
+            }
         }
     }
     let units_total = tx.stats().units;

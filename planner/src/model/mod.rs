@@ -41,10 +41,17 @@ pub const MIN_INTERVAL_S: f64 = 1e-9;
 /// The migration link.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Link {
-    /// Bandwidth `B` in bytes per second.
+    /// Bandwidth `B` in unit bytes per second: pre-copy rounds, the freeze
+    /// and each fault's fetch.
     pub bandwidth: f64,
     /// Round-trip time in seconds.
     pub rtt: f64,
+    /// The post-copy push's bandwidth in unit bytes per second, when it
+    /// differs from `bandwidth` (the engine compresses, and the units left
+    /// for the push, mostly never written, compress better than the
+    /// rewritten ones the rounds resend); `None`: `bandwidth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_bandwidth: Option<f64>,
 }
 
 impl Link {
@@ -53,6 +60,22 @@ impl Link {
         Link {
             bandwidth: rate.bytes_per_second(),
             rtt: rtt.as_secs_f64(),
+            push_bandwidth: None,
+        }
+    }
+
+    /// The post-copy push's bandwidth (bytes/s).
+    pub fn push_rate(&self) -> f64 {
+        self.push_bandwidth.unwrap_or(self.bandwidth)
+    }
+
+    /// This link with both bandwidths scaled by `factor` (a measured rate
+    /// against the planned one).
+    pub fn scaled(self, factor: f64) -> Link {
+        Link {
+            bandwidth: self.bandwidth * factor,
+            push_bandwidth: self.push_bandwidth.map(|b| b * factor),
+            ..self
         }
     }
 }
@@ -550,6 +573,13 @@ impl Model {
             b.is_finite() && b > 0.0,
             "must be positive (bytes/s)",
         )?;
+        let push_b = link.push_rate();
+        check(
+            "push_bandwidth",
+            push_b,
+            push_b.is_finite() && push_b > 0.0,
+            "must be positive (bytes/s)",
+        )?;
         check(
             "rtt",
             link.rtt,
@@ -735,7 +765,7 @@ impl Model {
         };
         let u_max = (push_bytes(&page_classes, profile.page_size)
             + push_bytes(&chunk_classes, profile.chunk_size))
-            / b;
+            / push_b;
         let (grid_t, window) = postcopy::work_grid(p.delta_t, lam_max, u_max);
 
         let build = |kind: Kind, classes: Vec<RClass>, cum: Vec<u64>| -> KindModel {
@@ -1213,7 +1243,7 @@ impl Model {
         t_pre: f64,
         full: bool,
     ) -> PostOutcome {
-        let b = self.link.bandwidth;
+        let b = self.link.push_rate();
         let rest = [self.rest_kind(0, cursors[0]), self.rest_kind(1, cursors[1])];
         // Zero-written classes in the post-copy set, in push order.
         let zeros = &mut scratch.zeros;

@@ -110,6 +110,7 @@ pub(crate) fn predict(
 
     // Pre-copy, per unit, in bytes.
     let b = link.bandwidth;
+    let push_b = link.push_rate();
     let state = params.state_bytes.unwrap_or(p.state_bytes) as f64;
     let fixed = state / b + link.rtt + params.resume_overhead;
     let mut sent: Vec<f64> = set.iter().map(|u| u.size).collect();
@@ -163,7 +164,7 @@ pub(crate) fn predict(
         .filter(|u| !u.c.zero || u.c.w > 0)
         .map(|u| u.size)
         .sum::<f64>()
-        / b;
+        / push_b;
     let (grid, window) = work_grid(dt, lam_max, u_max);
     // (arrival in pushed bytes, q, lambda_a, stall)
     let mut arrivals = Vec::new();
@@ -190,13 +191,13 @@ pub(crate) fn predict(
     };
     let (mut s, mut faults, mut window_stall) = (0.0, 0.0, None);
     for k in 0..grid.len() - 1 {
-        let x = (grid[k] + s) * b;
+        let x = (grid[k] + s) * push_b;
         if x >= pushed {
             break;
         }
         let (a, af) = absent(x, k);
         if af > 0.0 {
-            let (c, cf) = absent((grid[k + 1] + s + a) * b, k);
+            let (c, cf) = absent((grid[k + 1] + s + a) * push_b, k);
             s += 0.5 * (a + c);
             faults += 0.5 * (af + cf);
         }
@@ -206,7 +207,7 @@ pub(crate) fn predict(
     }
     let window = window_stall.unwrap_or(s);
     let penalty = s;
-    let a = pushed / b;
+    let a = pushed / push_b;
     let (w1, w2) = match params.policy {
         Policy::Weighted { w1, w2 } => (w1, w2),
         Policy::Gamma => (1.0, 1.0),

@@ -67,28 +67,36 @@ fn params() -> impl Strategy<Value = (Link, ModelParams)> {
         prop::sample::select(vec![0.0, 0.05, 0.3]),
         prop::sample::select(vec![0.5, 1.0, 3.0]),
         prop::bool::ANY,
+        // The push compresses better (or worse) than the rewritten units.
+        prop::option::of(prop::sample::select(vec![0.5, 2.5])),
     )
-        .prop_map(|(bw, rtt, dt, target, rounds, shrink, scale, weighted)| {
-            (
-                Link { bandwidth: bw, rtt },
-                ModelParams {
-                    delta_t: dt,
-                    horizon: dt,
-                    downtime_target: target,
-                    max_rounds: rounds,
-                    min_shrink: shrink,
-                    converged: if weighted { 0.0 } else { 0.01 },
-                    resume_overhead: 0.0,
-                    write_scale: scale,
-                    state_bytes: None,
-                    policy: if weighted {
-                        Policy::Weighted { w1: 1.0, w2: 0.5 }
-                    } else {
-                        Policy::Gamma
+        .prop_map(
+            |(bw, rtt, dt, target, rounds, shrink, scale, weighted, push)| {
+                (
+                    Link {
+                        bandwidth: bw,
+                        rtt,
+                        push_bandwidth: push.map(|f| f * bw),
                     },
-                },
-            )
-        })
+                    ModelParams {
+                        delta_t: dt,
+                        horizon: dt,
+                        downtime_target: target,
+                        max_rounds: rounds,
+                        min_shrink: shrink,
+                        converged: if weighted { 0.0 } else { 0.01 },
+                        resume_overhead: 0.0,
+                        write_scale: scale,
+                        state_bytes: None,
+                        policy: if weighted {
+                            Policy::Weighted { w1: 1.0, w2: 0.5 }
+                        } else {
+                            Policy::Gamma
+                        },
+                    },
+                )
+            },
+        )
 }
 
 proptest! {
@@ -251,6 +259,7 @@ fn rank_boundaries_cover_the_selection() {
         Link {
             bandwidth: 1e6,
             rtt: 0.0,
+            push_bandwidth: None,
         },
         ModelParams::default(),
     )
@@ -279,10 +288,12 @@ fn invalid_inputs_are_refused() {
     let link = Link {
         bandwidth: 1e6,
         rtt: 0.0,
+        push_bandwidth: None,
     };
     let bad_link = Link {
         bandwidth: 0.0,
         rtt: 0.0,
+        push_bandwidth: None,
     };
     assert!(matches!(
         Model::new(&p, bad_link, ModelParams::default()),
@@ -389,6 +400,7 @@ fn non_finite_figures_are_refused_not_masked() {
         Link {
             bandwidth: 1e6,
             rtt: 0.0,
+            push_bandwidth: None,
         },
         ModelParams::default(),
     )
@@ -567,7 +579,16 @@ fn random_small_profile(
         ..ModelParams::default()
     };
     let plan = (rng.unit() * 0.5, rng.unit() * 0.5);
-    (p, Link { bandwidth: bw, rtt }, params, plan)
+    (
+        p,
+        Link {
+            bandwidth: bw,
+            rtt,
+            push_bandwidth: None,
+        },
+        params,
+        plan,
+    )
 }
 
 /// The wall-clock post-copy model against a per-unit Monte Carlo of the
@@ -671,6 +692,7 @@ fn monte_carlo_matches_the_model_when_faults_are_many() {
         let link = Link {
             bandwidth: mbit * 1e6 / 8.0,
             rtt,
+            push_bandwidth: None,
         };
         let params = ModelParams::default();
         let model = Model::new(&classes_of(&p), link, params).unwrap();
@@ -717,6 +739,7 @@ fn single_class_guests_match_the_reviewers_simulation() {
         let link = Link {
             bandwidth: 5e6,
             rtt: 0.005,
+            push_bandwidth: None,
         };
         let model = Model::new(&p, link, ModelParams::default()).unwrap();
         let pred = model.predict(0.0, 0.0);

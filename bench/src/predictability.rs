@@ -1,0 +1,356 @@
+//! Per-unit predictability, as in the seed's Tables I and II: for every page
+//! and chunk, did the profile predict that the guest would read (write) it
+//! within the post-copy horizon, and did it?
+//!
+//! The prediction is the planner's own reading of a profile (`n` intervals
+//! of `tau`): a unit whose counter is `k` has the Poisson rate
+//! `ell(k) / tau` and is predicted to be accessed within the horizon `H`
+//! when `1 - exp(-rate H) >= 1/2`. The truth is a second profile taken
+//! right after the first, one window of `H`, reads sampled on all of RAM
+//! (exact, at a cost to the guest that only this measurement pays): a unit
+//! was read (written) if its counter there is non-zero.
+//!
+//! "Read" is what the profiler's read sampling sees: the first access of an
+//! interval to a page (a write that finds the page unmapped counts too),
+//! and NBD reads of a chunk; "written" is the write log's and the NBD
+//! writes'.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wanmig_datapath::backend::qemu::{GuestSpec, QemuPaths, QemuSource, SerialLog};
+use wanmig_datapath::profiling::{ProfileOptions, profile_guest};
+use wanmig_planner::model::rates::unscaled_rate;
+use wanmig_planner::profile::{Kind, Profile, UnitCounters};
+
+/// A 2x2 table: predicted to be accessed within the horizon or not, against
+/// accessed or not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Confusion {
+    /// Predicted and accessed.
+    pub predicted_and_accessed: u64,
+    /// Predicted, not accessed.
+    pub predicted_not_accessed: u64,
+    /// Accessed, not predicted.
+    pub accessed_not_predicted: u64,
+    /// Neither.
+    pub neither: u64,
+}
+
+impl Confusion {
+    fn add(&mut self, predicted: bool, accessed: bool) {
+        match (predicted, accessed) {
+            (true, true) => self.predicted_and_accessed += 1,
+            (true, false) => self.predicted_not_accessed += 1,
+            (false, true) => self.accessed_not_predicted += 1,
+            (false, false) => self.neither += 1,
+        }
+    }
+
+    /// Units in the table.
+    pub fn units(&self) -> u64 {
+        self.predicted_and_accessed
+            + self.predicted_not_accessed
+            + self.accessed_not_predicted
+            + self.neither
+    }
+
+    /// The share of units predicted right (`NaN` for an empty table).
+    pub fn accuracy(&self) -> f64 {
+        (self.predicted_and_accessed + self.neither) as f64 / self.units() as f64
+    }
+}
+
+/// One kind of access to one kind of unit: the table and its accuracy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Predictability {
+    /// The share predicted right.
+    pub accuracy: f64,
+    /// The table.
+    pub table: Confusion,
+}
+
+impl From<Confusion> for Predictability {
+    fn from(table: Confusion) -> Self {
+        Predictability {
+            accuracy: table.accuracy(),
+            table,
+        }
+    }
+}
+
+/// The evaluation's `unit_prediction_accuracy`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct UnitPredictionAccuracy {
+    /// The horizon `H`, s.
+    pub horizon_s: f64,
+    /// Pages read.
+    pub memory_read: Predictability,
+    /// Pages written.
+    pub memory_write: Predictability,
+    /// Chunks read (`null`: no disk).
+    pub storage_read: Option<Predictability>,
+    /// Chunks written (`null`: no disk).
+    pub storage_write: Option<Predictability>,
+}
+
+/// The profiles do not describe the same guest.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictabilityError {
+    /// A profile could not be read.
+    #[error("profile {path}: {message}")]
+    Profile {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The two profiles have different unit counts.
+    #[error("the profiles differ: {what} {predicted} vs {observed}")]
+    Mismatch {
+        /// Pages or chunks.
+        what: &'static str,
+        /// In the predicting profile.
+        predicted: u64,
+        /// In the observed one.
+        observed: u64,
+    },
+    /// Running the guest or profiling it.
+    #[error("{0}")]
+    Guest(String),
+}
+
+fn counters(
+    p: &Profile,
+    path: &Path,
+    kind: Kind,
+) -> Result<Vec<UnitCounters>, PredictabilityError> {
+    let mut out = Vec::with_capacity(p.count(kind) as usize);
+    p.for_each(kind, |_, c| out.push(c))
+        .map_err(|e| PredictabilityError::Profile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    Ok(out)
+}
+
+/// The tables of the profile at `predicting` against the one at
+/// `observed` (its window is the horizon).
+pub fn compare(
+    predicting: &Path,
+    observed: &Path,
+) -> Result<UnitPredictionAccuracy, PredictabilityError> {
+    let open = |path: &Path| {
+        Profile::open(path).map_err(|e| PredictabilityError::Profile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    };
+    let (a, b) = (open(predicting)?, open(observed)?);
+    let (ha, hb) = (a.header(), b.header());
+    let horizon = hb.interval_ns as f64 * 1e-9 * f64::from(hb.samples);
+    let tau = ha.interval_ns as f64 * 1e-9;
+    let n = ha.samples;
+    // Predicted within H: 1 - exp(-ell(k) H / tau) >= 1/2.
+    let predicted = |k: u32| k > 0 && unscaled_rate(k, n) * horizon / tau >= std::f64::consts::LN_2;
+    let mut tables = [[Confusion::default(); 2]; 2];
+    for (i, kind) in [Kind::Page, Kind::Chunk].into_iter().enumerate() {
+        let (ca, cb) = (
+            counters(&a, predicting, kind)?,
+            counters(&b, observed, kind)?,
+        );
+        if ca.len() != cb.len() {
+            return Err(PredictabilityError::Mismatch {
+                what: if i == 0 { "pages" } else { "chunks" },
+                predicted: ca.len() as u64,
+                observed: cb.len() as u64,
+            });
+        }
+        for (x, y) in ca.iter().zip(&cb) {
+            tables[i][0].add(predicted(x.r), y.r > 0);
+            tables[i][1].add(predicted(x.w), y.w > 0);
+        }
+    }
+    let chunks = a.count(Kind::Chunk) > 0;
+    Ok(UnitPredictionAccuracy {
+        horizon_s: horizon,
+        memory_read: tables[0][0].into(),
+        memory_write: tables[0][1].into(),
+        storage_read: chunks.then(|| tables[1][0].into()),
+        storage_write: chunks.then(|| tables[1][1].into()),
+    })
+}
+
+/// How to measure.
+#[derive(Debug, Clone)]
+pub struct PredictabilityOptions {
+    /// The predicting profile's intervals.
+    pub samples: u32,
+    /// Their length.
+    pub interval: Duration,
+    /// The horizon, observed as this many intervals ...
+    pub horizon_samples: u32,
+    /// ... of this length.
+    pub horizon_interval: Duration,
+}
+
+/// Starts `guest` alone (no migration), lets its workloads warm up,
+/// profiles it as the planner would, then observes it for the horizon with
+/// every read sampled, and compares.
+pub fn measure(
+    guest: &GuestSpec,
+    o: &PredictabilityOptions,
+    dir: &Path,
+    tag: &str,
+) -> Result<UnitPredictionAccuracy, PredictabilityError> {
+    let g =
+        |what: &'static str| move |e: String| PredictabilityError::Guest(format!("{what}: {e}"));
+    std::fs::create_dir_all(dir).map_err(|e| g("run directory")(e.to_string()))?;
+    let paths = QemuPaths::new(dir, tag, "source");
+    let mut src = QemuSource::start(guest, &paths, dir)
+        .map_err(|e| g("starting the guest")(e.to_string()))?;
+    let (predicting, observed) = (dir.join("predicting.wmp"), dir.join("observed.wmp"));
+    let result = (|| {
+        let mut log = SerialLog::new(&paths.serial);
+        let warm = log
+            .wait_heartbeats(3, Instant::now(), Duration::from_secs(120))
+            .map_err(|e| g("the guest's console")(e.to_string()))?;
+        if !warm {
+            return Err(g("the guest")(format!(
+                "no heartbeat (see {})",
+                paths.serial.display()
+            )));
+        }
+        // Disk workloads (sysbench makes a file system first).
+        std::thread::sleep(Duration::from_secs(if guest.disks.is_empty() {
+            0
+        } else {
+            10
+        }));
+        let state = 300_000;
+        profile_guest(
+            &mut src,
+            &ProfileOptions::new(o.samples, o.interval, state),
+            &predicting,
+        )
+        .map_err(|e| g("profiling")(e.to_string()))?;
+        let truth = ProfileOptions {
+            read_budget: Some(f64::INFINITY),
+            ..ProfileOptions::new(o.horizon_samples, o.horizon_interval, state)
+        };
+        profile_guest(&mut src, &truth, &observed).map_err(|e| g("observing")(e.to_string()))?;
+        compare(&predicting, &observed)
+    })();
+    drop(src);
+    for f in [&paths.ram, &paths.uffd_sock, &predicting, &observed] {
+        let _ = std::fs::remove_file(f);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wanmig_planner::profile::{ProfileHeader, ProfileWriter};
+
+    fn write(
+        path: &Path,
+        samples: u32,
+        interval_ms: u64,
+        pages: &[(u32, u32)],
+        chunks: &[(u32, u32)],
+    ) {
+        let header = ProfileHeader {
+            samples,
+            interval_ns: interval_ms * 1_000_000,
+            page_size: 4096,
+            chunk_size: 64 << 10,
+            page_count: pages.len() as u64,
+            chunk_count: chunks.len() as u64,
+            state_bytes: 0,
+        };
+        let mut w = ProfileWriter::create(path, &header).unwrap();
+        let c = |&(r, w): &(u32, u32)| UnitCounters {
+            r,
+            w,
+            o: 0,
+            zero: r == 0 && w == 0,
+        };
+        for p in pages {
+            w.push_page(c(p)).unwrap();
+        }
+        for ch in chunks {
+            w.push_chunk(c(ch)).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn tables_count_each_unit_once_against_the_horizon() {
+        let dir = std::env::temp_dir().join(format!("wanmig-pred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.wmp"), dir.join("b.wmp"));
+        // Predicting: 20 x 250 ms. Observed: one window of 20 s (20 x 1 s).
+        // Page 0: read in 10 of 20 intervals (rate 2.8/s: surely within
+        // 20 s), read then. Page 1: never, never. Page 2: read in 1 of 20
+        // (0.2/s: p = 0.98 within 20 s, predicted), not read (a miss).
+        // Page 3: never read in the profile, read later (a miss).
+        write(
+            &a,
+            20,
+            250,
+            &[(10, 0), (0, 0), (1, 1), (0, 3)],
+            &[(0, 2), (5, 0)],
+        );
+        write(
+            &b,
+            20,
+            1000,
+            &[(4, 0), (0, 0), (0, 1), (2, 0)],
+            &[(0, 1), (0, 0)],
+        );
+        let t = compare(&a, &b).unwrap();
+        assert_eq!(t.horizon_s, 20.0);
+        assert_eq!(
+            t.memory_read.table,
+            Confusion {
+                predicted_and_accessed: 1,
+                predicted_not_accessed: 1,
+                accessed_not_predicted: 1,
+                neither: 1
+            }
+        );
+        assert_eq!(t.memory_read.accuracy, 0.5);
+        // Writes: page 2 and 3 predicted; 2 written; 0, 1 neither.
+        assert_eq!(t.memory_write.table.predicted_and_accessed, 1);
+        assert_eq!(t.memory_write.table.predicted_not_accessed, 1);
+        assert_eq!(t.memory_write.table.neither, 2);
+        assert_eq!(t.memory_write.accuracy, 0.75);
+        let sr = t.storage_read.unwrap();
+        assert_eq!(sr.table.predicted_not_accessed, 1);
+        assert_eq!(sr.table.neither, 1);
+        assert_eq!(t.storage_write.unwrap().accuracy, 1.0);
+        // A short horizon predicts a rare access will not come.
+        write(
+            &b,
+            1,
+            1000,
+            &[(0, 0), (0, 0), (0, 0), (0, 0)],
+            &[(0, 0), (0, 0)],
+        );
+        let short = compare(&a, &b).unwrap();
+        assert_eq!(short.memory_read.table.predicted_and_accessed, 0);
+        assert_eq!(
+            short.memory_read.table.predicted_not_accessed, 1,
+            "only page 0"
+        );
+        // Different guests are refused.
+        write(&b, 20, 1000, &[(0, 0)], &[]);
+        assert!(matches!(
+            compare(&a, &b),
+            Err(PredictabilityError::Mismatch { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
