@@ -16,10 +16,11 @@
 //! writes'.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use wanmig_datapath::backend::qemu::{GuestSpec, QemuPaths, QemuSource, SerialLog};
+use wanmig_datapath::migration::warm_up;
 use wanmig_datapath::profiling::{ProfileOptions, profile_guest};
 use wanmig_planner::model::rates::unscaled_rate;
 use wanmig_planner::profile::{Kind, Profile, UnitCounters};
@@ -212,22 +213,12 @@ pub fn measure(
         .map_err(|e| g("starting the guest")(e.to_string()))?;
     let (predicting, observed) = (dir.join("predicting.wmp"), dir.join("observed.wmp"));
     let result = (|| {
+        // The page checker's heartbeats, and each disk workload's (sysbench
+        // makes a file system first).
         let mut log = SerialLog::new(&paths.serial);
-        let warm = log
-            .wait_heartbeats(3, Instant::now(), Duration::from_secs(120))
-            .map_err(|e| g("the guest's console")(e.to_string()))?;
-        if !warm {
-            return Err(g("the guest")(format!(
-                "no heartbeat (see {})",
-                paths.serial.display()
-            )));
-        }
-        // Disk workloads (sysbench makes a file system first).
-        std::thread::sleep(Duration::from_secs(if guest.disks.is_empty() {
-            0
-        } else {
-            10
-        }));
+        let disk_heartbeats = usize::from(!guest.disks.is_empty()) * 2;
+        warm_up(&mut log, 3, disk_heartbeats, &paths.serial)
+            .map_err(|e| g("warming up")(e.to_string()))?;
         let state = 300_000;
         profile_guest(
             &mut src,

@@ -535,7 +535,7 @@ fn stalled_guest_diagnosis(dest: &mut QemuDest, report: &DestReport) -> String {
 /// Waits for `heartbeats` page-checker heartbeats and `disk` heartbeats of
 /// the disk workload (the disk checker's or sysbench's; 0: none) on the
 /// source's console.
-pub(crate) fn warm_up(
+pub fn warm_up(
     log: &mut SerialLog,
     heartbeats: usize,
     disk: usize,

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use wanmig_planner::model::{Link, ModelParams, rates::rank_cmp};
-use wanmig_planner::profile::{ClassProfile, Kind, Profile};
+use wanmig_planner::profile::{ClassProfile, Kind, Profile, UnitCounters};
 use wanmig_planner::rule::PrecopyRule;
 use wanmig_planner::search::SearchOptions;
 use wanmig_planner::segment::{PlanSnapshot, Segment};
@@ -281,18 +281,22 @@ pub struct GuestUnits {
 }
 
 /// The page order (with the chunk order merged into its push, if the
-/// profile has chunks), and whether it has chunks.
+/// profile has chunks), and whether it has chunks. Each kind's counters are
+/// read once, for its ranking and for the merge.
 fn orders(
     profile: &Profile,
     plan: &PlanSnapshot,
     guest: GuestUnits,
 ) -> Result<(PageOrder, bool), PlanningError> {
-    let pages = order_from_rule(profile, Kind::Page, &plan.page_rule, plan.m, guest.pages)?;
+    let n = profile.header().samples;
+    let page_counters = counters_of(profile, Kind::Page, guest.pages)?;
+    let pages = rank_units(n, Kind::Page, &page_counters, &plan.page_rule, plan.m)?;
     if profile.count(Kind::Chunk) == 0 {
         return Ok((pages, false));
     }
-    let chunks = order_from_rule(profile, Kind::Chunk, &plan.chunk_rule, plan.s, guest.chunks)?;
-    let after = chunks_after(profile, &pages, &chunks)?;
+    let chunk_counters = counters_of(profile, Kind::Chunk, guest.chunks)?;
+    let chunks = rank_units(n, Kind::Chunk, &chunk_counters, &plan.chunk_rule, plan.s)?;
+    let after = chunks_after(n, &page_counters, &pages, &chunk_counters, &chunks);
     Ok((pages.with_ranked_chunks(chunks, after)?, true))
 }
 
@@ -301,35 +305,60 @@ fn orders(
 /// both kinds in one ranking, as the model integrates it (a page before a
 /// chunk of the same rank).
 fn chunks_after(
-    profile: &Profile,
+    n: u32,
+    page_counters: &[UnitCounters],
     pages: &PageOrder,
+    chunk_counters: &[UnitCounters],
     chunks: &PageOrder,
-) -> Result<Vec<u64>, PlanningError> {
-    let n = profile.header().samples;
-    let err = profile_err(profile.path());
-    let read = |kind| {
-        let mut counters = Vec::with_capacity(profile.count(kind) as usize);
-        profile
-            .for_each(kind, |_, c| counters.push(c))
-            .map(|()| counters)
-            .map_err(|e| err(e.to_string()))
-    };
-    let (pc, cc) = (read(Kind::Page)?, read(Kind::Chunk)?);
+) -> Vec<u64> {
     let page_units = pages.units();
     let mut i = 0;
-    Ok(chunks
+    chunks
         .units()
         .iter()
         .map(|&c| {
             while i < page_units.len()
-                && rank_cmp(n, &pc[page_units[i] as usize], &cc[c as usize])
-                    != std::cmp::Ordering::Greater
+                && rank_cmp(
+                    n,
+                    &page_counters[page_units[i] as usize],
+                    &chunk_counters[c as usize],
+                ) != std::cmp::Ordering::Greater
             {
                 i += 1;
             }
             if i == 0 { NO_PAGE } else { page_units[i - 1] }
         })
-        .collect())
+        .collect()
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Page => "page",
+        Kind::Chunk => "chunk",
+    }
+}
+
+/// Every unit's counters of `kind`, in address order, for a guest with
+/// `guest_units` of them.
+fn counters_of(
+    profile: &Profile,
+    kind: Kind,
+    guest_units: u64,
+) -> Result<Vec<UnitCounters>, PlanningError> {
+    let units = profile.count(kind);
+    if units != guest_units {
+        return Err(PlanningError::Mismatch {
+            what: kind_name(kind),
+            profile: units,
+            guest: guest_units,
+        });
+    }
+    let err = profile_err(profile.path());
+    let mut counters = Vec::with_capacity(units as usize);
+    profile
+        .for_each(kind, |_, c| counters.push(c))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(counters)
 }
 
 /// Ranks every unit of `kind` in `profile` as the planner does and
@@ -342,25 +371,19 @@ pub fn order_from_rule(
     fraction: f64,
     guest_units: u64,
 ) -> Result<PageOrder, PlanningError> {
-    let n = profile.header().samples;
-    let units = profile.count(kind);
-    let what = match kind {
-        Kind::Page => "page",
-        Kind::Chunk => "chunk",
-    };
-    if units != guest_units {
-        return Err(PlanningError::Mismatch {
-            what,
-            profile: units,
-            guest: guest_units,
-        });
-    }
-    let path = profile.path().to_path_buf();
-    let err = profile_err(&path);
-    let mut counters = Vec::with_capacity(units as usize);
-    profile
-        .for_each(kind, |_, c| counters.push(c))
-        .map_err(|e| err(e.to_string()))?;
+    let counters = counters_of(profile, kind, guest_units)?;
+    rank_units(profile.header().samples, kind, &counters, rule, fraction)
+}
+
+/// [`order_from_rule`] on counters already read (`n` intervals).
+fn rank_units(
+    n: u32,
+    kind: Kind,
+    counters: &[UnitCounters],
+    rule: &PrecopyRule,
+    fraction: f64,
+) -> Result<PageOrder, PlanningError> {
+    let units = counters.len() as u64;
     let mut order: Vec<u64> = (0..units).collect();
     order.sort_by(|&a, &b| {
         rank_cmp(n, &counters[a as usize], &counters[b as usize]).then(a.cmp(&b))
@@ -371,7 +394,7 @@ pub fn order_from_rule(
         let planned = scanner.contains(counters[u as usize], u);
         if planned != order.is_precopy(u) {
             return Err(PlanningError::RuleDisagrees {
-                what,
+                what: kind_name(kind),
                 unit: u,
                 set: if planned { "in" } else { "not in" },
             });
@@ -383,12 +406,23 @@ pub fn order_from_rule(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wanmig_planner::profile::{ProfileHeader, ProfileWriter, UnitCounters};
+    use wanmig_planner::profile::{ProfileHeader, ProfileWriter};
 
     /// A profile where page `i` has `w = r = (i * 7) % (n + 1)` and every
     /// fifth page is zero.
     fn write_profile(path: &Path, pages: u64, n: u32) {
         write_profile_with_chunks(path, pages, 0, n)
+    }
+
+    /// The page counters of [`write_profile`].
+    fn page_counters(i: u64, n: u32) -> UnitCounters {
+        let k = ((i * 7) % u64::from(n + 1)) as u32;
+        UnitCounters {
+            r: k,
+            w: k,
+            o: 0,
+            zero: i % 5 == 0 && k == 0,
+        }
     }
 
     /// The chunk counters of [`write_profile_with_chunks`].
@@ -416,14 +450,7 @@ mod tests {
         };
         let mut w = ProfileWriter::create(path, &header).unwrap();
         for i in 0..pages {
-            let k = ((i * 7) % u64::from(n + 1)) as u32;
-            w.push_page(UnitCounters {
-                r: k,
-                w: k,
-                o: 0,
-                zero: i % 5 == 0 && k == 0,
-            })
-            .unwrap();
+            w.push_page(page_counters(i, n)).unwrap();
         }
         for c in 0..chunks {
             w.push_chunk(chunk_counters(c, n)).unwrap();
@@ -478,18 +505,10 @@ mod tests {
         // The push merges both kinds in one ranking: no unit after one it
         // outranks, pages and chunks interleaved.
         let counters = |u: crate::engine::PushUnit| match u {
-            crate::engine::PushUnit::Page(p) => {
-                let k = ((p * 7) % u64::from(n + 1)) as u32;
-                wanmig_planner::profile::UnitCounters {
-                    r: k,
-                    w: k,
-                    o: 0,
-                    zero: p % 5 == 0 && k == 0,
-                }
-            }
+            crate::engine::PushUnit::Page(p) => page_counters(p, n),
             crate::engine::PushUnit::Chunk(c) => chunk_counters(c, n),
         };
-        let push = pages_order.push_sequence();
+        let push: Vec<_> = pages_order.push_sequence().collect();
         assert_eq!(
             push.len(),
             pages_order.postcopy().len() + order.postcopy().len()

@@ -10,7 +10,7 @@ pub mod source;
 
 pub use dest::{DestConfig, DestReport, DestTimes, IntegrityReport, run_destination};
 pub use error::EngineError;
-pub use page_order::{Adopted, NO_PAGE, PageOrder, PageOrderError, PushUnit};
+pub use page_order::{Adopted, NO_PAGE, PageOrder, PageOrderError, PushSequence, PushUnit};
 pub use page_states::{PageState, PageStates};
 pub use plan_channel::{AppliedPlan, NewPlan, NoPlanChannel, PlanChannel};
 pub use source::{

@@ -22,6 +22,37 @@ pub struct PageOrder {
     chunk_after: Option<Vec<u64>>,
 }
 
+/// The post-copy push of a [`PageOrder`], unit by unit.
+#[derive(Debug, Clone)]
+pub struct PushSequence<'a> {
+    pages: &'a [u64],
+    /// The position of `pages[0]` in the whole order.
+    first: u64,
+    chunks: &'a [u64],
+    /// `chunks[j]` goes before the page at whole-order position `ahead[j]`.
+    ahead: Vec<u64>,
+    i: usize,
+    j: usize,
+}
+
+impl Iterator for PushSequence<'_> {
+    type Item = PushUnit;
+
+    fn next(&mut self) -> Option<PushUnit> {
+        let chunk_next = self.j < self.chunks.len()
+            && (self.i == self.pages.len() || self.ahead[self.j] <= self.first + self.i as u64);
+        if chunk_next {
+            self.j += 1;
+            Some(PushUnit::Chunk(self.chunks[self.j - 1]))
+        } else if self.i < self.pages.len() {
+            self.i += 1;
+            Some(PushUnit::Page(self.pages[self.i - 1]))
+        } else {
+            None
+        }
+    }
+}
+
 /// In [`PageOrder::with_ranked_chunks`]: a chunk that ranks ahead of every
 /// page.
 pub const NO_PAGE: u64 = u64::MAX;
@@ -201,35 +232,40 @@ impl PageOrder {
 
     /// The post-copy push: the post-copy pages in order, with the
     /// post-copy chunks merged in where the ranking puts them (or after
-    /// every page, without a joint ranking).
-    pub fn push_sequence(&self) -> Vec<PushUnit> {
+    /// every page, without a joint ranking). Holds a position per
+    /// post-copy chunk, nothing per page.
+    pub fn push_sequence(&self) -> PushSequence<'_> {
         let chunks = self.chunks();
         let post_chunks = chunks.map_or(&[][..], PageOrder::postcopy);
-        let mut out = Vec::with_capacity(self.postcopy().len() + post_chunks.len());
         let ahead: Vec<u64> = match (&self.chunk_after, chunks) {
             (Some(after), Some(c)) => {
-                let mut pos = vec![0u64; self.order.len()];
-                for (i, &p) in self.order.iter().enumerate() {
-                    pos[p as usize] = i as u64;
-                }
-                after[c.precopy..]
+                let after = &after[c.precopy..];
+                // Where each page a chunk follows stands in this order.
+                let mut pos: std::collections::HashMap<u64, u64> = after
                     .iter()
-                    .map(|&p| if p == NO_PAGE { 0 } else { pos[p as usize] + 1 })
+                    .filter(|&&p| p != NO_PAGE)
+                    .map(|&p| (p, 0))
+                    .collect();
+                for (i, p) in self.order.iter().enumerate() {
+                    if let Some(x) = pos.get_mut(p) {
+                        *x = i as u64;
+                    }
+                }
+                after
+                    .iter()
+                    .map(|p| pos.get(p).map_or(0, |&i| i + 1))
                     .collect()
             }
             _ => vec![u64::MAX; post_chunks.len()],
         };
-        let mut j = 0;
-        for (k, &p) in self.postcopy().iter().enumerate() {
-            let i = (self.precopy + k) as u64;
-            while j < post_chunks.len() && ahead[j] <= i {
-                out.push(PushUnit::Chunk(post_chunks[j]));
-                j += 1;
-            }
-            out.push(PushUnit::Page(p));
+        PushSequence {
+            pages: self.postcopy(),
+            first: self.precopy as u64,
+            chunks: post_chunks,
+            ahead,
+            i: 0,
+            j: 0,
         }
-        out.extend(post_chunks[j..].iter().map(|&c| PushUnit::Chunk(c)));
-        out
     }
 
     /// Every unit, hottest first (the pre-copy set, then the post-copy set).
@@ -370,7 +406,7 @@ mod tests {
             .with_ranked_chunks(chunks.clone(), vec![NO_PAGE, NO_PAGE, 3, 5])
             .unwrap();
         assert_eq!(
-            order.push_sequence(),
+            order.push_sequence().collect::<Vec<_>>(),
             vec![
                 Chunk(1),
                 Page(2),
@@ -386,11 +422,14 @@ mod tests {
             .clone()
             .with_ranked_chunks(chunks.clone(), vec![NO_PAGE, 1, 1, 2])
             .unwrap();
-        assert_eq!(early.push_sequence()[..3], [Chunk(1), Chunk(2), Page(2)]);
+        assert_eq!(
+            early.push_sequence().take(3).collect::<Vec<_>>(),
+            [Chunk(1), Chunk(2), Page(2)]
+        );
         // Without a joint ranking: every page, then every chunk.
         let plain = pages.clone().with_chunks(chunks.clone());
         assert_eq!(
-            plain.push_sequence(),
+            plain.push_sequence().collect::<Vec<_>>(),
             vec![
                 Page(2),
                 Page(3),
@@ -403,7 +442,7 @@ mod tests {
         );
         // The merge survives a re-plan: by page, in the adopted order.
         let adopted = plain.adopt(&order).unwrap().order;
-        assert_eq!(adopted.push_sequence(), order.push_sequence());
+        assert!(adopted.push_sequence().eq(order.push_sequence()));
         // Wrong lengths and pages out of range are refused.
         assert!(
             pages
