@@ -9,6 +9,8 @@
 //!   the guest.
 //! - [`content`]: deterministic page contents (random, text, zero, mixed).
 //! - [`eval`]: predicted vs measured, and every mode's Gamma, per workload.
+//! - [`qemu_native`]: QEMU migrating the guest itself (pre-copy with disk
+//!   mirroring, post-copy, hybrid) on the same WAN: the evaluation's baselines.
 
 pub mod content;
 pub mod eval;
@@ -16,4 +18,5 @@ pub mod link;
 pub mod nbd;
 pub mod predictability;
 pub mod profile_overhead;
+pub mod qemu_native;
 pub use wanmig_wan as wan;

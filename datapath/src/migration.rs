@@ -473,9 +473,7 @@ fn migrate(
     }
     // The page checker's errors, the disk checker's if it runs, and
     // sysbench's validation failures (it stops at the first).
-    let checker_errors = dest_log.last_heartbeat().map_or(0, |h| h.errors)
-        + dest_log.last_disk_heartbeat().map_or(0, |h| h.errors)
-        + dest_log.sysbench_failures();
+    let checker_errors = dest_log.checker_errors();
     let mut report =
         MigrationReport::combine(source_report, dest_report, checker_errors, spec.dest.dt, s);
     report.predicted = predicted;

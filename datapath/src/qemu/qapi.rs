@@ -91,7 +91,8 @@ pub enum MigrationStatus {
     Cancelled,
     /// Sending (pre-copy).
     Active,
-    /// QEMU's own post-copy (not used by wanmig).
+    /// QEMU's own post-copy (the engine does its own; the evaluation runs
+    /// QEMU's as a baseline).
     PostcopyActive,
     /// QEMU's own post-copy, paused.
     PostcopyPaused,
@@ -183,6 +184,10 @@ pub struct MigrationRamStats {
     /// Bytes sent during QEMU's own post-copy.
     #[serde(default)]
     pub postcopy_bytes: u64,
+    /// Pages the destination requested during QEMU's own post-copy (its
+    /// post-copy faults).
+    #[serde(default)]
+    pub postcopy_requests: u64,
 }
 
 /// The reply of `query-migrate` (fields absent in a state are `None`).
@@ -207,6 +212,11 @@ pub struct MigrationInfo {
     pub setup_time_ms: Option<u64>,
     /// Why the migration failed.
     pub error_desc: Option<String>,
+    /// Destination, with the `postcopy-blocktime` capability, once QEMU's
+    /// own post-copy completed: milliseconds the vCPUs were all blocked on
+    /// post-copy faults.
+    #[serde(rename = "postcopy-blocktime")]
+    pub postcopy_blocktime_ms: Option<u64>,
 }
 
 #[cfg(test)]
@@ -246,7 +256,7 @@ mod tests {
                 "ram": {"total": 268435456, "remaining": 0, "transferred": 301234,
                         "duplicate": 0, "normal": 0, "normal-bytes": 0, "mbps": 61.5,
                         "dirty-sync-count": 2, "precopy-bytes": 100, "downtime-bytes": 301134,
-                        "postcopy-bytes": 0, "page-size": 4096, "multifd-bytes": 0,
+                        "postcopy-bytes": 0, "postcopy-requests": 3, "page-size": 4096, "multifd-bytes": 0,
                         "pages-per-second": 0, "dirty-sync-missed-zero-copy": 0}}"#,
         )
         .unwrap();
@@ -259,9 +269,17 @@ mod tests {
         assert_eq!(ram.transferred, 301234);
         assert_eq!(ram.downtime_bytes, 301134);
         assert_eq!(ram.mbps, 61.5);
+        assert_eq!(ram.postcopy_requests, 3);
         let failed: MigrationInfo =
             serde_json::from_str(r#"{"status": "failed", "error-desc": "boom"}"#).unwrap();
         assert_eq!(failed.error_desc.as_deref(), Some("boom"));
+        let dest: MigrationInfo = serde_json::from_str(
+            r#"{"postcopy-blocktime": 5434, "status": "completed",
+                "postcopy-vcpu-blocktime": [5434]}"#,
+        )
+        .unwrap();
+        assert_eq!(dest.postcopy_blocktime_ms, Some(5434));
+        assert_eq!(done.postcopy_blocktime_ms, None);
         let odd: MigrationInfo = serde_json::from_str(r#"{"status": "warping"}"#).unwrap();
         assert_eq!(odd.status, Some(MigrationStatus::Other("warping".into())));
         assert!(!odd.status.unwrap().is_finished());

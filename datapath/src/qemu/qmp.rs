@@ -139,7 +139,8 @@ pub enum QmpError {
 }
 
 impl QmpError {
-    fn protocol(what: &str, detail: impl Into<String>) -> Self {
+    /// A reply to `what` that does not have the shape QEMU documents.
+    pub fn protocol(what: &str, detail: impl Into<String>) -> Self {
         QmpError::Protocol {
             what: what.to_string(),
             detail: detail.into(),

@@ -158,6 +158,14 @@ impl SerialLog {
             .count() as u64
     }
 
+    /// Every error the guest's checkers reported so far: the page
+    /// checker's, the disk checker's and sysbench's validation failures.
+    pub fn checker_errors(&self) -> u64 {
+        self.last_heartbeat().map_or(0, |h| h.errors)
+            + self.last_disk_heartbeat().map_or(0, |h| h.errors)
+            + self.sysbench_failures()
+    }
+
     /// The disk workloads the guest started (`WANMIG-DISK-WORKLOAD
     /// mode=<m>`), in order.
     pub fn disk_workloads(&self) -> Vec<&str> {

@@ -214,6 +214,65 @@ pub fn locate_preload() -> Result<PathBuf, LaunchError> {
     })
 }
 
+/// The QEMU binary: `WANMIG_QEMU`, else `qemu-system-x86_64` on the path.
+fn qemu_program() -> String {
+    std::env::var("WANMIG_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
+}
+
+/// What every QEMU here runs with, whoever moves the guest: TCG, no
+/// default devices, the guest's kernel and command line, the serial console
+/// in a file, QMP on a unix socket, and the guest's extra arguments.
+fn base_command(mut cmd: Command, guest: &GuestSpec, paths: &QemuPaths) -> Command {
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+    ])
+    .arg("-kernel")
+    .arg(&guest.kernel)
+    .arg("-initrd")
+    .arg(&guest.initrd)
+    .arg("-append")
+    .arg(&guest.append)
+    .arg("-serial")
+    .arg(format!("file:{}", paths.serial.display()))
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", paths.qmp.display()))
+    .args(&guest.extra_args);
+    cmd
+}
+
+/// How QEMU runs on its own, migrating the guest itself (see
+/// [`QemuProcess::spawn_native`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NativeLaunch<'a> {
+    /// The network namespace to run in (`None`: this one).
+    pub netns: Option<&'a str>,
+    /// The disks' raw images, in order.
+    pub disk_images: &'a [PathBuf],
+    /// Wait for an incoming migration, paused.
+    pub incoming: bool,
+}
+
+/// The QEMU arguments of disk `i` as a raw image file QEMU opens itself:
+/// the same device and node names as [`disk_args`].
+pub fn native_disk_args(i: usize, image: &Path) -> [String; 6] {
+    [
+        "-blockdev".into(),
+        format!(
+            "driver=file,filename={},node-name=wmfile{i}",
+            image.display()
+        ),
+        "-blockdev".into(),
+        format!("driver=raw,file=wmfile{i},node-name=wmdisk{i}"),
+        "-device".into(),
+        format!("virtio-blk-pci,drive=wmdisk{i},id=wmvd{i}"),
+    ]
+}
+
 /// A running QEMU: started here (killed when dropped), or attached to
 /// (left running when dropped: it belongs to whoever started it).
 #[derive(Debug)]
@@ -240,7 +299,57 @@ impl QemuProcess {
         incoming: bool,
     ) -> Result<Self, LaunchError> {
         let preload = locate_preload()?;
-        let program = std::env::var("WANMIG_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+        let mut cmd = base_command(Command::new(qemu_program()), guest, paths);
+        cmd.arg("-object")
+            .arg(format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                guest.memory_mib,
+                paths.ram.display()
+            ))
+            .args(["-machine", "pc,memory-backend=ram0"]);
+        for i in 0..guest.disks.len() {
+            cmd.args(disk_args(i, &paths.disk_socket(i)));
+        }
+        if incoming {
+            cmd.args(["-incoming", "defer", "-S"]);
+        }
+        cmd.env("LD_PRELOAD", &preload)
+            .env("WANMIG_UFFD_SOCK", &paths.uffd_sock)
+            .env("WANMIG_UFFD_MODE", mode.env_value());
+        Self::start(cmd, paths)
+    }
+
+    /// Starts QEMU for `guest` as a QEMU user runs it when QEMU migrates
+    /// the guest itself: RAM is QEMU's own (no shared file, no preload
+    /// library), each disk a raw image file QEMU opens (`disk_images[i]`,
+    /// node `wmdisk{i}` as with [`disk_args`]), inside network namespace
+    /// `launch.netns` if given. With `incoming`, as [`spawn`](Self::spawn).
+    /// Call [`connect_qmp`](Self::connect_qmp) next.
+    pub fn spawn_native(
+        guest: &GuestSpec,
+        paths: &QemuPaths,
+        launch: &NativeLaunch<'_>,
+    ) -> Result<Self, LaunchError> {
+        let program = qemu_program();
+        let cmd = match launch.netns {
+            Some(ns) => wanmig_wan::netns::command(ns, &program),
+            None => Command::new(&program),
+        };
+        let mut cmd = base_command(cmd, guest, paths);
+        cmd.arg("-m")
+            .arg(guest.memory_mib.to_string())
+            .args(["-machine", "pc"]);
+        for (i, image) in launch.disk_images.iter().enumerate() {
+            cmd.args(native_disk_args(i, image));
+        }
+        if launch.incoming {
+            cmd.args(["-incoming", "defer", "-S"]);
+        }
+        Self::start(cmd, paths)
+    }
+
+    /// Spawns `cmd` with its output in `paths.log`.
+    fn start(mut cmd: Command, paths: &QemuPaths) -> Result<Self, LaunchError> {
         let log = File::create(&paths.log).map_err(|source| LaunchError::File {
             path: paths.log.clone(),
             source,
@@ -250,49 +359,9 @@ impl QemuProcess {
             source,
         })?;
         let _ = std::fs::remove_file(&paths.qmp);
-        let mut cmd = Command::new(&program);
-        cmd.args([
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-        ])
-        .arg("-m")
-        .arg(guest.memory_mib.to_string())
-        .arg("-object")
-        .arg(format!(
-            "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
-            guest.memory_mib,
-            paths.ram.display()
-        ))
-        .args(["-machine", "pc,memory-backend=ram0"])
-        .arg("-kernel")
-        .arg(&guest.kernel)
-        .arg("-initrd")
-        .arg(&guest.initrd)
-        .arg("-append")
-        .arg(&guest.append)
-        .arg("-serial")
-        .arg(format!("file:{}", paths.serial.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", paths.qmp.display()))
-        .args(&guest.extra_args);
-        for i in 0..guest.disks.len() {
-            cmd.args(disk_args(i, &paths.disk_socket(i)));
-        }
-        if incoming {
-            cmd.args(["-incoming", "defer", "-S"]);
-        }
-        cmd.env("LD_PRELOAD", &preload)
-            .env("WANMIG_UFFD_SOCK", &paths.uffd_sock)
-            .env("WANMIG_UFFD_MODE", mode.env_value())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
         let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
-            program: program.clone(),
+            program: cmd.get_program().to_string_lossy().into_owned(),
             source,
         })?;
         Ok(QemuProcess {
