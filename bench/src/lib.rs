@@ -9,6 +9,7 @@
 //!   the guest.
 //! - [`content`]: deterministic page contents (random, text, zero, mixed).
 //! - [`eval`]: predicted vs measured, and every mode's Gamma, per workload.
+//! - [`timeline`]: a migration's bytes, phases and faults over time (PNG).
 //! - [`qemu_native`]: QEMU migrating the guest itself (pre-copy with disk
 //!   mirroring, post-copy, hybrid) on the same WAN: the evaluation's baselines.
 
@@ -19,4 +20,5 @@ pub mod nbd;
 pub mod predictability;
 pub mod profile_overhead;
 pub mod qemu_native;
+pub mod timeline;
 pub use wanmig_wan as wan;

@@ -168,6 +168,7 @@ pub fn run_source_host(
         let Planned {
             order,
             predicted,
+            link: _,
             s,
             origin,
             geometry,

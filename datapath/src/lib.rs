@@ -32,3 +32,15 @@ pub mod transport;
 pub mod uffd;
 pub mod unit_stream;
 pub mod wire;
+
+/// An error and its causes on one line, `: `-separated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        next = c.source();
+    }
+    s
+}

@@ -392,6 +392,7 @@ fn migrate(
     let Planned {
         order,
         predicted,
+        link: planner_link,
         s,
         origin,
         geometry,
@@ -478,6 +479,7 @@ fn migrate(
         MigrationReport::combine(source_report, dest_report, checker_errors, spec.dest.dt, s);
     report.predicted = predicted;
     report.plan_origin = origin;
+    report.planner_link = planner_link;
     Ok(Migrated {
         report,
         order,
@@ -581,6 +583,8 @@ pub(crate) struct Planned {
     pub order: PageOrder,
     /// The planner's prediction, if a profile was used.
     pub predicted: Option<crate::report::Figures>,
+    /// The link the planner assumed, when it planned in this process.
+    pub link: Option<wanmig_planner::model::Link>,
     /// S.
     pub s: f64,
     /// Where the plan came from.
@@ -603,15 +607,25 @@ pub(crate) fn plan(
         pages,
         chunks: disks.as_ref().map_or(0, |d| d.space().chunks()),
     };
-    let planned = |p: EnginePlan| (p.order, p.has_chunks, p.s, Some(p.predicted), p.origin);
+    let planned = |p: EnginePlan| {
+        (
+            p.order,
+            p.has_chunks,
+            p.s,
+            Some(p.predicted),
+            p.origin,
+            p.link,
+        )
+    };
     let mut channel = None;
-    let (order, has_chunks, mut s, predicted, mut origin) = match planning {
+    let (order, has_chunks, mut s, predicted, mut origin, link) = match planning {
         Planning::Fixed { m, s } => (
             PageOrder::by_address(pages, *m)?,
             false,
             *s,
             None,
             "fixed M and S, address order".to_string(),
+            None,
         ),
         Planning::Profile {
             path,
@@ -683,6 +697,7 @@ pub(crate) fn plan(
     Ok(Planned {
         order,
         predicted,
+        link,
         s,
         origin,
         geometry,

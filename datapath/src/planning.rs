@@ -87,6 +87,8 @@ pub struct EnginePlan {
     pub s: f64,
     /// The planner's prediction.
     pub predicted: Figures,
+    /// The link the planner assumed (`None`: planned elsewhere).
+    pub link: Option<Link>,
     /// Where the plan came from.
     pub origin: String,
 }
@@ -139,14 +141,15 @@ pub fn plan_in_process(
         downtime_target: downtime_target.map(|d| d.as_secs_f64()),
         ..ModelParams::default()
     };
+    let link = Link {
+        bandwidth: rate.bytes_per_second() * wire.rewritten.max(1e-3),
+        push_bandwidth: Some(rate.bytes_per_second() * wire.push.max(1e-3)),
+        ..Link::new(rate, rtt)
+    };
     let plan = wanmig_planner::plan::make_plan(
         &classes,
         Some(&profile),
-        Link {
-            bandwidth: rate.bytes_per_second() * wire.rewritten.max(1e-3),
-            push_bandwidth: Some(rate.bytes_per_second() * wire.push.max(1e-3)),
-            ..Link::new(rate, rtt)
-        },
+        link,
         params,
         &SearchOptions::default(),
     )
@@ -158,6 +161,7 @@ pub fn plan_in_process(
         has_chunks,
         s: snapshot.s,
         predicted: figures(&snapshot.predicted, plan.prediction.expected_faults),
+        link: Some(link),
         origin: format!(
             "planner (in process) on {} at {rate} / {}",
             profile_path.display(),
@@ -199,6 +203,7 @@ pub fn plan_from_segment(
         has_chunks,
         s: snapshot.s,
         predicted: figures(&snapshot.predicted, f64::NAN),
+        link: None,
         origin: format!(
             "planner segment {name:?}, generation {}",
             snapshot.generation

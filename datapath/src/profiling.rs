@@ -278,17 +278,6 @@ impl ReadImputation {
     }
 }
 
-/// `e` and its sources, "; "-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        parts.push(c.to_string());
-        cur = c.source();
-    }
-    parts.join("; ")
-}
-
 /// Pages sampled for [`ProfileStats::wire_ratio`].
 const RATIO_SAMPLE: u64 = 4096;
 
@@ -366,7 +355,7 @@ pub fn profile_guest(
     let sampling = opts.read_budget.is_some()
         && pages > 0
         && backend.read_sampling_start().unwrap_or_else(|e| {
-            read_sampling_error = Some(format!("{e}: {}", error_chain(&e)));
+            read_sampling_error = Some(crate::error_chain(&e));
             false
         });
     // Per page: intervals watched, and of those, read.

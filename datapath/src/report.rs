@@ -76,6 +76,9 @@ pub struct MigrationReport {
     pub predicted: Option<Figures>,
     /// Where the plan came from.
     pub plan_origin: String,
+    /// The link the planner assumed (its bandwidths are per byte of guest
+    /// data: the wire ratios folded in), when it planned in this process.
+    pub planner_link: Option<wanmig_planner::model::Link>,
     /// Integrity.
     pub integrity: IntegrityFigures,
     /// The disks, if the guest has any.
@@ -136,6 +139,7 @@ impl MigrationReport {
             },
             predicted: None,
             plan_origin: String::new(),
+            planner_link: None,
             integrity: IntegrityFigures {
                 checker_errors,
                 pages_compared: integrity.pages_compared,

@@ -74,11 +74,12 @@ impl Default for HeatmapOptions {
 /// The font file registered with plotters (process-wide), if any.
 static FONT: Mutex<Option<PathBuf>> = Mutex::new(None);
 
-/// Registers `path` as the labels' font unless it already is. plotters
-/// keeps fonts in a process-wide registry for the life of the process, so
-/// each distinct font file is read and leaked once; a later call with
-/// another file replaces the registration.
-fn load_font(path: &Path) -> Result<(), HeatmapError> {
+/// Registers `path` as plotters' `sans-serif` font unless it already is
+/// (for this module's heatmap and any other chart drawn in the process).
+/// plotters keeps fonts in a process-wide registry for the life of the
+/// process, so each distinct font file is read and leaked once; a later
+/// call with another file replaces the registration.
+pub fn load_font(path: &Path) -> Result<(), HeatmapError> {
     let mut current = FONT.lock().unwrap_or_else(|e| e.into_inner());
     if current.as_deref() == Some(path) {
         return Ok(());

@@ -57,7 +57,8 @@ enum Command {
     /// built-in guest while the engine profiles it against quiet windows.
     ProfileOverhead(OverheadArgs),
     /// Per workload: profile, plan, migrate; predicted vs measured, and
-    /// Gamma of the planned plan, classic pre-copy and classic post-copy.
+    /// Gamma of the planned plan, classic pre-copy and post-copy through
+    /// the engine, and QEMU's own pre-copy, post-copy and hybrid.
     Eval(EvalArgs),
 }
 
@@ -95,6 +96,25 @@ struct EvalArgs {
     /// with every read sampled); 0 skips them.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     horizon: Duration,
+    /// The downtime target: the planner's, and QEMU's downtime-limit.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    downtime_target: Duration,
+    /// QEMU's own modes to run as baselines, comma-separated (precopy,
+    /// postcopy, hybrid), or "none".
+    #[arg(long, value_delimiter = ',', default_value = "precopy,postcopy,hybrid")]
+    qemu_modes: Vec<String>,
+    /// QEMU pre-copy that has not converged after this long finishes with
+    /// the guest paused, as `virsh migrate --timeout` does.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    qemu_precopy_timeout: Duration,
+    /// The workload whose planned migration is plotted: its timeline
+    /// (bytes, phases, faults) and the planner's Gamma heatmap; "none": no
+    /// plots [default: mixed if it runs, else the first workload].
+    #[arg(long)]
+    plot: Option<String>,
+    /// Where the plots go [default: next to --out, else the run directory].
+    #[arg(long)]
+    plot_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -797,6 +817,7 @@ fn overhead_cmd(args: OverheadArgs) -> Result<ExitCode> {
 
 fn eval_cmd(args: EvalArgs) -> Result<ExitCode> {
     use wanmig_bench::eval::{EvalOptions, Workload, markdown, run};
+    use wanmig_bench::qemu_native::QemuMode;
     let builtin = Workload::builtin();
     let workloads = args
         .workloads
@@ -809,6 +830,40 @@ fn eval_cmd(args: EvalArgs) -> Result<ExitCode> {
                 .with_context(|| format!("no workload {n:?} (memory, idle, io, mixed)"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let qemu_modes = args
+        .qemu_modes
+        .iter()
+        .filter(|m| m.as_str() != "none")
+        .map(|m| {
+            QemuMode::ALL
+                .into_iter()
+                .find(|q| q.name().strip_prefix("qemu_") == Some(m.as_str()))
+                .with_context(|| format!("no QEMU mode {m:?} (precopy, postcopy, hybrid, none)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let plot_workload = match args.plot.as_deref() {
+        Some("none") => None,
+        Some(w) if !args.workloads.iter().any(|x| x == w) => {
+            bail!(
+                "--plot {w:?} is not among the workloads run ({})",
+                args.workloads.join(",")
+            )
+        }
+        Some(w) => Some(w.to_string()),
+        None => args
+            .workloads
+            .iter()
+            .find(|w| *w == "mixed")
+            .or(args.workloads.first())
+            .cloned(),
+    };
+    let plot_dir = args.plot_dir.clone().unwrap_or_else(|| {
+        args.out
+            .as_ref()
+            .and_then(|p| p.parent())
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| args.dir.clone(), std::path::Path::to_path_buf)
+    });
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let r = run(&EvalOptions {
@@ -820,6 +875,11 @@ fn eval_cmd(args: EvalArgs) -> Result<ExitCode> {
         memory_mib: 256,
         dir: args.dir,
         predictability_horizon: (!args.horizon.is_zero()).then_some(args.horizon),
+        downtime_target: args.downtime_target,
+        qemu_modes,
+        qemu_precopy_timeout: args.qemu_precopy_timeout,
+        plot_workload,
+        plot_dir,
     })?;
     let json = serde_json::to_string_pretty(&r)?;
     let md = markdown(&r);

@@ -135,6 +135,45 @@ pub struct DestStorageReport {
     pub chunks_differing: u64,
 }
 
+/// Post-copy faults over time: per bin of [`FaultTimeline::BIN`] after the
+/// resume, the faults that started in it and the stall they cost.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct FaultTimeline {
+    /// The bins' width, s.
+    pub bin_s: f64,
+    /// Faults that started in each bin.
+    pub faults: Vec<u32>,
+    /// Their stall time, s.
+    pub stall_s: Vec<f64>,
+}
+
+impl FaultTimeline {
+    /// The bins' width.
+    pub const BIN: Duration = Duration::from_millis(250);
+
+    /// Bins `stalls` (start, length) that started at or after `resumed`.
+    pub fn of(stalls: &[(Instant, Duration)], resumed: Instant) -> FaultTimeline {
+        let bin = Self::BIN.as_secs_f64();
+        let mut t = FaultTimeline {
+            bin_s: bin,
+            ..FaultTimeline::default()
+        };
+        for (start, len) in stalls {
+            let Some(after) = start.checked_duration_since(resumed) else {
+                continue;
+            };
+            let i = (after.as_secs_f64() / bin) as usize;
+            if t.faults.len() <= i {
+                t.faults.resize(i + 1, 0);
+                t.stall_s.resize(i + 1, 0.0);
+            }
+            t.faults[i] += 1;
+            t.stall_s[i] += len.as_secs_f64();
+        }
+        t
+    }
+}
+
 /// What the destination did.
 #[derive(Debug, Clone, Serialize)]
 pub struct DestReport {
@@ -155,6 +194,8 @@ pub struct DestReport {
     pub penalty_in_window_s: f64,
     /// Longest single fault stall, s.
     pub max_stall_s: f64,
+    /// Faults over the post-copy, in bins after the resume.
+    pub fault_timeline: FaultTimeline,
     /// Device state bytes.
     pub device_state_bytes: u64,
     /// Post-copy duration (resume to every page here), s.
@@ -1059,7 +1100,8 @@ fn finish(
 
     let done = shared.stalls.done.lock().expect("stall lock").clone();
     let window_end = resumed + st.cfg.dt;
-    let penalty_s: f64 = done.iter().map(|(_, d)| d.as_secs_f64()).sum();
+    // Folded from +0.0: an empty f64 sum is -0.0.
+    let penalty_s = done.iter().map(|(_, d)| d.as_secs_f64()).fold(0.0, |a, b| a + b);
     let penalty_in_window_s: f64 = done
         .iter()
         .filter(|(t, _)| *t < window_end)
@@ -1067,7 +1109,7 @@ fn finish(
             let end = (*t + *d).min(window_end);
             end.saturating_duration_since(*t).as_secs_f64()
         })
-        .sum();
+        .fold(0.0, |a, b| a + b);
     Ok(DestReport {
         precopy_pages: st.precopy_pages,
         pushed_pages: st.pushed_pages,
@@ -1080,6 +1122,7 @@ fn finish(
             .iter()
             .map(|(_, d)| d.as_secs_f64())
             .fold(0.0, f64::max),
+        fault_timeline: FaultTimeline::of(&done, resumed),
         device_state_bytes: st.device_state_bytes,
         uptime_s: complete.saturating_duration_since(resumed).as_secs_f64(),
         integrity,
@@ -1087,24 +1130,13 @@ fn finish(
             counters: d.counters(),
             ..st.storage.clone()
         }),
-        late_error: late.map(|e| error_chain(&e)),
+        late_error: late.map(|e| crate::error_chain(&e)),
         times: Some(DestTimes {
             freeze_received,
             resumed,
             complete,
         }),
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(c) = next {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        next = c.source();
-    }
-    s
 }
 
 /// Compares every page the guest has not written since the resume with the
@@ -1370,4 +1402,39 @@ fn receive_answers(
     })
     .map_err(|e| EngineError::from_recv("fault", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fault_timeline_bins_post_copy_faults_by_start() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let resumed = t0 + ms(100);
+        let stalls = [
+            // Before the resume (QEMU loading the device state): left out.
+            (t0, ms(3)),
+            (resumed, ms(2)),
+            (resumed + ms(249), ms(4)),
+            (resumed + ms(250), ms(1)),
+            (resumed + ms(1000), ms(8)),
+        ];
+        let t = FaultTimeline::of(&stalls, resumed);
+        assert_eq!(t.bin_s, 0.25);
+        assert_eq!(t.faults, vec![2, 1, 0, 0, 1]);
+        let want = [0.006, 0.001, 0.0, 0.0, 0.008];
+        assert_eq!(t.stall_s.len(), want.len());
+        for (got, want) in t.stall_s.iter().zip(want) {
+            assert!((got - want).abs() < 1e-12, "{:?}", t.stall_s);
+        }
+        assert_eq!(
+            FaultTimeline::of(&[], resumed),
+            FaultTimeline {
+                bin_s: 0.25,
+                ..FaultTimeline::default()
+            }
+        );
+    }
 }

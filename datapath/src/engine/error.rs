@@ -76,7 +76,7 @@ pub enum EngineError {
     /// the source failed too.
     #[error(
         "the guest could not be resumed at the source ({}) after the migration failed",
-        chain(resume)
+        crate::error_chain(resume)
     )]
     NotResumed {
         /// Why the migration failed.
@@ -85,18 +85,6 @@ pub enum EngineError {
         /// Why the resume failed.
         resume: BackendError,
     },
-}
-
-/// An error with its causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(c) = next {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        next = c.source();
-    }
-    s
 }
 
 impl EngineError {
@@ -111,7 +99,7 @@ impl EngineError {
             RecvError::Handler(inner) => inner,
             other => EngineError::Recv {
                 conn,
-                message: chain(&other),
+                message: crate::error_chain(&other),
             },
         }
     }

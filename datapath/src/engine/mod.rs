@@ -8,7 +8,9 @@ pub mod page_states;
 pub mod plan_channel;
 pub mod source;
 
-pub use dest::{DestConfig, DestReport, DestTimes, IntegrityReport, run_destination};
+pub use dest::{
+    DestConfig, DestReport, DestTimes, FaultTimeline, IntegrityReport, run_destination,
+};
 pub use error::EngineError;
 pub use page_order::{Adopted, NO_PAGE, PageOrder, PageOrderError, PushSequence, PushUnit};
 pub use page_states::{PageState, PageStates};
