@@ -19,6 +19,37 @@ impl AtomicBitmap {
         }
     }
 
+    /// The set whose word `k` holds indices `64 k ..= 64 k + 63` (bit `i %
+    /// 64` for index `i`); missing words are empty, bits past `len` are
+    /// dropped.
+    pub(crate) fn from_words(len: u64, words: impl Iterator<Item = u64>) -> Self {
+        let n = len.div_ceil(64) as usize;
+        let mut v: Vec<AtomicU64> = words.take(n).map(AtomicU64::new).collect();
+        v.resize_with(n, || AtomicU64::new(0));
+        if len % 64 != 0 {
+            if let Some(last) = v.last_mut() {
+                *last.get_mut() &= (1 << (len % 64)) - 1;
+            }
+        }
+        AtomicBitmap { len, words: v }
+    }
+
+    /// The number of indices it can hold.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Adds `i`; true if it was not in the set (false too if out of range).
+    pub(crate) fn insert(&self, i: u64) -> bool {
+        match self.words.get((i / 64) as usize) {
+            Some(w) if i < self.len => {
+                let bit = 1 << (i % 64);
+                w.fetch_or(bit, Ordering::AcqRel) & bit == 0
+            }
+            _ => false,
+        }
+    }
+
     /// Adds `i` (ignored if out of range).
     pub(crate) fn set(&self, i: u64) {
         if let Some(w) = self.words.get((i / 64) as usize) {
@@ -96,6 +127,24 @@ mod tests {
             n += 1;
         });
         assert_eq!(n, 130);
+    }
+
+    #[test]
+    fn insert_says_who_added_first_and_words_build_the_set() {
+        let b = AtomicBitmap::new(70);
+        assert!(b.insert(5));
+        assert!(!b.insert(5));
+        assert!(b.insert(69));
+        assert!(!b.insert(70), "out of range");
+        let w = AtomicBitmap::from_words(70, [0b1010u64, u64::MAX].into_iter());
+        let mut v = Vec::new();
+        w.take(|i| v.push(i));
+        let mut want = vec![1, 3];
+        want.extend(64..70);
+        assert_eq!(v, want, "bits past len dropped");
+        let short = AtomicBitmap::from_words(200, std::iter::once(1u64));
+        assert!(short.get(0) && !short.get(199));
+        assert!(short.insert(199));
     }
 
     #[test]

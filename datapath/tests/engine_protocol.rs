@@ -70,7 +70,7 @@ fn byte_of(p: u64) -> u8 {
 
 // ---------------------------------------------------------------- source --
 
-type Hook = Box<dyn FnMut(u64) + Send>;
+type Hook = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// The source guest.
 struct SrcGuest {
@@ -117,8 +117,8 @@ impl SrcGuest {
         self.mem.read().unwrap()[at..at + PS].to_vec()
     }
 
-    fn on_frozen_read(&self, hook: impl FnMut(u64) + Send + 'static) {
-        *self.on_frozen_read.lock().unwrap() = Some(Box::new(hook));
+    fn on_frozen_read(&self, hook: impl Fn(u64) + Send + Sync + 'static) {
+        *self.on_frozen_read.lock().unwrap() = Some(Arc::new(hook));
     }
 }
 
@@ -127,7 +127,10 @@ struct SrcReader(Arc<SrcGuest>);
 impl PageReader for SrcReader {
     fn copy_page(&self, index: u64, out: &mut [u8]) {
         if self.0.paused.load(Ordering::Acquire) {
-            if let Some(hook) = self.0.on_frozen_read.lock().unwrap().as_mut() {
+            // Called outside the lock: threads reading pages do not wait
+            // for each other's hooks.
+            let hook = self.0.on_frozen_read.lock().unwrap().clone();
+            if let Some(hook) = hook {
                 hook(index);
             }
         }
@@ -999,6 +1002,72 @@ fn pushed_pages_are_installed_as_they_arrive() {
         "page 300 waited {:?} in a batch for page 301",
         b.duration_since(a)
     );
+}
+
+/// Runs a migration with `M = 0` whose push stalls for 1.5 s at its first
+/// page, while a guest thread at the destination reads `touches` in order
+/// once the guest runs there. Returns the two reports.
+fn faults_while_the_push_stalls(touches: Vec<u64>) -> (SourceReport, DestReport) {
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    src.g.on_frozen_read(|p| {
+        if p == 0 {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+    });
+    let g = dst.g.clone();
+    let guest = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while g.st.lock().unwrap().resumed_at.is_none() {
+            assert!(Instant::now() < deadline, "never resumed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for p in touches {
+            g.touch(p, Duration::from_secs(10)).expect("the page came");
+        }
+    });
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        0.0,
+        &SourceConfig::default(),
+        &quick_dest(),
+        link(LinkConfig::default()),
+    );
+    guest.join().unwrap();
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_eq!(d.integrity.unwrap().pages_differing, 0, "{d:#?}");
+    assert_same(&src.g, &dst.g);
+    (s, d)
+}
+
+#[test]
+fn a_sequential_run_of_faults_is_read_ahead_on_the_fault_connection() {
+    // 120 pages in a row while the push is stuck at page 0: after the
+    // first two faults the source sends windows ahead, and requests for
+    // pages on their way get no second copy.
+    let (s, d) = faults_while_the_push_stalls((400..520).collect());
+    assert!(
+        s.fault_pages_served < 20,
+        "{} pages answered one by one, {} read ahead",
+        s.fault_pages_served,
+        s.fault_readahead_pages
+    );
+    assert!(
+        s.fault_pages_served + s.fault_readahead_pages >= 120,
+        "the pages came over the fault connection: {s:#?}"
+    );
+    assert!(d.faults <= 120);
+}
+
+#[test]
+fn scattered_faults_are_answered_alone() {
+    let touches = vec![700, 13, 450, 222, 610, 90, 333, 505, 41, 760];
+    let (s, d) = faults_while_the_push_stalls(touches);
+    assert_eq!(s.fault_readahead_pages, 0, "{s:#?}");
+    assert_eq!(s.fault_readahead_hits, 0);
+    assert_eq!(s.fault_pages_served, 10, "{s:#?} {d:#?}");
+    assert_eq!(d.faults, 10);
 }
 
 // ------------------------------------------------------ scripted source --

@@ -1101,7 +1101,10 @@ fn finish(
     let done = shared.stalls.done.lock().expect("stall lock").clone();
     let window_end = resumed + st.cfg.dt;
     // Folded from +0.0: an empty f64 sum is -0.0.
-    let penalty_s = done.iter().map(|(_, d)| d.as_secs_f64()).fold(0.0, |a, b| a + b);
+    let penalty_s = done
+        .iter()
+        .map(|(_, d)| d.as_secs_f64())
+        .fold(0.0, |a, b| a + b);
     let penalty_in_window_s: f64 = done
         .iter()
         .filter(|(t, _)| *t < window_end)

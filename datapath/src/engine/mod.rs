@@ -6,6 +6,7 @@ pub mod error;
 pub mod page_order;
 pub mod page_states;
 pub mod plan_channel;
+mod readahead;
 pub mod source;
 
 pub use dest::{

@@ -293,6 +293,11 @@ impl PageOrder {
         &self.order[self.precopy..]
     }
 
+    /// The pre-copy set as words: page `p` is bit `p % 64` of word `p / 64`.
+    pub fn precopy_words(&self) -> &[u64] {
+        &self.in_precopy
+    }
+
     /// Whether page `p` is in the pre-copy set.
     pub fn is_precopy(&self, p: u64) -> bool {
         self.in_precopy

@@ -42,6 +42,7 @@ use serde::Serialize;
 
 use super::error::EngineError;
 use super::page_order::{PageOrder, PushUnit};
+use super::readahead::Readahead;
 use crate::backend::{PageReader, SourceBackend};
 use crate::connection::{Connection, ConnectionPair};
 use crate::storage::SourceDisks;
@@ -145,6 +146,11 @@ pub struct SourceReport {
     pub zero_pages: u64,
     /// Pages sent in answer to faults.
     pub fault_pages_served: u64,
+    /// Pages sent ahead of faults on the fault connection (sequential
+    /// read-ahead).
+    pub fault_readahead_pages: u64,
+    /// Requests for pages already sent ahead (they needed no answer).
+    pub fault_readahead_hits: u64,
     /// The disks' side, if the guest has disks.
     pub storage: Option<SourceStorageReport>,
     /// Frame bytes sent on both connections.
@@ -192,6 +198,10 @@ pub struct SourceStorageReport {
 struct FaultStats {
     /// Pages sent in answer to requests.
     pages: u64,
+    /// Pages sent ahead of requests.
+    readahead_pages: u64,
+    /// Requests for pages already sent ahead.
+    readahead_hits: u64,
     /// Chunks sent in answer to requests.
     chunks: u64,
     /// Frame bytes of those chunks.
@@ -249,7 +259,10 @@ impl Storage<'_> {
     }
 }
 
-/// Pages (or chunks) the fault path has sent (the push skips them).
+/// Pages (or chunks) the fault path has sent (the push skips them). For
+/// pages it holds, from the commit on, every page the push must not send:
+/// the ones at the destination already, and the ones sent in post-copy by
+/// either thread (the first to add a page sends it).
 type SentByFault = crate::bits::AtomicBitmap;
 
 /// A bitmap in the engine's page-index space.
@@ -822,7 +835,14 @@ fn migrate(
 
     // The destination loads the device state, which faults: serve them, and
     // wait for its word that the guest can run there.
-    let sent_by_fault = Arc::new(SentByFault::new(pages));
+    // Pages not to push: never populated, zero (announced), or pre-copied.
+    let not_pushed = populated
+        .words()
+        .iter()
+        .zip(zero.words())
+        .zip(order.precopy_words())
+        .map(|((pop, z), pre)| !pop | z | pre);
+    let sent_by_fault = Arc::new(SentByFault::from_words(pages, not_pushed));
     let chunk_served = storage.as_ref().map(|st| {
         (
             st.disks.clone(),
@@ -888,6 +908,8 @@ fn migrate(
         postcopy_skipped: skipped,
         zero_pages,
         fault_pages_served: fault_stats.pages,
+        fault_readahead_pages: fault_stats.readahead_pages,
+        fault_readahead_hits: fault_stats.readahead_hits,
         storage: storage.map(|mut st| {
             st.report.fault_chunks_served = fault_stats.chunks;
             st.report.bytes_sent += fault_stats.chunk_bytes;
@@ -1020,10 +1042,10 @@ fn push(
     for unit in order.push_sequence() {
         match unit {
             PushUnit::Page(p) => {
-                if zero.get(p) {
+                if zero.get(p) || !populated.get(p) {
                     continue;
                 }
-                if sent_by_fault.get(p) {
+                if !sent_by_fault.insert(p) {
                     skipped += 1;
                     continue;
                 }
@@ -1158,6 +1180,11 @@ fn serve_faults(
     let Connection { tx, rx, .. } = &mut fault;
     let mut st = FaultStats::default();
     let mut buf = Vec::new();
+    let pages = sent.len();
+    // Pages sent on this connection: a request for one needs no answer (it
+    // is ahead in the stream).
+    let here = crate::bits::AtomicBitmap::new(pages);
+    let mut readahead = Readahead::new(pages);
     rx.run(&dec, |f| -> Result<Flow, EngineError> {
         match f {
             FrameRef::Request {
@@ -1166,10 +1193,29 @@ fn serve_faults(
                 count,
             } => {
                 for p in index..index + u64::from(count) {
-                    sent.set(p);
-                    tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
-                        .map_err(EngineError::send("fault"))?;
-                    st.pages += 1;
+                    let sent_ahead = here.get(p);
+                    if sent_ahead {
+                        st.readahead_hits += 1;
+                    } else {
+                        sent.set(p);
+                        here.set(p);
+                        tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
+                            .map_err(EngineError::send("fault"))?;
+                        st.pages += 1;
+                    }
+                    // A guest's fault, not the sweep of a broken bulk
+                    // connection.
+                    if count != 1 {
+                        continue;
+                    }
+                    for q in readahead.on_request(p, sent_ahead) {
+                        if sent.insert(q) {
+                            here.set(q);
+                            tx.send_unit(UnitKind::Page, q, ps, |out| mem.copy_page(q, out))
+                                .map_err(EngineError::send("fault"))?;
+                            st.readahead_pages += 1;
+                        }
+                    }
                 }
                 tx.flush().map_err(EngineError::send("fault"))?;
                 Ok(Flow::Continue)

@@ -208,6 +208,12 @@ impl DirtyBitmap {
         Ok(())
     }
 
+    /// The set as words: page `p` is bit `p % 64` of word `p / 64`; bits
+    /// past the last page are clear.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     /// The pages in the set, ascending.
     pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
         self.words.iter().enumerate().flat_map(|(i, &w)| {
