@@ -395,6 +395,14 @@ mod tests {
         assert_eq!(server.poll().unwrap(), None);
     }
 
+    /// Each page's own read rate: this test's plan is about writes.
+    fn per_page_reads() -> ModelParams {
+        ModelParams {
+            pool_reads: false,
+            ..ModelParams::default()
+        }
+    }
+
     #[test]
     fn dirty_rate_departure_rescales_the_write_rates() {
         let (classes, units) = guest();
@@ -405,7 +413,7 @@ mod tests {
             Some(&units),
             &seg,
             LINK,
-            ModelParams::default(),
+            per_page_reads(),
             SearchOptions { threads: 1 },
             policy(),
         )
@@ -425,7 +433,7 @@ mod tests {
             updated_unix_ns: now_ns(offset),
             ..Telemetry::default()
         };
-        let model = Model::new(&classes, LINK, ModelParams::default()).unwrap();
+        let model = Model::new(&classes, LINK, per_page_reads()).unwrap();
         let sel = model.selection(plan.search.chosen.m, plan.search.chosen.s);
         let curve = model.round_dirty(sel, 0);
         // Scaling write rates can at most dirty every written unit of the set.

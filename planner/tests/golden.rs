@@ -65,6 +65,8 @@ fn predict(profile: &Path, m: &str, s: &str, extra: &[&str]) -> Value {
             "--rtt",
             "10ms",
             "--json",
+            // The documented per-page rates (the Python references do not pool).
+            "--per-page-reads",
         ])
         .args(extra)
         .output()

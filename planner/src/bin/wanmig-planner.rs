@@ -116,6 +116,10 @@ struct ModelArgs {
     /// Grid worker threads (default: available CPUs).
     #[arg(long)]
     threads: Option<usize>,
+    /// Use each page's own read count, not read rates pooled across the
+    /// guest (a page never seen read then never faults in the model).
+    #[arg(long)]
+    per_page_reads: bool,
 }
 
 impl ModelArgs {
@@ -135,6 +139,7 @@ impl ModelArgs {
             resume_overhead: self.resume_overhead.as_secs_f64(),
             write_scale: self.write_scale,
             state_bytes: self.state.map(|s| s.bytes()),
+            pool_reads: !self.per_page_reads,
             policy: match self.policy {
                 PolicyArg::Gamma => Policy::Gamma,
                 PolicyArg::Weighted => Policy::Weighted {

@@ -127,6 +127,31 @@ pub struct ModelParams {
     pub state_bytes: Option<u64>,
     /// Search objective.
     pub policy: Policy,
+    /// Pool the pages' read rates across the guest
+    /// ([`rates::pooled_read_rates`]; default true): a page the profile
+    /// never saw read keeps a small rate. Off: each page's own count.
+    #[serde(default = "pool_reads_default")]
+    pub pool_reads: bool,
+}
+
+fn pool_reads_default() -> bool {
+    true
+}
+
+/// The unscaled read rates `ell(0..=n)` of populated pages: pooled over
+/// them ([`rates::pooled_read_rates`]) with `pool`, else each page's own.
+pub(crate) fn page_read_rates(
+    n: u32,
+    pages: impl Iterator<Item = (UnitCounters, u64)>,
+    pool: bool,
+) -> Vec<f64> {
+    let counts = pages.filter(|(k, _)| !k.zero).map(|(k, m)| (k.r, m));
+    if pool {
+        rates::pooled_read_rates(n, counts)
+    } else {
+        let n = n.max(1);
+        (0..=n).map(|k| rates::unscaled_rate(k, n)).collect()
+    }
 }
 
 impl Default for ModelParams {
@@ -142,6 +167,7 @@ impl Default for ModelParams {
             write_scale: 1.0,
             state_bytes: None,
             policy: Policy::Gamma,
+            pool_reads: true,
         }
     }
 }
@@ -685,6 +711,15 @@ impl Model {
         ws.dedup();
         let group_lambda: Vec<f64> = ws.iter().map(|&w| lam(w) * scale).collect();
         let groups = ws.len();
+        let page_reads = page_read_rates(
+            profile.samples,
+            profile.pages.iter().map(|c| (c.key, c.count)),
+            p.pool_reads,
+        );
+        let lam_r = |kind: Kind, k: UnitCounters| match kind {
+            Kind::Page if !k.zero => page_reads[k.r.min(profile.samples) as usize] / tau,
+            _ => lam(k.r),
+        };
 
         // Ranked classes of each kind.
         let ranked = |kind: Kind| -> Result<(Vec<RClass>, Vec<u64>), ModelError> {
@@ -708,7 +743,7 @@ impl Model {
                             ws.binary_search(&k.w).expect("collected above") as u32
                         },
                         lam_w,
-                        lam_parts: (lam(k.r), lam_w * write_fetch),
+                        lam_parts: (lam_r(kind, k), lam_w * write_fetch),
                         pos: 0,
                     }
                 })

@@ -89,6 +89,62 @@ pub fn rank_cmp(n: u32, a: &UnitCounters, b: &UnitCounters) -> Ordering {
         .then(a.zero.cmp(&b.zero))
 }
 
+/// Pages' read rates pooled across the guest (empirical Bayes): the table
+/// `ell(0..=n)` of unscaled read rates for pages read in `k` of `n`
+/// intervals, given `(k, pages)` for every populated page.
+///
+/// Read sampling sees a short window, and many guests read in sweeps (a
+/// scan, a checker, a garbage collector): the pages a sweep read during the
+/// profile are the ones it will not read again soon, and a page seen read in
+/// no interval is not a page that is never read. The per-page estimate
+/// `ell(k)` gives every unseen page rate 0, so the model predicts no
+/// post-copy faults for them, and plans that leave them to post-copy look
+/// free. Here the fraction of intervals with a read, `p`, is taken to vary
+/// across pages as a Beta distribution fitted to the counts by moments
+/// (beta-binomial: mean `mu`, intra-class correlation `rho` from the
+/// variance); a page's rate is the posterior mean `p = (k + a) / (n + a +
+/// b)`, `a + b = 1 / rho - 1`. Counts no more dispersed than binomial pool
+/// completely (every page the mean); very dispersed counts (a few hot
+/// pages) hardly at all, but an unseen page keeps a small rate. Rates stay
+/// increasing in `k`, below the clamp `ell(n)`, and are the per-page
+/// `ell(k)` when nothing can be fitted (`n = 1`, no reads, every page read
+/// always).
+pub fn pooled_read_rates(n: u32, counts: impl Iterator<Item = (u32, u64)>) -> Vec<f64> {
+    let n = n.max(1);
+    let raw: Vec<f64> = (0..=n).map(|k| unscaled_rate(k, n)).collect();
+    let (mut units, mut s1, mut s2) = (0f64, 0f64, 0f64);
+    for (k, m) in counts {
+        let (k, m) = (f64::from(k.min(n)), m as f64);
+        units += m;
+        s1 += k * m;
+        s2 += k * k * m;
+    }
+    let nf = f64::from(n);
+    if n < 2 || units == 0.0 {
+        return raw;
+    }
+    let mean_k = s1 / units;
+    let mu = mean_k / nf;
+    if mu <= 0.0 || mu >= 1.0 {
+        return raw;
+    }
+    let var_k = (s2 / units - mean_k * mean_k).max(0.0);
+    let rho = (var_k / (nf * mu * (1.0 - mu)) - 1.0) / (nf - 1.0);
+    if rho >= 1.0 {
+        return raw;
+    }
+    // No more dispersed than binomial: one rate for all (a + b large).
+    let ab = if rho > 1e-9 { 1.0 / rho - 1.0 } else { 1e9 };
+    let a = mu * ab;
+    let cap = raw[n as usize];
+    (0..=n)
+        .map(|k| {
+            let p = (f64::from(k) + a) / (nf + ab);
+            (-(-p).ln_1p()).min(cap)
+        })
+        .collect()
+}
+
 /// The table `ell(0..=n)` of unscaled rates for one sample count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateTable {
@@ -173,6 +229,56 @@ pub fn redirty_and_any(x: f64) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_reads_share_a_sweep_and_keep_hot_pages_hot() {
+        let n = 20;
+        let raw = |k| unscaled_rate(k, n);
+        // A sweep: every page read once in a while, 1 in 5 seen once.
+        let sweep = pooled_read_rates(n, [(0, 8000), (1, 2000)].into_iter());
+        assert!(
+            sweep.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-6),
+            "{sweep:?}"
+        );
+        // Its rate is the mean one: a read in 1 % of the intervals.
+        assert!((sweep[0] - -(0.99f64.ln())).abs() < 1e-9, "{}", sweep[0]);
+        // Hot and cold: a few pages read always, most never seen read.
+        let mixed = pooled_read_rates(n, [(0, 10_000), (20, 100), (10, 50)].into_iter());
+        assert!(
+            mixed[0] > 0.0 && mixed[0] < raw(1) / 10.0,
+            "unseen: {}",
+            mixed[0]
+        );
+        assert!(
+            mixed[20] > raw(15),
+            "hot stays hot: {} vs {}",
+            mixed[20],
+            raw(15)
+        );
+        assert!(mixed.windows(2).all(|w| w[0] <= w[1]));
+        assert!(mixed.iter().all(|&l| l <= raw(n)));
+        // Nothing to fit: each page's own rate.
+        let own: Vec<f64> = (0..=n).map(raw).collect();
+        assert_eq!(
+            pooled_read_rates(n, [(0, 500)].into_iter()),
+            own,
+            "no reads"
+        );
+        assert_eq!(pooled_read_rates(n, std::iter::empty()), own);
+        assert_eq!(
+            pooled_read_rates(n, [(20, 9)].into_iter()),
+            own,
+            "always read"
+        );
+        assert_eq!(
+            pooled_read_rates(1, [(0, 5), (1, 5)].into_iter()),
+            vec![raw1(0), raw1(1)]
+        );
+    }
+
+    fn raw1(k: u32) -> f64 {
+        unscaled_rate(k, 1)
+    }
 
     fn c(r: u32, w: u32) -> UnitCounters {
         UnitCounters {

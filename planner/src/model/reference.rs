@@ -56,6 +56,15 @@ pub(crate) fn predict(
 ) -> RefResult {
     let rates = RateTable::new(p.samples);
     let lam = |k: u32| rates.ell(k) / p.interval_s;
+    let page_reads = super::page_read_rates(
+        p.samples,
+        p.pages.iter().map(|&c| (c, 1)),
+        params.pool_reads,
+    );
+    let lam_r = |kind: Kind, c: UnitCounters| match kind {
+        Kind::Page if !c.zero => page_reads[c.r.min(p.samples.max(1)) as usize] / p.interval_s,
+        _ => lam(c.r),
+    };
     let unit = |kind: Kind, index: usize, c: UnitCounters| {
         let size = match kind {
             Kind::Page => p.page_size as f64,
@@ -73,7 +82,7 @@ pub(crate) fn predict(
             c,
             size,
             lam_w,
-            lam_a: lam(c.r) + lam_w * fetch,
+            lam_a: lam_r(kind, c) + lam_w * fetch,
         }
     };
     let order = |a: &U, b: &U| -> Ordering {

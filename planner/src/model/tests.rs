@@ -69,9 +69,11 @@ fn params() -> impl Strategy<Value = (Link, ModelParams)> {
         prop::bool::ANY,
         // The push compresses better (or worse) than the rewritten units.
         prop::option::of(prop::sample::select(vec![0.5, 2.5])),
+        // Read rates pooled across pages, or each page's own.
+        prop::bool::ANY,
     )
         .prop_map(
-            |(bw, rtt, dt, target, rounds, shrink, scale, weighted, push)| {
+            |(bw, rtt, dt, target, rounds, shrink, scale, weighted, push, pool_reads)| {
                 (
                     Link {
                         bandwidth: bw,
@@ -88,6 +90,7 @@ fn params() -> impl Strategy<Value = (Link, ModelParams)> {
                         resume_overhead: 0.0,
                         write_scale: scale,
                         state_bytes: None,
+                        pool_reads,
                         policy: if weighted {
                             Policy::Weighted { w1: 1.0, w2: 0.5 }
                         } else {
@@ -694,7 +697,11 @@ fn monte_carlo_matches_the_model_when_faults_are_many() {
             rtt,
             push_bandwidth: None,
         };
-        let params = ModelParams::default();
+        // The simulation draws each page's own rate: compare like with like.
+        let params = ModelParams {
+            pool_reads: false,
+            ..ModelParams::default()
+        };
         let model = Model::new(&classes_of(&p), link, params).unwrap();
         let sel = model.selection(m, s);
         let pred = model.predict_selection(sel, false);
