@@ -139,7 +139,10 @@ impl From<Figures> for Headline {
     }
 }
 
-/// Relative errors `(predicted - measured) / measured`.
+/// Relative errors `(predicted - measured) / max(measured, 10 ms)`: a figure
+/// measured as (nearly) zero, such as the penalty of a plan with no
+/// post-copy faults, is judged against the clocks' resolution, not divided
+/// by zero (JSON has no infinity).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct PredictionError {
     /// Of T.
@@ -152,12 +155,11 @@ pub struct PredictionError {
     pub penalty_s: f64,
 }
 
+/// The smallest denominator of a relative error, s.
+const ERROR_FLOOR_S: f64 = 0.01;
+
 fn rel(p: f64, m: f64) -> f64 {
-    if m == 0.0 {
-        if p == 0.0 { 0.0 } else { f64::INFINITY }
-    } else {
-        (p - m) / m
-    }
+    (p - m) / m.abs().max(ERROR_FLOOR_S)
 }
 
 impl PredictionError {
@@ -729,6 +731,14 @@ mod tests {
             timeline: None,
             plots: Vec::new(),
         }
+    }
+
+    #[test]
+    fn relative_errors_of_near_zero_figures_are_finite() {
+        assert_eq!(rel(12.0, 10.0), 0.2);
+        assert!((rel(0.001, 0.0) - 0.1).abs() < 1e-12);
+        assert_eq!(rel(0.0, 0.0), 0.0);
+        assert!((rel(0.0, 0.055) + 1.0).abs() < 1e-12);
     }
 
     #[test]
