@@ -161,11 +161,15 @@ fn a_source_with_the_wrong_key_is_refused_and_keeps_its_guest() {
         .unwrap_or_else(|| panic!("no pid in: {err}"));
     let guard = KillOnDrop(pid);
     assert!(alive(pid), "the source guest runs on");
-    // The destination refused the peer; stop it and its QEMU.
+    // The destination refused the peer; stop it and its QEMU (and the RAM
+    // file, named after the destination command's pid: `ip netns exec`
+    // execs it).
+    let dst_ram = format!("/dev/shm/wanmig-dst{}-destination", dst.id());
     let _ = dst.kill();
     let _ = dst.wait();
     if let Ok(p) = std::fs::read_to_string(dst_dir.join("destination.pid")) {
         wanmig_tests::kill(p.trim().parse().unwrap_or(0));
     }
+    let _ = std::fs::remove_file(dst_ram);
     drop(guard);
 }
