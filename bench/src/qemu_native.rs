@@ -59,7 +59,9 @@ use serde_json::{Value, json};
 use wanmig_datapath::backend::qemu::{
     GuestSpec, LaunchError, NativeLaunch, QemuPaths, QemuProcess, SerialLog,
 };
-use wanmig_datapath::qemu::{MigrationInfo, MigrationStatus, QmpError, QmpEvent, RunState};
+use wanmig_datapath::qemu::{
+    MigrationInfo, MigrationStatus, QmpClient, QmpError, QmpEvent, RunState,
+};
 use wanmig_datapath::report::{Figures, gamma};
 use wanmig_wan::Wan;
 
@@ -269,35 +271,29 @@ impl Side {
         move |source| QemuRunError::Qmp { role, step, source }
     }
 
-    fn execute(&mut self, command: &str, args: Value) -> Result<Value, QemuRunError> {
-        let args = (!args.is_null()).then_some(args);
-        let r = self
-            .qemu
-            .qmp()
-            .execute(command, args)
-            .map_err(self.qmp_err(command));
+    /// Runs `f` (QMP command `what`) on this side's QMP, keeping the
+    /// events that came with the reply.
+    fn qmp<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut QmpClient) -> Result<T, QmpError>,
+    ) -> Result<T, QemuRunError> {
+        let r = f(self.qemu.qmp()).map_err(self.qmp_err(what));
         self.drain();
         r
+    }
+
+    fn execute(&mut self, command: &str, args: Value) -> Result<Value, QemuRunError> {
+        let args = (!args.is_null()).then_some(args);
+        self.qmp(command, |q| q.execute(command, args))
     }
 
     fn query_migrate(&mut self) -> Result<MigrationInfo, QemuRunError> {
-        let r = self
-            .qemu
-            .qmp()
-            .query_migrate()
-            .map_err(self.qmp_err("query-migrate"));
-        self.drain();
-        r
+        self.qmp("query-migrate", QmpClient::query_migrate)
     }
 
     fn run_state(&mut self) -> Result<RunState, QemuRunError> {
-        let r = self
-            .qemu
-            .qmp()
-            .query_status()
-            .map_err(self.qmp_err("query-status"));
-        self.drain();
-        Ok(r?.status)
+        Ok(self.qmp("query-status", QmpClient::query_status)?.status)
     }
 
     /// Keeps the events this module reads (the mirror's job-status flood is

@@ -149,8 +149,7 @@ pub(crate) fn page_read_rates(
     if pool {
         rates::pooled_read_rates(n, counts)
     } else {
-        let n = n.max(1);
-        (0..=n).map(|k| rates::unscaled_rate(k, n)).collect()
+        RateTable::new(n).values().to_vec()
     }
 }
 

@@ -111,7 +111,7 @@ pub fn rank_cmp(n: u32, a: &UnitCounters, b: &UnitCounters) -> Ordering {
 /// always).
 pub fn pooled_read_rates(n: u32, counts: impl Iterator<Item = (u32, u64)>) -> Vec<f64> {
     let n = n.max(1);
-    let raw: Vec<f64> = (0..=n).map(|k| unscaled_rate(k, n)).collect();
+    let raw = RateTable::new(n).ell;
     let (mut units, mut s1, mut s2) = (0f64, 0f64, 0f64);
     for (k, m) in counts {
         let (k, m) = (f64::from(k.min(n)), m as f64);
@@ -163,6 +163,11 @@ impl RateTable {
     /// The sample count `n` this table was built for.
     pub fn samples(&self) -> u32 {
         self.samples
+    }
+
+    /// The whole table, `ell(0..=n)`.
+    pub fn values(&self) -> &[f64] {
+        &self.ell
     }
 
     /// `ell(k)`; counters above `n` are clamped to `n`.
