@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use wanmig_planner::model::{Link, ModelParams, rates::rank_cmp};
+use wanmig_planner::model::{Link, ModelParams, WireCost, rates::rank_cmp};
 use wanmig_planner::profile::{ClassProfile, Kind, Profile, UnitCounters};
 use wanmig_planner::rule::PrecopyRule;
 use wanmig_planner::search::SearchOptions;
@@ -106,25 +106,46 @@ fn figures(p: &wanmig_planner::segment::PlanFigures, expected_faults: f64) -> Fi
 }
 
 /// How many unit bytes the engine carries per byte on the link (LZ4 and
-/// frame headers), for the pages the rounds resend and for the push.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// frame headers), by kind and by whether the profile saw the unit
+/// written: the working data the guest rewrites (what pre-copy rounds and
+/// the freeze resend, and faults fetch) compresses differently from the
+/// rest (most of round 0 and of the post-copy push).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct WireRatios {
-    /// Units the guest rewrites: pre-copy rounds, the freeze, faults.
-    pub rewritten: f64,
-    /// The post-copy push (mostly units never written).
-    pub push: f64,
+    /// Pages the guest wrote while profiled.
+    pub page_written: f64,
+    /// The other non-zero pages.
+    pub page_unwritten: f64,
+    /// Chunks the guest wrote while profiled.
+    pub chunk_written: f64,
+    /// The other chunks with data.
+    pub chunk_unwritten: f64,
 }
 
 impl WireRatios {
     /// Unknown: one unit byte per link byte.
     pub const NONE: WireRatios = WireRatios {
-        rewritten: 1.0,
-        push: 1.0,
+        page_written: 1.0,
+        page_unwritten: 1.0,
+        chunk_written: 1.0,
+        chunk_unwritten: 1.0,
     };
+
+    /// The planner's link bytes per unit byte (a ratio below 1e-3 is taken
+    /// as 1e-3: no content expands a thousandfold).
+    pub fn costs(&self) -> WireCost {
+        let cost = |r: f64| 1.0 / r.max(1e-3);
+        WireCost {
+            page_written: cost(self.page_written),
+            page_unwritten: cost(self.page_unwritten),
+            chunk_written: cost(self.chunk_written),
+            chunk_unwritten: cost(self.chunk_unwritten),
+        }
+    }
 }
 
-/// Plans in-process: the planner library on `profile` for a link whose
-/// rate carries `wire` times as many unit bytes (how the guest's content
+/// Plans in-process: the planner library on `profile` for a link of `rate`
+/// on which units cost what `wire` says (how the guest's content
 /// compresses on the wire).
 pub fn plan_in_process(
     profile_path: &Path,
@@ -142,8 +163,7 @@ pub fn plan_in_process(
         ..ModelParams::default()
     };
     let link = Link {
-        bandwidth: rate.bytes_per_second() * wire.rewritten.max(1e-3),
-        push_bandwidth: Some(rate.bytes_per_second() * wire.push.max(1e-3)),
+        wire: wire.costs(),
         ..Link::new(rate, rtt)
     };
     let plan = wanmig_planner::plan::make_plan(

@@ -41,7 +41,7 @@ use wanmig_planner::profile::{ProfileHeader, ProfileWriter, UnitCounters};
 
 use crate::backend::{BackendError, SourceBackend};
 use crate::engine::source::page_bitmap;
-use crate::planning::{PlanningError, profile_err};
+use crate::planning::{PlanningError, WireRatios, profile_err};
 
 /// How to profile.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -140,24 +140,17 @@ pub struct ProfileStats {
     pub chunk_overwrites: u64,
     /// Why reads could not be sampled, if they were to be and were not.
     pub read_sampling_error: Option<String>,
-    /// How the pages the guest rewrites compress on the wire (what the
-    /// pre-copy rounds and the freeze resend): raw bytes over frame bytes
-    /// (LZ4 and headers, as the engine sends them) of a scattered sample of
-    /// the non-zero pages written while profiling (of all non-zero pages
-    /// when too few were written; 1: nothing to sample).
-    pub wire_ratio: f64,
-    /// The same for all non-zero pages (what the post-copy push carries,
-    /// byte for byte, when the pre-copy set is a small part of RAM).
-    pub push_wire_ratio: f64,
+    /// How the guest's content compresses on the wire: raw bytes over
+    /// frame bytes (LZ4 and headers, as the engine sends them) of a
+    /// scattered sample of the units of each kind the guest wrote while
+    /// profiled and of the others with data (see [`sample_wire_ratios`]).
+    pub wire: WireRatios,
 }
 
 impl ProfileStats {
     /// The ratios the planner plans the link with.
-    pub fn wire_ratios(&self) -> crate::planning::WireRatios {
-        crate::planning::WireRatios {
-            rewritten: self.wire_ratio,
-            push: self.push_wire_ratio,
-        }
+    pub fn wire_ratios(&self) -> WireRatios {
+        self.wire
     }
 
     /// One line for a report's plan origin.
@@ -183,10 +176,18 @@ impl ProfileStats {
                 self.chunks_read, self.chunks, self.chunks_written
             ));
         }
+        let w = &self.wire;
         s.push_str(&format!(
-            "; pages compress {:.2}x on the wire, {:.2}x those the guest rewrites)",
-            self.push_wire_ratio, self.wire_ratio
+            "; on the wire pages compress {:.2}x, {:.2}x those the guest rewrites",
+            w.page_unwritten, w.page_written
         ));
+        if self.chunks > 0 {
+            s.push_str(&format!(
+                ", chunks {:.2}x, {:.2}x those it rewrites",
+                w.chunk_unwritten, w.chunk_written
+            ));
+        }
+        s.push(')');
         s
     }
 }
@@ -278,38 +279,64 @@ impl ReadImputation {
     }
 }
 
-/// Pages sampled for [`ProfileStats::wire_ratio`].
-const RATIO_SAMPLE: u64 = 4096;
+/// Unit bytes sampled for each of [`ProfileStats::wire`]'s ratios (4096
+/// pages, 256 chunks of 64 KiB).
+const RATIO_SAMPLE_BYTES: u64 = 16 << 20;
 
-/// Fewer rewritten pages than this: their ratio is the whole RAM's.
+/// Fewer units of a set than this: its ratio is its kind's whole.
 const RATIO_MIN_SAMPLE: u64 = 64;
 
-/// Raw bytes over frame bytes of up to [`RATIO_SAMPLE`] of `candidates`,
-/// spread over them, encoded as the engine sends them (LZ4); `None` with
-/// fewer than `min` candidates.
+/// Raw bytes over frame bytes of `candidates`, at most
+/// [`RATIO_SAMPLE_BYTES`] of them spread over the set, each read by
+/// `read(unit, buffer)` (`false`: unreadable, skipped) and encoded as the
+/// engine sends it (LZ4); `None` with fewer than `min` candidates or
+/// nothing read.
 fn wire_ratio(
-    mem: &dyn crate::backend::PageReader,
+    kind: crate::wire::UnitKind,
+    unit_size: usize,
     candidates: &[u64],
-    ps: usize,
     min: u64,
+    mut read: impl FnMut(u64, &mut Vec<u8>) -> bool,
 ) -> Option<f64> {
-    use crate::wire::{Compression, UnitKind, encode_buffer_len, encode_unit};
+    use crate::wire::{Compression, encode_buffer_len, encode_unit};
     let have = candidates.len() as u64;
-    if have < min.max(1) {
+    if have < min.max(1) || unit_size == 0 {
         return None;
     }
-    let step = (have / RATIO_SAMPLE).max(1) as usize;
+    let sample = (RATIO_SAMPLE_BYTES / unit_size as u64).max(1);
+    let step = have.div_ceil(sample).max(1) as usize;
     let (mut raw, mut wire) = (0u64, 0u64);
-    let mut page = vec![0u8; ps];
-    let mut out = vec![0u8; encode_buffer_len(ps, Compression::Lz4)];
-    for &p in candidates.iter().step_by(step) {
-        mem.copy_page(p, &mut page);
-        if let Ok(e) = encode_unit(&mut out, UnitKind::Page, p, &page, Compression::Lz4) {
-            raw += ps as u64;
+    let mut unit = vec![0u8; unit_size];
+    let mut out = vec![0u8; encode_buffer_len(unit_size, Compression::Lz4)];
+    for &u in candidates.iter().step_by(step) {
+        if !read(u, &mut unit) || unit.is_empty() {
+            continue;
+        }
+        if let Ok(e) = encode_unit(&mut out, kind, u, &unit, Compression::Lz4) {
+            raw += unit.len() as u64;
             wire += e.len as u64;
         }
     }
     (wire > 0).then(|| raw as f64 / wire as f64)
+}
+
+/// The `(written, unwritten)` ratios of one kind's `units` (non-zero pages
+/// or chunks with data), split by whether the profile saw them `written`.
+/// A set with fewer than [`RATIO_MIN_SAMPLE`] units takes the kind's whole
+/// ratio, and a kind with nothing to sample 1.
+fn written_and_unwritten_ratios(
+    kind: crate::wire::UnitKind,
+    unit_size: usize,
+    units: &[u64],
+    written: impl Fn(u64) -> bool,
+    mut read: impl FnMut(u64, &mut Vec<u8>) -> bool,
+) -> (f64, f64) {
+    let whole = wire_ratio(kind, unit_size, units, 1, &mut read).unwrap_or(1.0);
+    let (w, u): (Vec<u64>, Vec<u64>) = units.iter().partition(|&&i| written(i));
+    let mut of = |set: &[u64]| {
+        wire_ratio(kind, unit_size, set, RATIO_MIN_SAMPLE, &mut read).unwrap_or(whole)
+    };
+    (of(&w), of(&u))
 }
 
 /// The next window's length: as many pages as the budget allows at the
@@ -450,14 +477,6 @@ pub fn profile_guest(
         }
     }
     let nonzero: Vec<u64> = populated.iter_set().filter(|&p| p < pages).collect();
-    let written: Vec<u64> = nonzero
-        .iter()
-        .copied()
-        .filter(|&p| tally[p as usize].w > 0)
-        .collect();
-    let push_wire_ratio = wire_ratio(mem.as_ref(), &nonzero, ps, 1).unwrap_or(1.0);
-    let wire_ratio =
-        wire_ratio(mem.as_ref(), &written, ps, RATIO_MIN_SAMPLE).unwrap_or(push_wire_ratio);
     // Chunks that hold no data (holes of a sparse image) are zero; chunks
     // with data are not read to find zeros (a TiB disk would take minutes).
     let with_data = match &disks {
@@ -466,15 +485,38 @@ pub fn profile_guest(
             .map_err(|e| PlanningError::Backend(BackendError::new("profile", "disk extents", e)))?,
         None => Vec::new(),
     };
+    let chunk_size = disks
+        .as_ref()
+        .map_or(crate::storage::DEFAULT_CHUNK_SIZE, |d| d.space().chunk_size());
+    let data_chunks: Vec<u64> = (0..chunks).filter(|&c| with_data[c as usize]).collect();
+    let (page_written, page_unwritten) = written_and_unwritten_ratios(
+        crate::wire::UnitKind::Page,
+        ps,
+        &nonzero,
+        |p| tally[p as usize].w > 0,
+        |p, buf| {
+            mem.copy_page(p, buf);
+            true
+        },
+    );
+    let (chunk_written, chunk_unwritten) = written_and_unwritten_ratios(
+        crate::wire::UnitKind::Chunk,
+        chunk_size as usize,
+        &data_chunks,
+        |c| chunk_tally[c as usize].w > 0,
+        |c, buf| disks.as_ref().is_some_and(|d| d.read(c, buf).is_ok()),
+    );
+    let wire = WireRatios {
+        page_written,
+        page_unwritten,
+        chunk_written,
+        chunk_unwritten,
+    };
     let header = ProfileHeader {
         samples,
         interval_ns: interval.as_nanos() as u64,
         page_size: ps as u32,
-        chunk_size: disks
-            .as_ref()
-            .map_or(crate::storage::DEFAULT_CHUNK_SIZE, |d| {
-                d.space().chunk_size()
-            }) as u32,
+        chunk_size: chunk_size as u32,
         page_count: pages,
         chunk_count: chunks,
         state_bytes: opts.state_bytes,
@@ -500,8 +542,7 @@ pub fn profile_guest(
         chunks_written: 0,
         chunk_overwrites: 0,
         read_sampling_error,
-        wire_ratio,
-        push_wire_ratio,
+        wire,
     };
     let reads = ReadImputation::new(
         samples,
@@ -643,35 +684,36 @@ mod tests {
         assert_eq!(next_count(65536, inf, 65536, 65536), 65536, "and again");
     }
 
-    /// Pages `0..n` of `ps` bytes: even pages random (incompressible), odd
-    /// pages a repeated word.
-    struct Halves {
-        ps: usize,
-    }
-
-    impl crate::backend::PageReader for Halves {
-        fn copy_page(&self, index: u64, out: &mut [u8]) {
-            let mut x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            for (i, b) in out.iter_mut().enumerate() {
-                *b = if index % 2 == 0 {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                } else {
-                    (i % 8) as u8
-                };
-            }
+    /// Unit `index` of `len` bytes: even units random (incompressible),
+    /// odd units a repeated word.
+    fn halves(index: u64, out: &mut [u8]) {
+        let mut x = index.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = if index % 2 == 0 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            } else {
+                (i % 8) as u8
+            };
         }
     }
 
+    // The sampler's reader signature (a chunk reader resizes the buffer).
+    #[allow(clippy::ptr_arg)]
+    fn read_halves(index: u64, buf: &mut Vec<u8>) -> bool {
+        halves(index, buf);
+        true
+    }
+
     #[test]
-    fn the_wire_ratio_is_the_sampled_pages_own() {
-        let mem = Halves { ps: 4096 };
+    fn the_wire_ratio_is_the_sampled_units_own() {
+        use crate::wire::UnitKind;
         let even: Vec<u64> = (0..400).step_by(2).collect();
         let odd: Vec<u64> = (1..400).step_by(2).collect();
         let all: Vec<u64> = (0..400).collect();
-        let r = |pages: &[u64]| wire_ratio(&mem, pages, mem.ps, 64).unwrap();
+        let r = |units: &[u64]| wire_ratio(UnitKind::Page, 4096, units, 64, read_halves).unwrap();
         let (random, repeated, mixed) = (r(&even), r(&odd), r(&all));
         // Random pages cost a little more than their size on the wire;
         // repeated words compress many times.
@@ -680,6 +722,40 @@ mod tests {
         // A mix is byte-weighted: about twice the random pages' ratio.
         assert!((1.8..2.1).contains(&mixed), "{mixed}");
         // Too few to sample: none (the caller falls back).
-        assert_eq!(wire_ratio(&mem, &even[..10], mem.ps, 64), None);
+        assert_eq!(wire_ratio(UnitKind::Page, 4096, &even[..10], 64, read_halves), None);
+        // Unreadable units are skipped; none readable: none.
+        assert_eq!(wire_ratio(UnitKind::Chunk, 65536, &all, 1, |_, _| false), None);
+        // A large set is sampled, not read whole: 16 MiB of 64 KiB chunks.
+        let mut read = 0;
+        let many: Vec<u64> = (0..10_000).collect();
+        wire_ratio(UnitKind::Chunk, 65536, &many, 1, |c, buf| {
+            read += 1;
+            read_halves(c, buf)
+        })
+        .unwrap();
+        assert!((250..=260).contains(&read), "{read} chunks read");
+    }
+
+    #[test]
+    fn wire_ratios_split_written_from_unwritten_units() {
+        use crate::wire::UnitKind;
+        let split = |kind, size, n: u64, written: fn(u64) -> bool| {
+            let units: Vec<u64> = (0..n).collect();
+            written_and_unwritten_ratios(kind, size, &units, written, read_halves)
+        };
+        // Pages: the written ones (multiples of 4, all even: random) against
+        // the rest (2 in 3 of them odd: repeated).
+        let (w, u) = split(UnitKind::Page, 4096, 4000, |p| p % 4 == 0);
+        assert!((0.95..=1.0).contains(&w), "{w}");
+        assert!((2.5..3.2).contains(&u), "{u}");
+        // Chunks: written ones odd (repeated), the others random.
+        let (w, u) = split(UnitKind::Chunk, 65536, 400, |c| c % 2 == 1);
+        assert!(w > 20.0, "{w}");
+        assert!((0.95..=1.0).contains(&u), "{u}");
+        // Too few written units to sample (10 pages): the kind's whole
+        // ratio; nothing at all: 1.
+        let (w, _) = split(UnitKind::Page, 4096, 4000, |p| p < 20 && p % 2 == 0);
+        assert!((1.8..2.1).contains(&w), "{w}");
+        assert_eq!(split(UnitKind::Chunk, 65536, 0, |_| true), (1.0, 1.0));
     }
 }

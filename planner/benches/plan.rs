@@ -38,7 +38,7 @@ fn bench(c: &mut Criterion) {
             Link {
                 bandwidth: 10e9 / 8.0,
                 rtt: 0.020,
-                push_bandwidth: None,
+                wire: wanmig_planner::model::WireCost::ONE,
             },
         ),
         (
@@ -46,7 +46,7 @@ fn bench(c: &mut Criterion) {
             Link {
                 bandwidth: 40e6 / 8.0,
                 rtt: 0.005,
-                push_bandwidth: None,
+                wire: wanmig_planner::model::WireCost::ONE,
             },
         ),
     ];

@@ -56,6 +56,16 @@
 //! [`profile::UnitCounters`]); link bandwidth `B` (bytes/s, shared by memory
 //! and storage) and `RTT`; device state `state` bytes; `dT` = 20 s.
 //!
+//! **Wire bytes.** The engine compresses units on the link, and content
+//! compresses differently: the working data a guest rewrites, the rest of
+//! its RAM, a disk's data. A unit of kind `k` costs `unit x c(k, w > 0)`
+//! link bytes ([`model::WireCost`]: a cost per kind for units the profile
+//! saw written and for the rest; the engine measures them on the guest
+//! while profiling). Every byte count below is in link bytes: round 0
+//! sends the pre-copy set at its own mix, later rounds and the freeze resend
+//! written units, the push sends each unit at its own cost in its order.
+//! With every cost 1 (the default), link bytes are unit bytes.
+//!
 //! **Rates and the clamp.** `lambda = -ln(1 - k/n) / tau` with
 //! `k -> min(k, n - 1/2)`: a unit active in every interval is treated as
 //! idle for half an interval, giving the finite maximum `ln(2n) / tau`; the
@@ -121,7 +131,7 @@
 //! (`lambda_a = lambda_r + lambda_w` for pages, `lambda_r + lambda_w (1 -
 //! o/w)` for chunks: whole-block overwrites never fetch); it faults iff the
 //! unit has not arrived by then in **wall** time, `W(t_u) < A_u`, and each
-//! fault stalls the guest `RTT + unit / B`. The push goes on while the
+//! fault stalls the guest `RTT + unit c(k, written) / B`. The push goes on while the
 //! guest stalls, so a stalled guest finds more units present when it
 //! resumes. In expectation (mean field),
 //! `dS/dt = sum over units not arrived by W(t) of q lambda_a e^{-lambda_a t} (RTT + unit / B)`,

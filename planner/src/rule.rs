@@ -575,7 +575,7 @@ mod tests {
         ) {
             let profile = profile_bytes(n, &pages, &chunks);
             let classes = ClassProfile::from_profile(&profile).unwrap();
-            let model = Model::new(&classes, Link { bandwidth: 1e6, rtt: 0.0, push_bandwidth: None }, ModelParams::default()).unwrap();
+            let model = Model::new(&classes, Link { bandwidth: 1e6, rtt: 0.0, wire: crate::model::WireCost::ONE }, ModelParams::default()).unwrap();
             let rates = RateTable::new(n);
             for (kind, units) in [(Kind::Page, &pages), (Kind::Chunk, &chunks)] {
                 let mut order: Vec<usize> = (0..units.len()).collect();
@@ -702,7 +702,7 @@ mod tests {
             Link {
                 bandwidth: 1e6,
                 rtt: 0.0,
-                push_bandwidth: None,
+                wire: crate::model::WireCost::ONE,
             },
             ModelParams::default(),
         )

@@ -392,7 +392,7 @@ mod tests {
         let link = Link {
             bandwidth: mbit * 1e6 / 8.0,
             rtt,
-            push_bandwidth: None,
+            wire: crate::model::WireCost::ONE,
         };
         let model = Model::new(p, link, params).unwrap();
         search(&model, &SearchOptions { threads: 2 })
@@ -584,7 +584,7 @@ mod tests {
             let link = Link {
                 bandwidth: mbit * 1e6 / 8.0,
                 rtt: 0.005,
-                push_bandwidth: None,
+                wire: crate::model::WireCost::ONE,
             };
             let model = Model::new(&p, link, params).unwrap();
             let r = search(&model, &SearchOptions { threads: 1 });
@@ -645,7 +645,7 @@ mod tests {
         let link = Link {
             bandwidth: 40e6 / 8.0,
             rtt: 0.005,
-            push_bandwidth: None,
+            wire: crate::model::WireCost::ONE,
         };
         let model = Model::new(&p, link, ModelParams::default()).unwrap();
         let a = search(&model, &SearchOptions { threads: 1 });
@@ -719,7 +719,7 @@ mod bandwidth_tests {
             let link = Link {
                 bandwidth: mbit * 1e6 / 8.0,
                 rtt,
-                push_bandwidth: None,
+                wire: crate::model::WireCost::ONE,
             };
             let model = Model::new(p, link, params).unwrap();
             let r = search(&model, &SearchOptions { threads: 1 });

@@ -1131,7 +1131,7 @@ impl Segment {
             link: Link {
                 bandwidth: fb(v[11]),
                 rtt: fb(v[12]),
-                push_bandwidth: None,
+                wire: crate::model::WireCost::ONE,
             },
             downtime_target_s: (!target.is_nan()).then_some(target),
             write_scale: fb(v[14]),
@@ -1324,7 +1324,7 @@ mod tests {
             link: Link {
                 bandwidth: x * 11.0,
                 rtt: x * 12.0,
-                push_bandwidth: None,
+                wire: crate::model::WireCost::ONE,
             },
             downtime_target_s: (i % 2 == 0).then_some(x * 13.0),
             write_scale: x * 14.0,

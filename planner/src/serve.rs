@@ -225,8 +225,15 @@ impl<'a> Server<'a> {
             let curve = model.round_dirty(sel, round);
             let duration = t.last_round_duration_ns as f64 * 1e-9;
             let expected = curve.bytes(duration, 1.0);
-            let measured = t.dirty_pages_last_round as f64 * self.classes.page_size as f64
-                + t.dirty_chunks_last_round as f64 * self.classes.chunk_size as f64;
+            // In link bytes, as the model counts them (dirty units are
+            // written ones).
+            let wire = model.link().wire;
+            let measured = t.dirty_pages_last_round as f64
+                * self.classes.page_size as f64
+                * wire.page_written
+                + t.dirty_chunks_last_round as f64
+                    * self.classes.chunk_size as f64
+                    * wire.chunk_written;
             let scale = expected.max(self.policy.dirty_floor_bytes);
             if (measured - expected).abs() > self.policy.dirty_threshold * scale {
                 let factor = curve.fit_factor(duration, measured);
@@ -310,7 +317,7 @@ mod tests {
     const LINK: Link = Link {
         bandwidth: 40e6 / 8.0,
         rtt: 0.005,
-        push_bandwidth: None,
+        wire: crate::model::WireCost::ONE,
     };
 
     fn policy() -> ReplanPolicy {
@@ -387,7 +394,7 @@ mod tests {
             Link {
                 bandwidth: 10e6,
                 rtt: 0.007,
-                push_bandwidth: None,
+                wire: crate::model::WireCost::ONE,
             }
         );
         assert!(second.predicted.gamma >= first.predicted.gamma);

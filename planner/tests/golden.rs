@@ -146,7 +146,7 @@ fn exact_ties_pick_the_lower_write_rate() {
         Link {
             bandwidth: 125_000.0,
             rtt: 0.01,
-            push_bandwidth: None,
+            wire: wanmig_planner::model::WireCost::ONE,
         },
         ModelParams::default(),
     )

@@ -41,40 +41,103 @@ pub const MIN_INTERVAL_S: f64 = 1e-9;
 /// The migration link.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Link {
-    /// Bandwidth `B` in unit bytes per second: pre-copy rounds, the freeze
-    /// and each fault's fetch.
+    /// Bandwidth `B` in link bytes per second.
     pub bandwidth: f64,
     /// Round-trip time in seconds.
     pub rtt: f64,
-    /// The post-copy push's bandwidth in unit bytes per second, when it
-    /// differs from `bandwidth` (the engine compresses, and the units left
-    /// for the push, mostly never written, compress better than the
-    /// rewritten ones the rounds resend); `None`: `bandwidth`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub push_bandwidth: Option<f64>,
+    /// Link bytes per unit byte, per kind of unit (the engine compresses,
+    /// and what compresses how differs: see [`WireCost`]). Default: one
+    /// link byte per unit byte.
+    #[serde(default, skip_serializing_if = "WireCost::is_one")]
+    pub wire: WireCost,
+}
+
+/// Link bytes a unit byte costs on the wire (LZ4 and frame headers), by
+/// kind and by whether the profile saw the unit written.
+///
+/// Written units are what pre-copy rounds resend, the freeze carries and
+/// faults fetch; never-written units are most of round 0 and of the
+/// post-copy push, and their content (kernel text, page cache, a disk's
+/// files) compresses differently from what the guest is rewriting (its
+/// working data). The model gives each class the cost of its kind and
+/// written-ness: round 0 sends the pre-copy set at its own mix, the push
+/// sends each unit at its own cost, in its order. A fault's fetch is costed
+/// at the written units' rate (the units the guest touches).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WireCost {
+    /// Pages the profile saw written.
+    pub page_written: f64,
+    /// Pages it did not.
+    pub page_unwritten: f64,
+    /// Chunks the profile saw written.
+    pub chunk_written: f64,
+    /// Chunks it did not.
+    pub chunk_unwritten: f64,
+}
+
+impl WireCost {
+    /// One link byte per unit byte for every unit.
+    pub const ONE: WireCost = WireCost {
+        page_written: 1.0,
+        page_unwritten: 1.0,
+        chunk_written: 1.0,
+        chunk_unwritten: 1.0,
+    };
+
+    /// Whether every cost is 1.
+    pub fn is_one(&self) -> bool {
+        *self == WireCost::ONE
+    }
+
+    /// The cost of a unit of `kind` that was (`written`) or was not written.
+    pub fn of(&self, kind: Kind, written: bool) -> f64 {
+        match (kind, written) {
+            (Kind::Page, true) => self.page_written,
+            (Kind::Page, false) => self.page_unwritten,
+            (Kind::Chunk, true) => self.chunk_written,
+            (Kind::Chunk, false) => self.chunk_unwritten,
+        }
+    }
+
+    fn check(&self) -> Result<(), ModelError> {
+        for (what, value) in [
+            ("wire.page_written", self.page_written),
+            ("wire.page_unwritten", self.page_unwritten),
+            ("wire.chunk_written", self.chunk_written),
+            ("wire.chunk_unwritten", self.chunk_unwritten),
+        ] {
+            check(
+                what,
+                value,
+                value.is_finite() && value > 0.0,
+                "must be positive (link bytes per unit byte)",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for WireCost {
+    fn default() -> Self {
+        WireCost::ONE
+    }
 }
 
 impl Link {
-    /// A link from a rate (bits/s) and an RTT.
+    /// A link from a rate (bits/s) and an RTT, one link byte per unit byte.
     pub fn new(rate: Rate, rtt: Duration) -> Link {
         Link {
             bandwidth: rate.bytes_per_second(),
             rtt: rtt.as_secs_f64(),
-            push_bandwidth: None,
+            wire: WireCost::ONE,
         }
     }
 
-    /// The post-copy push's bandwidth (bytes/s).
-    pub fn push_rate(&self) -> f64 {
-        self.push_bandwidth.unwrap_or(self.bandwidth)
-    }
-
-    /// This link with both bandwidths scaled by `factor` (a measured rate
-    /// against the planned one).
+    /// This link with its bandwidth scaled by `factor` (a measured rate
+    /// against the planned one); the wire costs stay.
     pub fn scaled(self, factor: f64) -> Link {
         Link {
             bandwidth: self.bandwidth * factor,
-            push_bandwidth: self.push_bandwidth.map(|b| b * factor),
             ..self
         }
     }
@@ -226,11 +289,11 @@ pub struct Prediction {
     pub stop: StopReason,
     /// Live pre-copy duration (s).
     pub precopy_s: f64,
-    /// Dirty bytes sent during the freeze.
+    /// Dirty link bytes sent during the freeze.
     pub remainder_bytes: f64,
     /// `D`: downtime (s).
     pub downtime_s: f64,
-    /// Bytes pushed after resume.
+    /// Link bytes pushed after resume.
     pub postcopy_bytes: f64,
     /// `U`: remote uptime = post-copy duration (s).
     pub uptime_s: f64,
@@ -354,6 +417,9 @@ pub(crate) struct RClass {
     pub lam_parts: (f64, f64),
     /// Position in the merged (pages and chunks) rank order.
     pub pos: u32,
+    /// Link bytes one unit of the class costs (its size times its
+    /// [`WireCost`]).
+    pub wire: f64,
 }
 
 impl RClass {
@@ -368,15 +434,15 @@ const NO_GROUP: u32 = u32::MAX;
 
 #[derive(Debug, Clone)]
 pub(crate) struct KindModel {
-    pub unit: f64,
     pub total: u64,
-    /// `RTT + unit / B`.
+    /// `RTT + unit x written cost / B`.
     pub stall: f64,
     /// Classes in rank order.
     pub classes: Vec<RClass>,
     /// `cum[i]` = units in `classes[..i]`.
     pub cum: Vec<u64>,
-    /// `cum_bytes[i]` = bytes of the populated classes in `classes[..i]`.
+    /// `cum_bytes[i]` = link bytes of the populated classes in
+    /// `classes[..i]`.
     pub cum_bytes: Vec<f64>,
     /// Zero classes with `w > 0` (their push weight depends on `T_pre`).
     pub zero_written: Vec<usize>,
@@ -384,7 +450,8 @@ pub(crate) struct KindModel {
     pub zmass: Vec<f64>,
     /// The post-copy stall table (populated classes).
     pub table: StallTable,
-    /// Per grid fraction: bytes per write group, and round-0 bytes.
+    /// Per grid fraction: link bytes per write group, and round-0 link
+    /// bytes.
     pub grid: Vec<(Vec<f64>, f64)>,
 }
 
@@ -399,12 +466,13 @@ impl KindModel {
         }
     }
 
-    /// Adds the per-group bytes and round-0 bytes of the top `k` units.
+    /// Adds the per-group link bytes and round-0 link bytes of the top `k`
+    /// units.
     fn accumulate(&self, k: u64, x: &mut [f64]) -> f64 {
         let (b, take) = self.boundary_of(k);
         let mut round0 = 0.0;
         let mut add = |c: &RClass, n: u64| {
-            let bytes = n as f64 * self.unit;
+            let bytes = n as f64 * c.wire;
             if c.group != NO_GROUP {
                 x[c.group as usize] += bytes;
             }
@@ -435,6 +503,8 @@ struct ZeroRest {
     units: f64,
     /// Push weight `q`.
     q: f64,
+    /// Link bytes of one unit.
+    wire: f64,
     /// Push bytes of the zero-written entries before this one.
     before: f64,
 }
@@ -598,13 +668,7 @@ impl Model {
             b.is_finite() && b > 0.0,
             "must be positive (bytes/s)",
         )?;
-        let push_b = link.push_rate();
-        check(
-            "push_bandwidth",
-            push_b,
-            push_b.is_finite() && push_b > 0.0,
-            "must be positive (bytes/s)",
-        )?;
+        link.wire.check()?;
         check(
             "rtt",
             link.rtt,
@@ -744,6 +808,7 @@ impl Model {
                         lam_w,
                         lam_parts: (lam_r(kind, k), lam_w * write_fetch),
                         pos: 0,
+                        wire: profile.unit_size(kind) as f64 * link.wire.of(kind, k.w > 0),
                     }
                 })
                 .collect();
@@ -790,28 +855,25 @@ impl Model {
             .chain(&chunk_classes)
             .map(RClass::lam_a)
             .fold(0.0, f64::max);
-        let push_bytes = |classes: &[RClass], unit: u64| -> f64 {
-            classes
-                .iter()
-                .filter(|c| !c.key.zero || c.key.w > 0)
-                .map(|c| c.count as f64 * unit as f64)
-                .sum::<f64>()
-        };
-        let u_max = (push_bytes(&page_classes, profile.page_size)
-            + push_bytes(&chunk_classes, profile.chunk_size))
-            / push_b;
+        let u_max = page_classes
+            .iter()
+            .chain(&chunk_classes)
+            .filter(|c| !c.key.zero || c.key.w > 0)
+            .map(|c| c.count as f64 * c.wire)
+            .sum::<f64>()
+            / b;
         let (grid_t, window) = postcopy::work_grid(p.delta_t, lam_max, u_max);
 
         let build = |kind: Kind, classes: Vec<RClass>, cum: Vec<u64>| -> KindModel {
             let unit = profile.unit_size(kind) as f64;
-            let stall = link.rtt + unit / b;
+            let stall = link.rtt + unit * link.wire.of(kind, true) / b;
             let mut cum_bytes = Vec::with_capacity(classes.len() + 1);
             cum_bytes.push(0.0);
             for c in &classes {
                 let own = if c.key.zero {
                     0.0
                 } else {
-                    c.count as f64 * unit
+                    c.count as f64 * c.wire
                 };
                 cum_bytes.push(cum_bytes.last().unwrap() + own);
             }
@@ -825,7 +887,6 @@ impl Model {
                 .collect();
             let (table, zmass) = StallTable::build(&grid_t, &parts, weight, &zero_written);
             let mut km = KindModel {
-                unit,
                 total: profile.count(kind),
                 stall,
                 classes,
@@ -845,7 +906,7 @@ impl Model {
                 for i in 0..=GRID_STEPS {
                     let (b, take) = km.boundary_of(units_for(grid_fraction(i), km.total));
                     for c in &km.classes[full..b] {
-                        let bytes = c.count as f64 * unit;
+                        let bytes = c.count as f64 * c.wire;
                         if c.group != NO_GROUP {
                             x[c.group as usize] += bytes;
                         }
@@ -858,7 +919,7 @@ impl Model {
                     let mut r0 = round0;
                     if b < km.classes.len() && take > 0 {
                         let c = &km.classes[b];
-                        let bytes = take as f64 * unit;
+                        let bytes = take as f64 * c.wire;
                         if c.group != NO_GROUP {
                             snap[c.group as usize] += bytes;
                         }
@@ -1117,7 +1178,7 @@ impl Model {
                     + if km.classes[b].key.zero {
                         0.0
                     } else {
-                        take as f64 * km.unit
+                        take as f64 * km.classes[b].wire
                     },
             },
             Some(_) => RestKind {
@@ -1213,9 +1274,9 @@ impl Model {
         let r = rest[ka];
         let m = c.count - if i == r.b { r.take } else { 0 };
         let cost = if c.key.zero {
-            zero_weight(c.lam_w, t_pre) * km.unit
+            zero_weight(c.lam_w, t_pre) * c.wire
         } else {
-            km.unit
+            c.wire
         };
         let mut out = Front {
             start,
@@ -1277,7 +1338,7 @@ impl Model {
         t_pre: f64,
         full: bool,
     ) -> PostOutcome {
-        let b = self.link.push_rate();
+        let b = self.link.bandwidth;
         let rest = [self.rest_kind(0, cursors[0]), self.rest_kind(1, cursors[1])];
         // Zero-written classes in the post-copy set, in push order.
         let zeros = &mut scratch.zeros;
@@ -1299,6 +1360,7 @@ impl Model {
                         zw: zw as u32,
                         units,
                         q,
+                        wire: c.wire,
                         before: 0.0,
                     });
                 }
@@ -1308,7 +1370,7 @@ impl Model {
         let mut zero_total = 0.0;
         for z in zeros.iter_mut() {
             z.before = zero_total;
-            zero_total += z.q * z.units * self.kinds[z.kind as usize].unit;
+            zero_total += z.q * z.units * z.wire;
         }
         let zeros = &scratch.zeros[..];
         let mut total = zero_total;

@@ -1,8 +1,9 @@
 //! Phase 1 (live pre-copy rounds) and the freeze that ends it.
 //!
 //! State per write-rate group `w` (all pre-copied units with `w` write
-//! intervals, pages and chunks together, in bytes): `x_w` = bytes in the
-//! pre-copy set, `s_w` = bytes sent in the current round. A round of length
+//! intervals, pages and chunks together, in link bytes: each unit's size
+//! times its [`WireCost`](super::WireCost)): `x_w` = bytes in the pre-copy
+//! set, `s_w` = bytes sent in the current round. A round of length
 //! `t = bytes / B` dirties, in expectation,
 //!
 //! ```text
@@ -63,11 +64,11 @@ pub enum StopReason {
 pub struct Round {
     /// Round number, from 0.
     pub index: u32,
-    /// Bytes sent in the round.
+    /// Link bytes sent in the round.
     pub bytes: f64,
     /// Round duration in seconds.
     pub duration_s: f64,
-    /// Expected bytes of the pre-copy set dirty when the round ends.
+    /// Expected link bytes of the pre-copy set dirty when the round ends.
     pub dirty_bytes: f64,
 }
 
@@ -214,7 +215,7 @@ pub struct RoundDirty {
 }
 
 impl RoundDirty {
-    /// Expected dirty bytes at the end of a round of `duration` seconds with
+    /// Expected dirty link bytes at the end of a round of `duration` seconds with
     /// every write rate multiplied by `factor`. Increasing in both.
     pub fn bytes(&self, duration: f64, factor: f64) -> f64 {
         self.groups

@@ -42,7 +42,10 @@ struct U {
     kind: Kind,
     index: usize,
     c: UnitCounters,
-    size: f64,
+    /// Link bytes of the unit.
+    wire: f64,
+    /// Stall of a fault on it.
+    stall: f64,
     lam_w: f64,
     lam_a: f64,
 }
@@ -80,7 +83,8 @@ pub(crate) fn predict(
             kind,
             index,
             c,
-            size,
+            wire: size * link.wire.of(kind, c.w > 0),
+            stall: link.rtt + size * link.wire.of(kind, true) / link.bandwidth,
             lam_w,
             lam_a: lam_r(kind, c) + lam_w * fetch,
         }
@@ -119,11 +123,10 @@ pub(crate) fn predict(
 
     // Pre-copy, per unit, in bytes.
     let b = link.bandwidth;
-    let push_b = link.push_rate();
     let state = params.state_bytes.unwrap_or(p.state_bytes) as f64;
     let fixed = state / b + link.rtt + params.resume_overhead;
-    let mut sent: Vec<f64> = set.iter().map(|u| u.size).collect();
-    let mut bytes: f64 = set.iter().filter(|u| !u.c.zero).map(|u| u.size).sum();
+    let mut sent: Vec<f64> = set.iter().map(|u| u.wire).collect();
+    let mut bytes: f64 = set.iter().filter(|u| !u.c.zero).map(|u| u.wire).sum();
     let mut duration = 0.0;
     let mut rounds = 0;
     let remainder;
@@ -134,7 +137,7 @@ pub(crate) fn predict(
         let mut rem = 0.0;
         for (u, s) in set.iter().zip(sent.iter_mut()) {
             let x = u.lam_w * t;
-            let d = *s * p_redirty(x) + (u.size - *s) * p_any(x);
+            let d = *s * p_redirty(x) + (u.wire - *s) * p_any(x);
             *s = d;
             rem += d;
         }
@@ -171,9 +174,9 @@ pub(crate) fn predict(
         .iter()
         .chain(&chunks)
         .filter(|u| !u.c.zero || u.c.w > 0)
-        .map(|u| u.size)
+        .map(|u| u.wire)
         .sum::<f64>()
-        / push_b;
+        / b;
     let (grid, window) = work_grid(dt, lam_max, u_max);
     // (arrival in pushed bytes, q, lambda_a, stall)
     let mut arrivals = Vec::new();
@@ -184,8 +187,8 @@ pub(crate) fn predict(
         } else {
             1.0
         };
-        pushed += q * u.size;
-        arrivals.push((pushed, q, u.lam_a, link.rtt + u.size / b));
+        pushed += q * u.wire;
+        arrivals.push((pushed, q, u.lam_a, u.stall));
     }
     let absent = |x: f64, k: usize| -> (f64, f64) {
         let (mut stall, mut faults) = (0.0, 0.0);
@@ -200,13 +203,13 @@ pub(crate) fn predict(
     };
     let (mut s, mut faults, mut window_stall) = (0.0, 0.0, None);
     for k in 0..grid.len() - 1 {
-        let x = (grid[k] + s) * push_b;
+        let x = (grid[k] + s) * b;
         if x >= pushed {
             break;
         }
         let (a, af) = absent(x, k);
         if af > 0.0 {
-            let (c, cf) = absent((grid[k + 1] + s + a) * push_b, k);
+            let (c, cf) = absent((grid[k + 1] + s + a) * b, k);
             s += 0.5 * (a + c);
             faults += 0.5 * (af + cf);
         }
@@ -216,7 +219,7 @@ pub(crate) fn predict(
     }
     let window = window_stall.unwrap_or(s);
     let penalty = s;
-    let a = pushed / push_b;
+    let a = pushed / b;
     let (w1, w2) = match params.policy {
         Policy::Weighted { w1, w2 } => (w1, w2),
         Policy::Gamma => (1.0, 1.0),

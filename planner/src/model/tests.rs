@@ -67,18 +67,29 @@ fn params() -> impl Strategy<Value = (Link, ModelParams)> {
         prop::sample::select(vec![0.0, 0.05, 0.3]),
         prop::sample::select(vec![0.5, 1.0, 3.0]),
         prop::bool::ANY,
-        // The push compresses better (or worse) than the rewritten units.
-        prop::option::of(prop::sample::select(vec![0.5, 2.5])),
+        // Wire costs per kind and written-ness (one for all, or each its
+        // own).
+        prop::option::of((
+            prop::sample::select(vec![0.4, 1.0, 1.1]),
+            prop::sample::select(vec![0.3, 0.7, 1.0]),
+            prop::sample::select(vec![0.5, 1.05]),
+            prop::sample::select(vec![0.2, 1.0]),
+        )),
         // Read rates pooled across pages, or each page's own.
         prop::bool::ANY,
     )
         .prop_map(
-            |(bw, rtt, dt, target, rounds, shrink, scale, weighted, push, pool_reads)| {
+            |(bw, rtt, dt, target, rounds, shrink, scale, weighted, wire, pool_reads)| {
                 (
                     Link {
                         bandwidth: bw,
                         rtt,
-                        push_bandwidth: push.map(|f| f * bw),
+                        wire: wire.map_or(WireCost::ONE, |(pw, pu, cw, cu)| WireCost {
+                            page_written: pw,
+                            page_unwritten: pu,
+                            chunk_written: cw,
+                            chunk_unwritten: cu,
+                        }),
                     },
                     ModelParams {
                         delta_t: dt,
@@ -262,7 +273,7 @@ fn rank_boundaries_cover_the_selection() {
         Link {
             bandwidth: 1e6,
             rtt: 0.0,
-            push_bandwidth: None,
+            wire: WireCost::ONE,
         },
         ModelParams::default(),
     )
@@ -275,6 +286,58 @@ fn rank_boundaries_cover_the_selection() {
     assert_eq!(b.take, 0);
     assert_eq!(model.boundary(Kind::Page, 4).boundary, None);
     assert_eq!(model.boundary(Kind::Page, 0).boundary, None);
+}
+
+/// Each unit crosses the link at its own kind's and written-ness's cost:
+/// round 0 at the set's mix, later rounds at the written units' cost, the
+/// push unit by unit.
+#[test]
+fn units_cross_the_link_at_their_own_wire_cost() {
+    let p = classes_of(&UnitProfile {
+        samples: 4,
+        interval_s: 1.0,
+        page_size: 4096,
+        chunk_size: 65536,
+        state_bytes: 0,
+        // 10 pages written in every interval, 90 never written; 8 chunks
+        // never written.
+        pages: [vec![UnitCounters::rw(4, 4); 10], vec![UnitCounters::rw(1, 0); 90]].concat(),
+        chunks: vec![UnitCounters::rw(0, 0); 8],
+    });
+    let wire = WireCost {
+        page_written: 1.0,
+        page_unwritten: 0.25,
+        chunk_written: 1.0,
+        chunk_unwritten: 0.5,
+    };
+    let b = 1e6;
+    let model = |wire| {
+        let params = ModelParams {
+            max_rounds: 1,
+            ..ModelParams::default()
+        };
+        Model::new(&p, Link { bandwidth: b, rtt: 0.0, wire }, params).unwrap()
+    };
+    let (one, costed) = (model(WireCost::ONE), model(wire));
+    // Everything pre-copied: round 0 carries 10 written pages at 1 and 90
+    // unwritten at 0.25, and the 8 chunks at 0.5.
+    let all = costed.predict(1.0, 1.0);
+    let round0 = 10.0 * 4096.0 + 90.0 * 4096.0 * 0.25 + 8.0 * 65536.0 * 0.5;
+    assert!((all.rounds[0].bytes - round0).abs() < 1e-6, "{:?}", all.rounds[0]);
+    assert!((all.precopy_s - round0 / b).abs() < 1e-9);
+    // Only the written pages are dirty again, at their cost (1): the
+    // remainder is the same as without costs for the same round length.
+    let plain = one.predict(1.0, 1.0);
+    assert!(all.remainder_bytes < plain.remainder_bytes);
+    assert!(all.remainder_bytes > 0.0);
+    // Nothing pre-copied: the push carries each unit at its cost.
+    let none = costed.predict(0.0, 0.0);
+    assert!((none.postcopy_bytes - round0).abs() < 1e-6);
+    assert!((none.uptime_s - round0 / b).abs() < 1e-9);
+    let none_plain = one.predict(0.0, 0.0);
+    assert!((none_plain.postcopy_bytes - (100.0 * 4096.0 + 8.0 * 65536.0)).abs() < 1e-6);
+    // A cheaper push shortens the time hot pages stay absent.
+    assert!(none.penalty_s < none_plain.penalty_s);
 }
 
 #[test]
@@ -291,17 +354,31 @@ fn invalid_inputs_are_refused() {
     let link = Link {
         bandwidth: 1e6,
         rtt: 0.0,
-        push_bandwidth: None,
+        wire: WireCost::ONE,
     };
     let bad_link = Link {
         bandwidth: 0.0,
         rtt: 0.0,
-        push_bandwidth: None,
+        wire: WireCost::ONE,
     };
     assert!(matches!(
         Model::new(&p, bad_link, ModelParams::default()),
         Err(ModelError::Invalid {
             what: "bandwidth",
+            ..
+        })
+    ));
+    let free = Link {
+        wire: WireCost {
+            chunk_unwritten: 0.0,
+            ..WireCost::ONE
+        },
+        ..link
+    };
+    assert!(matches!(
+        Model::new(&p, free, ModelParams::default()),
+        Err(ModelError::Invalid {
+            what: "wire.chunk_unwritten",
             ..
         })
     ));
@@ -403,7 +480,7 @@ fn non_finite_figures_are_refused_not_masked() {
         Link {
             bandwidth: 1e6,
             rtt: 0.0,
-            push_bandwidth: None,
+            wire: WireCost::ONE,
         },
         ModelParams::default(),
     )
@@ -587,7 +664,7 @@ fn random_small_profile(
         Link {
             bandwidth: bw,
             rtt,
-            push_bandwidth: None,
+            wire: WireCost::ONE,
         },
         params,
         plan,
@@ -695,7 +772,7 @@ fn monte_carlo_matches_the_model_when_faults_are_many() {
         let link = Link {
             bandwidth: mbit * 1e6 / 8.0,
             rtt,
-            push_bandwidth: None,
+            wire: WireCost::ONE,
         };
         // The simulation draws each page's own rate: compare like with like.
         let params = ModelParams {
@@ -746,7 +823,7 @@ fn single_class_guests_match_the_reviewers_simulation() {
         let link = Link {
             bandwidth: 5e6,
             rtt: 0.005,
-            push_bandwidth: None,
+            wire: WireCost::ONE,
         };
         let model = Model::new(&p, link, ModelParams::default()).unwrap();
         let pred = model.predict(0.0, 0.0);
