@@ -487,7 +487,9 @@ pub fn profile_guest(
     };
     let chunk_size = disks
         .as_ref()
-        .map_or(crate::storage::DEFAULT_CHUNK_SIZE, |d| d.space().chunk_size());
+        .map_or(crate::storage::DEFAULT_CHUNK_SIZE, |d| {
+            d.space().chunk_size()
+        });
     let data_chunks: Vec<u64> = (0..chunks).filter(|&c| with_data[c as usize]).collect();
     let (page_written, page_unwritten) = written_and_unwritten_ratios(
         crate::wire::UnitKind::Page,
@@ -722,9 +724,15 @@ mod tests {
         // A mix is byte-weighted: about twice the random pages' ratio.
         assert!((1.8..2.1).contains(&mixed), "{mixed}");
         // Too few to sample: none (the caller falls back).
-        assert_eq!(wire_ratio(UnitKind::Page, 4096, &even[..10], 64, read_halves), None);
+        assert_eq!(
+            wire_ratio(UnitKind::Page, 4096, &even[..10], 64, read_halves),
+            None
+        );
         // Unreadable units are skipped; none readable: none.
-        assert_eq!(wire_ratio(UnitKind::Chunk, 65536, &all, 1, |_, _| false), None);
+        assert_eq!(
+            wire_ratio(UnitKind::Chunk, 65536, &all, 1, |_, _| false),
+            None
+        );
         // A large set is sampled, not read whole: 16 MiB of 64 KiB chunks.
         let mut read = 0;
         let many: Vec<u64> = (0..10_000).collect();

@@ -101,7 +101,10 @@
 //! and round `k + 1` sends `d_w`. Memory and storage share the rounds and `B`.
 //! Only `w` matters, so the state is one number per distinct `w`. Stop after
 //! round `k` when: nothing is dirty (`Clean`); or the freeze time meets the
-//! downtime target (`TargetMet`); or it has *converged*: the remainder is
+//! downtime target (`TargetMet`; as the engine tests it, with the dirty
+//! units counted uncompressed, since it cannot know how they compress
+//! before sending them: the freeze `D` below then takes less when they
+//! compress); or it has *converged*: the remainder is
 //! at most 1 % of (state + one unit) bytes, `rem <= 0.01 (state + max(page,
 //! chunk))` (`Converged`; a threshold in bytes, independent of `B`); or the
 //! dirty set shrank by less than 5 % (`rem >= 0.95 bytes_k`,

@@ -228,12 +228,11 @@ impl<'a> Server<'a> {
             // In link bytes, as the model counts them (dirty units are
             // written ones).
             let wire = model.link().wire;
-            let measured = t.dirty_pages_last_round as f64
-                * self.classes.page_size as f64
-                * wire.page_written
-                + t.dirty_chunks_last_round as f64
-                    * self.classes.chunk_size as f64
-                    * wire.chunk_written;
+            let measured =
+                t.dirty_pages_last_round as f64 * self.classes.page_size as f64 * wire.page_written
+                    + t.dirty_chunks_last_round as f64
+                        * self.classes.chunk_size as f64
+                        * wire.chunk_written;
             let scale = expected.max(self.policy.dirty_floor_bytes);
             if (measured - expected).abs() > self.policy.dirty_threshold * scale {
                 let factor = curve.fit_factor(duration, measured);

@@ -608,6 +608,8 @@ pub struct Model {
     converged_bytes: f64,
     /// `lambda_w` per write group.
     group_lambda: Vec<f64>,
+    /// Unit bytes per link byte per write group (see [`Group::raw`]).
+    group_raw: Vec<f64>,
     kinds: [KindModel; 2],
     /// The work-time grid (see [`postcopy`]).
     grid_t: Vec<f64>,
@@ -762,18 +764,31 @@ impl Model {
         )?;
         let state = p.state_bytes.unwrap_or(profile.state_bytes) as f64;
 
-        // Write groups: distinct w > 0 over both kinds.
-        let mut ws: Vec<u32> = profile
-            .pages
+        // Write groups: distinct w > 0 of each kind (pages' groups first),
+        // so every group has one wire cost.
+        let distinct_w = |kind: Kind| {
+            let mut ws: Vec<u32> = profile
+                .classes(kind)
+                .iter()
+                .map(|c| c.key.w)
+                .filter(|&w| w > 0)
+                .collect();
+            ws.sort_unstable();
+            ws.dedup();
+            ws
+        };
+        let ws = [distinct_w(Kind::Page), distinct_w(Kind::Chunk)];
+        let group_base = |kind: Kind| match kind {
+            Kind::Page => 0,
+            Kind::Chunk => ws[0].len(),
+        };
+        let group_lambda: Vec<f64> = ws.iter().flatten().map(|&w| lam(w) * scale).collect();
+        let group_raw: Vec<f64> = [Kind::Page, Kind::Chunk]
             .iter()
-            .chain(&profile.chunks)
-            .map(|c| c.key.w)
-            .filter(|&w| w > 0)
+            .zip(&ws)
+            .flat_map(|(&kind, ws)| ws.iter().map(move |_| 1.0 / link.wire.of(kind, true)))
             .collect();
-        ws.sort_unstable();
-        ws.dedup();
-        let group_lambda: Vec<f64> = ws.iter().map(|&w| lam(w) * scale).collect();
-        let groups = ws.len();
+        let groups = group_lambda.len();
         let page_reads = page_read_rates(
             profile.samples,
             profile.pages.iter().map(|c| (c.key, c.count)),
@@ -803,7 +818,10 @@ impl Model {
                         group: if k.w == 0 {
                             NO_GROUP
                         } else {
-                            ws.binary_search(&k.w).expect("collected above") as u32
+                            (group_base(kind)
+                                + ws[usize::from(kind == Kind::Chunk)]
+                                    .binary_search(&k.w)
+                                    .expect("collected above")) as u32
                         },
                         lam_w,
                         lam_parts: (lam_r(kind, k), lam_w * write_fetch),
@@ -947,6 +965,7 @@ impl Model {
             freeze_fixed: state / b + link.rtt + p.resume_overhead,
             converged_bytes,
             group_lambda,
+            group_raw,
             kinds,
             grid_t,
             window,
@@ -1073,6 +1092,7 @@ impl Model {
                 scratch.groups.push(Group {
                     lambda: self.group_lambda[g],
                     bytes,
+                    raw: self.group_raw[g],
                 });
             }
         }

@@ -18,8 +18,12 @@
 //!
 //! Stop rule, checked after each round `k` with `rem = sum d_w`:
 //! 1. `rem == 0` (nothing left to resend): stop;
-//! 2. a downtime target is set and the freeze time
-//!    `(rem + state)/B + RTT + overhead` meets it: stop;
+//! 2. a downtime target is set and the freeze time the engine estimates,
+//!    `(raw + state)/B + RTT + overhead`, meets it: stop. `raw` is the
+//!    remainder's unit bytes (`sum d_w x raw_w`, see [`Group::raw`]): the
+//!    engine cannot know how the dirty units will compress before it sends
+//!    them, so its test counts them uncompressed, and the freeze that
+//!    follows (`D`, at `rem`) is shorter than the target when they compress;
 //! 3. *converged*: the remainder is at most `converged` (default 1 %) of
 //!    the device state plus one unit:
 //!    `rem <= converged * (state + max(page, chunk))`. Sending it adds at
@@ -85,9 +89,10 @@ pub(crate) struct PrecopyLink {
 }
 
 impl PrecopyLink {
-    /// The stop rule after round `k` that sent `bytes` and left `rem` dirty.
-    pub(crate) fn stop(&self, k: u32, bytes: f64, rem: f64) -> Option<StopReason> {
-        let remainder_time = rem / self.bandwidth;
+    /// The stop rule after round `k` that sent `bytes` and left `rem` link
+    /// bytes (`raw` unit bytes) dirty.
+    pub(crate) fn stop(&self, k: u32, bytes: f64, rem: f64, raw: f64) -> Option<StopReason> {
+        let remainder_time = raw / self.bandwidth;
         if rem <= 0.0 {
             Some(StopReason::Clean)
         } else if self
@@ -116,11 +121,15 @@ pub(crate) struct PrecopyOutcome {
     pub stop: StopReason,
 }
 
-/// One write-rate group: `lambda_w` (per second) and the bytes in the set.
+/// One write-rate group: `lambda_w` (per second) and the link bytes in the
+/// set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Group {
     pub lambda: f64,
     pub bytes: f64,
+    /// Unit bytes per link byte of the group's units (`1 / cost`: one kind
+    /// per group, all written), what the engine's freeze estimate counts.
+    pub raw: f64,
 }
 
 /// Runs the recursion. `groups` holds only groups with `lambda > 0` and
@@ -141,13 +150,14 @@ pub(crate) fn run(
     for k in 0..link.max_rounds.max(1) {
         let t = bytes / link.bandwidth;
         duration += t;
-        let mut rem = 0.0;
+        let (mut rem, mut raw) = (0.0, 0.0);
         if t > 0.0 {
             for (g, s) in groups.iter().zip(sent.iter_mut()) {
                 let (redirty, any) = redirty_and_any(g.lambda * t);
                 let d = *s * redirty + (g.bytes - *s) * any;
                 *s = d;
                 rem += d;
+                raw += d * g.raw;
             }
         } else {
             sent.iter_mut().for_each(|s| *s = 0.0);
@@ -160,7 +170,7 @@ pub(crate) fn run(
                 dirty_bytes: rem,
             });
         }
-        let stop = link.stop(k, bytes, rem);
+        let stop = link.stop(k, bytes, rem, raw);
         if let Some(stop) = stop {
             return PrecopyOutcome {
                 duration,
@@ -195,7 +205,8 @@ pub(crate) fn sent_in_round(
             })
             .collect();
         let rem: f64 = next.iter().sum();
-        let stop = link.stop(k, bytes, rem).is_some();
+        let raw: f64 = next.iter().zip(groups).map(|(d, g)| d * g.raw).sum();
+        let stop = link.stop(k, bytes, rem, raw).is_some();
         if stop {
             break;
         }

@@ -134,17 +134,19 @@ pub(crate) fn predict(
     loop {
         let t = bytes / b;
         duration += t;
-        let mut rem = 0.0;
+        let (mut rem, mut raw) = (0.0, 0.0);
         for (u, s) in set.iter().zip(sent.iter_mut()) {
             let x = u.lam_w * t;
             let d = *s * p_redirty(x) + (u.wire - *s) * p_any(x);
             *s = d;
             rem += d;
+            // The engine's estimate: written units, uncompressed.
+            raw += d / link.wire.of(u.kind, true);
         }
         rounds += 1;
         let met = params
             .downtime_target
-            .is_some_and(|target| rem / b + fixed <= target);
+            .is_some_and(|target| raw / b + fixed <= target);
         let unit = p.page_size.max(p.chunk_size) as f64;
         let converged = rem <= params.converged * (state + unit);
         if rem <= 0.0

@@ -301,7 +301,11 @@ fn units_cross_the_link_at_their_own_wire_cost() {
         state_bytes: 0,
         // 10 pages written in every interval, 90 never written; 8 chunks
         // never written.
-        pages: [vec![UnitCounters::rw(4, 4); 10], vec![UnitCounters::rw(1, 0); 90]].concat(),
+        pages: [
+            vec![UnitCounters::rw(4, 4); 10],
+            vec![UnitCounters::rw(1, 0); 90],
+        ]
+        .concat(),
         chunks: vec![UnitCounters::rw(0, 0); 8],
     });
     let wire = WireCost {
@@ -316,14 +320,27 @@ fn units_cross_the_link_at_their_own_wire_cost() {
             max_rounds: 1,
             ..ModelParams::default()
         };
-        Model::new(&p, Link { bandwidth: b, rtt: 0.0, wire }, params).unwrap()
+        Model::new(
+            &p,
+            Link {
+                bandwidth: b,
+                rtt: 0.0,
+                wire,
+            },
+            params,
+        )
+        .unwrap()
     };
     let (one, costed) = (model(WireCost::ONE), model(wire));
     // Everything pre-copied: round 0 carries 10 written pages at 1 and 90
     // unwritten at 0.25, and the 8 chunks at 0.5.
     let all = costed.predict(1.0, 1.0);
     let round0 = 10.0 * 4096.0 + 90.0 * 4096.0 * 0.25 + 8.0 * 65536.0 * 0.5;
-    assert!((all.rounds[0].bytes - round0).abs() < 1e-6, "{:?}", all.rounds[0]);
+    assert!(
+        (all.rounds[0].bytes - round0).abs() < 1e-6,
+        "{:?}",
+        all.rounds[0]
+    );
     assert!((all.precopy_s - round0 / b).abs() < 1e-9);
     // Only the written pages are dirty again, at their cost (1): the
     // remainder is the same as without costs for the same round length.
@@ -338,6 +355,57 @@ fn units_cross_the_link_at_their_own_wire_cost() {
     assert!((none_plain.postcopy_bytes - (100.0 * 4096.0 + 8.0 * 65536.0)).abs() < 1e-6);
     // A cheaper push shortens the time hot pages stay absent.
     assert!(none.penalty_s < none_plain.penalty_s);
+}
+
+/// Pre-copy stops as the engine does: once the freeze it estimates with the
+/// dirty units uncompressed meets the target; the freeze itself carries
+/// them compressed.
+#[test]
+fn the_stop_rule_counts_dirty_units_uncompressed() {
+    let p = classes_of(&UnitProfile {
+        samples: 20,
+        interval_s: 0.25,
+        page_size: 4096,
+        chunk_size: 65536,
+        state_bytes: 100_000,
+        pages: [
+            vec![UnitCounters::rw(4, 4); 200],
+            vec![UnitCounters::rw(1, 1); 4000],
+            vec![UnitCounters::rw(0, 0); 10_000],
+        ]
+        .concat(),
+        chunks: vec![],
+    });
+    let wire = WireCost {
+        page_written: 0.5,
+        ..WireCost::ONE
+    };
+    let (b, target) = (5e6, 0.3);
+    let params = ModelParams {
+        downtime_target: Some(target),
+        ..ModelParams::default()
+    };
+    let model = Model::new(
+        &p,
+        Link {
+            bandwidth: b,
+            rtt: 0.01,
+            wire,
+        },
+        params,
+    )
+    .unwrap();
+    let pred = model.predict(1.0, 0.0);
+    assert_eq!(pred.stop, StopReason::TargetMet, "{pred:?}");
+    let fixed = model.min_downtime();
+    let engine_estimate = |link_bytes: f64| link_bytes / 0.5 / b + fixed;
+    let n = pred.rounds.len();
+    assert!(n >= 2, "{:?}", pred.rounds);
+    assert!(engine_estimate(pred.rounds[n - 1].dirty_bytes) <= target);
+    assert!(engine_estimate(pred.rounds[n - 2].dirty_bytes) > target);
+    // The freeze sends the remainder at its cost: half the estimate's time.
+    assert!((pred.downtime_s - (pred.remainder_bytes / b + fixed)).abs() < 1e-12);
+    assert!(pred.downtime_s < engine_estimate(pred.remainder_bytes));
 }
 
 #[test]
