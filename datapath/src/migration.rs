@@ -27,9 +27,7 @@ use crate::engine::{
     DestConfig, DestReport, EngineError, PageOrder, PageOrderError, SourceConfig, run_destination,
     run_source, run_source_adaptive,
 };
-use crate::planning::{
-    EnginePlan, GuestUnits, PlanningError, WireRatios, plan_from_segment, plan_in_process,
-};
+use crate::planning::{EnginePlan, GuestUnits, PlanningError, plan_from_segment, plan_in_process};
 use crate::profiling::{ProfileOptions, profile_guest};
 use crate::qemu::RunState;
 use crate::report::MigrationReport;
@@ -632,14 +630,20 @@ pub(crate) fn plan(
             rate,
             rtt,
             downtime_target,
-        } => planned(plan_in_process(
-            path,
-            *rate,
-            *rtt,
-            *downtime_target,
-            guest,
-            WireRatios::NONE,
-        )?),
+        } => {
+            // How the guest's content compresses now, split as the
+            // profile saw it written.
+            let profile = wanmig_planner::profile::Profile::open(path).map_err(|e| {
+                PlanningError::Profile {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+            let wire = crate::profiling::wire_ratios_for_profile(source, &profile)?;
+            let mut p = plan_in_process(path, *rate, *rtt, *downtime_target, guest, wire)?;
+            p.origin = format!("{} ({})", p.origin, wire.describe(guest.chunks > 0));
+            planned(p)
+        }
         Planning::ProfileNow {
             path,
             samples,

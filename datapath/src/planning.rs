@@ -123,13 +123,21 @@ pub struct WireRatios {
 }
 
 impl WireRatios {
-    /// Unknown: one unit byte per link byte.
-    pub const NONE: WireRatios = WireRatios {
-        page_written: 1.0,
-        page_unwritten: 1.0,
-        chunk_written: 1.0,
-        chunk_unwritten: 1.0,
-    };
+    /// One line for a report: how pages (and chunks, `with_chunks`)
+    /// compress on the wire.
+    pub fn describe(&self, with_chunks: bool) -> String {
+        let mut s = format!(
+            "on the wire pages compress {:.2}x, {:.2}x those the guest rewrites",
+            self.page_unwritten, self.page_written
+        );
+        if with_chunks {
+            s.push_str(&format!(
+                ", chunks {:.2}x, {:.2}x those it rewrites",
+                self.chunk_unwritten, self.chunk_written
+            ));
+        }
+        s
+    }
 
     /// The planner's link bytes per unit byte (a ratio below 1e-3 is taken
     /// as 1e-3: no content expands a thousandfold).

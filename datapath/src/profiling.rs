@@ -176,18 +176,7 @@ impl ProfileStats {
                 self.chunks_read, self.chunks, self.chunks_written
             ));
         }
-        let w = &self.wire;
-        s.push_str(&format!(
-            "; on the wire pages compress {:.2}x, {:.2}x those the guest rewrites",
-            w.page_unwritten, w.page_written
-        ));
-        if self.chunks > 0 {
-            s.push_str(&format!(
-                ", chunks {:.2}x, {:.2}x those it rewrites",
-                w.chunk_unwritten, w.chunk_written
-            ));
-        }
-        s.push(')');
+        s.push_str(&format!("; {})", self.wire.describe(self.chunks > 0)));
         s
     }
 }
@@ -337,6 +326,81 @@ fn written_and_unwritten_ratios(
         wire_ratio(kind, unit_size, set, RATIO_MIN_SAMPLE, &mut read).unwrap_or(whole)
     };
     (of(&w), of(&u))
+}
+
+/// [`WireRatios`] of the guest as it is now: its `pages` (non-zero) and
+/// `chunks` (with data), split by what `page_written` and `chunk_written`
+/// say the profile saw.
+fn measure_wire_ratios(
+    backend: &dyn SourceBackend,
+    pages: &[u64],
+    page_written: impl Fn(u64) -> bool,
+    chunks: &[u64],
+    chunk_written: impl Fn(u64) -> bool,
+) -> WireRatios {
+    let mem = backend.memory();
+    let disks = backend.disks();
+    let (page_written, page_unwritten) = written_and_unwritten_ratios(
+        crate::wire::UnitKind::Page,
+        backend.page_size(),
+        pages,
+        page_written,
+        |p, buf| {
+            mem.copy_page(p, buf);
+            true
+        },
+    );
+    let chunk_size = disks
+        .as_ref()
+        .map_or(0, |d| d.space().chunk_size() as usize);
+    let (chunk_written, chunk_unwritten) = written_and_unwritten_ratios(
+        crate::wire::UnitKind::Chunk,
+        chunk_size,
+        chunks,
+        chunk_written,
+        |c, buf| disks.as_ref().is_some_and(|d| d.read(c, buf).is_ok()),
+    );
+    WireRatios {
+        page_written,
+        page_unwritten,
+        chunk_written,
+        chunk_unwritten,
+    }
+}
+
+/// [`WireRatios`] for planning from a profile taken earlier (`wanmig
+/// profile`): the guest's content as it is now, split by what the profile
+/// saw written (at most 16 MiB of each set read and compressed).
+pub fn wire_ratios_for_profile(
+    backend: &dyn SourceBackend,
+    profile: &wanmig_planner::profile::Profile,
+) -> Result<WireRatios, PlanningError> {
+    use wanmig_planner::profile::Kind;
+    let err = profile_err(profile.path());
+    let units = |kind: Kind, limit: u64| {
+        let (mut nonzero, mut written) = (Vec::new(), std::collections::HashSet::new());
+        profile
+            .for_each(kind, |i, c| {
+                if i < limit && !c.zero {
+                    nonzero.push(i);
+                    if c.w > 0 {
+                        written.insert(i);
+                    }
+                }
+            })
+            .map(|()| (nonzero, written))
+            .map_err(|e| err(e.to_string()))
+    };
+    let chunks = backend.disks().map_or(0, |d| d.space().chunks());
+    let (pages, pages_written) = units(Kind::Page, backend.page_count())?;
+    let (chunks, chunks_written) = units(Kind::Chunk, chunks)?;
+    Ok(measure_wire_ratios(
+        backend,
+        &pages,
+        |p| pages_written.contains(&p),
+        &chunks,
+        |c| chunks_written.contains(&c),
+    ))
 }
 
 /// The next window's length: as many pages as the budget allows at the
@@ -491,29 +555,13 @@ pub fn profile_guest(
             d.space().chunk_size()
         });
     let data_chunks: Vec<u64> = (0..chunks).filter(|&c| with_data[c as usize]).collect();
-    let (page_written, page_unwritten) = written_and_unwritten_ratios(
-        crate::wire::UnitKind::Page,
-        ps,
+    let wire = measure_wire_ratios(
+        backend,
         &nonzero,
         |p| tally[p as usize].w > 0,
-        |p, buf| {
-            mem.copy_page(p, buf);
-            true
-        },
-    );
-    let (chunk_written, chunk_unwritten) = written_and_unwritten_ratios(
-        crate::wire::UnitKind::Chunk,
-        chunk_size as usize,
         &data_chunks,
         |c| chunk_tally[c as usize].w > 0,
-        |c, buf| disks.as_ref().is_some_and(|d| d.read(c, buf).is_ok()),
     );
-    let wire = WireRatios {
-        page_written,
-        page_unwritten,
-        chunk_written,
-        chunk_unwritten,
-    };
     let header = ProfileHeader {
         samples,
         interval_ns: interval.as_nanos() as u64,

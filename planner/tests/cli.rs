@@ -140,6 +140,54 @@ fn plan_json_has_the_documented_keys() {
     assert!(num(&v, &["predicted", "downtime_s"]) <= 0.5);
 }
 
+/// `--wire-ratios`: units that compress 2x cross the link in half the time;
+/// malformed ratios are refused.
+#[test]
+fn wire_ratios_price_the_link() {
+    let dir = TempDir::new("wire");
+    let f = synth(&dir, "web");
+    let predict = |extra: &[&str]| {
+        let mut args = vec![
+            "predict",
+            "--profile",
+            f.to_str().unwrap(),
+            "--bandwidth",
+            "40mbit",
+            "--rtt",
+            "5ms",
+            "--m",
+            "0",
+            "--s",
+            "0",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let v: Value = serde_json::from_str(&ok(&args)).unwrap();
+        num(&v, &["predicted", "uptime_s"])
+    };
+    let (plain, half) = (predict(&[]), predict(&["--wire-ratios", "2,2,2,2"]));
+    assert!(plain > 1.0, "{plain}");
+    assert!((half / plain - 0.5).abs() < 1e-9, "{half} vs {plain}");
+    for bad in ["2,2,2", "2,0,2,2", "2,x,2,2"] {
+        let out = run(&[
+            "plan",
+            "--profile",
+            f.to_str().unwrap(),
+            "--bandwidth",
+            "40mbit",
+            "--rtt",
+            "5ms",
+            "--wire-ratios",
+            bad,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--wire-ratios"),
+            "{bad}"
+        );
+    }
+}
+
 #[test]
 fn predict_summary_and_heatmap() {
     let dir = TempDir::new("predict");

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[cfg(feature = "heatmap")]
 use wanmig_planner::heatmap::{self, HeatmapOptions};
-use wanmig_planner::model::{Link, Model, ModelParams, Policy, Prediction};
+use wanmig_planner::model::{Link, Model, ModelParams, Policy, Prediction, WireCost};
 use wanmig_planner::plan::{Plan, PredictedReport, make_plan};
 use wanmig_planner::profile::format::AtomicFile;
 use wanmig_planner::profile::summary::Summary;
@@ -120,11 +120,41 @@ struct ModelArgs {
     /// guest (a page never seen read then never faults in the model).
     #[arg(long)]
     per_page_reads: bool,
+    /// How units compress on the wire, as `wanmig profile` reports it: unit
+    /// bytes per link byte of pages the guest rewrites, the other pages,
+    /// chunks it rewrites and the other chunks (e.g. `2.7,1.6,1.0,1.1`).
+    /// Default: 1 for all (the link carries units uncompressed).
+    #[arg(long, value_parser = parse_wire_ratios)]
+    wire_ratios: Option<WireCost>,
+}
+
+/// `PW,PU,CW,CU` compression ratios as the planner's wire costs (their
+/// inverses).
+fn parse_wire_ratios(s: &str) -> Result<WireCost, String> {
+    let r: Vec<f64> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    match r[..] {
+        [pw, pu, cw, cu] if r.iter().all(|x| x.is_finite() && *x > 0.0) => Ok(WireCost {
+            page_written: 1.0 / pw,
+            page_unwritten: 1.0 / pu,
+            chunk_written: 1.0 / cw,
+            chunk_unwritten: 1.0 / cu,
+        }),
+        _ => Err(format!(
+            "{s:?}: four positive ratios (pages rewritten, other pages, chunks rewritten, other chunks)"
+        )),
+    }
 }
 
 impl ModelArgs {
     fn link(&self) -> Link {
-        Link::new(self.bandwidth, self.rtt)
+        Link {
+            wire: self.wire_ratios.unwrap_or(WireCost::ONE),
+            ..Link::new(self.bandwidth, self.rtt)
+        }
     }
 
     fn params(&self) -> ModelParams {
