@@ -143,7 +143,7 @@ pub struct ProfileStats {
     /// How the guest's content compresses on the wire: raw bytes over
     /// frame bytes (LZ4 and headers, as the engine sends them) of a
     /// scattered sample of the units of each kind the guest wrote while
-    /// profiled and of the others with data (see [`sample_wire_ratios`]).
+    /// profiled and of the others with data (up to 16 MiB of each set).
     pub wire: WireRatios,
 }
 
@@ -320,12 +320,15 @@ fn written_and_unwritten_ratios(
     written: impl Fn(u64) -> bool,
     mut read: impl FnMut(u64, &mut Vec<u8>) -> bool,
 ) -> (f64, f64) {
-    let whole = wire_ratio(kind, unit_size, units, 1, &mut read).unwrap_or(1.0);
     let (w, u): (Vec<u64>, Vec<u64>) = units.iter().partition(|&&i| written(i));
-    let mut of = |set: &[u64]| {
-        wire_ratio(kind, unit_size, set, RATIO_MIN_SAMPLE, &mut read).unwrap_or(whole)
+    let written = wire_ratio(kind, unit_size, &w, RATIO_MIN_SAMPLE, &mut read);
+    let unwritten = wire_ratio(kind, unit_size, &u, RATIO_MIN_SAMPLE, &mut read);
+    // The whole kind is sampled only for a set too small to stand alone.
+    let whole = match (written, unwritten) {
+        (Some(_), Some(_)) => 1.0,
+        _ => wire_ratio(kind, unit_size, units, 1, &mut read).unwrap_or(1.0),
     };
-    (of(&w), of(&u))
+    (written.unwrap_or(whole), unwritten.unwrap_or(whole))
 }
 
 /// [`WireRatios`] of the guest as it is now: its `pages` (non-zero) and

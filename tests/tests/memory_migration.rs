@@ -267,6 +267,19 @@ fn a_profiled_and_planned_migration_carries_the_planners_prediction() {
         .expect("a planned migration reports the planner's prediction");
     assert!(p.gamma > 0.0 && p.gamma <= 1.0 && p.total_s > 0.0, "{p:?}");
     assert!(r.plan_origin.contains("planner"), "{}", r.plan_origin);
+    // The planner priced the link by what the profiler measured: the
+    // checker's pages (random payload) barely compress, the rest of RAM
+    // (kernel, page cache, zero-filled tails) does.
+    let wire = r.planner_link.expect("planned in process").wire;
+    assert!(
+        wire.page_written > 0.9 && wire.page_unwritten < 0.8 * wire.page_written,
+        "{wire:?}"
+    );
+    assert!(
+        r.plan_origin.contains("on the wire pages compress"),
+        "{}",
+        r.plan_origin
+    );
     // The plan's M is what the engine pre-copied.
     let pre = r.source.precopy_pages as f64 / r.source.pages as f64;
     assert!((pre - r.plan.m).abs() < 1e-9);
