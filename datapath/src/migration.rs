@@ -633,12 +633,8 @@ pub(crate) fn plan(
         } => {
             // How the guest's content compresses now, split as the
             // profile saw it written.
-            let profile = wanmig_planner::profile::Profile::open(path).map_err(|e| {
-                PlanningError::Profile {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                }
-            })?;
+            let profile = wanmig_planner::profile::Profile::open(path)
+                .map_err(|e| crate::planning::profile_err(path)(e.to_string()))?;
             let wire = crate::profiling::wire_ratios_for_profile(source, &profile)?;
             let mut p = plan_in_process(path, *rate, *rtt, *downtime_target, guest, wire)?;
             p.origin = format!("{} ({})", p.origin, wire.describe(guest.chunks > 0));
