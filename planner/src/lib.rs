@@ -117,13 +117,13 @@
 //!
 //! **Post-copy arrivals** ([`model::postcopy`]). Everything outside the
 //! pre-copy set is pushed once, in one merged rank order (pages before
-//! chunks on a full tie). A populated unit costs `unit` bytes of push; a
+//! chunks on a full tie). A populated unit costs `unit c` link bytes of push; a
 //! unit that was zero at profile end costs nothing if it is still zero at
 //! the freeze, which happens with probability `e^{-lambda_w T_pre}`, so it
 //! costs `q = 1 - e^{-lambda_w T_pre}` of a unit in expectation (a
 //! still-zero unit is mapped as zero at the destination: no push, no
 //! fault). The `j`-th unit of a class whose push starts at `a` bytes
-//! arrives at wall time `(a + j q unit) / B` after resume. A fault fetches
+//! arrives at wall time `(a + j q unit c) / B` after resume. A fault fetches
 //! its unit on demand and the push later skips it: faults do not move other
 //! arrivals (the fetch's own `unit / B` of link time is neglected there),
 //! and `U` = the total push time, `T = T_pre + D + U`.

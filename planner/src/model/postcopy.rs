@@ -12,9 +12,10 @@
 //! the live pre-copy and is no longer zero at the freeze; a still-zero unit
 //! is neither pushed nor fetched: the destination maps it as zero). Using the
 //! expected cost `q` in place of a 0/1 outcome keeps the push timeline
-//! deterministic. The `j`-th unit of a class whose push starts at `a` bytes
-//! arrives when `a + j q unit` bytes have been pushed, i.e. at wall time
-//! `A = (a + j q unit) / B` after resume. A fault fetches its unit on
+//! deterministic. The `j`-th unit of a class whose push starts at `a` link
+//! bytes arrives when `a + j q wire` link bytes have been pushed (`wire` =
+//! the unit's size times its [`WireCost`](super::WireCost)), i.e. at wall
+//! time `A = (a + j q wire) / B` after resume. A fault fetches its unit on
 //! demand and the push later skips it, so faults do not move the arrival of
 //! other units (the fetch's own link time, `unit / B`, is neglected there)
 //! and `U`, the post-copy duration, is the total push time.
@@ -27,7 +28,7 @@
 //! = lambda_r + lambda_w` for pages, `lambda_r + lambda_w (1 - o/w)` for
 //! chunks); it faults iff the unit has not arrived by then in **wall**
 //! time, `W(t_u) < A_u`, and each fault stalls the guest `stall = RTT +
-//! unit / B`. In expectation (mean field: `S` replaced by its mean),
+//! unit c / B` (`c` the kind's cost for written units). In expectation (mean field: `S` replaced by its mean),
 //!
 //! ```text
 //! dS/dt = sum over units u not arrived by W(t) of  q_u lambda_u e^{-lambda_u t} stall_u

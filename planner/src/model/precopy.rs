@@ -20,10 +20,11 @@
 //! 1. `rem == 0` (nothing left to resend): stop;
 //! 2. a downtime target is set and the freeze time the engine estimates,
 //!    `(raw + state)/B + RTT + overhead`, meets it: stop. `raw` is the
-//!    remainder's unit bytes (`sum d_w x raw_w`, see [`Group::raw`]): the
-//!    engine cannot know how the dirty units will compress before it sends
-//!    them, so its test counts them uncompressed, and the freeze that
-//!    follows (`D`, at `rem`) is shorter than the target when they compress;
+//!    remainder's unit bytes (`sum d_w x raw_w`, `raw_w` the group's unit
+//!    bytes per link byte): the engine cannot know how the dirty units will
+//!    compress before it sends them, so its test counts them uncompressed,
+//!    and the freeze that follows (`D`, at `rem`) is shorter than the
+//!    target when they compress;
 //! 3. *converged*: the remainder is at most `converged` (default 1 %) of
 //!    the device state plus one unit:
 //!    `rem <= converged * (state + max(page, chunk))`. Sending it adds at
