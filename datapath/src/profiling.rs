@@ -381,13 +381,13 @@ pub fn wire_ratios_for_profile(
     use wanmig_planner::profile::Kind;
     let err = profile_err(profile.path());
     let units = |kind: Kind, limit: u64| {
-        let (mut nonzero, mut written) = (Vec::new(), std::collections::HashSet::new());
+        let (mut nonzero, written) = (Vec::new(), crate::bits::AtomicBitmap::new(limit));
         profile
             .for_each(kind, |i, c| {
                 if i < limit && !c.zero {
                     nonzero.push(i);
                     if c.w > 0 {
-                        written.insert(i);
+                        written.set(i);
                     }
                 }
             })
@@ -400,9 +400,9 @@ pub fn wire_ratios_for_profile(
     Ok(measure_wire_ratios(
         backend,
         &pages,
-        |p| pages_written.contains(&p),
+        |p| pages_written.get(p),
         &chunks,
-        |c| chunks_written.contains(&c),
+        |c| chunks_written.get(c),
     ))
 }
 

@@ -272,15 +272,17 @@ pub(crate) fn page_bitmap(pages: u64, page_size: usize) -> DirtyBitmap {
         .expect("page-aligned range from 0")
 }
 
+/// Sends page `p` on connection `conn` ("bulk" or "fault", for errors).
 fn send_page(
     tx: &mut UnitSender,
     mem: &dyn PageReader,
     p: u64,
     ps: usize,
+    conn: &'static str,
 ) -> Result<(), EngineError> {
     tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
         .map(drop)
-        .map_err(EngineError::send("bulk"))
+        .map_err(EngineError::send(conn))
 }
 
 /// Runs the source side of a migration over `conns`.
@@ -557,7 +559,7 @@ fn migrate(
     let mut sent0 = 0u64;
     for &p in order.precopy() {
         if populated.get(p) {
-            send_page(tx, mem.as_ref(), p, ps)?;
+            send_page(tx, mem.as_ref(), p, ps, "bulk")?;
             sent0 += 1;
         }
     }
@@ -721,7 +723,7 @@ fn migrate(
             .send_control(ControlCode::RoundBegin { round })
             .map_err(EngineError::send("bulk"))?;
         for &p in &todo {
-            send_page(&mut bulk.tx, mem.as_ref(), p, ps)?;
+            send_page(&mut bulk.tx, mem.as_ref(), p, ps, "bulk")?;
         }
         if let Some(st) = &mut storage {
             st.report.precopy_sends += st.send_pending(&mut bulk.tx)?;
@@ -793,7 +795,7 @@ fn migrate(
         .iter_set()
         .filter(|&p| p < pages && order.is_precopy(p) && populated.get(p))
     {
-        send_page(tx, mem.as_ref(), p, ps)?;
+        send_page(tx, mem.as_ref(), p, ps, "bulk")?;
         remainder += 1;
     }
     if let Some(st) = &mut storage {
@@ -1049,7 +1051,7 @@ fn push(
                     skipped += 1;
                     continue;
                 }
-                send_page(tx, mem, p, ps)?;
+                send_page(tx, mem, p, ps, "bulk")?;
                 pushed += 1;
             }
             PushUnit::Chunk(c) => {
@@ -1199,8 +1201,7 @@ fn serve_faults(
                     } else {
                         sent.set(p);
                         here.set(p);
-                        tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
-                            .map_err(EngineError::send("fault"))?;
+                        send_page(tx, mem, p, ps, "fault")?;
                         st.pages += 1;
                     }
                     // A guest's fault, not the sweep of a broken bulk
@@ -1211,8 +1212,7 @@ fn serve_faults(
                     for q in readahead.on_request(p, sent_ahead) {
                         if sent.insert(q) {
                             here.set(q);
-                            tx.send_unit(UnitKind::Page, q, ps, |out| mem.copy_page(q, out))
-                                .map_err(EngineError::send("fault"))?;
+                            send_page(tx, mem, q, ps, "fault")?;
                             st.readahead_pages += 1;
                         }
                     }
