@@ -3,7 +3,10 @@
 //!
 //! The source connects (`bulk` first, then `fault`); the destination accepts
 //! both, in whatever order they arrive, and insists that the second belongs to
-//! the same migration and geometry as the first. Every connection carries
+//! the same migration and geometry as the first. For a Xen guest the
+//! direction is reversed ([`accept_destination`], [`connect_to_source`]): the
+//! source listens where the hand-off record in the toolstack's stream says,
+//! the destination dials; the source remains the handshake's client. Every connection carries
 //! frames both ways, so each becomes a [`Connection`]: a [`UnitSender`] and a
 //! [`FrameReceiver`] on two descriptors of the same socket.
 
@@ -298,6 +301,123 @@ fn accept_pair(
         bulk: bulk.expect("loop ends with both"),
         fault: fault.expect("loop ends with both"),
     })
+}
+
+/// Source side when the destination dials (a Xen migration: the hand-off
+/// record in the toolstack's stream names this listener): accepts on
+/// `listener` until one connection completed the handshake as `bulk`, then
+/// one as `fault`. The source is still the handshake's client; a connection
+/// that fails it (a stray peer, a wrong key) is dropped and the wait goes on,
+/// so it cannot end the migration. Gives up at `deadline` with
+/// [`ConnectError::AcceptTimeout`] (naming the last refused handshake, if
+/// any, in `refused`).
+pub fn accept_destination(
+    listener: &TcpListener,
+    migration_id: MigrationId,
+    geometry: Geometry,
+    key: &PskKey,
+    cfg: &LinkConfig,
+    deadline: Instant,
+    refused: &mut Vec<ConnectError>,
+) -> Result<ConnectionPair, ConnectError> {
+    let local = listener
+        .local_addr()
+        .map_err(tcp_err(ConnKind::Bulk, unspecified()))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(tcp_err(ConnKind::Bulk, local))?;
+    let started = Instant::now();
+    let mut bulk: Option<Connection> = None;
+    let result = loop {
+        let conn = if bulk.is_none() {
+            ConnKind::Bulk
+        } else {
+            ConnKind::Fault
+        };
+        let (mut sock, peer) = match listener.accept() {
+            Ok(pair) => pair,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                if Instant::now() >= deadline {
+                    break Err(ConnectError::AcceptTimeout {
+                        local,
+                        after: deadline.saturating_duration_since(started),
+                    });
+                }
+                if let Err(e) = wait_for_connection(listener, ACCEPT_POLL) {
+                    break Err(tcp_err(conn, local)(e));
+                }
+                continue;
+            }
+            Err(e) => break Err(tcp_err(conn, local)(e)),
+        };
+        let opened = (|| {
+            sock.set_nonblocking(false).map_err(tcp_err(conn, peer))?;
+            set_timeouts(&sock, Some(cfg.handshake_timeout)).map_err(tcp_err(conn, peer))?;
+            let params = ClientParams {
+                conn,
+                migration_id,
+                geometry,
+            };
+            let session = client_handshake(&mut sock, &params, key)
+                .map_err(|source| ConnectError::Handshake { conn, peer, source })?;
+            finish(sock, session, peer, cfg)
+        })();
+        match opened {
+            Ok(c) if conn == ConnKind::Bulk => bulk = Some(c),
+            Ok(fault) => {
+                break Ok(ConnectionPair {
+                    bulk: bulk.take().expect("bulk before fault"),
+                    fault,
+                });
+            }
+            // Not our destination: drop it, keep waiting.
+            Err(e) => refused.push(e),
+        }
+    };
+    let restored = listener
+        .set_nonblocking(false)
+        .map_err(tcp_err(ConnKind::Bulk, local));
+    let pair = result?;
+    restored?;
+    Ok(pair)
+}
+
+/// Destination side when it dials the source ([`accept_destination`]):
+/// connects `bulk` then `fault` to `src` and runs the handshake's server side
+/// on each, insisting on `policy` (the migration id the hand-off named).
+pub fn connect_to_source(
+    src: SocketAddr,
+    policy: &ServerPolicy,
+    key: &PskKey,
+    cfg: &LinkConfig,
+) -> Result<ConnectionPair, ConnectError> {
+    let mut policy = *policy;
+    let mut open = |conn: ConnKind| -> Result<Connection, ConnectError> {
+        let mut sock =
+            TcpStream::connect_timeout(&src, cfg.handshake_timeout).map_err(tcp_err(conn, src))?;
+        set_timeouts(&sock, Some(cfg.handshake_timeout)).map_err(tcp_err(conn, src))?;
+        let this = ServerPolicy {
+            accept_conn: Some(conn),
+            ..policy
+        };
+        let session =
+            server_handshake(&mut sock, &this, key).map_err(|source| ConnectError::Handshake {
+                conn,
+                peer: src,
+                source,
+            })?;
+        policy.expect_migration_id = Some(session.migration_id);
+        policy.expect_geometry = Some(session.geometry);
+        finish(sock, session, src, cfg)
+    };
+    let bulk = open(ConnKind::Bulk)?;
+    let fault = open(ConnKind::Fault)?;
+    Ok(ConnectionPair { bulk, fault })
 }
 
 /// Waits up to `timeout` for a pending connection on `listener`.

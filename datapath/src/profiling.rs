@@ -348,10 +348,7 @@ fn measure_wire_ratios(
         backend.page_size(),
         pages,
         page_written,
-        |p, buf| {
-            mem.copy_page(p, buf);
-            true
-        },
+        |p, buf| mem.copy_page(p, buf).is_ok(),
     );
     let chunk_size = disks
         .as_ref()
@@ -537,7 +534,7 @@ pub fn profile_guest(
     let mut page = vec![0u8; ps];
     for p in 0..pages {
         if populated.get(p) {
-            mem.copy_page(p, &mut page);
+            mem.copy_page(p, &mut page)?;
             if crate::wire::is_zero(&page) {
                 populated.unset(p);
             }

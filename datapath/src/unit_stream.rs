@@ -88,8 +88,27 @@ impl UnitSender {
         len: usize,
         copy_out: impl FnOnce(&mut [u8]),
     ) -> Result<Encoding, UnitSendError> {
+        self.try_send_unit(kind, index, len, |out| {
+            copy_out(out);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map(|r| r.unwrap_or_else(|e| match e {}))
+    }
+
+    /// [`send_unit`](Self::send_unit) with a copy that can fail: when
+    /// `copy_out` fails nothing is sent and its error comes back (inside an
+    /// `Ok`: the connection is fine).
+    pub fn try_send_unit<E>(
+        &mut self,
+        kind: UnitKind,
+        index: u64,
+        len: usize,
+        copy_out: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Result<Encoding, E>, UnitSendError> {
         self.scratch.resize(len, 0);
-        copy_out(&mut self.scratch);
+        if let Err(e) = copy_out(&mut self.scratch) {
+            return Ok(Err(e));
+        }
         let out = self.tx.reserve(encode_buffer_len(len, self.compression))?;
         let encoded = crate::wire::encode_unit(out, kind, index, &self.scratch, self.compression)
             .map_err(|source| UnitSendError::Encode {
@@ -107,7 +126,7 @@ impl UnitSender {
             Encoding::Lz4 => s.lz4 += 1,
             Encoding::Zero => s.zero += 1,
         }
-        Ok(encoded.encoding)
+        Ok(Ok(encoded.encoding))
     }
 
     /// Sends a control message.

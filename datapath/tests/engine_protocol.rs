@@ -125,7 +125,7 @@ impl SrcGuest {
 struct SrcReader(Arc<SrcGuest>);
 
 impl PageReader for SrcReader {
-    fn copy_page(&self, index: u64, out: &mut [u8]) {
+    fn copy_page(&self, index: u64, out: &mut [u8]) -> Result<(), BackendError> {
         if self.0.paused.load(Ordering::Acquire) {
             // Called outside the lock: threads reading pages do not wait
             // for each other's hooks.
@@ -135,6 +135,7 @@ impl PageReader for SrcReader {
             }
         }
         out.copy_from_slice(&self.0.page(index));
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@
 //!   post-copy faults on the destination (see `xen-patches/`).
 
 pub mod qemu;
+pub mod xen;
 
 use std::time::Duration;
 
@@ -52,8 +53,9 @@ impl BackendError {
 /// Reads guest pages; shared between the bulk pusher and the fault server.
 pub trait PageReader: Send + Sync {
     /// Copies page `index` into `out` (`page_size` bytes): a snapshot of a page
-    /// the guest may be writing.
-    fn copy_page(&self, index: u64, out: &mut [u8]);
+    /// the guest may be writing. An error means the page could not be read
+    /// at all (`out` holds nothing of it): it must never be sent.
+    fn copy_page(&self, index: u64, out: &mut [u8]) -> Result<(), BackendError>;
 }
 
 /// The source side of a hypervisor.
@@ -156,6 +158,33 @@ pub trait DestBackend: Send {
     /// Makes page `index` absent again before the guest runs (it will read as
     /// zero or fault, as the engine decides).
     fn discard_page(&mut self, index: u64) -> Result<(), BackendError>;
+    /// Page `index` arrived as all zeros before the guest runs (`was_present`:
+    /// it held data here until now). By default it becomes absent (a hole
+    /// reads as zero); a backend whose guests tell a zero page from no
+    /// memory at all (Xen) puts a zero page there.
+    fn zero_page(&mut self, index: u64, was_present: bool) -> Result<(), BackendError> {
+        if was_present {
+            self.discard_page(index)
+        } else {
+            Ok(())
+        }
+    }
+    /// The source announced page `index` as zero or absent (`ZeroPages`)
+    /// before the guest runs (`was_present`: it held data here until now).
+    /// By default it becomes absent, like [`zero_page`](Self::zero_page).
+    fn hole_page(&mut self, index: u64, was_present: bool) -> Result<(), BackendError> {
+        if was_present {
+            self.discard_page(index)
+        } else {
+            Ok(())
+        }
+    }
+    /// Whether page `index` is known to be no memory at all here (reading it
+    /// would give zeros without touching anything): the integrity check then
+    /// takes the zero page's digest for it.
+    fn is_hole(&self, _index: u64) -> bool {
+        false
+    }
     /// The installer for pages arriving after the resume.
     fn installer(&self) -> std::sync::Arc<dyn PageInstaller>;
     /// Starts tracking guest writes (called just before the device state is

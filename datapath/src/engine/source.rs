@@ -159,6 +159,8 @@ pub struct SourceReport {
     pub precopy_s: f64,
     /// Post-copy push duration (`PostcopyBegin` to `Done`), s.
     pub push_s: f64,
+    /// Sending the digests of the frozen memory and disks (after `Done`), s.
+    pub integrity_s: f64,
     /// Downtime as the source alone can measure it (no shared clock): from
     /// its pause to the destination's `Resumed`, minus half the smallest RTT
     /// seen on the bulk connection (the way back is nearly empty); s.
@@ -280,9 +282,10 @@ fn send_page(
     ps: usize,
     conn: &'static str,
 ) -> Result<(), EngineError> {
-    tx.send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
+    tx.try_send_unit(UnitKind::Page, p, ps, |out| mem.copy_page(p, out))
+        .map_err(EngineError::send(conn))?
         .map(drop)
-        .map_err(EngineError::send(conn))
+        .map_err(EngineError::Backend)
 }
 
 /// Runs the source side of a migration over `conns`.
@@ -579,7 +582,7 @@ fn migrate(
     let mut scratch = vec![0u8; ps];
     for &p in order.postcopy() {
         if populated.get(p) {
-            mem.copy_page(p, &mut scratch);
+            mem.copy_page(p, &mut scratch)?;
             if is_zero(&scratch) {
                 zero.set(p);
             }
@@ -886,7 +889,14 @@ fn migrate(
             .as_mut()
             .zip(chunk_served.as_ref().map(|(_, s)| s.as_ref())),
     );
-    let (pushed, skipped, postcopy_begin, push_done, resumed_seen) = match post {
+    let Postcopied {
+        pushed,
+        skipped,
+        postcopy_begin,
+        push_done,
+        integrity_s,
+        resumed_seen,
+    } = match post {
         Ok(p) => p,
         Err(e) => {
             // The destination owns the guest now and may still need pages:
@@ -920,6 +930,7 @@ fn migrate(
         bytes_sent: bulk.tx.stats().wire_bytes + fault_stats.wire_bytes,
         precopy_s: paused_at.duration_since(start).as_secs_f64(),
         push_s: push_done.duration_since(postcopy_begin).as_secs_f64(),
+        integrity_s,
         downtime_upper_s: resumed_seen.map(|t| t.duration_since(paused_at).as_secs_f64()),
         downtime_estimate_s: resumed_seen.map(|t| {
             let rtt = bulk.tx.sender().pacer().min_rtt().unwrap_or_default();
@@ -981,7 +992,7 @@ fn postcopy(
     sent_by_fault: &SentByFault,
     ps: usize,
     storage: Option<(&mut Storage<'_>, &SentByFault)>,
-) -> Result<(u64, u64, Instant, Instant, Option<Instant>), EngineError> {
+) -> Result<Postcopied, EngineError> {
     bulk.tx
         .send_control(ControlCode::PostcopyBegin)
         .map_err(EngineError::send("bulk"))?;
@@ -1016,14 +1027,37 @@ fn postcopy(
         let read = reader
             .join()
             .map_err(|_| EngineError::Panicked("bulk receiver"))?;
-        let (pushed, skipped, push_done) = pushed?;
+        let (pushed, skipped, push_done, integrity_s) = pushed?;
         let resumed_seen = read?;
-        Ok((pushed, skipped, postcopy_begin, push_done, resumed_seen))
+        Ok(Postcopied {
+            pushed,
+            skipped,
+            postcopy_begin,
+            push_done,
+            integrity_s,
+            resumed_seen,
+        })
     })
 }
 
+/// What the post-copy phase did.
+struct Postcopied {
+    /// Pages pushed.
+    pushed: u64,
+    /// Pages the push skipped (a fault had fetched them).
+    skipped: u64,
+    /// `PostcopyBegin` sent.
+    postcopy_begin: Instant,
+    /// `Done` sent.
+    push_done: Instant,
+    /// Sending the digests, s.
+    integrity_s: f64,
+    /// The destination's `Resumed` arrived.
+    resumed_seen: Option<Instant>,
+}
+
 /// The push, `Done`, the digests, `Goodbye`; returns (pushed, skipped,
-/// push end).
+/// push end, seconds spent sending the digests).
 #[allow(clippy::too_many_arguments)]
 fn push(
     tx: &mut UnitSender,
@@ -1035,7 +1069,7 @@ fn push(
     sent_by_fault: &SentByFault,
     ps: usize,
     mut storage: Option<(&mut Storage<'_>, &SentByFault)>,
-) -> Result<(u64, u64, Instant), EngineError> {
+) -> Result<(u64, u64, Instant, f64), EngineError> {
     let pages = order.pages();
     // Post-copy push, hottest first: pages and the disks' chunks in one
     // ranking when the plan has one (as the model integrates the push),
@@ -1073,6 +1107,7 @@ fn push(
     tx.flush().map_err(EngineError::send("bulk"))?;
     let push_done = Instant::now();
 
+    let digests_start = Instant::now();
     if cfg.integrity {
         send_digests(tx, mem, populated, pages, ps)?;
         if let Some((st, _)) = &mut storage {
@@ -1082,7 +1117,12 @@ fn push(
     tx.send_goodbye().map_err(EngineError::send("bulk"))?;
     tx.flush().map_err(EngineError::send("bulk"))?;
 
-    Ok((pushed, skipped, push_done))
+    Ok((
+        pushed,
+        skipped,
+        push_done,
+        digests_start.elapsed().as_secs_f64(),
+    ))
 }
 
 /// Reads the destination's bulk frames until its goodbye; returns when its
@@ -1137,7 +1177,7 @@ fn send_digests(
         crcs.clear();
         for p in first..first + n {
             if populated.get(p) {
-                mem.copy_page(p, &mut page);
+                mem.copy_page(p, &mut page)?;
                 crcs.push(crc32fast::hash(&page));
             } else {
                 crcs.push(zero_crc);

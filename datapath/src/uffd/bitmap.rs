@@ -214,6 +214,21 @@ impl DirtyBitmap {
         &self.words
     }
 
+    /// Adds the pages of a bitmap in the layout of [`words`](Self::words)
+    /// (e.g. one a hypervisor filled); bits past the last page, and words
+    /// past the map, are ignored.
+    pub fn or_words(&mut self, words: &[u64]) {
+        for (a, b) in self.words.iter_mut().zip(words) {
+            *a |= b;
+        }
+        let tail = self.pages % 64;
+        if tail != 0
+            && let Some(last) = self.words.last_mut()
+        {
+            *last &= (1u64 << tail) - 1;
+        }
+    }
+
     /// The pages in the set, ascending.
     pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
         self.words.iter().enumerate().flat_map(|(i, &w)| {

@@ -2,7 +2,9 @@
 //! and a destination engine is defined.
 //!
 //! A migration uses two TCP connections opened by the source (client) to the
-//! destination (server): **bulk** carries pre-copy rounds, device state and the
+//! destination (server) (for a Xen guest the destination dials a listening
+//! source instead, named by the [`Handoff`] in the toolstack's own stream;
+//! the source is still the handshake's client): **bulk** carries pre-copy rounds, device state and the
 //! background post-copy push; **fault** carries post-copy fault requests and
 //! their answers, so that a fault never waits behind bulk data. Each connection
 //! starts with an authenticated [handshake] (version negotiation,
@@ -152,6 +154,7 @@
 
 mod frame;
 mod geometry;
+pub mod handoff;
 pub mod handshake;
 mod header;
 mod key;
@@ -172,6 +175,7 @@ pub use geometry::{
     DEVICE_STATE_PIECE, Geometry, GeometryError, Limits, MAX_CHUNK_SIZE, MAX_DEVICE_STATE,
     MAX_DIGEST_UNITS, MAX_PAGE_SIZE, MAX_REQUEST_UNITS, MIN_CHUNK_SIZE, MIN_PAGE_SIZE,
 };
+pub use handoff::{HANDOFF_VERSION, Handoff, HandoffError, MAX_HANDOFF_LEN};
 pub use handshake::{
     ClientParams, HANDSHAKE_TIMEOUT, HandshakeError, Role, ServerPolicy, Session, client_handshake,
     server_handshake,

@@ -20,8 +20,9 @@ use crate::uffd::{
 };
 
 impl PageReader for SourceMemory {
-    fn copy_page(&self, index: u64, out: &mut [u8]) {
+    fn copy_page(&self, index: u64, out: &mut [u8]) -> Result<(), BackendError> {
         SourceMemory::copy_page(self, index, out);
+        Ok(())
     }
 }
 
