@@ -1,18 +1,14 @@
-//! wanmig's C ABI.
+//! wanmig's QEMU preload library.
 //!
-//! This crate builds the shared libraries that put wanmig inside other
-//! programs:
+//! This crate builds `libwanmig_ffi.so` (`LD_PRELOAD` into QEMU), which
+//! wraps `mmap`/`mmap64` in QEMU and hands the engine a userfaultfd for the
+//! guest-RAM mapping (source: asynchronous write-protect for the dirty log;
+//! destination: missing-page faults for post-copy). See `ffi/README.md` for
+//! its environment variables, failure policy and use with QEMU.
 //!
-//! - the QEMU preload library (`LD_PRELOAD=libwanmig_ffi.so`), which wraps
-//!   `mmap`/`mmap64` in QEMU and hands the engine a userfaultfd for the
-//!   guest-RAM mapping (source: asynchronous write-protect for the dirty log;
-//!   destination: missing-page faults for post-copy). See `ffi/README.md` for
-//!   its environment variables, failure policy and use with QEMU.
-//! - the hooks Xen's toolstack calls in place of libxenguest's save and restore
-//!   loops (`xen-patches/` holds the patches that call them).
-//!
-//! Both are built here, in Rust, so that the unsafe surface facing C is in one
-//! audited place.
+//! The toolstack library for Xen (`libwanmig.so`, the C ABI in
+//! `ffi/include/wanmig.h`) is a separate crate, `ffi/capi`: a library that
+//! interposes `mmap` must never be loaded into `libxl-save-helper`.
 //!
 //! The `rlib` carries [`proto`], the registration message the preload library
 //! sends, so the engine decodes exactly what the library encodes. Linking the

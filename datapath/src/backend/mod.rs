@@ -11,9 +11,12 @@
 //!   library handing the engine a userfaultfd (write-protect dirty log on the
 //!   source, missing-page faults on the destination), QMP for control and
 //!   device state, `x-ignore-shared` so QEMU itself moves no RAM.
-//! - Xen (dom0, the deployment target) plugs in through the same traits:
-//!   foreign mappings and log-dirty on the source, the `mem_paging` ring for
-//!   post-copy faults on the destination (see `xen-patches/`).
+//! - [`xen`]: HVM and PVH guests on a Xen dom0, migrated from inside the
+//!   patched toolstack (`xen-patches/`, through `libwanmig.so`): foreign
+//!   mappings and log-dirty on the source, populate-and-write on the
+//!   destination; the toolstack carries the CPU and device state and
+//!   unpauses the guest. Pre-copy only so far: post-copy of Xen guests (the
+//!   `mem_paging` ring) is not implemented.
 
 pub mod qemu;
 pub mod xen;

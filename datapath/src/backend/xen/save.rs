@@ -31,9 +31,10 @@ use serde::Serialize;
 use super::source::SuspendFn;
 use super::{Hypervisor, XEN_PAGE_SIZE, XenDest, XenError, XenSource};
 use crate::connection::{self, ConnectError, LinkConfig};
+use crate::engine::plan_channel::{Phase, Telemetry};
 use crate::engine::{
-    DestConfig, EngineError, PageOrder, RoundReport, SourceConfig, run_destination, run_source,
-    run_source_adaptive,
+    DestConfig, EngineError, NewPlan, PageOrder, PlanChannel, RoundReport, SourceConfig,
+    run_destination, run_source, run_source_adaptive,
 };
 use crate::planning::{GuestUnits, PlanningError, plan_from_segment};
 use crate::wire::{Geometry, Handoff, HandoffError, KeyError, MigrationId, PskKey, ServerPolicy};
@@ -197,6 +198,7 @@ fn load_key(path: &str) -> Result<PskKey, XenMigrationError> {
 /// | `verify`       | 1           | send digests of the frozen frames for the destination's check |
 /// | `timeout-s`    | 60          | how long to wait for the destination to dial           |
 /// | `report`       |             | write the report here as JSON                          |
+/// | `progress`     | 1           | a line on stderr per round and phase (the toolstack's log) |
 ///
 /// `advertise` defaults to the `listen` address when that is a specific
 /// one, else to this host's name (`gethostname`).
@@ -220,6 +222,8 @@ pub struct SaveOptions {
     pub accept_timeout: Duration,
     /// JSON report.
     pub report: Option<PathBuf>,
+    /// Progress lines on stderr.
+    pub progress: bool,
 }
 
 impl SaveOptions {
@@ -238,6 +242,7 @@ impl SaveOptions {
             "verify",
             "timeout-s",
             "report",
+            "progress",
         ];
         let mut o = SaveOptions {
             key: PathBuf::new(),
@@ -249,6 +254,7 @@ impl SaveOptions {
             engine: SourceConfig::default(),
             accept_timeout: Duration::from_secs(60),
             report: None,
+            progress: true,
         };
         let (mut key, mut segment, mut profile, mut m_given) = (None, None, None, false);
         for (name, value) in pairs(options, KNOWN)? {
@@ -277,6 +283,7 @@ impl SaveOptions {
                 "verify" => o.engine.integrity = flag(name, value)?,
                 "timeout-s" => o.accept_timeout = Duration::from_secs(number(name, value)?),
                 "report" => o.report = Some(PathBuf::from(value)),
+                "progress" => o.progress = flag(name, value)?,
                 _ => unreachable!("{name} is in KNOWN"),
             }
         }
@@ -633,9 +640,16 @@ impl XenSave {
             (ConnectError::AcceptTimeout { .. }, Some(last)) => XenMigrationError::Network(last),
             (e, _) => XenMigrationError::Network(e),
         })?;
-        let ran = match channel.as_mut() {
-            Some(ch) => run_source_adaptive(&mut source, pair, &order, &self.opts.engine, ch),
-            None => run_source(&mut source, pair, &order, &self.opts.engine),
+        let ran = if self.opts.progress || channel.is_some() {
+            let mut progress = Progress {
+                domid: self.domid,
+                print: self.opts.progress,
+                inner: channel.as_mut().map(|c| c as &mut dyn PlanChannel),
+                last: None,
+            };
+            run_source_adaptive(&mut source, pair, &order, &self.opts.engine, &mut progress)
+        } else {
+            run_source(&mut source, pair, &order, &self.opts.engine)
         };
         let populated_pages = source.last_populated();
         drop(source);
@@ -678,6 +692,59 @@ impl XenSave {
         };
         write_report(&self.opts.report, &out)?;
         Ok(out)
+    }
+}
+
+/// The engine's telemetry as one line on stderr per round and phase (what
+/// `xl migrate` shows of the helper), passed on to the planner's segment
+/// when there is one.
+struct Progress<'a> {
+    domid: u32,
+    print: bool,
+    inner: Option<&'a mut dyn PlanChannel>,
+    last: Option<(Phase, u64)>,
+}
+
+impl PlanChannel for Progress<'_> {
+    fn publish(&mut self, t: &Telemetry) {
+        if let Some(c) = self.inner.as_mut() {
+            c.publish(t);
+        }
+        if !self.print || self.last == Some((t.phase, t.round)) {
+            return;
+        }
+        self.last = Some((t.phase, t.round));
+        let mb = t.bytes_sent as f64 / 1e6;
+        let line = match t.phase {
+            Phase::Precopy if t.round == 0 => {
+                "pre-copy: round 0 (every populated frame)".to_string()
+            }
+            Phase::Precopy => format!(
+                "pre-copy: round {} took {:.2} s, {} frames dirtied; {mb:.1} MB sent so far{}",
+                t.last_round,
+                t.last_round_duration_ns as f64 / 1e9,
+                t.dirty_pages_last_round,
+                if t.bandwidth_bps > 0 {
+                    format!(" at {:.1} Mbit/s", t.bandwidth_bps as f64 / 1e6)
+                } else {
+                    String::new()
+                }
+            ),
+            Phase::Freeze => format!("suspending the domain after round {}; the freeze", t.round),
+            Phase::Postcopy => format!("every frame sent ({mb:.1} MB); checking"),
+            Phase::Done => format!("done: {mb:.1} MB sent"),
+            Phase::Failed => "failed".to_string(),
+            _ => return,
+        };
+        eprintln!("wanmig: domain {}: {line}", self.domid);
+    }
+
+    fn initial_generation(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |c| c.initial_generation())
+    }
+
+    fn newer_plan(&mut self) -> Option<NewPlan> {
+        self.inner.as_mut().and_then(|c| c.newer_plan())
     }
 }
 
