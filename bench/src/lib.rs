@@ -12,6 +12,8 @@
 //! - [`timeline`]: a migration's bytes, phases and faults over time (PNG).
 //! - [`qemu_native`]: QEMU migrating the guest itself (pre-copy with disk
 //!   mirroring, post-copy, hybrid) on the same WAN: the evaluation's baselines.
+//! - [`xen`]: the nested Xen correctness lab (Xen under QEMU TCG, a PVH
+//!   guest migrated to localhost with `xl migrate`, engine and stock).
 
 pub mod content;
 pub mod eval;
@@ -21,4 +23,5 @@ pub mod predictability;
 pub mod profile_overhead;
 pub mod qemu_native;
 pub mod timeline;
+pub mod xen;
 pub use wanmig_wan as wan;

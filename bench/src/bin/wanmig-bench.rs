@@ -9,6 +9,7 @@
 //! wanmig-bench nbd        [--size 256MiB] [--runs 3] [--dir /dev/shm] [--json]
 //! wanmig-bench eval       [--workloads memory,idle,io,mixed] [--rate 40mbit --rtt 5ms] [--json] [--out F] [--markdown F]
 //! wanmig-bench profile-overhead [--oper read|write] [--block-mib 32] [--budgets 0,0.05,0.2,all] [--rounds 2] [--json]
+//! wanmig-bench xen        [--json] [--out F] [--stock] [--keep-going] [--runs engine,stock] [--guest-mib 256]
 //! ```
 
 use std::process::ExitCode;
@@ -60,6 +61,58 @@ enum Command {
     /// Gamma of the planned plan, classic pre-copy and post-copy through
     /// the engine, and QEMU's own pre-copy, post-copy and hybrid.
     Eval(EvalArgs),
+    /// The nested Xen correctness lab: Xen under QEMU TCG, a PVH guest
+    /// running the page checker migrated to localhost with the patched
+    /// `xl migrate --wanmig` (the engine) and with stock `xl migrate`.
+    Xen(XenArgs),
+}
+
+#[derive(Debug, Args)]
+struct XenArgs {
+    /// Print the JSON report instead of the summary.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Debian's own Xen (hypervisor and tools) even if xen-patches/build is there.
+    #[arg(long)]
+    stock: bool,
+    /// A failed patched-Xen or engine build falls back to Debian's Xen
+    /// (the report says why the engine run is missing) instead of stopping.
+    #[arg(long)]
+    keep_going: bool,
+    /// The runs, in order: engine (xl migrate --wanmig), stock (xl migrate).
+    #[arg(long, value_delimiter = ',', default_value = "engine,stock")]
+    runs: Vec<String>,
+    /// Guest memory, MiB (the built-in guest's kernel and initramfs need
+    /// about 170 MB while it unpacks: at 192 it fails, "Initramfs unpacking
+    /// failed: write error").
+    #[arg(long, default_value_t = 256)]
+    guest_mib: u32,
+    /// The guest's wanmig.* parameters [default: the page checker, 32 MiB,
+    /// writing 2 MiB/s, reading 8 MiB/s].
+    #[arg(long, value_delimiter = ',')]
+    guest_params: Option<Vec<String>>,
+    /// The engine's fraction M.
+    #[arg(long, default_value_t = 1.0)]
+    m: f64,
+    /// The whole boot may take this long.
+    #[arg(long, default_value = "900s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// No word from dom0 for this long is a hang.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    stall: Duration,
+    /// Directory for the console log, the runs' logs and the report.
+    #[arg(long, default_value = "/run/wanmig/xen-lab")]
+    dir: std::path::PathBuf,
+    /// The repository [default: the current directory or a parent holding bench/xen/dom0-image].
+    #[arg(long)]
+    repo: Option<std::path::PathBuf>,
+    /// QEMU [default: bookworm's 7.2 from bench/xen/lab-qemu; QEMU 10's TCG
+    /// kills Xen's PVH guests].
+    #[arg(long)]
+    qemu: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -319,6 +372,7 @@ fn main() -> ExitCode {
         Command::Nbd(args) => nbd_cmd(args),
         Command::ProfileOverhead(args) => overhead_cmd(args),
         Command::Eval(args) => eval_cmd(args),
+        Command::Xen(args) => xen_cmd(args),
     };
     match result {
         Ok(code) => code,
@@ -891,4 +945,119 @@ fn eval_cmd(args: EvalArgs) -> Result<ExitCode> {
     }
     println!("{}", if args.json { json } else { md });
     Ok(ExitCode::SUCCESS)
+}
+
+fn xen_cmd(args: XenArgs) -> Result<ExitCode> {
+    use wanmig_bench::xen::{self, Progress, ProvisionOptions, XenOptions};
+    for r in &args.runs {
+        if r != "engine" && r != "stock" {
+            bail!("--runs: no run {r:?} (engine, stock)");
+        }
+    }
+    if !(args.m > 0.0 && args.m <= 1.0) {
+        bail!("--m must be in (0, 1]");
+    }
+    let repo = match &args.repo {
+        Some(r) => r.clone(),
+        None => {
+            let cwd = std::env::current_dir().context("the current directory")?;
+            xen::provision::find_repo(&cwd).context(
+                "not in the wanmig repository (no bench/xen/dom0-image here or above): give --repo",
+            )?
+        }
+    };
+    let progress = Progress::new();
+    let image = xen::provision::provision(
+        &ProvisionOptions {
+            repo,
+            stock: args.stock,
+            keep_going: args.keep_going,
+        },
+        &progress,
+    )?;
+    let report = xen::run(
+        &XenOptions {
+            image,
+            dir: args.dir.clone(),
+            runs: args.runs.clone(),
+            guest_mib: args.guest_mib,
+            guest_params: args
+                .guest_params
+                .clone()
+                .unwrap_or_else(XenOptions::default_guest_params),
+            m: args.m,
+            timeout: args.timeout,
+            stall: args.stall,
+            qemu: args.qemu.clone(),
+        },
+        &progress,
+    )?;
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(args.dir.join("report.json"), &json)
+        .with_context(|| format!("writing {}", args.dir.join("report.json").display()))?;
+    if let Some(p) = &args.out {
+        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if args.json {
+        println!("{json}");
+    } else {
+        print_xen(&report);
+    }
+    Ok(if report.runs.iter().all(|r| r.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_xen(r: &wanmig_bench::xen::XenReport) {
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    let int = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    println!(
+        "Xen {} ({}), tools {}; dom0 image {}",
+        r.xen_version.as_deref().unwrap_or("?"),
+        r.hypervisor,
+        r.tools,
+        r.image
+    );
+    println!(
+        "lab: {} s (dom0 up at {} s, toolstack at {} s); TCG: correctness, not speed",
+        opt(Some(r.timings.lab_s)),
+        opt(r.timings.boot_s),
+        opt(r.timings.toolstack_s)
+    );
+    println!(
+        "{:<8} {:<22} {:>8} {:>10} {:>6} {:>10} {:>12}  integrity",
+        "mode", "via", "total s", "downtime s", "rounds", "pages", "bytes"
+    );
+    for run in &r.runs {
+        let i = &run.integrity;
+        println!(
+            "{:<8} {:<22} {:>8} {:>10} {:>6} {:>10} {:>12}  checker errors {} ({} pages verified after), frames {}{}",
+            run.mode,
+            run.via,
+            opt(run.measured.total_s),
+            opt(run.measured.downtime_s),
+            int(run.measured.rounds),
+            int(run.measured.pages_sent),
+            int(run.measured.bytes_sent),
+            i.checker_errors,
+            i.checker_verified_after,
+            if i.checked {
+                format!(
+                    "{} compared, {} differing",
+                    i.pages_compared, i.pages_differing
+                )
+            } else {
+                "not compared".to_string()
+            },
+            run.error
+                .as_ref()
+                .map_or(String::new(), |e| format!("  FAILED: {e}"))
+        );
+    }
+    for s in &r.skipped {
+        println!("{:<8} {:<22} skipped: {}", s.run, s.via, s.reason);
+    }
+    println!("logs: {}", r.dir.display());
 }

@@ -129,6 +129,15 @@ impl SimDomain {
         out
     }
 
+    /// The guest gets a frame at `pfn` (balloon in) and fills it with
+    /// `data`, unlogged: as under Xen's log-dirty, a newly populated frame
+    /// is writable until the next clean.
+    pub fn balloon_in(&mut self, pfn: u64, data: &[u8]) {
+        assert!(!self.populated.contains(&pfn), "pfn {pfn} is populated");
+        self.populated.insert(pfn);
+        self.pwrite(pfn, data);
+    }
+
     /// The guest gives `pfn` back (balloon out).
     pub fn balloon_out(&mut self, pfn: u64) {
         self.depopulate_one(pfn);
