@@ -113,6 +113,12 @@ struct XenArgs {
     /// kills Xen's PVH guests].
     #[arg(long)]
     qemu: Option<std::path::PathBuf>,
+    /// QEMU's -accel: tcg (a host thread per vCPU) or tcg,thread=single.
+    #[arg(long, default_value = "tcg")]
+    accel: String,
+    /// The guest's paging: hap (nested paging) or shadow (hap = 0).
+    #[arg(long, default_value = "hap", value_parser = ["hap", "shadow"])]
+    paging: String,
 }
 
 #[derive(Debug, Args)]
@@ -989,6 +995,8 @@ fn xen_cmd(args: XenArgs) -> Result<ExitCode> {
             timeout: args.timeout,
             stall: args.stall,
             qemu: args.qemu.clone(),
+            accel: args.accel.clone(),
+            hap: args.paging == "hap",
         },
         &progress,
     )?;
@@ -1003,11 +1011,13 @@ fn xen_cmd(args: XenArgs) -> Result<ExitCode> {
     } else {
         print_xen(&report);
     }
-    Ok(if report.runs.iter().all(|r| r.ok) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(
+        if report.runs.iter().all(|r| r.ok) && report.checks.iter().all(|c| c.ok) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }
 
 fn print_xen(r: &wanmig_bench::xen::XenReport) {

@@ -78,6 +78,12 @@ pub struct XenOptions {
     pub stall: Duration,
     /// QEMU binary [default: the image's, `bench/xen/lab-qemu`].
     pub qemu: Option<PathBuf>,
+    /// QEMU's `-accel` (`tcg`; `tcg,thread=single` runs every vCPU on one
+    /// host thread).
+    pub accel: String,
+    /// The guest's paging: hardware-assisted (nested paging, `true`) or
+    /// Xen's shadow page tables (`hap = 0`; the patched hypervisor has them).
+    pub hap: bool,
 }
 
 impl XenOptions {
@@ -113,6 +119,10 @@ pub struct XenReport {
     pub runs: Vec<RunReport>,
     /// Runs not made, and why.
     pub skipped: Vec<Skipped>,
+    /// Bad input before the engine migrates (`abi-client`: the C ABI's
+    /// client against the live domain; an engine stream into a receiver
+    /// without `--wanmig`, which must fail and leave the guest running).
+    pub checks: Vec<Check>,
     /// Where the time went.
     pub timings: LabTimings,
     /// Where the logs are.
@@ -126,6 +136,17 @@ pub struct EngineStatus {
     pub available: bool,
     /// Why not.
     pub missing: Option<String>,
+}
+
+/// A check of how bad input is handled.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether it behaved.
+    pub ok: bool,
+    /// What was seen.
+    pub detail: String,
 }
 
 /// A run not made.
@@ -159,7 +180,8 @@ pub struct RunReport {
     pub run: String,
     /// Fraction of memory pre-copied.
     pub m: f64,
-    /// Fraction of storage pre-copied: null, the guest has no disk.
+    /// Fraction of storage pre-copied (the engine: 0, it moves no Xen disks;
+    /// null for stock xl, which assumes shared storage).
     pub s: Option<f64>,
     /// Guest type.
     pub guest: &'static str,
@@ -268,6 +290,7 @@ fn dom0_cmdline(o: &XenOptions) -> String {
         format!("xenlab.mem={}", o.guest_mib),
         format!("xenlab.gparams={}", o.guest_params.join(":")),
         format!("xenlab.m={}", o.m),
+        format!("xenlab.hap={}", u8::from(o.hap)),
     ];
     c.retain(|s| !s.is_empty());
     c.join(" ")
@@ -303,7 +326,7 @@ pub fn run(o: &XenOptions, progress: &Progress) -> Result<XenReport> {
     let mut cmd = Command::new(&qemu_bin);
     cmd.args([
         "-accel",
-        "tcg",
+        o.accel.as_str(),
         "-cpu",
         "qemu64,+svm,+npt",
         "-m",
@@ -510,6 +533,16 @@ fn describe(e: &Event) -> Option<String> {
             e.str("message").unwrap_or("?")
         ),
         "run-skipped" => format!("{run}: skipped: {}", e.str("message").unwrap_or("?")),
+        "check" => format!(
+            "check {}: {} ({})",
+            e.str("name").unwrap_or("?"),
+            if e.fields.get("ok").and_then(Value::as_bool) == Some(true) {
+                "ok"
+            } else {
+                "FAILED"
+            },
+            e.str("detail").unwrap_or("")
+        ),
         "fail" => format!(
             "dom0 FAILED at {}: {}",
             e.str("stage").unwrap_or("?"),
@@ -552,6 +585,16 @@ pub fn assemble(t: &Transcript, o: &XenOptions, dir: &Path) -> Result<XenReport>
         }
         runs.push(run_report(t, run, o.m, dir)?);
     }
+    let checks = t
+        .events
+        .iter()
+        .filter(|e| e.name == "check")
+        .map(|e| Check {
+            name: e.str("name").unwrap_or("?").to_string(),
+            ok: e.fields.get("ok").and_then(Value::as_bool) == Some(true),
+            detail: e.str("detail").unwrap_or("").to_string(),
+        })
+        .collect();
     Ok(XenReport {
         xen_version: ts.and_then(|e| e.str("xen_version")).map(String::from),
         hypervisor: o.image.hypervisor_label.clone(),
@@ -560,6 +603,7 @@ pub fn assemble(t: &Transcript, o: &XenOptions, dir: &Path) -> Result<XenReport>
         engine,
         runs,
         skipped,
+        checks,
         timings: LabTimings::default(),
         dir: dir.to_path_buf(),
     })
@@ -716,6 +760,7 @@ fn run_report(t: &Transcript, run: &str, m_requested: f64, dir: &Path) -> Result
         pages_differing: 0,
     };
     let mut m = 1.0;
+    let mut s_frac = None;
     if run == "engine" {
         m = m_requested;
         let save = t
@@ -728,6 +773,7 @@ fn run_report(t: &Transcript, run: &str, m_requested: f64, dir: &Path) -> Result
             .and_then(|l| serde_json::from_str::<Value>(l).ok());
         match &save {
             Some(s) => {
+                s_frac = s.get("s").and_then(Value::as_f64);
                 measured.rounds = s
                     .get("rounds")
                     .and_then(Value::as_array)
@@ -799,7 +845,7 @@ fn run_report(t: &Transcript, run: &str, m_requested: f64, dir: &Path) -> Result
         mode: if m >= 1.0 { "precopy" } else { "hybrid" }.to_string(),
         run: run.to_string(),
         m,
-        s: None,
+        s: s_frac,
         guest: "pvh",
         via: mig_start
             .and_then(|e| e.str("via"))
@@ -879,6 +925,8 @@ mod tests {
             timeout: Duration::from_secs(1),
             stall: Duration::from_secs(1),
             qemu: None,
+            accel: "tcg".into(),
+            hap: true,
         }
     }
 
@@ -956,7 +1004,13 @@ mod tests {
         for l in lines {
             t.push(l);
         }
-        let dir = std::env::temp_dir().join(format!("wanmig-xen-test-{}", std::process::id()));
+        // One directory per call: the tests run in parallel.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "wanmig-xen-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let r = assemble(&t, &options(runs), &dir).expect("assemble");
         let _ = std::fs::remove_dir_all(&dir);
         r
@@ -1035,5 +1089,18 @@ mod tests {
         assert_eq!(r.skipped.len(), 1);
         assert_eq!(r.skipped[0].reason, "libwanmig.so is not in the image");
         assert!(!r.engine.available);
+    }
+
+    #[test]
+    fn bad_input_checks_are_reported_failed_ones_as_failed() {
+        let lines = vec![
+            "WANMIG-XEN-LAB {\"event\":\"check\",\"uptime\":5,\"name\":\"abi-client\",\"ok\":true,\"detail\":\"rc 0, 12 passed, 0 failed\"}".to_string(),
+            "WANMIG-XEN-LAB {\"event\":\"check\",\"uptime\":9,\"name\":\"engine-stream-into-a-receiver-without-wanmig\",\"ok\":false,\"detail\":\"xl migrate exited 0\"}".to_string(),
+        ];
+        let r = assemble_lines(&[], &lines);
+        assert_eq!(r.checks.len(), 2);
+        assert!(r.checks[0].ok && r.checks[0].name == "abi-client");
+        assert!(!r.checks[1].ok);
+        assert_eq!(r.checks[1].detail, "xl migrate exited 0");
     }
 }

@@ -143,74 +143,90 @@ fn target_dir(repo: &Path) -> PathBuf {
         .unwrap_or_else(|| repo.join("target"))
 }
 
-/// Builds the engine: (libwanmig.so, wanmig), or why there is none (the
-/// workspace has no `wanmig-capi` package yet). A build that fails is an
-/// error.
+/// The engine's pieces for dom0, built against the patched tree at `dist`.
+#[derive(Debug, Clone)]
+struct EngineBuild {
+    /// `libwanmig.so` (the patched helper `dlopen`s it).
+    lib: PathBuf,
+    /// `wanmig` (for `wanmig keygen`).
+    bin: PathBuf,
+    /// The C ABI's client (`ffi/capi/tests/c/abi_client.c`), linked with
+    /// `lib`, run in dom0 against a live domain.
+    abi_client: PathBuf,
+}
+
+/// Builds [`EngineBuild`]: `cargo build --release` of wanmig-capi (feature
+/// `xen`) and the `wanmig` binary, then the C client with gcc. `Err` inside
+/// `Ok`: a build failed in a way the lab can go on without (`--keep-going`).
 fn build_engine(
     repo: &Path,
     dist: &Path,
     progress: &Progress,
-) -> Result<std::result::Result<(PathBuf, Option<PathBuf>), String>> {
-    let meta = run_step(
-        progress,
-        "engine: cargo metadata",
-        Command::new("cargo")
-            .args(["metadata", "--no-deps", "--format-version", "1"])
-            .current_dir(repo),
-    )?;
-    let meta: Value = serde_json::from_str(&meta).context("parsing cargo metadata")?;
-    let has = |name: &str| {
-        meta["packages"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["name"] == name))
-    };
-    if !has("wanmig-capi") {
-        return Ok(Err(
-            "the workspace has no wanmig-capi package (libwanmig.so) yet".to_string(),
-        ));
-    }
+) -> Result<std::result::Result<EngineBuild, String>> {
     run_step(
         progress,
-        "engine: cargo build --release -p wanmig-capi --features xen",
+        "engine: cargo build --release -p wanmig-capi -p wanmig-datapath --features xen",
         Command::new("cargo")
             .args([
                 "build",
                 "--release",
+                "--locked",
                 "-p",
                 "wanmig-capi",
+                "-p",
+                "wanmig-datapath",
                 "--features",
-                "xen",
+                "wanmig-capi/xen",
             ])
             // The xen feature builds against the patched tree's headers and libraries.
             .env("WANMIG_XEN_DIST", dist)
             .current_dir(repo)
             .stdout(Stdio::null()),
     )?;
-    let lib = target_dir(repo).join("release/libwanmig.so");
-    if !lib.is_file() {
-        bail!("cargo built wanmig-capi but {} is not there", lib.display());
+    let release = target_dir(repo).join("release");
+    let (lib, bin) = (release.join("libwanmig.so"), release.join("wanmig"));
+    for f in [&lib, &bin] {
+        if !f.is_file() {
+            return Ok(Err(format!(
+                "cargo built the engine but {} is not there",
+                f.display()
+            )));
+        }
     }
-    let mut bin = None;
-    if has("wanmig-datapath") {
-        run_step(
-            progress,
-            "engine: cargo build --release -p wanmig-datapath --bin wanmig (for wanmig keygen)",
-            Command::new("cargo")
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "wanmig-datapath",
-                    "--bin",
-                    "wanmig",
-                ])
-                .current_dir(repo)
-                .stdout(Stdio::null()),
-        )?;
-        let b = target_dir(repo).join("release/wanmig");
-        bin = b.is_file().then_some(b);
-    }
-    Ok(Ok((lib, bin)))
+    let lib_dir = ["usr/lib64", "usr/lib"]
+        .iter()
+        .map(|d| dist.join(d))
+        .find(|d| d.join("libxenctrl.so").exists())
+        .unwrap_or_else(|| dist.join("usr/lib"));
+    let abi_client = release.join("wanmig-abi-client");
+    run_step(
+        progress,
+        "engine: gcc ffi/capi/tests/c/abi_client.c (the C ABI's client, for dom0)",
+        Command::new("gcc")
+            .args([
+                "-std=c11",
+                "-D_POSIX_C_SOURCE=200809L",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-O2",
+            ])
+            .arg("-I")
+            .arg(repo.join("ffi/include"))
+            .arg(repo.join("ffi/capi/tests/c/abi_client.c"))
+            .arg("-L")
+            .arg(&release)
+            .arg(format!("-Wl,-rpath-link,{}", lib_dir.display()))
+            .args(["-lwanmig", "-lpthread", "-o"])
+            .arg(&abi_client)
+            .current_dir(repo)
+            .stdout(Stdio::null()),
+    )?;
+    Ok(Ok(EngineBuild {
+        lib,
+        bin,
+        abi_client,
+    }))
 }
 
 /// Provisions everything and builds (or reuses) the dom0 image.
@@ -274,11 +290,10 @@ pub fn provision(o: &ProvisionOptions, progress: &Progress) -> Result<Image> {
             .arg("--label")
             .arg(label);
     }
-    if let Some((lib, bin)) = &engine {
-        cmd.arg("--wanmig-lib").arg(lib);
-        if let Some(b) = bin {
-            cmd.arg("--wanmig-bin").arg(b);
-        }
+    if let Some(e) = &engine {
+        cmd.arg("--wanmig-lib").arg(&e.lib);
+        cmd.arg("--wanmig-bin").arg(&e.bin);
+        cmd.arg("--wanmig-abi-client").arg(&e.abi_client);
     }
     let dir = run_step(progress, "dom0 image: bench/xen/dom0-image", &mut cmd)?;
     let qemu = run_step(

@@ -223,8 +223,10 @@ impl DestBackend for XenDest {
 
     fn track_writes(&mut self) -> Result<(), BackendError> {
         // The domain does not run while the engine has it: every page is
-        // final here.
-        self.flush()
+        // final here. Reads (the integrity check) map only its frames.
+        self.flush()?;
+        self.reader.set_populated(self.populated.clone());
+        Ok(())
     }
 
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), BackendError> {

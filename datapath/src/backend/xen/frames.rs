@@ -22,12 +22,18 @@ pub(crate) const MAX_WINDOWS: usize = 16;
 /// Pfns per page-frame-type query.
 const TYPE_BATCH: usize = 1024;
 
-/// One mapped window: pfns `first .. first + mapping.frames()`.
+/// One mapped window: the pfns of `first .. first + WINDOW` that were
+/// populated when it was mapped (all of them if that was not known).
 #[derive(Debug)]
 struct Window {
     first: u64,
+    /// Frame of the mapping for each pfn of the window (`NOT_MAPPED`: not
+    /// asked for, a hole when the window was mapped).
+    slot: Vec<u32>,
     mapping: ForeignMapping,
 }
+
+const NOT_MAPPED: u32 = u32::MAX;
 
 /// Reads frames of one domain; shared by the threads that send pages.
 #[derive(Debug)]
@@ -37,6 +43,10 @@ pub(crate) struct FrameReader {
     pages: u64,
     /// Most recently used first.
     windows: Mutex<VecDeque<Window>>,
+    /// Pfns populated at the last physmap scan: windows map only those (as
+    /// libxenguest maps only frames with data), never holes or Xen's own
+    /// pages in the physmap.
+    populated: Mutex<Option<Arc<crate::uffd::DirtyBitmap>>>,
 }
 
 impl FrameReader {
@@ -46,6 +56,7 @@ impl FrameReader {
             domid,
             pages,
             windows: Mutex::new(VecDeque::new()),
+            populated: Mutex::new(None),
         }
     }
 
@@ -54,11 +65,44 @@ impl FrameReader {
         self.lock().clear();
     }
 
+    /// The pfns populated now (a physmap scan): windows mapped from here on
+    /// map only those.
+    pub(crate) fn set_populated(&self, populated: crate::uffd::DirtyBitmap) {
+        *self
+            .populated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(populated));
+        self.invalidate();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Window>> {
         // A panic while holding the lock left at worst a window mapped.
         self.windows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn map_window(&self, first: u64) -> Result<Window, XenError> {
+        let n = WINDOW.min(self.pages - first);
+        let populated = self
+            .populated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut slot = vec![NOT_MAPPED; n as usize];
+        let mut pfns = Vec::with_capacity(n as usize);
+        for (i, pfn) in (first..first + n).enumerate() {
+            if populated.as_ref().is_none_or(|p| p.get(pfn)) {
+                slot[i] = pfns.len() as u32;
+                pfns.push(pfn);
+            }
+        }
+        let mapping = self.hv.map(self.domid, &pfns, false)?;
+        Ok(Window {
+            first,
+            slot,
+            mapping,
+        })
     }
 
     /// Copies frame `pfn` into `out`. `Ok(false)`: the domain has no frame
@@ -81,26 +125,26 @@ impl FrameReader {
         let at = match windows.iter().position(|w| w.first == first) {
             Some(i) => i,
             None => {
-                let n = WINDOW.min(self.pages - first);
-                let pfns: Vec<u64> = (first..first + n).collect();
-                let mapping = self.hv.map(self.domid, &pfns, false)?;
+                let w = self.map_window(first)?;
                 if windows.len() >= MAX_WINDOWS {
                     windows.pop_back();
                 }
-                windows.push_front(Window { first, mapping });
+                windows.push_front(w);
                 0
             }
         };
         let w = &windows[at];
-        if w.mapping.read((pfn - first) as usize, out) {
+        let slot = w.slot[(pfn - first) as usize];
+        if slot != NOT_MAPPED && w.mapping.read(slot as usize, out) {
             if at != 0 {
                 let w = windows.remove(at).expect("index found above");
                 windows.push_front(w);
             }
             return Ok(true);
         }
-        // Not mapped in the window: a hole when it was mapped. The guest may
-        // have populated it since (the dirty log says so): look again.
+        // Not in the window: a hole when it was mapped. The guest may have
+        // populated it since (the engine reads it because it is dirty, or
+        // populated now): look again.
         drop(windows);
         let single = self.hv.map(self.domid, &[pfn], false)?;
         if single.read(0, out) {

@@ -407,6 +407,8 @@ pub struct SaveReport {
     pub domid: u32,
     /// Memory fraction pre-copied.
     pub m: f64,
+    /// Storage fraction pre-copied (0: the engine moves no Xen disks).
+    pub s: f64,
     /// Pfns of the domain (`max_gpfn + 1`).
     pub pages: u64,
     /// Populated frames when it was suspended.
@@ -682,6 +684,7 @@ impl XenSave {
         let out = SaveReport {
             domid: self.domid,
             m: report.m,
+            s: 0.0,
             pages,
             populated_pages,
             pages_sent: report.rounds.iter().map(|r| r.pages).sum::<u64>()

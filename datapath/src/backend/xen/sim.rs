@@ -155,6 +155,9 @@ impl SimDomain {
 pub struct SimXen {
     pub domains: Mutex<HashMap<u32, SimDomain>>,
     pub activity: Mutex<Option<(u32, Activity)>>,
+    /// Pfns asked for in mappings that had no frame (holes, Xen's pages),
+    /// by domain.
+    pub holes_mapped: Mutex<BTreeSet<(u32, u64)>>,
 }
 
 impl std::fmt::Debug for SimXen {
@@ -315,6 +318,7 @@ impl Hypervisor for SimXen {
             for (i, &p) in pfns.iter().enumerate() {
                 if p >= d.pfns || !d.populated.contains(&p) {
                     errs[i] = -libc::EINVAL;
+                    self.holes_mapped.lock().unwrap().insert((domid, p));
                     continue;
                 }
                 // SAFETY: page `i` of our own reservation, replaced by the

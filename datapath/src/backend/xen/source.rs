@@ -137,6 +137,11 @@ impl SourceBackend for XenSource<'_> {
             runs.iter().map(|r| r.1).sum(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        let mut set = crate::engine::source::page_bitmap(self.pages, XEN_PAGE_SIZE);
+        for &(first, count) in &runs {
+            set.set_range(first, count);
+        }
+        self.reader.set_populated(set);
         Ok(runs)
     }
 
