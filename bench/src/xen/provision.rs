@@ -3,7 +3,7 @@
 //! the repository has it), the engine (`libwanmig.so` of `wanmig-capi` with
 //! the `xen` feature, and `wanmig` for `wanmig keygen`, when the patched xl
 //! has `--wanmig`), the dom0 image (`bench/xen/dom0-image`) and the QEMU
-//! that boots it (`bench/xen/lab-qemu`).
+//! that boots it when the guest runs on nested paging (`bench/xen/lab-qemu`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,6 +23,9 @@ pub struct ProvisionOptions {
     /// A failed patched build or engine build falls back to Debian's Xen
     /// (the report says why the engine run is missing) instead of failing.
     pub keep_going: bool,
+    /// Fetch bookworm's QEMU 7.2 for the lab (`bench/xen/lab-qemu`): guests
+    /// on nested paging (HAP) die at once under QEMU 10's TCG.
+    pub lab_qemu: bool,
 }
 
 /// A built dom0 image (`${WANMIG_CACHE}/xen-lab/<hash>/`).
@@ -46,8 +49,9 @@ pub struct Image {
     pub engine: bool,
     /// Why the engine is not in it (when it is not).
     pub engine_missing: Option<String>,
-    /// The QEMU that boots it (`bench/xen/lab-qemu`: bookworm's 7.2).
-    pub qemu: PathBuf,
+    /// The QEMU that boots it when not the host's (`bench/xen/lab-qemu`:
+    /// bookworm's 7.2, for guests on nested paging).
+    pub qemu: Option<PathBuf>,
 }
 
 /// Finds the repository: `start` or one of its parents holding
@@ -296,12 +300,16 @@ pub fn provision(o: &ProvisionOptions, progress: &Progress) -> Result<Image> {
         cmd.arg("--wanmig-abi-client").arg(&e.abi_client);
     }
     let dir = run_step(progress, "dom0 image: bench/xen/dom0-image", &mut cmd)?;
-    let qemu = run_step(
-        progress,
-        "QEMU for the lab: bench/xen/lab-qemu (bookworm's 7.2: QEMU 10's TCG kills Xen's PVH guests)",
-        Command::new(repo.join("bench/xen/lab-qemu")).current_dir(repo),
-    )?;
-    let qemu = PathBuf::from(qemu.lines().last().unwrap_or_default());
+    let qemu = if o.lab_qemu {
+        let q = run_step(
+            progress,
+            "QEMU for the lab: bench/xen/lab-qemu (bookworm's 7.2: QEMU 10's TCG kills guests on nested paging)",
+            Command::new(repo.join("bench/xen/lab-qemu")).current_dir(repo),
+        )?;
+        Some(PathBuf::from(q.lines().last().unwrap_or_default()))
+    } else {
+        None
+    };
     let dir = PathBuf::from(dir.lines().last().unwrap_or_default());
     let manifest = dir.join("manifest.json");
     let m: Value = serde_json::from_slice(

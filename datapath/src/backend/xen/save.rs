@@ -423,9 +423,15 @@ pub struct SaveReport {
     pub bytes_sent: u64,
     /// From the first round to the suspend, s.
     pub precopy_s: f64,
-    /// Sending the digests of the frozen frames, s (with the domain
-    /// suspended: part of the downtime).
+    /// From the last frame sent to the destination's goodbye, s: with
+    /// `verify=1` the source's digests of every frozen frame and the
+    /// destination's comparison of every frame, all while the domain is
+    /// suspended (part of the downtime); without, a round trip.
     pub verify_s: f64,
+    /// The freeze's scan of the physmap for frames populated or given back
+    /// since round 0 (Xen's log-dirty reports neither), s: part of the
+    /// downtime.
+    pub physmap_scan_s: f64,
     /// From `send_memory` to its return, s (waiting for the destination to
     /// dial included).
     pub total_s: f64,
@@ -664,6 +670,7 @@ impl XenSave {
             run_source(&mut source, pair, &order, &self.opts.engine)
         };
         let populated_pages = source.last_populated();
+        let physmap_scan_s = source.last_scan_seconds();
         drop(source);
         let report = match ran {
             Ok(r) => r,
@@ -695,7 +702,11 @@ impl XenSave {
             stop_reason: report.stop_reason,
             bytes_sent: report.bytes_sent,
             precopy_s: report.precopy_s,
-            verify_s: report.integrity_s,
+            verify_s: times
+                .end
+                .saturating_duration_since(times.push_done)
+                .as_secs_f64(),
+            physmap_scan_s,
             total_s: now.duration_since(t0).as_secs_f64(),
             refused_connections: refused.len(),
             plan,

@@ -30,6 +30,8 @@ pub struct XenSource<'a> {
     scratch: Vec<u64>,
     /// Populated frames found by the last physmap scan.
     last_populated: std::sync::atomic::AtomicU64,
+    /// How long the last physmap scan took, ns.
+    last_scan_ns: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for XenSource<'_> {
@@ -67,6 +69,7 @@ impl<'a> XenSource<'a> {
             log_dirty_on: false,
             scratch: Vec::new(),
             last_populated: Default::default(),
+            last_scan_ns: Default::default(),
         })
     }
 
@@ -80,6 +83,12 @@ impl<'a> XenSource<'a> {
     pub fn last_populated(&self) -> u64 {
         self.last_populated
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How long the last physmap scan took (at the freeze, once the engine
+    /// froze the domain), s.
+    pub fn last_scan_seconds(&self) -> f64 {
+        self.last_scan_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
     }
 
     /// Whether the suspend callback ran and succeeded.
@@ -131,8 +140,13 @@ impl SourceBackend for XenSource<'_> {
     }
 
     fn populated_runs(&self) -> Result<Vec<(u64, u64)>, BackendError> {
+        let t = std::time::Instant::now();
         let runs = populated_runs(self.hv.as_ref(), self.domid, self.pages)
             .map_err(be("scanning the physmap for populated frames"))?;
+        self.last_scan_ns.store(
+            t.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.last_populated.store(
             runs.iter().map(|r| r.1).sum(),
             std::sync::atomic::Ordering::Relaxed,
