@@ -133,8 +133,15 @@ impl Guest {
     }
 
     /// The console so far, lines without `\r`.
+    /// The console's complete lines: QEMU writes the serial port byte by
+    /// byte as the UART sends them, so the file may end in half a line.
     fn console(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.serial).unwrap_or_default()).replace('\r', "")
+        let bytes = fs::read(&self.serial).unwrap_or_default();
+        let whole = bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(&bytes[..0], |i| &bytes[..=i]);
+        String::from_utf8_lossy(whole).replace('\r', "")
     }
 
     fn tail(&self) -> String {

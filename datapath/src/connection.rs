@@ -334,6 +334,13 @@ pub fn accept_destination(
         } else {
             ConnKind::Fault
         };
+        // The deadline holds however many strays keep connecting.
+        if Instant::now() >= deadline {
+            break Err(ConnectError::AcceptTimeout {
+                local,
+                after: deadline.saturating_duration_since(started),
+            });
+        }
         let (mut sock, peer) = match listener.accept() {
             Ok(pair) => pair,
             Err(e)
@@ -342,12 +349,6 @@ pub fn accept_destination(
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                 ) =>
             {
-                if Instant::now() >= deadline {
-                    break Err(ConnectError::AcceptTimeout {
-                        local,
-                        after: deadline.saturating_duration_since(started),
-                    });
-                }
                 if let Err(e) = wait_for_connection(listener, ACCEPT_POLL) {
                     break Err(tcp_err(conn, local)(e));
                 }

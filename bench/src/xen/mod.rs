@@ -117,6 +117,9 @@ pub struct XenReport {
     pub hypervisor: String,
     /// Which toolstack.
     pub tools: String,
+    /// The stock run's sender: Debian's own xl when the image carries it
+    /// beside the patched tools, else the patched xl without `--wanmig`.
+    pub stock_tools: Option<String>,
     /// The dom0 image's hash.
     pub image: String,
     /// Whether the engine run could run, and if not why.
@@ -614,6 +617,10 @@ pub fn assemble(t: &Transcript, o: &XenOptions, dir: &Path) -> Result<XenReport>
         xen_version: ts.and_then(|e| e.str("xen_version")).map(String::from),
         hypervisor: o.image.hypervisor_label.clone(),
         tools: o.image.tools_label.clone(),
+        stock_tools: caps
+            .and_then(|c| c.str("stock_tools"))
+            .filter(|s| !s.is_empty())
+            .map(String::from),
         image: o.image.hash.clone(),
         engine,
         runs,

@@ -96,6 +96,15 @@ pub trait SourceBackend: Send {
         None
     }
 
+    /// Whether a page outside [`populated_runs`](Self::populated_runs) is
+    /// a zero page to the guest (QEMU: a hole of the RAM file reads as
+    /// zeros). A Xen guest's unpopulated pfn is no memory at all: the
+    /// integrity check then tells it from a zero page
+    /// ([`HOLE_DIGEST`](crate::wire::HOLE_DIGEST)).
+    fn holes_read_as_zero(&self) -> bool {
+        true
+    }
+
     /// Starts sampling the guest's page accesses (see
     /// [`ReadSampler`](crate::uffd::ReadSampler)); `false` if this backend
     /// cannot. [`read_sampling_stop`](Self::read_sampling_stop) leaves the
@@ -182,9 +191,9 @@ pub trait DestBackend: Send {
             Ok(())
         }
     }
-    /// Whether page `index` is known to be no memory at all here (reading it
-    /// would give zeros without touching anything): the integrity check then
-    /// takes the zero page's digest for it.
+    /// Whether page `index` is no memory at all here (a Xen guest's
+    /// unpopulated pfn): the integrity check then expects the source's
+    /// [`HOLE_DIGEST`](crate::wire::HOLE_DIGEST) for it, not a zero page's.
     fn is_hole(&self, _index: u64) -> bool {
         false
     }

@@ -98,6 +98,11 @@ pub struct RoundReport {
     pub bytes: u64,
     /// Duration, s.
     pub seconds: f64,
+    /// Bytes of the units sent, uncompressed.
+    pub unit_bytes: u64,
+    /// Of `seconds`, the time spent reading and sending units (round 0 also
+    /// scans the post-copy set for zero pages), s.
+    pub send_s: f64,
 }
 
 /// Instants of the source's milestones.
@@ -411,14 +416,17 @@ impl AckedRate {
 /// slow or emulated machine: reading, compressing and sending pages) freezes
 /// at what its rounds achieved; the link estimates (TCP's delivery rate, the
 /// acknowledged bytes) then say what the path could carry, not what the
-/// engine will send. A round achieving less than half the link's rate is
-/// taken as that; below it, the link's rate stands (a short round that
-/// waits on the RTT under-states the sender).
+/// engine will send. What a round achieved is its units' uncompressed bytes
+/// over the time it spent sending them (the freeze estimate counts units
+/// uncompressed too; a link-bound round of compressible pages achieves more
+/// than the link then). Its best round achieving less than half the link's
+/// rate is taken as the rate; otherwise the link's stands (a short round
+/// that waits on the RTT under-states the sender).
 fn sender_bound(link: f64, rounds: &[RoundReport]) -> f64 {
     let achieved = rounds
         .iter()
-        .filter(|r| r.seconds >= 0.2 && r.bytes > 0)
-        .map(|r| r.bytes as f64 / r.seconds)
+        .filter(|r| r.send_s >= 0.2 && r.unit_bytes > 0)
+        .map(|r| r.unit_bytes as f64 / r.send_s)
         .fold(None, |best: Option<f64>, r| {
             Some(best.map_or(r, |b| b.max(r)))
         });
@@ -564,6 +572,7 @@ fn migrate(
     }
     let t = Instant::now();
     let before = bulk.tx.stats().wire_bytes;
+    let units_before = bulk.tx.stats().unit_bytes;
     let tx = &mut bulk.tx;
     tx.send_control(ControlCode::RoundBegin { round: 0 })
         .map_err(EngineError::send("bulk"))?;
@@ -600,6 +609,7 @@ fn migrate(
     // Post-copy pages that hold only zeros now: unless the guest writes them
     // (the dirty log says), they are announced at the freeze and never
     // fetched or pushed.
+    let send0 = t.elapsed();
     let mut zero = page_bitmap(pages, ps);
     let mut scratch = vec![0u8; ps];
     for &p in order.postcopy() {
@@ -622,6 +632,8 @@ fn migrate(
         pages: sent0,
         bytes: tx.stats().wire_bytes - before,
         seconds: seconds0,
+        unit_bytes: tx.stats().unit_bytes - units_before,
+        send_s: send0.as_secs_f64(),
     });
     channel.publish(&Telemetry {
         phase: Phase::Precopy,
@@ -745,6 +757,7 @@ fn migrate(
         }
         let t = Instant::now();
         let before = bulk.tx.stats().wire_bytes;
+        let units_before = bulk.tx.stats().unit_bytes;
         bulk.tx
             .send_control(ControlCode::RoundBegin { round })
             .map_err(EngineError::send("bulk"))?;
@@ -767,6 +780,8 @@ fn migrate(
             pages: n,
             bytes: bulk.tx.stats().wire_bytes - before,
             seconds,
+            unit_bytes: bulk.tx.stats().unit_bytes - units_before,
+            send_s: seconds,
         });
         channel.publish(&Telemetry {
             phase: Phase::Precopy,
@@ -919,6 +934,7 @@ fn migrate(
         &populated,
         &sent_by_fault,
         ps,
+        backend.holes_read_as_zero(),
         storage
             .as_mut()
             .zip(chunk_served.as_ref().map(|(_, s)| s.as_ref())),
@@ -1025,6 +1041,7 @@ fn postcopy(
     populated: &DirtyBitmap,
     sent_by_fault: &SentByFault,
     ps: usize,
+    holes_read_as_zero: bool,
     storage: Option<(&mut Storage<'_>, &SentByFault)>,
 ) -> Result<Postcopied, EngineError> {
     bulk.tx
@@ -1052,6 +1069,7 @@ fn postcopy(
             populated,
             sent_by_fault,
             ps,
+            holes_read_as_zero,
             storage,
         );
         if pushed.is_err() {
@@ -1102,6 +1120,7 @@ fn push(
     populated: &DirtyBitmap,
     sent_by_fault: &SentByFault,
     ps: usize,
+    holes_read_as_zero: bool,
     mut storage: Option<(&mut Storage<'_>, &SentByFault)>,
 ) -> Result<(u64, u64, Instant, f64), EngineError> {
     let pages = order.pages();
@@ -1143,7 +1162,7 @@ fn push(
 
     let digests_start = Instant::now();
     if cfg.integrity {
-        send_digests(tx, mem, populated, pages, ps)?;
+        send_digests(tx, mem, populated, pages, ps, holes_read_as_zero)?;
         if let Some((st, _)) = &mut storage {
             send_chunk_digests(tx, st)?;
         }
@@ -1201,8 +1220,13 @@ fn send_digests(
     populated: &DirtyBitmap,
     pages: u64,
     ps: usize,
+    holes_read_as_zero: bool,
 ) -> Result<(), EngineError> {
-    let zero_crc = crc32fast::hash(&vec![0u8; ps]);
+    let zero_crc = if holes_read_as_zero {
+        crc32fast::hash(&vec![0u8; ps])
+    } else {
+        crate::wire::HOLE_DIGEST
+    };
     let mut page = vec![0u8; ps];
     let mut crcs = Vec::with_capacity(MAX_DIGEST_UNITS as usize);
     let mut first = 0u64;
@@ -1340,12 +1364,14 @@ fn serve_faults(
 mod tests {
     use super::*;
 
-    fn round(bytes: u64, seconds: f64) -> RoundReport {
+    fn round(unit_bytes: u64, send_s: f64) -> RoundReport {
         RoundReport {
             round: 0,
             pages: 0,
-            bytes,
-            seconds,
+            bytes: unit_bytes / 2,
+            seconds: send_s + 1.0,
+            unit_bytes,
+            send_s,
         }
     }
 
@@ -1357,9 +1383,13 @@ mod tests {
         assert_eq!(sender_bound(link, &[round(10_000, 0.01)]), link);
         assert_eq!(sender_bound(link, &[]), link);
         // A CPU-bound sender (a nested lab: 87 MB in 61 s against a
-        // loopback estimate of GB/s): what it achieved, its best round.
+        // loopback estimate of GB/s): what it achieved, its best round,
+        // uncompressed, over its sending time alone.
         let rounds = [round(87_000_000, 61.0), round(2_000_000, 2.0)];
         let b = sender_bound(1e9, &rounds);
         assert!((b - 87e6 / 61.0).abs() < 1.0, "{b}");
+        // Compressible pages over a link: more unit bytes than the link
+        // carried, so the link's rate stands.
+        assert_eq!(sender_bound(link, &[round(80_000_000, 9.0)]), link);
     }
 }

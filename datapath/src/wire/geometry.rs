@@ -25,6 +25,9 @@ pub const MAX_DEVICE_STATE: u64 = 1 << 30;
 pub const MAX_REQUEST_UNITS: u32 = 1024;
 /// Most digests in one Digest frame (64 KiB of CRCs).
 pub const MAX_DIGEST_UNITS: u32 = 16 << 10;
+/// The digest of a page that is no memory at all (a Xen guest's
+/// unpopulated pfn), told from a zero page's CRC32 (`b"HOLE"`, LE).
+pub const HOLE_DIGEST: u32 = u32::from_le_bytes(*b"HOLE");
 
 /// The shape of what is migrated: guest memory pages, storage chunks and the
 /// upper bound of the device state. Sent by the client in Hello (32 bytes, LE).

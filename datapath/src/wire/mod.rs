@@ -41,7 +41,7 @@
 //! | Control 0x20      | Control            | [`ControlMsg`] (20 bytes) → [`ControlCode`]            |
 //! | Ping 0x21/Pong 0x22 | Control          | [`PingMsg`]: nonce, sender timestamp (16 bytes)        |
 //! | Goodbye 0x30      | Control            | empty                                                  |
-//! | Digest 0x40       | Page/Chunk         | `count` CRC32s (u32 LE) of units `index..index+count`  |
+//! | Digest 0x40       | Page/Chunk         | `count` CRC32s (u32 LE) of units `index..index+count`; [`HOLE_DIGEST`] for a page that is no memory (Xen) |
 //!
 //! Units are checked against the geometry: page units are exactly
 //! `page_size` bytes with index `< page_count`; chunks are 1..=`chunk_size`
@@ -172,8 +172,9 @@ pub use frame::{
     max_frame_len,
 };
 pub use geometry::{
-    DEVICE_STATE_PIECE, Geometry, GeometryError, Limits, MAX_CHUNK_SIZE, MAX_DEVICE_STATE,
-    MAX_DIGEST_UNITS, MAX_PAGE_SIZE, MAX_REQUEST_UNITS, MIN_CHUNK_SIZE, MIN_PAGE_SIZE,
+    DEVICE_STATE_PIECE, Geometry, GeometryError, HOLE_DIGEST, Limits, MAX_CHUNK_SIZE,
+    MAX_DEVICE_STATE, MAX_DIGEST_UNITS, MAX_PAGE_SIZE, MAX_REQUEST_UNITS, MIN_CHUNK_SIZE,
+    MIN_PAGE_SIZE,
 };
 pub use handoff::{HANDOFF_VERSION, Handoff, HandoffError, MAX_HANDOFF_LEN};
 pub use handshake::{

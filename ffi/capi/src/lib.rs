@@ -25,9 +25,9 @@
 //! Restore (destination dom0, inside `xc_domain_restore()`):
 //! 1. `wanmig_restore_open(domid, options, &restore)`;
 //! 2. `wanmig_restore_memory(restore, handoff, len, populated, opaque)`:
-//!    dials the source engine, populates and writes every frame, compares
-//!    them with the source's frozen frames, calls `populated` with every pfn
-//!    it populated;
+//!    dials the source engine, populates and writes every frame (with
+//!    `verify=1` on both sides, compares each with the source's frozen
+//!    frame), calls `populated` with every pfn it populated;
 //! 3. `wanmig_restore_close(restore)`.
 //!
 //! # Rules
@@ -141,9 +141,9 @@ fn hypervisor() -> Result<Arc<dyn Hypervisor>, Failure> {
 /// Opens the save side for domain `domid` with `options` (comma-separated
 /// `name=value`: `key=PATH` (required), `m=1`, `s=0`, `segment=NAME` with
 /// `profile=PATH`, `listen=IP:PORT`, `advertise=HOST`, `downtime-ms=300`,
-/// `max-rounds=30`, `verify=1`, `timeout-s=60`, `report=PATH`; see
-/// `xen-patches/README.md`). On success `*out` is the new handle; on
-/// failure it is NULL.
+/// `max-rounds=30`, `verify=0`, `timeout-s=60`, `report=PATH`,
+/// `progress=1`; README.md, "Xen (dom0)", says what each does). On success
+/// `*out` is the new handle; on failure it is NULL.
 ///
 /// # Safety
 /// `options` is NULL or a NUL-terminated string; `out` is NULL or points to
@@ -232,8 +232,8 @@ impl Suspend {
 /// Migrates the domain's memory: waits for the destination engine to dial
 /// (the address of the hand-off), runs the pre-copy rounds, calls
 /// `suspend(opaque)` exactly once on this thread, sends what the guest
-/// dirtied and the digests of the frozen frames, and returns once the
-/// destination holds every frame. Then the toolstack writes the CPU and
+/// dirtied (and with `verify=1` the digests of the frozen frames), and
+/// returns once the destination holds every frame. Then the toolstack writes the CPU and
 /// device records as it always does. Call `wanmig_save_handoff` first.
 ///
 /// # Safety
@@ -264,13 +264,28 @@ pub unsafe extern "C" fn wanmig_save_memory(
 
 /// Closes the save side; NULL is a no-op that succeeds. A closed handle
 /// must not be used again (it is refused with `WANMIG_ERR_BAD_HANDLE`).
+/// Fails with `WANMIG_ERR_STATE` (the handle is closed all the same) if
+/// `wanmig_save_memory` never ran: the memory did not go through the
+/// engine, so the save that asked for it must not count as one (a
+/// toolstack whose libxenguest is not the patched one runs its own loop
+/// instead and would otherwise report success).
 #[unsafe(no_mangle)]
 pub extern "C" fn wanmig_save_close(save: *mut wanmig_save) -> wanmig_status {
     guard("wanmig_save_close", || {
         if save.is_null() {
             return Ok(());
         }
-        SAVES.remove(save as usize)
+        let attempted = SAVES.with(save as usize, |s| Ok(s.memory_attempted()));
+        SAVES.remove(save as usize)?;
+        match attempted {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Failure::new(
+                WANMIG_ERR_STATE,
+                "the save never handed the memory to the engine (wanmig_save_memory did not run: \
+                 is the toolstack's libxenguest the patched one, and the save live?)",
+            )),
+            Err(f) => Err(f),
+        }
     })
 }
 
@@ -304,9 +319,10 @@ pub unsafe extern "C" fn wanmig_restore_open(
 }
 
 /// Receives the memory the hand-off record (`handoff`, `len` bytes) names:
-/// dials the source engine, populates and writes every frame, compares
-/// them with the source's frozen frames, and calls `populated(opaque, pfns,
-/// n)` (unless NULL) with every pfn it populated before it returns. Returns
+/// dials the source engine, populates and writes every frame (with
+/// `verify=1` on both sides, compares each with the source's frozen frame),
+/// and calls `populated(opaque, pfns, n)` (unless NULL) with every pfn it
+/// populated before it returns. Returns
 /// once every frame is in place; the domain stays paused.
 ///
 /// # Safety

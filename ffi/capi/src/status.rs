@@ -91,7 +91,7 @@ impl From<XenMigrationError> for Failure {
             }
             E::Xen(_) => WANMIG_ERR_XEN,
             E::Key { .. } => WANMIG_ERR_KEY,
-            E::Network(_) | E::Resolve { .. } => WANMIG_ERR_NETWORK,
+            E::Network(_) | E::NoDestination { .. } | E::Resolve { .. } => WANMIG_ERR_NETWORK,
             E::Suspend(_) => WANMIG_ERR_SUSPEND,
             E::Planning(_)
             | E::Engine(_)
@@ -112,12 +112,17 @@ thread_local! {
 fn set_last_error(message: &str) {
     // A NUL inside the message would cut it: show it as a space.
     let clean = CString::new(message.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = clean);
+    // `try_with`: a thread being torn down has no message to keep, and this
+    // must never panic (it runs outside the guard).
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = clean);
 }
 
-/// The calling thread's last message (valid until its next call).
+/// The calling thread's last message (valid until its next call); "" on a
+/// thread being torn down.
 pub(crate) fn last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    LAST_ERROR
+        .try_with(|e| e.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
 }
 
 /// Runs `body`: its failure, or a panic inside it, becomes a status and the

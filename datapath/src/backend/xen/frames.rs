@@ -30,7 +30,9 @@ struct Window {
     /// Frame of the mapping for each pfn of the window (`NOT_MAPPED`: not
     /// asked for, a hole when the window was mapped).
     slot: Vec<u32>,
-    mapping: ForeignMapping,
+    /// `None` when no pfn of the window was populated (Xen refuses to map
+    /// nothing).
+    mapping: Option<ForeignMapping>,
 }
 
 const NOT_MAPPED: u32 = u32::MAX;
@@ -97,7 +99,11 @@ impl FrameReader {
                 pfns.push(pfn);
             }
         }
-        let mapping = self.hv.map(self.domid, &pfns, false)?;
+        let mapping = if pfns.is_empty() {
+            None
+        } else {
+            Some(self.hv.map(self.domid, &pfns, false)?)
+        };
         Ok(Window {
             first,
             slot,
@@ -135,23 +141,37 @@ impl FrameReader {
         };
         let w = &windows[at];
         let slot = w.slot[(pfn - first) as usize];
-        if slot != NOT_MAPPED && w.mapping.read(slot as usize, out) {
+        if slot != NOT_MAPPED
+            && let Some(m) = &w.mapping
+            && m.read(slot as usize, out)
+        {
             if at != 0 {
                 let w = windows.remove(at).expect("index found above");
                 windows.push_front(w);
             }
             return Ok(true);
         }
-        // Not in the window: a hole when it was mapped. The guest may have
-        // populated it since (the engine reads it because it is dirty, or
-        // populated now): look again.
+        // Not in the window (a hole when it was mapped: the guest may have
+        // populated it since), or it did not map: look again, alone.
         drop(windows);
         let single = self.hv.map(self.domid, &[pfn], false)?;
         if single.read(0, out) {
             return Ok(true);
         }
-        out.fill(0);
-        Ok(false)
+        // Zeros only for a pfn that really has no frame now (given back:
+        // the freeze's scan announces it as a hole); a frame that is there
+        // but will not map must never go out as zeros.
+        let mut present = Vec::with_capacity(1);
+        self.hv.populated(self.domid, &[pfn], &mut present)?;
+        if present.first() == Some(&false) {
+            out.fill(0);
+            return Ok(false);
+        }
+        Err(XenError::Call {
+            op: "mapping a populated frame",
+            domid: self.domid,
+            source: std::io::Error::from_raw_os_error(single.frame_err(0).unsigned_abs() as i32),
+        })
     }
 }
 

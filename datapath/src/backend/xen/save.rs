@@ -11,8 +11,9 @@
 //!   (handshake: this migration, this            (handshake: that migration)
 //!   geometry), pre-copy rounds, suspend  ───▶ populate and write frames
 //!   through the toolstack, the freeze,
-//!   digests of the frozen frames        ───▶ compare every frame, report
-//!                                               the pfns populated
+//!   (verify=1: digests of the frozen   ───▶ (verify=1: compare every
+//!   frames)                                     frame); report the pfns
+//!                                               populated
 //! return → libxenguest writes the CPU and   return → libxenguest reads them;
 //!   device records, END                       libxl unpauses the domain
 //! ```
@@ -38,6 +39,11 @@ use crate::engine::{
 };
 use crate::planning::{GuestUnits, PlanningError, plan_from_segment};
 use crate::wire::{Geometry, Handoff, HandoffError, KeyError, MigrationId, PskKey, ServerPolicy};
+
+/// Pfns of holes a guest's physmap may have beyond its frames (64 GiB of
+/// pfn space: the MMIO hole below 4 GiB and Xen's special pages fit many
+/// times over).
+const MAX_PHYSMAP_HOLES: u64 = 1 << 24;
 
 /// Chunk size named in a Xen migration's geometry (it has no disks: the
 /// engine does not migrate a Xen guest's storage yet).
@@ -75,6 +81,18 @@ pub enum XenMigrationError {
     /// Listening, dialling or the handshake.
     #[error("connecting the engines")]
     Network(#[source] ConnectError),
+    /// The destination did not connect in time, and the connections that
+    /// did were refused (the last one's reason is the source).
+    #[error("{timeout}; {refused} connections failed the handshake, the last one")]
+    NoDestination {
+        /// The timeout.
+        timeout: Box<ConnectError>,
+        /// How many were refused.
+        refused: usize,
+        /// The last refusal.
+        #[source]
+        last: Box<ConnectError>,
+    },
     /// Finding the address the hand-off names.
     #[error("resolving {host}:{port}")]
     Resolve {
@@ -109,8 +127,8 @@ pub enum XenMigrationError {
     /// The caller's callback refused the populated pfns.
     #[error("the toolstack refused the populated pfns: {0}")]
     Populated(String),
-    /// Writing the report.
-    #[error("writing the report {path}")]
+    /// The report file cannot be written.
+    #[error("the report file {path}")]
     Report {
         /// Its path.
         path: PathBuf,
@@ -390,14 +408,27 @@ fn wall(at: Instant, now: Instant, wall_now: SystemTime) -> u64 {
     unix_ns(wall_now - now.saturating_duration_since(at))
 }
 
-fn write_report<T: Serialize>(path: &Option<PathBuf>, report: &T) -> Result<(), XenMigrationError> {
+/// Creates (empties) the report file when the side opens: a path that
+/// cannot be written fails the open, before anything is migrated.
+fn create_report(path: &Option<PathBuf>) -> Result<(), XenMigrationError> {
     let Some(path) = path else { return Ok(()) };
-    let err = |source| XenMigrationError::Report {
+    std::fs::write(path, b"").map_err(|source| XenMigrationError::Report {
         path: path.clone(),
         source,
-    };
-    let json = serde_json::to_vec_pretty(report).map_err(|e| err(e.into()))?;
-    std::fs::write(path, json).map_err(err)
+    })
+}
+
+/// Writes the report once the migration is done. A failure now must not
+/// fail a migration that succeeded (the toolstack would throw away the
+/// destination): it is said on stderr (the toolstack's log) instead.
+fn write_report<T: Serialize>(path: &Option<PathBuf>, report: &T) {
+    let Some(path) = path else { return };
+    let written = serde_json::to_vec_pretty(report)
+        .map_err(std::io::Error::from)
+        .and_then(|json| std::fs::write(path, json));
+    if let Err(e) = written {
+        eprintln!("wanmig: writing the report {}: {e}", path.display());
+    }
 }
 
 /// What the save side did.
@@ -511,6 +542,7 @@ impl XenSave {
         let opts = SaveOptions::parse(options)?;
         super::check_domain(hv.as_ref(), domid)?;
         let key = load_key(&opts.key.to_string_lossy())?;
+        create_report(&opts.report)?;
         let pages = hv.max_gpfn(domid)? + 1;
         let listener = TcpListener::bind(opts.listen).map_err(|source| {
             XenMigrationError::Network(ConnectError::Tcp {
@@ -580,10 +612,18 @@ impl XenSave {
         &self.handoff
     }
 
+    /// Whether [`send_memory`](Self::send_memory) ran (successfully or not).
+    /// A save that ends without it did not go through the engine: the
+    /// toolstack's libxenguest never handed the memory over (not the
+    /// patched one, or not a live save).
+    pub fn memory_attempted(&self) -> bool {
+        self.stage == Stage::Finished
+    }
+
     /// Migrates the domain's memory: waits for the destination engine to
     /// dial, pre-copies, calls `suspend` once (from this thread), sends the
-    /// rest and the digests, and returns once the destination has all of
-    /// it. On failure the domain is left as it is (running, or suspended
+    /// rest (and with `verify=1` the digests of the frozen frames), and
+    /// returns once the destination has all of it. On failure the domain is left as it is (running, or suspended
     /// if `suspend` ran): the toolstack resumes it, as after any failed save.
     pub fn send_memory(&mut self, suspend: SuspendFn<'_>) -> Result<SaveReport, XenMigrationError> {
         match self.stage {
@@ -616,7 +656,7 @@ impl XenSave {
         let pages = source_pages(&source);
         if pages != self.handoff.geometry.page_count() {
             return Err(XenMigrationError::Unsupported(format!(
-                "the domain's physmap grew from {} to {pages} pfns since the hand-off",
+                "the domain's physmap changed from {} to {pages} pfns since the hand-off",
                 self.handoff.geometry.page_count()
             )));
         }
@@ -655,7 +695,13 @@ impl XenSave {
             &mut refused,
         )
         .map_err(|e| match (e, refused.pop()) {
-            (ConnectError::AcceptTimeout { .. }, Some(last)) => XenMigrationError::Network(last),
+            (e @ ConnectError::AcceptTimeout { .. }, Some(last)) => {
+                XenMigrationError::NoDestination {
+                    timeout: Box::new(e),
+                    refused: refused.len() + 1,
+                    last: Box::new(last),
+                }
+            }
             (e, _) => XenMigrationError::Network(e),
         })?;
         let ran = if self.opts.progress || channel.is_some() {
@@ -714,7 +760,7 @@ impl XenSave {
             suspended_unix_ns: wall(times.paused, now, wall_now),
             finished_unix_ns: unix_ns(wall_now),
         };
-        write_report(&self.opts.report, &out)?;
+        write_report(&self.opts.report, &out);
         Ok(out)
     }
 }
@@ -814,6 +860,7 @@ impl XenRestore {
         let opts = RestoreOptions::parse(options)?;
         super::check_domain(hv.as_ref(), domid)?;
         let key = load_key(&opts.key.to_string_lossy())?;
+        create_report(&opts.report)?;
         Ok(XenRestore {
             hv,
             domid,
@@ -825,8 +872,9 @@ impl XenRestore {
 
     /// Receives the memory the hand-off names: dials the source engine,
     /// populates and writes every frame, checks them against the source's
-    /// digests, and hands every pfn it populated to `populated` (in
-    /// ascending runs of at most 1024) before it returns.
+    /// digests when it sent them (`verify=1`), and hands every pfn it
+    /// populated to `populated` (in ascending runs of at most 1024) before
+    /// it returns.
     pub fn receive_memory(
         &mut self,
         handoff: &[u8],
@@ -841,25 +889,38 @@ impl XenRestore {
         let started = SystemTime::now();
         let t0 = Instant::now();
         let h = Handoff::decode(handoff)?;
+        // The pfn space the hand-off claims must fit this domain: at most
+        // its frames plus the holes a guest's physmap has (the MMIO hole
+        // below 4 GiB and the like), so a corrupt record cannot make the
+        // engine size its bitmaps for a petabyte.
+        let info = self.hv.domain_info(self.domid)?;
+        let most = info.max_pages.saturating_add(MAX_PHYSMAP_HOLES);
+        if h.geometry.page_count() > most {
+            return Err(XenMigrationError::Unsupported(format!(
+                "the hand-off names {} pfns; domain {} may hold {} frames (with holes, at most {most} pfns)",
+                h.geometry.page_count(),
+                self.domid,
+                info.max_pages
+            )));
+        }
         let resolve = |source| XenMigrationError::Resolve {
             host: h.host.clone(),
             port: h.port,
             source,
         };
-        let addr = match h.host.parse::<IpAddr>() {
-            Ok(ip) => SocketAddr::new(ip, h.port),
+        let addrs: Vec<SocketAddr> = match h.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, h.port)],
             Err(_) => (h.host.as_str(), h.port)
                 .to_socket_addrs()
                 .map_err(resolve)?
-                .next()
-                .ok_or_else(|| {
-                    resolve(std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "no address",
-                    ))
-                })?,
+                .collect(),
         };
-        let mut dest = XenDest::new(self.hv.clone(), self.domid, h.geometry.page_count())?;
+        if addrs.is_empty() {
+            return Err(resolve(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no address",
+            )));
+        }
         let policy = ServerPolicy {
             expect_migration_id: Some(h.migration_id),
             expect_geometry: Some(h.geometry),
@@ -869,8 +930,27 @@ impl XenRestore {
             handshake_timeout: self.opts.timeout,
             ..LinkConfig::default()
         };
-        let pair = connection::connect_to_source(addr, &policy, &self.key, &link)
-            .map_err(XenMigrationError::Network)?;
+        // Every address the name has, in order, until one answers (a name
+        // may resolve to an address family the source does not listen on).
+        let mut pair = None;
+        let mut last = None;
+        for addr in &addrs {
+            match connection::connect_to_source(*addr, &policy, &self.key, &link) {
+                Ok(p) => {
+                    pair = Some(p);
+                    break;
+                }
+                Err(e @ ConnectError::Tcp { .. }) => last = Some(e),
+                Err(e) => return Err(XenMigrationError::Network(e)),
+            }
+        }
+        let pair = match (pair, last) {
+            (Some(p), _) => p,
+            (None, Some(e)) => return Err(XenMigrationError::Network(e)),
+            (None, None) => unreachable!("at least one address was tried"),
+        };
+        // Sized by the geometry the authenticated handshake confirmed.
+        let mut dest = XenDest::new(self.hv.clone(), self.domid, h.geometry.page_count())?;
         let report = run_destination(&mut dest, pair, &DestConfig::default())?;
         let integrity = match report.integrity {
             Some(i) => RestoreIntegrity {
@@ -908,7 +988,7 @@ impl XenRestore {
             started_unix_ns: unix_ns(started),
             finished_unix_ns: unix_ns(SystemTime::now()),
         };
-        write_report(&self.opts.report, &out)?;
+        write_report(&self.opts.report, &out);
         Ok(out)
     }
 }

@@ -44,6 +44,8 @@ pub struct SimDomain {
     pub unlogged: BTreeSet<u64>,
     /// Refuse log-dirty (a hypervisor without it for this guest).
     pub no_log_dirty: bool,
+    /// Populated frames that refuse to be mapped (paged out, say).
+    pub unmappable: BTreeSet<u64>,
     cleans: u64,
     maps: u64,
 }
@@ -78,6 +80,7 @@ impl SimDomain {
             suspended: false,
             unlogged: BTreeSet::new(),
             no_log_dirty: false,
+            unmappable: BTreeSet::new(),
             cleans: 0,
             maps: 0,
         }
@@ -301,11 +304,15 @@ impl Hypervisor for SimXen {
         }
         self.dom(domid, |d| {
             let n = pfns.len();
+            if n == 0 {
+                // As xenforeignmemory_map: mapping nothing is EINVAL.
+                return Err(einval("mapping guest frames", domid));
+            }
             // SAFETY: a fresh anonymous PROT_NONE reservation of n pages.
             let base = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
-                    n.max(1) * PS,
+                    n * PS,
                     libc::PROT_NONE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                     -1,
@@ -316,6 +323,10 @@ impl Hypervisor for SimXen {
             let prot = libc::PROT_READ | if write { libc::PROT_WRITE } else { 0 };
             let mut errs = vec![0i32; n];
             for (i, &p) in pfns.iter().enumerate() {
+                if d.unmappable.contains(&p) {
+                    errs[i] = -libc::ENOENT;
+                    continue;
+                }
                 if p >= d.pfns || !d.populated.contains(&p) {
                     errs[i] = -libc::EINVAL;
                     self.holes_mapped.lock().unwrap().insert((domid, p));
@@ -335,7 +346,7 @@ impl Hypervisor for SimXen {
                 };
                 assert_ne!(at, libc::MAP_FAILED);
             }
-            let len = n.max(1) * PS;
+            let len = n * PS;
             let unmap = Box::new(move |base: *mut u8, _frames: usize| {
                 // SAFETY: the reservation made above, unmapped once.
                 unsafe { libc::munmap(base.cast(), len) };

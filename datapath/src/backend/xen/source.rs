@@ -135,6 +135,10 @@ impl SourceBackend for XenSource<'_> {
         0
     }
 
+    fn holes_read_as_zero(&self) -> bool {
+        false
+    }
+
     fn memory(&self) -> Arc<dyn PageReader> {
         self.reader.clone()
     }

@@ -277,6 +277,27 @@ fn without_verify_nothing_is_checked_and_the_report_says_so() {
 }
 
 #[test]
+fn a_frame_that_will_not_map_fails_the_migration_instead_of_going_out_as_zeros() {
+    let sim = SimXen::new();
+    guest(&sim);
+    sim.with(SRC, |d| {
+        d.unmappable.insert(42);
+    });
+    let dir = TempDir::new("unmappable");
+    let key = dir.key("key");
+    let o = migrate(
+        &sim,
+        &format!("key={},listen=127.0.0.1:0", key.display()),
+        &format!("key={}", key.display()),
+    );
+    let e = o.save.unwrap_err();
+    let chain = crate::error_chain(&e);
+    assert!(chain.contains("mapping a populated frame"), "{chain}");
+    assert!(o.restore.is_err());
+    assert!(!sim.with(SRC, |d| d.suspended));
+}
+
+#[test]
 fn a_stray_connection_does_not_end_the_migration() {
     let sim = SimXen::new();
     guest(&sim);
@@ -317,11 +338,16 @@ fn a_destination_with_another_key_fails_cleanly_and_the_guest_is_never_suspended
         "{:?}",
         o.restore
     );
-    assert!(
-        matches!(o.save, Err(XenMigrationError::Network(_))),
-        "{:?}",
-        o.save
-    );
+    // The source waited for its destination, refused the impostor, and
+    // says both.
+    match &o.save {
+        Err(e @ XenMigrationError::NoDestination { refused: 1, .. }) => {
+            let chain = crate::error_chain(e);
+            assert!(chain.contains("no migration connected"), "{chain}");
+            assert!(chain.contains("authentication"), "{chain}");
+        }
+        other => panic!("{other:?}"),
+    }
     assert!(!sim.with(SRC, |d| d.suspended));
     assert!(sim.with(DST, |d| d.populated.is_empty()));
 }
@@ -417,7 +443,13 @@ fn bad_domains_options_and_calls_get_typed_errors() {
         err(7, "key=/nonexistent/key"),
         XenMigrationError::Key { .. }
     ));
-    // Out of order, and log-dirty refused by the hypervisor.
+    // A report file that cannot be written fails the open, before anything
+    // is migrated (not the migration once it is done).
+    assert!(matches!(
+        err(7, &format!("{opts},report=/nonexistent/dir/save.json")),
+        XenMigrationError::Report { .. }
+    ));
+    // Out of order; then nobody dials.
     let mut save = XenSave::open(hv.clone(), 7, &opts).unwrap();
     assert!(matches!(
         save.send_memory(Box::new(|| Ok(()))),
@@ -431,12 +463,26 @@ fn bad_domains_options_and_calls_get_typed_errors() {
         Err(XenMigrationError::Network(_))
     ));
     assert!(matches!(save.handoff(), Err(XenMigrationError::State(_))));
-    // The restore side: a hand-off that is not one.
-    let mut r = XenRestore::open(hv.clone(), 6 + 1, &format!("key={}", key.display())).unwrap();
+    // The restore side: a hand-off that is not one, and one that claims a
+    // pfn space this domain could never have.
+    let mut r = XenRestore::open(hv.clone(), 7, &format!("key={}", key.display())).unwrap();
     assert!(matches!(
         r.receive_memory(b"not a hand-off", &mut |_| Ok(())),
         Err(XenMigrationError::Handoff(_))
     ));
+    let huge = Handoff {
+        migration_id: crate::wire::MigrationId([1; 16]),
+        geometry: crate::wire::Geometry::new(4096, 1 << 40, 1 << 16, 0, 0),
+        host: "127.0.0.1".into(),
+        port: 9,
+    }
+    .encode()
+    .unwrap();
+    let mut r = XenRestore::open(hv.clone(), 7, &format!("key={}", key.display())).unwrap();
+    match r.receive_memory(&huge, &mut |_| Ok(())) {
+        Err(XenMigrationError::Unsupported(why)) => assert!(why.contains("pfns"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
