@@ -2,13 +2,27 @@
 //! and chunk, did the profile predict that the guest would read (write) it
 //! within the post-copy horizon, and did it?
 //!
-//! The prediction is the planner's own reading of a profile (`n` intervals
-//! of `tau`): a unit whose counter is `k` has the Poisson rate
-//! `ell(k) / tau` and is predicted to be accessed within the horizon `H`
-//! when `1 - exp(-rate H) >= 1/2`. The truth is a second profile taken
-//! right after the first, one window of `H`, reads sampled on all of RAM
-//! (exact, at a cost to the guest that only this measurement pays): a unit
-//! was read (written) if its counter there is non-zero.
+//! Two predictors read the same profile (`n` intervals of `tau`), side by
+//! side; each predicts a unit to be accessed within the horizon `H` when
+//! its Poisson rate gives `1 - exp(-rate H) >= 1/2`:
+//!
+//! - **per unit** (the seed's tables): a unit whose counter is `k` has the
+//!   rate `ell(k) / tau`, its own count and nothing else;
+//! - **the planner's** ([`PlannerPredictability`]): the rates the planner's
+//!   model uses for fault probabilities, taken from the planner's own code
+//!   ([`ClassProfile::page_read_rates`]): populated pages' read rates pooled
+//!   across the guest ([`ModelParams::pool_reads`], the default), so a page
+//!   the profile never saw read keeps a small rate; writes scaled by
+//!   [`ModelParams::write_scale`] (1 by default); never-populated pages and
+//!   chunks read at their own `ell(k) / tau`. Only memory reads differ from
+//!   the per-unit predictor under the default parameters. (The planner's
+//!   *ranking* is by the per-unit counters whatever the pooling; the pooled
+//!   rates decide how often the pages left to post-copy fault.)
+//!
+//! The truth is a second profile taken right after the first, one window
+//! of `H`, reads sampled on all of RAM (exact, at a cost to the guest that
+//! only this measurement pays): a unit was read (written) if its counter
+//! there is non-zero.
 //!
 //! "Read" is what the profiler's read sampling sees: the first access of an
 //! interval to a page (a write that finds the page unmapped counts too),
@@ -22,8 +36,9 @@ use serde::Serialize;
 use wanmig_datapath::backend::qemu::{GuestSpec, QemuPaths, QemuSource, SerialLog};
 use wanmig_datapath::migration::warm_up;
 use wanmig_datapath::profiling::{ProfileOptions, profile_guest};
-use wanmig_planner::model::rates::unscaled_rate;
-use wanmig_planner::profile::{Kind, Profile, UnitCounters};
+use wanmig_planner::model::ModelParams;
+use wanmig_planner::model::rates::{RateTable, p_any, unscaled_rate};
+use wanmig_planner::profile::{ClassProfile, Kind, Profile, UnitCounters};
 
 /// A 2x2 table: predicted to be accessed within the horizon or not, against
 /// accessed or not.
@@ -86,6 +101,25 @@ impl From<Confusion> for Predictability {
 pub struct UnitPredictionAccuracy {
     /// The horizon `H`, s.
     pub horizon_s: f64,
+    /// Pages read, per-unit predictor.
+    pub memory_read: Predictability,
+    /// Pages written, per-unit predictor.
+    pub memory_write: Predictability,
+    /// Chunks read, per-unit predictor (`null`: no disk).
+    pub storage_read: Option<Predictability>,
+    /// Chunks written, per-unit predictor (`null`: no disk).
+    pub storage_write: Option<Predictability>,
+    /// The same units and truth, predicted by the planner's own rates.
+    pub planner: PlannerPredictability,
+}
+
+/// The tables of the planner's own predictor: the rates its model gives
+/// each unit (see the module docs), same horizon, same truth.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PlannerPredictability {
+    /// Whether page reads were pooled across the guest
+    /// ([`ModelParams::pool_reads`]; the planner's default is true).
+    pub pooled_reads: bool,
     /// Pages read.
     pub memory_read: Predictability,
     /// Pages written.
@@ -137,10 +171,21 @@ fn counters(
 }
 
 /// The tables of the profile at `predicting` against the one at
-/// `observed` (its window is the horizon).
+/// `observed` (its window is the horizon), the planner's predictor with the
+/// planner's default parameters.
 pub fn compare(
     predicting: &Path,
     observed: &Path,
+) -> Result<UnitPredictionAccuracy, PredictabilityError> {
+    compare_with(predicting, observed, &ModelParams::default())
+}
+
+/// [`compare`], the planner's predictor with `params` (its `pool_reads` and
+/// `write_scale`).
+pub fn compare_with(
+    predicting: &Path,
+    observed: &Path,
+    params: &ModelParams,
 ) -> Result<UnitPredictionAccuracy, PredictabilityError> {
     let open = |path: &Path| {
         Profile::open(path).map_err(|e| PredictabilityError::Profile {
@@ -153,9 +198,25 @@ pub fn compare(
     let horizon = hb.interval_ns as f64 * 1e-9 * f64::from(hb.samples);
     let tau = ha.interval_ns as f64 * 1e-9;
     let n = ha.samples;
-    // Predicted within H: 1 - exp(-ell(k) H / tau) >= 1/2.
-    let predicted = |k: u32| k > 0 && unscaled_rate(k, n) * horizon / tau >= std::f64::consts::LN_2;
-    let mut tables = [[Confusion::default(); 2]; 2];
+    // Predicted within H: 1 - exp(-ell H / tau) >= 1/2, ell unscaled.
+    let within = |ell: f64| p_any(ell * horizon / tau) >= 0.5;
+    let per_unit = |k: u32| k > 0 && within(unscaled_rate(k, n));
+    // The planner's rates, from the class profile it plans with.
+    let classes = ClassProfile::from_profile(&a).map_err(|e| PredictabilityError::Profile {
+        path: predicting.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let page_reads = classes.page_read_rates(params.pool_reads);
+    let own = RateTable::new(n);
+    let planner_read = |kind: Kind, c: &UnitCounters| {
+        within(match kind {
+            Kind::Page if !c.zero => page_reads[c.r.min(n) as usize],
+            _ => own.ell(c.r),
+        })
+    };
+    let planner_write = |c: &UnitCounters| within(own.ell(c.w) * params.write_scale);
+    // [kind][read, write] of [per unit, planner].
+    let mut tables = [[[Confusion::default(); 2]; 2]; 2];
     for (i, kind) in [Kind::Page, Kind::Chunk].into_iter().enumerate() {
         let (ca, cb) = (
             counters(&a, predicting, kind)?,
@@ -169,17 +230,40 @@ pub fn compare(
             });
         }
         for (x, y) in ca.iter().zip(&cb) {
-            tables[i][0].add(predicted(x.r), y.r > 0);
-            tables[i][1].add(predicted(x.w), y.w > 0);
+            let (read, written) = (y.r > 0, y.w > 0);
+            tables[i][0][0].add(per_unit(x.r), read);
+            tables[i][1][0].add(per_unit(x.w), written);
+            tables[i][0][1].add(planner_read(kind, x), read);
+            tables[i][1][1].add(planner_write(x), written);
         }
     }
     let chunks = a.count(Kind::Chunk) > 0;
+    let side = |p: usize| {
+        (
+            tables[0][0][p].into(),
+            tables[0][1][p].into(),
+            chunks.then(|| tables[1][0][p].into()),
+            chunks.then(|| tables[1][1][p].into()),
+        )
+    };
+    let (memory_read, memory_write, storage_read, storage_write) = side(0);
+    let planner = {
+        let (memory_read, memory_write, storage_read, storage_write) = side(1);
+        PlannerPredictability {
+            pooled_reads: params.pool_reads,
+            memory_read,
+            memory_write,
+            storage_read,
+            storage_write,
+        }
+    };
     Ok(UnitPredictionAccuracy {
         horizon_s: horizon,
-        memory_read: tables[0][0].into(),
-        memory_write: tables[0][1].into(),
-        storage_read: chunks.then(|| tables[1][0].into()),
-        storage_write: chunks.then(|| tables[1][1].into()),
+        memory_read,
+        memory_write,
+        storage_read,
+        storage_write,
+        planner,
     })
 }
 
@@ -245,12 +329,34 @@ mod tests {
     use super::*;
     use wanmig_planner::profile::{ProfileHeader, ProfileWriter};
 
+    /// Counters `(r, w)`, never populated when both are 0.
+    fn c(&(r, w): &(u32, u32)) -> UnitCounters {
+        UnitCounters {
+            r,
+            w,
+            o: 0,
+            zero: r == 0 && w == 0,
+        }
+    }
+
     fn write(
         path: &Path,
         samples: u32,
         interval_ms: u64,
         pages: &[(u32, u32)],
         chunks: &[(u32, u32)],
+    ) {
+        let pages: Vec<UnitCounters> = pages.iter().map(c).collect();
+        let chunks: Vec<UnitCounters> = chunks.iter().map(c).collect();
+        write_units(path, samples, interval_ms, &pages, &chunks);
+    }
+
+    fn write_units(
+        path: &Path,
+        samples: u32,
+        interval_ms: u64,
+        pages: &[UnitCounters],
+        chunks: &[UnitCounters],
     ) {
         let header = ProfileHeader {
             samples,
@@ -262,17 +368,11 @@ mod tests {
             state_bytes: 0,
         };
         let mut w = ProfileWriter::create(path, &header).unwrap();
-        let c = |&(r, w): &(u32, u32)| UnitCounters {
-            r,
-            w,
-            o: 0,
-            zero: r == 0 && w == 0,
-        };
-        for p in pages {
-            w.push_page(c(p)).unwrap();
+        for &p in pages {
+            w.push_page(p).unwrap();
         }
-        for ch in chunks {
-            w.push_chunk(c(ch)).unwrap();
+        for &ch in chunks {
+            w.push_chunk(ch).unwrap();
         }
         w.finish().unwrap();
     }
@@ -342,6 +442,100 @@ mod tests {
             compare(&a, &b),
             Err(PredictabilityError::Mismatch { .. })
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A sweep: 16 populated pages never seen read, 4 seen read once in 20
+    /// intervals of 250 ms, and one never-populated page. The planner pools
+    /// the populated pages' reads (a read in 1 % of the intervals each: p =
+    /// 0.55 within 20 s), so it predicts every populated page read; the
+    /// per-unit predictor only the 4. Both leave the never-populated page
+    /// at rate 0. A table built from unpooled rates fails here.
+    #[test]
+    fn the_planner_table_follows_the_planners_pooled_reads() {
+        let dir = std::env::temp_dir().join(format!("wanmig-pred-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a.wmp"), dir.join("b.wmp"));
+        let populated = |r: u32, w: u32| UnitCounters {
+            r,
+            w,
+            o: 0,
+            zero: false,
+        };
+        // Pages 0..4 read once (4..8 written once too), 4..20 never seen
+        // read, 20 never populated.
+        let mut pages: Vec<UnitCounters> = (0..20)
+            .map(|i| populated(u32::from(i < 4), u32::from((4..8).contains(&i))))
+            .collect();
+        pages.push(UnitCounters {
+            r: 0,
+            w: 0,
+            o: 0,
+            zero: true,
+        });
+        let chunks = [populated(1, 0), populated(0, 3)];
+        write_units(&a, 20, 250, &pages, &chunks);
+        // Observed over 20 s: pages 0, 1 and 10..16 read, the unpopulated
+        // page 20 read too; pages 4, 5 written; chunk 1 written.
+        let observed: Vec<(u32, u32)> = (0..21)
+            .map(|i| {
+                (
+                    u32::from(i < 2 || (10..16).contains(&i) || i == 20),
+                    u32::from(i == 4 || i == 5),
+                )
+            })
+            .collect();
+        write(&b, 20, 1000, &observed, &[(0, 0), (0, 1)]);
+
+        // The premise, from the planner's own code: pooling makes an unseen
+        // populated page likely read within the horizon (H / tau = 80),
+        // while its own count gives it rate 0.
+        let classes = ClassProfile::from_profile(&Profile::open(&a).unwrap()).unwrap();
+        let pooled = classes.page_read_rates(true);
+        assert!(ModelParams::default().pool_reads, "the planner pools");
+        assert!(p_any(pooled[0] * 80.0) >= 0.5, "{pooled:?}");
+        assert_eq!(classes.page_read_rates(false)[0], 0.0);
+
+        let t = compare(&a, &b).unwrap();
+        // Per unit: pages 0..4 predicted (0, 1 read; 2, 3 not); of the
+        // rest, 10..16 and 20 read unpredicted, 4..10 and 16..20 neither.
+        assert_eq!(
+            t.memory_read.table,
+            Confusion {
+                predicted_and_accessed: 2,
+                predicted_not_accessed: 2,
+                accessed_not_predicted: 7,
+                neither: 10
+            }
+        );
+        // The planner: all 20 populated pages predicted, page 20 not.
+        assert!(t.planner.pooled_reads);
+        assert_eq!(
+            t.planner.memory_read.table,
+            Confusion {
+                predicted_and_accessed: 8,
+                predicted_not_accessed: 12,
+                accessed_not_predicted: 1,
+                neither: 0
+            }
+        );
+        assert_eq!(t.planner.memory_read.accuracy, 8.0 / 21.0);
+        // Writes and chunks are not pooled: the same tables.
+        assert_eq!(t.planner.memory_write, t.memory_write);
+        assert_eq!(t.planner.storage_read, t.storage_read);
+        assert_eq!(t.planner.storage_write, t.storage_write);
+        assert_eq!(t.memory_write.table.predicted_and_accessed, 2);
+        assert_eq!(t.memory_write.table.predicted_not_accessed, 2);
+
+        // The planner without pooling is the per-unit predictor.
+        let own = ModelParams {
+            pool_reads: false,
+            ..ModelParams::default()
+        };
+        let u = compare_with(&a, &b, &own).unwrap();
+        assert!(!u.planner.pooled_reads);
+        assert_eq!(u.planner.memory_read, u.memory_read);
+        assert_eq!(u.memory_read, t.memory_read);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

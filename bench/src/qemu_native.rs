@@ -17,7 +17,10 @@
 //! (`blockdev-mirror`, `sync: full`) before the migration starts and keeps
 //! mirroring until the source is paused, then completes the mirror
 //! (`block-job-cancel` on a ready job), and the destination is resumed
-//! (`cont`) only then. The mirror runs in `write-blocking` copy mode
+//! (`cont`) only then. The destination's guest writes into a qcow2 overlay
+//! over each raw image (libvirt users' usual format), and the mirror into
+//! the raw image beneath it: after the resume the raw image keeps what
+//! arrived, a snapshot that costs the migration nothing. The mirror runs in `write-blocking` copy mode
 //! (libvirt's `--copy-storage-synchronous-writes`): in the default
 //! background mode a disk the guest keeps writing need never become ready
 //! (seen here: a 64 MiB disk under the disk checker was not ready after
@@ -33,8 +36,10 @@
 //!     Note over S: post-copy / hybrid: migrate-start-postcopy
 //!     S->>S: STOP (switchover)
 //!     S->>D: block-job-cancel: the mirror completes
+//!     Note over D: pre-copy: MIGRATION completed
 //!     D->>D: nbd-server-stop, cont (RESUME)
 //!     S-->>D: post-copy: the rest of RAM, and pages on request
+//!     Note over S,D: after the run: disks compared
 //! ```
 //!
 //! Figures, on this host's clock (QMP event timestamps): `T` from the first
@@ -45,13 +50,20 @@
 //! post-copy faults). QEMU reports blocktime only once post-copy ends, so
 //! the stalls inside Gamma's window are exact when post-copy ends within it
 //! and otherwise pro-rated (`P * dT / U`, which favours QEMU: faults
-//! cluster early). Before the resume the destination's disks are compared
-//! with the source's byte for byte (both paused).
+//! cluster early).
+//!
+//! Between `STOP` and `RESUME` this harness does only what libvirt does
+//! there ([`LIBVIRT_STEPS_IN_DOWNTIME`]), each step on QEMU's events (no
+//! polling); every command it sends is logged and those inside the interval
+//! are reported ([`QemuReport::steps_in_downtime`]). The disks are compared
+//! byte for byte after the run: the destination's raw images (as they were
+//! at the resume) with the source's (frozen since its `STOP`).
 
 use std::fs::File;
 use std::io::Read;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -59,9 +71,7 @@ use serde_json::{Value, json};
 use wanmig_datapath::backend::qemu::{
     GuestSpec, LaunchError, NativeLaunch, QemuPaths, QemuProcess, SerialLog,
 };
-use wanmig_datapath::qemu::{
-    MigrationInfo, MigrationStatus, QmpClient, QmpError, QmpEvent, RunState,
-};
+use wanmig_datapath::qemu::{MigrationInfo, MigrationStatus, QmpClient, QmpError, QmpEvent};
 use wanmig_datapath::report::{Figures, gamma};
 use wanmig_wan::Wan;
 
@@ -154,13 +164,28 @@ pub struct QemuReport {
     pub disk_bytes: u64,
     /// Seconds the mirrors took to become ready (0 without disks).
     pub mirror_ready_s: f64,
-    /// Destination disk bytes compared with the source's before the resume.
+    /// Destination disk bytes compared with the source's (after the run:
+    /// the destination's images as they were at the resume, the source's
+    /// frozen).
     pub disk_bytes_compared: u64,
     /// Of those, 4 KiB blocks that differ (must be 0).
     pub disk_blocks_differing: u64,
     /// Errors the guest's checkers reported at the destination.
     pub checker_errors: u64,
+    /// What this harness did between the source's `STOP` and the
+    /// destination's `RESUME` (`role: QMP command`, in order): only what
+    /// libvirt itself does there (completing the mirrors, stopping the NBD
+    /// server, `cont`).
+    pub steps_in_downtime: Vec<String>,
 }
+
+/// The only steps a libvirt user's migration takes between the source's
+/// `STOP` and the destination's `RESUME`.
+pub const LIBVIRT_STEPS_IN_DOWNTIME: [&str; 3] = [
+    "source: block-job-cancel",
+    "destination: nbd-server-stop",
+    "destination: cont",
+];
 
 impl QemuReport {
     /// Every check held: disks equal, no checker error.
@@ -232,8 +257,6 @@ pub enum QemuRunError {
 
 /// The destination's NBD port (inside its own network namespace).
 const NBD_PORT: u16 = 10809;
-/// How often migration progress is polled.
-const POLL: Duration = Duration::from_millis(20);
 /// Longest wait for a mirror to become ready, or post-copy to finish.
 const LONG_WAIT: Duration = Duration::from_secs(900);
 
@@ -247,6 +270,8 @@ struct Side {
     role: &'static str,
     qemu: QemuProcess,
     events: Vec<QmpEvent>,
+    /// Every QMP command this harness sent, when (`role: command`).
+    commands: Vec<(SystemTime, String)>,
 }
 
 impl Side {
@@ -263,6 +288,7 @@ impl Side {
             role,
             qemu,
             events: Vec::new(),
+            commands: Vec::new(),
         })
     }
 
@@ -278,6 +304,8 @@ impl Side {
         what: &str,
         f: impl FnOnce(&mut QmpClient) -> Result<T, QmpError>,
     ) -> Result<T, QemuRunError> {
+        self.commands
+            .push((SystemTime::now(), format!("{}: {what}", self.role)));
         let r = f(self.qemu.qmp()).map_err(self.qmp_err(what));
         self.drain();
         r
@@ -292,19 +320,49 @@ impl Side {
         self.qmp("query-migrate", QmpClient::query_migrate)
     }
 
-    fn run_state(&mut self) -> Result<RunState, QemuRunError> {
-        Ok(self.qmp("query-status", QmpClient::query_status)?.status)
+    /// Keeps the events this module reads that came so far.
+    fn drain(&mut self) {
+        let new = self.qemu.qmp().take_events();
+        self.events.extend(new.into_iter().filter(kept));
     }
 
-    /// Keeps the events this module reads (the mirror's job-status flood is
-    /// left out).
-    fn drain(&mut self) {
-        let keep = |e: &QmpEvent| {
-            matches!(e.name.as_str(), "STOP" | "RESUME" | "MIGRATION")
-                || e.name.starts_with("BLOCK_JOB_")
-        };
-        let new = self.qemu.qmp().take_events();
-        self.events.extend(new.into_iter().filter(keep));
+    /// Waits, without polling, until an event satisfying `pred` has come
+    /// (`None`: `deadline` passed first).
+    fn wait_until(
+        &mut self,
+        deadline: Instant,
+        pred: impl Fn(&QmpEvent) -> bool,
+    ) -> Result<Option<QmpEvent>, QemuRunError> {
+        loop {
+            self.drain();
+            if let Some(e) = self.events.iter().find(|e| pred(e)) {
+                return Ok(Some(e.clone()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match self.qemu.qmp().next_event(left) {
+                Ok(e) if kept(&e) => self.events.push(e),
+                Ok(_) | Err(QmpError::Timeout { .. }) => {}
+                Err(e) => return Err(self.qmp_err("waiting for events")(e)),
+            }
+        }
+    }
+
+    /// [`wait_until`](Self::wait_until) `timeout` from now; its passing is
+    /// an error naming `what`.
+    fn wait_for(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&QmpEvent) -> bool,
+    ) -> Result<QmpEvent, QemuRunError> {
+        self.wait_until(Instant::now() + timeout, pred)?
+            .ok_or_else(|| QemuRunError::Timeout {
+                what: what.to_string(),
+                after: timeout,
+            })
     }
 
     /// When the first event `name` whose data satisfies `pred` came.
@@ -318,6 +376,15 @@ impl Side {
     fn migration_event(&self, status: &str) -> Option<SystemTime> {
         self.event_time("MIGRATION", |d| d["status"] == status)
     }
+}
+
+/// The events this module reads (the mirror's job-status flood is left
+/// out).
+fn kept(e: &QmpEvent) -> bool {
+    matches!(
+        e.name.as_str(),
+        "STOP" | "RESUME" | "MIGRATION" | "MIGRATION_PASS"
+    ) || e.name.starts_with("BLOCK_JOB_")
 }
 
 fn since(a: SystemTime, b: SystemTime) -> f64 {
@@ -345,6 +412,8 @@ pub fn run(run: &QemuRun, wan: &Wan) -> Result<QemuReport, QemuRunError> {
 struct DiskImages {
     source: Vec<PathBuf>,
     destination: Vec<PathBuf>,
+    /// The destination guest's qcow2 overlays over `destination`.
+    overlays: Vec<PathBuf>,
     made: Vec<PathBuf>,
 }
 
@@ -357,6 +426,7 @@ impl DiskImages {
         let mut images = DiskImages {
             source: Vec::new(),
             destination: Vec::new(),
+            overlays: Vec::new(),
             made: Vec::new(),
         };
         let sparse = |path: &Path, size: u64| -> Result<(), QemuRunError> {
@@ -377,8 +447,12 @@ impl DiskImages {
             let dest = dst.disk_image(i);
             sparse(&dest, d.size)?;
             images.made.push(dest.clone());
+            let overlay = dest.with_extension("overlay.qcow2");
+            images.made.push(overlay.clone());
+            qcow2_overlay(&overlay, d.size)?;
             images.source.push(source);
             images.destination.push(dest);
+            images.overlays.push(overlay);
         }
         Ok(images)
     }
@@ -400,6 +474,24 @@ impl DiskImages {
         }
         Ok((compared, differing))
     }
+}
+
+/// Makes an empty qcow2 image of `size` bytes at `path` (`qemu-img`).
+fn qcow2_overlay(path: &Path, size: u64) -> Result<(), QemuRunError> {
+    let what = format!("qemu-img create -f qcow2 {} {size}", path.display());
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .map_err(io_err(what.clone()))?;
+    if !out.status.success() {
+        return Err(QemuRunError::Io {
+            what,
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    Ok(())
 }
 
 /// Bytes compared and 4 KiB blocks differing between two files (a length
@@ -457,6 +549,7 @@ fn migrate(
             netns: Some(wan.src_ns()),
             disk_images: &images.source,
             incoming: false,
+            overlays: &[],
         },
     )?;
     let mut src_log = SerialLog::new(&src_paths.serial);
@@ -475,6 +568,7 @@ fn migrate(
             netns: Some(wan.dst_ns()),
             disk_images: &images.destination,
             incoming: true,
+            overlays: &images.overlays,
         },
     )?;
 
@@ -496,6 +590,8 @@ fn migrate(
             "nbd-server-start",
             json!({"addr": {"type": "inet", "data": {"host": dst_addr.to_string(), "port": NBD_PORT.to_string()}}}),
         )?;
+        // The raw node beneath the guest's overlay: what the mirror writes
+        // stays there, frozen at the resume, for the comparison afterwards.
         for i in 0..disks {
             dst.execute(
                 "block-export-add",
@@ -539,82 +635,94 @@ fn migrate(
     }
     let mut postcopy_after_s = (run.mode == QemuMode::Postcopy).then_some(0.0);
     let mut suspended_after_s = None;
-    // Until the source is paused for good: pre-copy completed, or post-copy
-    // running.
+    // Until the source is paused for good (pre-copy completed, or post-copy
+    // running), driven by QEMU's events as libvirt is: `MIGRATION_PASS`
+    // for `--postcopy-after-precopy`, a timer for `--timeout`.
+    let switched_over = |e: &QmpEvent, postcopy: bool| {
+        e.name == "MIGRATION"
+            && match e.data["status"].as_str() {
+                Some("completed" | "failed" | "cancelled") => true,
+                Some("postcopy-active") => postcopy,
+                _ => false,
+            }
+    };
     loop {
-        let info = src.query_migrate()?;
-        match &info.status {
-            Some(MigrationStatus::Completed) => break,
-            Some(MigrationStatus::PostcopyActive) if run.mode.uses_postcopy() => break,
-            Some(s @ (MigrationStatus::Failed | MigrationStatus::Cancelled)) => {
+        let awaiting_pass = run.mode == QemuMode::Hybrid && postcopy_after_s.is_none();
+        let timer = run.mode == QemuMode::Precopy && suspended_after_s.is_none();
+        let deadline = migrate_at
+            + if timer {
+                run.precopy_timeout
+            } else {
+                LONG_WAIT
+            };
+        let event = src.wait_until(deadline, |e| {
+            switched_over(e, run.mode.uses_postcopy())
+                // The second dirty sync ends the first pass over RAM.
+                || (awaiting_pass
+                    && e.name == "MIGRATION_PASS"
+                    && e.data["pass"].as_u64().is_some_and(|p| p >= 2))
+        })?;
+        match event {
+            None if timer => {
+                src.execute("stop", Value::Null)?;
+                suspended_after_s = Some(migrate_at.elapsed().as_secs_f64());
+            }
+            None => {
+                return Err(QemuRunError::Timeout {
+                    what: "QEMU's migration to switch over".into(),
+                    after: LONG_WAIT,
+                });
+            }
+            Some(e) if e.name == "MIGRATION_PASS" => {
+                src.execute("migrate-start-postcopy", Value::Null)?;
+                postcopy_after_s = Some(migrate_at.elapsed().as_secs_f64());
+            }
+            Some(e) if matches!(e.data["status"].as_str(), Some("failed" | "cancelled")) => {
+                let info = src.query_migrate()?;
                 return Err(QemuRunError::Migration {
-                    status: Some(s.clone()),
+                    status: info.status,
                     desc: info.error_desc.unwrap_or_default(),
                 });
             }
-            _ => {}
+            Some(_) => break,
         }
-        let passes = info.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
-        if run.mode == QemuMode::Hybrid && postcopy_after_s.is_none() && passes >= 2 {
-            src.execute("migrate-start-postcopy", Value::Null)?;
-            postcopy_after_s = Some(migrate_at.elapsed().as_secs_f64());
-        }
-        if run.mode == QemuMode::Precopy
-            && suspended_after_s.is_none()
-            && migrate_at.elapsed() >= run.precopy_timeout
-        {
-            src.execute("stop", Value::Null)?;
-            suspended_after_s = Some(migrate_at.elapsed().as_secs_f64());
-        }
-        if migrate_at.elapsed() > LONG_WAIT {
-            return Err(QemuRunError::Timeout {
-                what: format!("QEMU's migration to switch over (last {:?})", info.status),
-                after: LONG_WAIT,
-            });
-        }
-        std::thread::sleep(POLL);
     }
     let disk_bytes = complete_mirrors(&mut src, disks)?;
-    // The destination has the device state when it is paused, not in
-    // migrate.
-    let deadline = Instant::now() + LONG_WAIT;
-    while dst.run_state()? == RunState::InMigrate {
-        if Instant::now() > deadline {
-            return Err(QemuRunError::Timeout {
-                what: "the destination to load the device state".into(),
-                after: LONG_WAIT,
+    // Pre-copy: libvirt resumes the destination once its side of the
+    // migration completed. Post-copy: at once (`cont` while the device
+    // state is still loading starts the guest as soon as it is loaded).
+    if !run.mode.uses_postcopy() {
+        dst.wait_for(LONG_WAIT, "the destination's MIGRATION completed", |e| {
+            switched_over(e, false)
+        })?;
+        if dst.migration_event("failed").is_some() {
+            let info = dst.query_migrate()?;
+            return Err(QemuRunError::Migration {
+                status: info.status,
+                desc: info.error_desc.unwrap_or_default(),
             });
         }
-        std::thread::sleep(Duration::from_millis(2));
     }
-    let (disk_bytes_compared, disk_blocks_differing) = images.compare()?;
     if disks > 0 {
         dst.execute("nbd-server-stop", Value::Null)?;
     }
     dst.execute("cont", Value::Null)?;
+    dst.wait_for(LONG_WAIT, "the destination's RESUME", |e| {
+        e.name == "RESUME"
+    })?;
     let resumed_at = Instant::now();
 
     // Post-copy: until the destination has every page.
-    let dest_info = loop {
-        let info = dst.query_migrate()?;
-        match &info.status {
-            Some(MigrationStatus::Completed) => break info,
-            Some(s @ (MigrationStatus::Failed | MigrationStatus::Cancelled)) => {
-                return Err(QemuRunError::Migration {
-                    status: Some(s.clone()),
-                    desc: info.error_desc.unwrap_or_default(),
-                });
-            }
-            _ => {}
-        }
-        if resumed_at.elapsed() > LONG_WAIT {
-            return Err(QemuRunError::Timeout {
-                what: "QEMU's post-copy to complete".into(),
-                after: LONG_WAIT,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    dst.wait_for(LONG_WAIT, "QEMU's post-copy to complete", |e| {
+        switched_over(e, false)
+    })?;
+    let dest_info = dst.query_migrate()?;
+    if !matches!(dest_info.status, Some(MigrationStatus::Completed)) {
+        return Err(QemuRunError::Migration {
+            status: dest_info.status,
+            desc: dest_info.error_desc.unwrap_or_default(),
+        });
+    }
     let src_info = wait_source_done(&mut src)?;
 
     // The guest runs on at the destination.
@@ -643,6 +751,22 @@ fn migrate(
     let completed = dst
         .migration_event("completed")
         .ok_or_else(|| missing("MIGRATION completed"))?;
+
+    // Outside every measured interval: the destination's raw images hold
+    // what arrived before the resume (the guest writes into its overlays
+    // since), the source's are frozen.
+    let compare_at = SystemTime::now();
+    let (disk_bytes_compared, disk_blocks_differing) = images.compare()?;
+    let mut steps: Vec<(SystemTime, String)> = src.commands.clone();
+    steps.extend(dst.commands.iter().cloned());
+    steps.push((compare_at, "harness: compare disk images".into()));
+    steps.sort_by_key(|(t, _)| *t);
+    let steps_in_downtime = steps
+        .into_iter()
+        .filter(|(t, _)| *t >= stop && *t <= resume)
+        .map(|(_, s)| s)
+        .collect();
+
     let downtime_s = since(stop, resume);
     let end = completed.max(resume);
     let uptime_s = if run.mode.uses_postcopy() {
@@ -679,6 +803,7 @@ fn migrate(
         disk_bytes_compared,
         disk_blocks_differing,
         checker_errors,
+        steps_in_downtime,
     })
 }
 
@@ -704,42 +829,36 @@ fn job_of(e: &QmpEvent) -> &str {
 /// Waits until each of the `disks` mirrors is ready (fully copied and
 /// mirroring).
 fn wait_mirrors_ready(src: &mut Side, disks: usize) -> Result<(), QemuRunError> {
-    let started = Instant::now();
-    loop {
-        src.drain();
-        let mut ready = 0;
-        for i in 0..disks {
-            let job = format!("wmmirror{i}");
-            let ended = src.events.iter().find(|e| {
-                job_of(e) == job
-                    && matches!(
-                        e.name.as_str(),
-                        "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_ERROR"
-                    )
-            });
-            if let Some(e) = ended {
+    let deadline = Instant::now() + LONG_WAIT;
+    for i in 0..disks {
+        let job = format!("wmmirror{i}");
+        let e = src.wait_until(deadline, |e| {
+            job_of(e) == job
+                && matches!(
+                    e.name.as_str(),
+                    "BLOCK_JOB_READY"
+                        | "BLOCK_JOB_COMPLETED"
+                        | "BLOCK_JOB_CANCELLED"
+                        | "BLOCK_JOB_ERROR"
+                )
+        })?;
+        match e {
+            Some(e) if e.name == "BLOCK_JOB_READY" => {}
+            Some(e) => {
                 return Err(QemuRunError::Mirror {
                     job,
                     message: format!("{} before it was ready: {}", e.name, e.data),
                 });
             }
-            ready += usize::from(
-                src.events
-                    .iter()
-                    .any(|e| e.name == "BLOCK_JOB_READY" && job_of(e) == job),
-            );
+            None => {
+                return Err(QemuRunError::Mirror {
+                    job,
+                    message: format!("not ready after {LONG_WAIT:?}"),
+                });
+            }
         }
-        if ready == disks {
-            return Ok(());
-        }
-        if started.elapsed() > LONG_WAIT {
-            return Err(QemuRunError::Mirror {
-                job: "all".into(),
-                message: format!("{ready} of {disks} ready after {LONG_WAIT:?}"),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
 }
 
 /// Completes the ready mirrors (the source is paused: nothing new to copy)
@@ -751,30 +870,22 @@ fn complete_mirrors(src: &mut Side, disks: usize) -> Result<u64, QemuRunError> {
             json!({ "device": format!("wmmirror{i}") }),
         )?;
     }
-    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut bytes = 0;
     for i in 0..disks {
         let job = format!("wmmirror{i}");
-        let done = loop {
-            src.drain();
-            let e = src.events.iter().find(|e| {
+        let done = src
+            .wait_until(deadline, |e| {
                 job_of(e) == job
                     && matches!(
                         e.name.as_str(),
                         "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED"
                     )
-            });
-            if let Some(e) = e {
-                break e.clone();
-            }
-            if started.elapsed() > Duration::from_secs(120) {
-                return Err(QemuRunError::Mirror {
-                    job,
-                    message: "did not complete within 120 s of block-job-cancel".into(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
+            })?
+            .ok_or_else(|| QemuRunError::Mirror {
+                job: job.clone(),
+                message: "did not complete within 120 s of block-job-cancel".into(),
+            })?;
         if let Some(err) = done.data.get("error") {
             return Err(QemuRunError::Mirror {
                 job,

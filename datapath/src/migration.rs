@@ -32,17 +32,36 @@ use crate::profiling::{ProfileOptions, profile_guest};
 use crate::qemu::RunState;
 use crate::report::MigrationReport;
 use crate::wire::{Geometry, MigrationId, PskKey, ServerPolicy};
+pub use wanmig_planner::model::FreezePolicy;
 use wanmig_planner::units::Rate;
 
 /// Where the plan comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Planning {
-    /// Fixed fractions, pages and chunks in address order (no profile).
+    /// Fixed fractions, pages and chunks in address order (no profile),
+    /// the engine's round limit, and the freeze by the plan's shape
+    /// ([`PageOrder::freeze_policy`]): a plan that post-copies anything
+    /// keeps the downtime target, `M = S = 1` is classic pre-copy.
     Fixed {
         /// `M`.
         m: f64,
         /// `S` (ignored for a guest without disks).
         s: f64,
+    },
+    /// Fixed fractions (address order, no profile) with a pre-copy
+    /// strategy of their own: see [`Planning::qemu_hybrid`],
+    /// [`Planning::precopy_overflow`], [`Planning::classic_precopy`].
+    FixedStrategy {
+        /// `M`.
+        m: f64,
+        /// `S` (ignored for a guest without disks).
+        s: f64,
+        /// What the freeze does with a dirty set that does not fit the
+        /// downtime target.
+        freeze: FreezePolicy,
+        /// Pre-copy rounds at most, round 0 included (`None`: the
+        /// engine's, [`SourceConfig::max_rounds`]).
+        max_rounds: Option<u32>,
     },
     /// The planner library on a profile file, for a link.
     Profile {
@@ -77,6 +96,44 @@ pub enum Planning {
         /// The profile the planner serves from.
         profile: PathBuf,
     },
+}
+
+impl Planning {
+    /// What QEMU's hybrid migration does: one pre-copy pass over all of
+    /// memory and storage, then post-copy of what the guest dirtied
+    /// meanwhile (the freeze sends what fits the downtime target, hottest
+    /// first, and post-copies the rest).
+    pub fn qemu_hybrid() -> Planning {
+        Planning::FixedStrategy {
+            m: 1.0,
+            s: 1.0,
+            freeze: FreezePolicy::Overflow,
+            max_rounds: Some(1),
+        }
+    }
+
+    /// All of memory and storage pre-copied (the engine's round limit),
+    /// the dirty pages that do not fit the freeze's downtime target
+    /// post-copied.
+    pub fn precopy_overflow() -> Planning {
+        Planning::FixedStrategy {
+            m: 1.0,
+            s: 1.0,
+            freeze: FreezePolicy::Overflow,
+            max_rounds: None,
+        }
+    }
+
+    /// Classic pre-copy: everything pre-copied, the freeze sends all that
+    /// is dirty however long it takes (what `Fixed { m: 1, s: 1 }` does).
+    pub fn classic_precopy() -> Planning {
+        Planning::FixedStrategy {
+            m: 1.0,
+            s: 1.0,
+            freeze: FreezePolicy::Classic,
+            max_rounds: None,
+        }
+    }
 }
 
 /// What to migrate and how.
@@ -470,8 +527,9 @@ fn migrate(
             stalled_guest_diagnosis(&mut dest, &dest_report)
         )));
     }
-    // The page checker's errors, the disk checker's if it runs, and
-    // sysbench's validation failures (it stops at the first).
+    // Every failure the guest reported at the destination: its checkers'
+    // error counts and every failure line (a checker that failed, sysbench's
+    // validation failures, ext4 errors, stress-ng's failures, a crash).
     let checker_errors = dest_log.checker_errors();
     let mut report =
         MigrationReport::combine(source_report, dest_report, checker_errors, spec.dest.dt, s);
@@ -513,8 +571,8 @@ fn stalled_guest_diagnosis(dest: &mut QemuDest, report: &DestReport) -> String {
         || "no integrity check".to_string(),
         |i| {
             format!(
-                "{} of {} pages compared differ",
-                i.pages_differing, i.pages_compared
+                "{} of {} pages compared differ ({} of them holes)",
+                i.pages_differing, i.pages_compared, i.holes
             )
         },
     );
@@ -623,6 +681,24 @@ pub(crate) fn plan(
             *s,
             None,
             "fixed M and S, address order".to_string(),
+            None,
+        ),
+        Planning::FixedStrategy {
+            m,
+            s,
+            freeze,
+            max_rounds,
+        } => (
+            PageOrder::by_address(pages, *m)?.with_strategy(Some(*freeze), *max_rounds),
+            false,
+            *s,
+            None,
+            format!(
+                "fixed M and S, address order, {freeze} freeze, {}",
+                max_rounds.map_or("the engine's round limit".to_string(), |r| format!(
+                    "at most {r} round(s)"
+                ))
+            ),
             None,
         ),
         Planning::Profile {

@@ -9,7 +9,10 @@
 //!   [`PageOrder`]: every page ranked exactly as the planner ranks it
 //!   (integer key, then fewer writes, then populated first, then address),
 //!   the top `round(M × pages)` pre-copied, checked page by page against the
-//!   rule.
+//!   rule. The order carries the plan's strategy (round limit and freeze
+//!   policy, [`PageOrder::with_strategy`]): the engine executes the plan
+//!   the planner chose, a one-pass pre-copy or a freeze that post-copies
+//!   what does not fit the downtime target included.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -323,7 +326,8 @@ fn orders(
 ) -> Result<(PageOrder, bool), PlanningError> {
     let n = profile.header().samples;
     let page_counters = counters_of(profile, Kind::Page, guest.pages)?;
-    let pages = rank_units(n, Kind::Page, &page_counters, &plan.page_rule, plan.m)?;
+    let pages = rank_units(n, Kind::Page, &page_counters, &plan.page_rule, plan.m)?
+        .with_strategy(Some(plan.strategy.freeze), Some(plan.strategy.max_rounds));
     if profile.count(Kind::Chunk) == 0 {
         return Ok((pages, false));
     }

@@ -25,7 +25,17 @@ pub struct Figures {
     pub uptime_s: f64,
     /// Downtime D (source stop to destination resume), s.
     pub downtime_s: f64,
-    /// Post-copy penalty P (time vCPUs waited for fetched pages), s.
+    /// Post-copy penalty P, s: the wall time after the destination resumed
+    /// the guest during which it waited for anything that had not arrived
+    /// there. Measured on the destination: every page fault on a page not
+    /// here (absent, already on its way, or a zero page the engine installs),
+    /// from the moment the engine sees it until the page is in place, and
+    /// every guest disk request (a read of absent data, a partial-block
+    /// write) waiting for chunks; overlapping waits count once (the length
+    /// of their union, as QEMU's `postcopy-blocktime` counts a vCPU's
+    /// waits). A wait that began before the resume counts from the resume
+    /// (the time before it is downtime). The split is in the destination's
+    /// report (`page_stall_s`, `chunk_stall_s`, `chunk_waits`).
     pub penalty_s: f64,
     /// Post-copy faults that fetched a page from the source.
     pub faults: u64,
@@ -35,21 +45,95 @@ pub struct Figures {
     pub gamma: f64,
 }
 
-/// End-to-end integrity.
+/// End-to-end integrity: the engine's comparison of the destination with
+/// the source's frozen memory and disks, and the guest's own checkers.
+/// Zeros prove nothing unless `checked`: [`holds`](Self::holds) is the
+/// verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct IntegrityFigures {
-    /// Errors the guest's page checker reported (at the destination, after
-    /// the migration).
+    /// Whether the engine's comparison ran: every page's digest arrived and
+    /// was compared, and, if the guest has disks, every chunk's. False
+    /// (the source sent no digests, the bulk connection broke, the
+    /// migration failed): every count below is 0 and proves nothing.
+    pub checked: bool,
+    /// Failures the guest reported on its console at the destination, after
+    /// the migration: its checkers' error counts and every failure line
+    /// (see `SerialLog::checker_errors`).
     pub checker_errors: u64,
-    /// Destination pages compared with the source's frozen pages.
+    /// Populated destination pages compared with the source's frozen pages:
+    /// pages holding data from the source that the guest has not written
+    /// since the resume.
     pub pages_compared: u64,
-    /// Of those, pages that differ (must be 0).
+    /// Pages compared apart from those: the ones the source announced as
+    /// holding nothing (never populated there, or post-copy pages all zeros
+    /// since round 0), holes here (QEMU: reading as zeros; Xen: no memory).
+    pub holes_compared: u64,
+    /// Of the pages and holes compared, those that differ (must be 0).
     pub pages_differing: u64,
     /// Destination disk chunks compared with the source's frozen chunks
     /// (those the guest has not modified since the resume).
     pub chunks_compared: u64,
     /// Of those, chunks that differ (must be 0).
     pub chunks_differing: u64,
+}
+
+impl IntegrityFigures {
+    /// The figures of the destination's `report`, with the guest's
+    /// `checker_errors`.
+    pub fn of(report: &DestReport, checker_errors: u64) -> Self {
+        let pages = report.integrity;
+        let disks = report.storage.as_ref();
+        IntegrityFigures {
+            checked: pages.is_some() && disks.is_none_or(|d| d.chunks_checked),
+            checker_errors,
+            pages_compared: pages.map_or(0, |i| i.populated_compared()),
+            holes_compared: pages.map_or(0, |i| i.holes),
+            pages_differing: pages.map_or(0, |i| i.pages_differing),
+            chunks_compared: disks.map_or(0, |d| d.chunks_compared),
+            chunks_differing: disks.map_or(0, |d| d.chunks_differing),
+        }
+    }
+
+    /// Why the guest cannot be said to have arrived intact, one reason a
+    /// line; empty if it did (see [`holds`](Self::holds)).
+    pub fn failures(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if !self.checked {
+            v.push(
+                "the engine's comparison with the source's frozen memory and disks did not run"
+                    .into(),
+            );
+        } else if self.pages_compared == 0 {
+            v.push("no populated page was compared".into());
+        }
+        if self.pages_differing > 0 {
+            v.push(format!(
+                "{} of {} pages compared differ",
+                self.pages_differing,
+                self.pages_compared + self.holes_compared
+            ));
+        }
+        if self.chunks_differing > 0 {
+            v.push(format!(
+                "{} of {} disk chunks compared differ",
+                self.chunks_differing, self.chunks_compared
+            ));
+        }
+        if self.checker_errors > 0 {
+            v.push(format!(
+                "the guest reported {} errors on its console",
+                self.checker_errors
+            ));
+        }
+        v
+    }
+
+    /// The verdict: true only if the comparison ran (`checked`), compared at
+    /// least one populated page, found no page or chunk differing, and the
+    /// guest reported no error.
+    pub fn holds(&self) -> bool {
+        self.failures().is_empty()
+    }
 }
 
 /// The disks' side of a migration.
@@ -117,7 +201,7 @@ impl MigrationReport {
             ),
             _ => (f64::NAN, f64::NAN),
         };
-        let integrity = destination.integrity.unwrap_or_default();
+        let integrity = IntegrityFigures::of(&destination, checker_errors);
         let dest_disks = destination.storage.clone().unwrap_or_default();
         let storage = source.storage.as_ref().map(|st| StorageFigures {
             chunks_fetched: dest_disks.counters.chunks_fetched,
@@ -140,13 +224,7 @@ impl MigrationReport {
             predicted: None,
             plan_origin: String::new(),
             planner_link: None,
-            integrity: IntegrityFigures {
-                checker_errors,
-                pages_compared: integrity.pages_compared,
-                pages_differing: integrity.pages_differing,
-                chunks_compared: dest_disks.chunks_compared,
-                chunks_differing: dest_disks.chunks_differing,
-            },
+            integrity,
             storage,
             source,
             destination,
@@ -157,6 +235,84 @@ impl MigrationReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::engine::IntegrityReport;
+    use crate::engine::dest::DestStorageReport;
+
+    fn checked(compared: u64, holes: u64) -> DestReport {
+        DestReport {
+            integrity: Some(IntegrityReport {
+                pages_compared: compared,
+                holes,
+                ..IntegrityReport::default()
+            }),
+            ..DestReport::default()
+        }
+    }
+
+    #[test]
+    fn a_check_that_did_not_run_is_no_pass() {
+        // No digests (or a broken stream): nothing compared, nothing
+        // differing, and still no pass.
+        let unchecked = IntegrityFigures::of(&DestReport::default(), 0);
+        assert!(!unchecked.checked);
+        assert_eq!(
+            (unchecked.pages_compared, unchecked.pages_differing),
+            (0, 0)
+        );
+        assert!(!unchecked.holds());
+        assert!(
+            unchecked.failures()[0].contains("did not run"),
+            "{:?}",
+            unchecked.failures()
+        );
+        let json = serde_json::to_value(unchecked).unwrap();
+        assert_eq!(json["checked"], false);
+
+        // The pages were compared, the disks' chunks were not.
+        let mut r = checked(1000, 200);
+        r.storage = Some(DestStorageReport::default());
+        let i = IntegrityFigures::of(&r, 0);
+        assert!(!i.checked && !i.holds(), "{i:?}");
+        r.storage = Some(DestStorageReport {
+            chunks_checked: true,
+            chunks_compared: 49,
+            ..DestStorageReport::default()
+        });
+        let i = IntegrityFigures::of(&r, 0);
+        assert!(i.checked && i.holds(), "{i:?}");
+        assert_eq!(i.chunks_compared, 49);
+        assert_eq!(serde_json::to_value(i).unwrap()["checked"], true);
+    }
+
+    #[test]
+    fn only_populated_pages_count_as_compared() {
+        let i = IntegrityFigures::of(&checked(1000, 200), 0);
+        assert_eq!((i.pages_compared, i.holes_compared), (800, 200));
+        assert!(i.checked && i.holds(), "{:?}", i.failures());
+        // Holes alone prove nothing arrived.
+        let i = IntegrityFigures::of(&checked(200, 200), 0);
+        assert_eq!((i.pages_compared, i.holes_compared), (0, 200));
+        assert!(!i.holds());
+    }
+
+    #[test]
+    fn any_difference_or_guest_error_fails_the_check() {
+        assert!(!IntegrityFigures::of(&checked(1000, 0), 1).holds());
+        let mut r = checked(1000, 0);
+        r.integrity.as_mut().unwrap().pages_differing = 1;
+        assert!(!IntegrityFigures::of(&r, 0).holds());
+        let mut r = checked(1000, 0);
+        r.storage = Some(DestStorageReport {
+            chunks_checked: true,
+            chunks_compared: 10,
+            chunks_differing: 1,
+            ..DestStorageReport::default()
+        });
+        let i = IntegrityFigures::of(&r, 0);
+        assert!(!i.holds());
+        assert_eq!(i.failures(), vec!["1 of 10 disk chunks compared differ"]);
+    }
 
     #[test]
     fn gamma_is_one_without_downtime_or_stalls() {

@@ -654,8 +654,13 @@ fn a_whole_migration_and_faults_while_loading_are_no_penalty() {
     );
     let (s, d) = (s.unwrap(), d.unwrap());
     assert_eq!(dst.loaded.as_deref(), Some(&src.device_state[..]));
-    assert_eq!(d.integrity.unwrap().pages_differing, 0, "{d:#?}");
-    assert_eq!(d.integrity.unwrap().pages_compared, PAGES);
+    let i = d.integrity.unwrap();
+    assert_eq!(i.pages_differing, 0, "{d:#?}");
+    assert_eq!(i.pages_compared, PAGES);
+    // The never-populated pages are compared, but counted apart: only the
+    // populated ones (the zero page 100 among them) show data arrived.
+    assert_eq!(i.holes, PAGES - POPULATED, "{i:?}");
+    assert_eq!(i.populated_compared(), POPULATED);
     assert_eq!(d.faults, 0, "faults while loading are not penalty: {d:#?}");
     assert_eq!(d.penalty_s, 0.0);
     assert!(d.late_error.is_none(), "{d:#?}");
@@ -1699,4 +1704,209 @@ fn a_newer_plan_applies_at_a_round_boundary_and_loses_no_page() {
     assert_eq!(r0.pages_sent, PAGES / 4, "{r0:?}");
     let frozen = seen.iter().find(|t| t.phase == Phase::Freeze).unwrap();
     assert_eq!(frozen.plan_generation, 7, "{frozen:?}");
+}
+
+// ------------------------------------------------------------- penalty --
+
+/// Copies bytes from `from` to `to`, each `delay` after it arrived (a
+/// one-way latency), until EOF.
+fn delayed_pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    while let Ok((at, bytes)) = rx.recv() {
+        std::thread::sleep((at + delay).saturating_duration_since(Instant::now()));
+        if to.write_all(&bytes).is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// A migration's connections through a proxy that delays what the source
+/// sends on the fault connection (the second one it opens) by `delay`.
+fn link_with_slow_fault_answers(
+    geometry: Geometry,
+    delay: Duration,
+) -> (ConnectionPair, ConnectionPair) {
+    let (dst_l, dst_a) = listener();
+    let (proxy_l, proxy_a) = listener();
+    std::thread::spawn(move || {
+        for i in 0..2 {
+            let (down, _) = proxy_l.accept().unwrap();
+            let up = TcpStream::connect(dst_a).unwrap();
+            let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+            if i == 1 {
+                std::thread::spawn(move || delayed_pump(down, up, delay));
+            } else {
+                std::thread::spawn(move || pump(down, up, None));
+            }
+            std::thread::spawn(move || pump(u2, d2, None));
+        }
+    });
+    link_geometry(dst_l, proxy_a, geometry, LinkConfig::default())
+}
+
+#[test]
+fn a_disk_read_waiting_for_a_chunk_is_part_of_the_penalty() {
+    // The guest's disk is served over NBD as QEMU would reach it; after the
+    // resume it reads an absent chunk, whose answer takes 300 ms (the
+    // fault connection's latency); the push is slow and brings it later.
+    // The guest touches no absent page: the whole penalty is that wait.
+    let delay = Duration::from_millis(300);
+    let disks = Disks::new("wait");
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    disks.attach(&mut src, &mut dst);
+    let slow = Arc::new(AtomicBool::new(true));
+    let s2 = slow.clone();
+    src.g.on_frozen_read(move |_| {
+        if s2.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(4));
+        }
+    });
+    let sock = disks.dir.join("nbd.sock");
+    let server = wanmig_datapath::nbd::NbdServer::start(
+        &sock,
+        wanmig_datapath::nbd::Export {
+            name: "disk0".into(),
+            device: disks.dst.clone(),
+            log: None,
+        },
+    )
+    .unwrap();
+    let g = dst.g.clone();
+    let guest = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while g.st.lock().unwrap().resumed_at.is_none() {
+            assert!(Instant::now() < deadline, "never resumed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t = Instant::now();
+        let o = std::process::Command::new("qemu-io")
+            .args([
+                "--image-opts",
+                &format!(
+                    "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},file.export=disk0",
+                    sock.display()
+                ),
+                "-c",
+                &format!("read {} 4096", 30 * CHUNK),
+            ])
+            .output()
+            .expect("qemu-io (run scripts/setup)");
+        let took = t.elapsed();
+        slow.store(false, Ordering::Release);
+        assert!(o.status.success(), "{o:?}");
+        took
+    });
+    let order = PageOrder::by_address(PAGES, 0.5)
+        .unwrap()
+        .with_chunks(PageOrder::by_address(disks.chunks(), 0.0).unwrap());
+    let (sconns, dconns) = link_with_slow_fault_answers(disk_geometry(disks.chunks()), delay);
+    let (sr, dr) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| run_destination(&mut dst, dconns, &quick_dest()));
+        let s = run_source(&mut src, sconns, &order, &SourceConfig::default());
+        (s, d.join().unwrap())
+    });
+    let took = guest.join().unwrap();
+    drop(server);
+    sr.unwrap();
+    let d = dr.unwrap();
+    let ds = d.storage.as_ref().unwrap();
+    assert!(ds.counters.chunks_fetched >= 1, "{ds:?}");
+    assert!(d.chunk_waits >= 1, "{d:#?}");
+    assert!(
+        d.chunk_stall_s >= delay.as_secs_f64() && d.chunk_stall_s <= took.as_secs_f64(),
+        "the read waited {:.3} s for a {delay:?} answer (qemu-io ran {took:?}): {d:#?}",
+        d.chunk_stall_s
+    );
+    assert_eq!((d.faults, d.faults_in_flight), (0, 0), "{d:#?}");
+    assert_eq!(d.page_stall_s, 0.0);
+    // P is that wait: none is left out.
+    assert!(
+        (d.penalty_s - d.chunk_stall_s).abs() < 1e-9 && d.penalty_s >= delay.as_secs_f64(),
+        "P {} s, chunk waits {} s",
+        d.penalty_s,
+        d.chunk_stall_s
+    );
+    assert!((d.penalty_in_window_s - d.penalty_s).abs() < 1e-9);
+    let binned: f64 = d.fault_timeline.stall_s.iter().sum();
+    assert!(
+        (binned - d.penalty_s).abs() < 1e-9,
+        "{:?}",
+        d.fault_timeline
+    );
+    // Intact, and checked.
+    assert!(ds.chunks_checked && ds.chunks_differing == 0, "{ds:?}");
+    let src_bytes = std::fs::read(disks.dir.join("src.raw")).unwrap();
+    let dst_bytes = std::fs::read(disks.dir.join("dst.raw")).unwrap();
+    assert!(src_bytes == dst_bytes, "the destination image differs");
+}
+
+#[test]
+fn a_fault_on_a_page_already_requested_is_timed() {
+    // M = 0; the bulk connection is cut a quarter of the way into the push,
+    // so the destination requests every page still absent (the sweep). The
+    // source's answer for page 700 takes 500 ms; a vCPU faults on it
+    // meanwhile: the page is already requested, and its wait is P.
+    let mut src = FakeSource::new();
+    let mut dst = FakeDest::new();
+    let (sc, dc, cut) = link_with_cuttable_bulk(LinkConfig::default());
+    let answering = Arc::new(AtomicBool::new(false));
+    let a2 = answering.clone();
+    src.g.on_frozen_read(move |p| {
+        if p == 200 {
+            cut.store(true, Ordering::Release);
+        }
+        if p == 700 && std::thread::current().name() == Some("wanmig-fault-server") {
+            a2.store(true, Ordering::Release);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let g = dst.g.clone();
+    let guest = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !answering.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "page 700 was never requested");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t = Instant::now();
+        g.touch(700, Duration::from_secs(10))
+            .expect("page 700 came");
+        t.elapsed()
+    });
+    let (s, d, _) = migrate(
+        &mut src,
+        &mut dst,
+        0.0,
+        &SourceConfig::default(),
+        &quick_dest(),
+        (sc, dc),
+    );
+    let waited = guest.join().unwrap().as_secs_f64();
+    assert!(s.is_err(), "the source saw the bulk connection break");
+    let d = d.unwrap();
+    assert!(d.swept_pages > 0, "{d:#?}");
+    assert_eq!(d.faults, 0, "the sweep requested page 700, not the fault");
+    assert!(d.faults_in_flight >= 1, "{d:#?}");
+    assert!(
+        d.penalty_s >= 0.3 && d.penalty_s <= waited + 0.05,
+        "the vCPU waited {waited:.3} s, P is {:.3} s: {d:#?}",
+        d.penalty_s
+    );
+    assert!((d.penalty_s - d.page_stall_s).abs() < 1e-9);
+    assert_eq!((d.chunk_waits, d.chunk_stall_s), (0, 0.0));
+    assert_same(&src.g, &dst.g);
 }

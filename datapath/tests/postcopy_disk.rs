@@ -52,6 +52,11 @@ fn pattern(len: usize) -> Vec<u8> {
 
 impl Setup {
     fn new(tag: &str) -> Self {
+        Self::answering_after(tag, Duration::from_millis(2))
+    }
+
+    /// The "source engine" answers each request `delay` after it.
+    fn answering_after(tag: &str, delay: Duration) -> Self {
         let dir = std::env::temp_dir().join(format!("wanmig-pcd-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -78,7 +83,7 @@ impl Setup {
         let src = source.clone();
         std::thread::spawn(move || {
             while let Ok((first, n)) = rx.recv() {
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(delay);
                 let Some(img) = slot.get().and_then(|w| w.upgrade()) else {
                     return;
                 };
@@ -405,4 +410,42 @@ fn libnbd_reads_and_writes_the_post_copy_export() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(s.image_bytes() == new);
+}
+
+#[test]
+fn a_guest_read_waiting_for_a_chunk_is_timed_as_its_wait() {
+    // The answer takes 300 ms (a slow link): QEMU's read of an absent chunk
+    // waits that long, and the image records the wait (the engine counts
+    // it in the post-copy penalty), once the guest runs here.
+    let delay = Duration::from_millis(300);
+    let s = Setup::answering_after("wait", delay);
+    // Before the resume (QEMU's own reads): fetched, not the guest's wait.
+    s.qemu_io_ok(&[&format!("read {CHUNK} 512")]);
+    assert!(s.image.waits().is_empty());
+    s.image.mark_resumed();
+    let off = 5 * CHUNK + 4096;
+    let t = std::time::Instant::now();
+    let o = s.qemu_io(&[&format!("read -v {off} 512")]);
+    let took = t.elapsed();
+    assert!(o.status.success(), "{o:?}");
+    let waits = s.image.waits();
+    assert_eq!(waits.len(), 1, "one read, one wait: {waits:?}");
+    let (start, end) = waits[0];
+    assert!(start >= t, "{waits:?}");
+    let waited = end - start;
+    assert!(
+        waited >= delay && waited <= took,
+        "the read waited {waited:?} for a {delay:?} fetch (qemu-io ran {took:?})"
+    );
+    assert_eq!(
+        s.fetcher.requests.lock().unwrap().as_slice(),
+        &[(1, 1), (5, 1)]
+    );
+    // The bytes are the source's.
+    let img = s.image_bytes();
+    let at = off as usize;
+    assert!(img[at..at + 512] == s.source[at..at + 512]);
+    // Read again: here now, no wait.
+    s.qemu_io_ok(&[&format!("read {off} 512")]);
+    assert_eq!(s.image.waits().len(), 1);
 }

@@ -1,5 +1,13 @@
 //! `wanmig-planner heatmap`: `Gamma` over the `(M, S)` grid as a PNG, with
-//! the chosen point, the grid optimum and the ternary answer marked.
+//! the chosen point, the grid optimum, the ternary answer and the plan
+//! family's named strategies ([`Candidate`](crate::search::Candidate))
+//! marked.
+//!
+//! The grid is drawn under the search's strategy (its freeze policy and
+//! round limit, named in the caption); grey cells miss the downtime limit
+//! `L`. A marked point that misses `L` says so in the legend, with its
+//! downtime, and its `Gamma` only as what it would be were it allowed: an
+//! infeasible point is never a candidate for the plan.
 //!
 //! Drawn with plotters' bitmap backend and no system libraries: text is
 //! rendered with `ab_glyph` from a TrueType file, by default
@@ -11,8 +19,8 @@ use std::sync::Mutex;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::model::GRID_STEPS;
-use crate::search::SearchResult;
+use crate::model::{FreezePolicy, GRID_STEPS};
+use crate::search::{Point, SearchResult};
 
 /// The font used for labels unless another is given.
 pub const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -121,6 +129,33 @@ fn colour(t: f64) -> RGBColor {
     RGBColor(lerp(a.0, b.0), lerp(a.1, b.1), lerp(a.2, b.2))
 }
 
+/// What the legend says of a marked point: its `(M, S)` and `Gamma` when
+/// it meets the downtime limit `limit`; otherwise that it misses it, by
+/// how much, and its `Gamma` only as what it would be (never as if it
+/// were a candidate).
+pub fn describe_point(p: &Point, limit: f64) -> String {
+    if p.feasible {
+        format!("M={:.2} S={:.2} Gamma={:.4}", p.m, p.s, p.gamma)
+    } else {
+        format!(
+            "M={:.2} S={:.2} INFEASIBLE: D={:.3} s > L={:.3} s (Gamma {:.4} if it were allowed)",
+            p.m, p.s, p.downtime_s, limit, p.gamma
+        )
+    }
+}
+
+/// A strategy in a few words: its freeze policy and round limit.
+pub fn describe_strategy(p: &Point) -> String {
+    let freeze = match p.strategy.freeze {
+        FreezePolicy::Classic => "classic freeze",
+        FreezePolicy::Overflow => "overflow freeze",
+    };
+    match p.strategy.max_rounds {
+        1 => format!("{freeze}, one pass"),
+        r => format!("{freeze}, <= {r} rounds"),
+    }
+}
+
 /// Draws the heatmap of `result` into `out` (PNG).
 pub fn draw(out: &Path, result: &SearchResult, opts: &HeatmapOptions) -> Result<(), HeatmapError> {
     load_font(&opts.font)?;
@@ -151,8 +186,15 @@ pub fn draw(out: &Path, result: &SearchResult, opts: &HeatmapOptions) -> Result<
     let root = BitMapBackend::new(out, (opts.width, opts.height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| draw_err(&e))?;
     let (main, bar) = root.split_horizontally(opts.width.saturating_sub(130));
+    let limit = result.live.limit_s;
+    let caption = format!(
+        "{} ({}; grey: D > L = {:.3} s)",
+        opts.title,
+        describe_strategy(&result.grid),
+        limit
+    );
     let mut chart = ChartBuilder::on(&main)
-        .caption(&opts.title, ("sans-serif", 22))
+        .caption(&caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(48)
         .y_label_area_size(60)
@@ -190,11 +232,32 @@ pub fn draw(out: &Path, result: &SearchResult, opts: &HeatmapOptions) -> Result<
         chart
             .draw_series(std::iter::once(Circle::new(at, size, c.stroke_width(3))))
             .map_err(|e| draw_err(&e))?
-            .label(format!(
-                "{label}: M={:.2} S={:.2} Gamma={:.4}",
-                p.m, p.s, p.gamma
-            ))
+            .label(format!("{label}: {}", describe_point(&p, limit)))
             .legend(move |(x, y)| Circle::new((x + 10, y), 6, c.stroke_width(3)));
+    }
+    // The named strategies (several may share a point: each its own
+    // colour, offset a little towards the origin).
+    let colours = [
+        RGBColor(0, 114, 178),
+        RGBColor(213, 94, 0),
+        RGBColor(204, 121, 167),
+        RGBColor(0, 158, 115),
+    ];
+    for (k, c) in result.candidates.iter().enumerate() {
+        let colour = colours[k % colours.len()];
+        let (x, y) = centre(c.point.m, c.point.s);
+        let shift = 1.5 * step * k as f64;
+        let at = (x - shift, y - shift);
+        chart
+            .draw_series(std::iter::once(TriangleMarker::new(at, 7, colour.filled())))
+            .map_err(|e| draw_err(&e))?
+            .label(format!(
+                "{} ({}): {}",
+                c.name,
+                describe_strategy(&c.point),
+                describe_point(&c.point, limit)
+            ))
+            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, colour.filled()));
     }
     let chosen = centre(result.chosen.m, result.chosen.s);
     chart
@@ -204,13 +267,18 @@ pub fn draw(out: &Path, result: &SearchResult, opts: &HeatmapOptions) -> Result<
             BLACK.stroke_width(2),
         )))
         .map_err(|e| draw_err(&e))?
-        .label("chosen plan (grid optimum)")
+        .label(format!(
+            "chosen plan (from {}, {}): {}",
+            result.chosen_from,
+            describe_strategy(&result.chosen),
+            describe_point(&result.chosen, limit)
+        ))
         .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .label_font(("sans-serif", 14))
+        .label_font(("sans-serif", 12))
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(|e| draw_err(&e))?;

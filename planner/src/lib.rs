@@ -111,9 +111,25 @@
 //! `NotShrinking`); or 30 rounds (`RoundLimit`). Rounds are pipelined (no
 //! per-round RTT).
 //!
-//! **Freeze.** `D = (rem + state) / B + RTT + resume_overhead`
+//! **Freeze.** `D = (sent + state) / B + RTT + resume_overhead`
 //! (`resume_overhead` defaults to 0, so a guest that never writes has exactly
-//! `D = state / B + RTT` at `M = S = 1`).
+//! `D = state / B + RTT` at `M = S = 1`), where `sent` is what the plan's
+//! freeze policy ([`model::FreezePolicy`]) sends of the dirty remainder
+//! `rem`. *Classic*: all of it. *Overflow* (the default): all of it when
+//! that meets the downtime limit `L`; otherwise the dirty units (pages and
+//! chunks, in merged rank order) hottest first within the budget `(L -
+//! state / B - RTT - overhead) B`, and the coldest dirty units, whole units
+//! until their expected dirty bytes cover the excess, leave the freeze for
+//! post-copy.
+//! In the model a unit of write group `w` is dirty at the freeze with
+//! probability `phi_w = d_w / x_w`, so an overflowed class of `u` units is
+//! a post-copy class of push weight `phi_w` (as a zero unit's is `q`
+//! below), pushed before the rest of the post-copy set, hottest first, and
+//! faulting like any post-copy unit ([`model`]'s `overflow` module gives
+//! the cost: per write group a stall table, `O(groups)` per step while the
+//! push front is in the overflow). Hence `D <= L` whenever the device state
+//! fits, and the two policies agree wherever the classic freeze meets `L`. A plan's [`model::PlanStrategy`] is its freeze
+//! policy and round limit.
 //!
 //! **Post-copy arrivals** ([`model::postcopy`]). Everything outside the
 //! pre-copy set is pushed once, in one merged rank order (pages before
@@ -176,9 +192,14 @@
 //!
 //! **Search** ([`search`]). The seed recursion (memory instantly copied:
 //! ternary on `S`; then `S` fixed: ternary on `M`; plateaus handled) and
-//! the full 101 x 101 grid, both on the 1 % lattice; the plan uses the
-//! grid's optimum (the ternary answer is one of its points) and reports
-//! whether the ternary answer reaches it. **Live migration is possible**
+//! the full 101 x 101 grid, both on the 1 % lattice, under the parameters'
+//! strategy (by default the overflow freeze and 30 rounds); then the named
+//! fixed strategies the grid does not hold (classic pre-copy, `M = S = 1`
+//! with the overflow freeze, QEMU's hybrid: `M = S = 1`, one pass, the
+//! overflow freeze; pure post-copy). The plan is the best of the grid's
+//! optimum and the named strategies (the ternary answer is one of the
+//! grid's points; the report says whether it reaches the grid's optimum
+//! and where the plan comes from). **Live migration is possible**
 //! iff some storage fraction `S >= 1 %`, with memory instantly copied,
 //! pre-copies to convergence (stop `Clean`, `Converged` or `TargetMet`)
 //! with `D <= L`; the largest such `S` is reported. Impossible means the
@@ -209,9 +230,13 @@
 //! **Exactness and cost.** The class model equals the per-unit model (the
 //! same equations, including the time grid and the predictor-corrector,
 //! applied unit by unit) up to floating-point summation order (relative
-//! 1e-9, checked by a property test). A full plan for a 1 TiB + 16 TiB
-//! guest from its class histogram takes 6-14 ms on this two-core machine
-//! (12-35 ms when every grid point is feasible, depending on load); see the README.
+//! 1e-9, checked by property tests, the overflow freeze's included). A
+//! full plan for a 1 TiB + 16 TiB guest from its class histogram takes
+//! 0.16-1 s on this two-core machine under load when the default freeze
+//! overflows in most plans (every plan then integrates its post-copy
+//! window; the planner before the overflow freeze: 25-67 ms in the same
+//! session, most of those plans infeasible and skipped), 64-137 ms when
+//! none overflows; see the planner's README.
 
 #![warn(missing_docs)]
 

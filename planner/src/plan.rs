@@ -90,7 +90,7 @@ pub fn make_plan(
     let model = Model::new(classes, link, params)?;
     let result = search(&model, opts);
     let chosen = result.chosen;
-    let prediction = model.predict(chosen.m, chosen.s);
+    let prediction = model.predict_with(chosen.m, chosen.s, chosen.strategy);
     let elapsed = start.elapsed();
     prediction.check_finite()?;
     result.check_finite()?;
@@ -190,6 +190,12 @@ pub struct PredictedReport {
     pub stop: crate::model::StopReason,
     /// Bytes sent in the freeze besides the state.
     pub remainder_bytes: f64,
+    /// Dirty bytes the freeze moved to post-copy (the overflow policy).
+    pub overflow_bytes: f64,
+    /// Expected pages among them.
+    pub overflow_pages: f64,
+    /// The plan's round limit and freeze policy.
+    pub strategy: crate::model::PlanStrategy,
     /// Bytes pushed in post-copy.
     pub postcopy_bytes: f64,
     /// The downtime limit `L` (s): the target, or `dT` without one.
@@ -213,6 +219,9 @@ impl From<&Prediction> for PredictedReport {
             rounds: p.rounds.len(),
             stop: p.stop,
             remainder_bytes: p.remainder_bytes,
+            overflow_bytes: p.overflow_bytes,
+            overflow_pages: p.overflow_pages,
+            strategy: p.strategy,
             postcopy_bytes: p.postcopy_bytes,
             downtime_limit_s: p.downtime_limit_s,
             meets_downtime_limit: p.meets_downtime_limit,
@@ -267,6 +276,12 @@ pub struct PlanReport {
     pub liveness: Liveness,
     /// The prediction at `(m, s)`.
     pub predicted: PredictedReport,
+    /// The plan's round limit and freeze policy.
+    pub strategy: crate::model::PlanStrategy,
+    /// Where the plan comes from: `grid`, or a named strategy.
+    pub chosen_from: String,
+    /// The named strategies of the plan family, evaluated.
+    pub candidates: Vec<crate::search::Candidate>,
     /// Best grid point.
     pub grid: Point,
     /// The seed recursion's answer.
@@ -304,6 +319,9 @@ impl Plan {
             live_reason: r.live.reason.clone(),
             liveness: r.live.clone(),
             predicted: (&self.prediction).into(),
+            strategy: r.chosen.strategy,
+            chosen_from: r.chosen_from.clone(),
+            candidates: r.candidates.clone(),
             grid: r.grid,
             ternary: TernaryReport {
                 point: r.ternary,

@@ -8,6 +8,20 @@
 //! 2. **Memory step**: `S*` fixed, a ternary search over `M = i/100` picks
 //!    `M*`.
 //! 3. **Grid**: all 101 x 101 points, split over threads by rows.
+//! 4. **Named strategies** ([`Candidate`]): the fixed strategies the grid
+//!    does not hold, each one evaluation: classic pre-copy (`M = S = 1`,
+//!    the classic freeze), all of memory pre-copied with the overflow
+//!    freeze, QEMU's hybrid (`M = S = 1`, one pass, then post-copy of what
+//!    was dirtied: the overflow freeze), and pure post-copy (`M = S = 0`).
+//!
+//! **The plan family.** The grid is searched under the parameters'
+//! [`PlanStrategy`] (by default the overflow freeze: what fits the downtime
+//! limit goes, the coldest dirty pages are post-copied, so every `(M, S)`
+//! whose device state and dirty chunks fit is feasible); the named
+//! strategies add what a fixed `(M, S)` grid under one strategy cannot
+//! express (a one-pass pre-copy, the classic freeze). The plan is the best
+//! of the grid's optimum and the named strategies (on a tie the grid's), so
+//! no fixed strategy of the family is predicted to beat it.
 //!
 //! Ternary searches run on the integer lattice `0..=100`, so their answer is
 //! comparable with the grid's; `ternary_is_global` says whether it reaches
@@ -45,7 +59,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Evaluation, GRID_STEPS, Model, ModelError, Scratch, StopReason, grid_fraction};
+use crate::model::{
+    Evaluation, FreezePolicy, GRID_STEPS, Model, ModelError, PlanStrategy, Scratch, StopReason,
+    grid_fraction,
+};
 
 /// Search options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +93,71 @@ pub struct Point {
     pub gamma: f64,
     /// `D` at this point (s).
     pub downtime_s: f64,
+    /// Whether `D <= L` (an infeasible point is never chosen while a
+    /// feasible one exists, and its `Gamma` is not that of a plan).
+    #[serde(default = "yes")]
+    pub feasible: bool,
+    /// The round limit and freeze policy the point was evaluated under.
+    #[serde(default = "default_strategy")]
+    pub strategy: PlanStrategy,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_strategy() -> PlanStrategy {
+    crate::model::ModelParams::default().strategy()
+}
+
+/// A named fixed strategy of the plan family (see the module docs),
+/// evaluated besides the grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Its name: `classic_precopy`, `precopy_overflow`, `qemu_hybrid`,
+    /// `postcopy`.
+    pub name: String,
+    /// Its point and figures.
+    #[serde(flatten)]
+    pub point: Point,
+}
+
+impl Candidate {
+    /// The named strategies under model parameters whose grid strategy is
+    /// `grid` (their round limit is the parameters').
+    pub fn family(grid: PlanStrategy) -> [(&'static str, f64, f64, PlanStrategy); 4] {
+        let rounds = grid.max_rounds;
+        [
+            (
+                "classic_precopy",
+                1.0,
+                1.0,
+                PlanStrategy {
+                    max_rounds: rounds,
+                    freeze: FreezePolicy::Classic,
+                },
+            ),
+            (
+                "precopy_overflow",
+                1.0,
+                1.0,
+                PlanStrategy {
+                    max_rounds: rounds,
+                    freeze: FreezePolicy::Overflow,
+                },
+            ),
+            (
+                "qemu_hybrid",
+                1.0,
+                1.0,
+                PlanStrategy {
+                    max_rounds: 1,
+                    freeze: FreezePolicy::Overflow,
+                },
+            ),
+            ("postcopy", 0.0, 0.0, grid),
+        ]
+    }
 }
 
 /// Whether live migration is possible on this link (see the module docs).
@@ -122,8 +204,13 @@ pub struct SearchResult {
     pub storage_step: Point,
     /// Whether the ternary answer reaches the grid's objective.
     pub ternary_is_global: bool,
-    /// The point the plan uses (the grid optimum, see the module docs).
+    /// The point the plan uses: the best of the grid optimum and the named
+    /// strategies (see the module docs).
     pub chosen: Point,
+    /// Where the chosen point comes from: `grid`, or a candidate's name.
+    pub chosen_from: String,
+    /// The named strategies, evaluated.
+    pub candidates: Vec<Candidate>,
     /// Liveness on this link.
     pub live: Liveness,
     /// Distinct model evaluations made by the ternary searches.
@@ -145,8 +232,13 @@ impl SearchResult {
             ("grid point", &self.grid),
             ("ternary point", &self.ternary),
             ("storage-step point", &self.storage_step),
+            ("chosen point", &self.chosen),
         ];
-        for (what, p) in points {
+        let candidates = self
+            .candidates
+            .iter()
+            .map(|c| ("candidate point", &c.point));
+        for (what, p) in points.into_iter().chain(candidates) {
             for value in [p.m, p.s, p.objective, p.gamma, p.downtime_s] {
                 if !value.is_finite() {
                     return Err(ModelError::NonFinite { what, value });
@@ -167,13 +259,15 @@ impl SearchResult {
     }
 }
 
-fn point(i: usize, j: usize, e: &Evaluation) -> Point {
+fn point(i: usize, j: usize, e: &Evaluation, strategy: PlanStrategy) -> Point {
     Point {
         m: grid_fraction(i),
         s: grid_fraction(j),
         objective: e.objective,
         gamma: e.gamma,
         downtime_s: e.downtime,
+        feasible: e.feasible,
+        strategy,
     }
 }
 
@@ -291,27 +385,58 @@ pub fn search(model: &Model, opts: &SearchOptions) -> SearchResult {
         }
     }
     // The reported points, with DeltaT and Gamma even when infeasible.
+    let strategy = model.params().strategy();
     let grid = point(
         best.0,
         best.1,
         &model.evaluate_grid_point(&mut scratch, best.0, best.1),
+        strategy,
     );
     let tern = point(
         m_star,
         s_star,
         &model.evaluate_grid_point(&mut scratch, m_star, s_star),
+        strategy,
     );
-    let storage_step = point(0, s_star, &storage[s_star]);
+    let storage_step = point(0, s_star, &storage[s_star], strategy);
     let ternary_is_global = tern.objective >= grid.objective;
+    // Step 4: the named strategies; the plan is the best of all.
+    let candidates: Vec<Candidate> = Candidate::family(strategy)
+        .into_iter()
+        .map(|(name, m, s, st)| {
+            let e = model.evaluate_with(&mut scratch, m, s, st);
+            Candidate {
+                name: name.to_string(),
+                point: Point {
+                    m,
+                    s,
+                    objective: e.objective,
+                    gamma: e.gamma,
+                    downtime_s: e.downtime,
+                    feasible: e.feasible,
+                    strategy: st,
+                },
+            }
+        })
+        .collect();
+    let (mut chosen, mut chosen_from) = (grid, "grid".to_string());
+    for c in &candidates {
+        if c.point.objective > chosen.objective {
+            chosen = c.point;
+            chosen_from.clone_from(&c.name);
+        }
+    }
     SearchResult {
         grid,
         ternary: tern,
         storage_step,
         ternary_is_global,
-        chosen: grid,
+        chosen,
+        chosen_from,
+        evaluations: n * n + n + e2 + 2 + candidates.len(),
+        candidates,
         live,
         ternary_evaluations: e1 + e2,
-        evaluations: n * n + n + e2 + 2,
         elapsed: start.elapsed(),
         values,
     }
@@ -623,20 +748,150 @@ mod tests {
     #[test]
     fn plans_honour_the_downtime_target() {
         let p = profile(Workload::MemoryHeavy);
-        let free = run(&p, 40.0, 0.005, ModelParams::default());
+        // The classic freeze: a target only rules plans out.
+        let classic = ModelParams {
+            freeze: FreezePolicy::Classic,
+            ..ModelParams::default()
+        };
+        let free = run(&p, 40.0, 0.005, classic);
         let target = 2.0;
         assert!(
-            free.chosen.downtime_s > target,
+            free.grid.downtime_s > target,
             "the test needs a binding target"
         );
         let params = ModelParams {
             downtime_target: Some(target),
-            ..ModelParams::default()
+            ..classic
         };
         let r = run(&p, 40.0, 0.005, params);
         assert!(r.chosen.downtime_s <= target, "{:?}", r.chosen);
-        assert!(r.chosen.gamma <= free.chosen.gamma + 1e-12);
+        assert!(r.grid.downtime_s <= target, "{:?}", r.grid);
+        assert!(r.grid.gamma <= free.grid.gamma + 1e-12);
         assert!(r.values.feasible.iter().any(|&f| !f));
+        // The overflow freeze keeps the target in every plan (the dirty
+        // units that do not fit are post-copied): the target is the
+        // freeze's budget, and a smaller one may even serve the guest
+        // better than `dT` (here: fewer seconds of downtime for the same
+        // units post-copied later).
+        let r = run(
+            &p,
+            40.0,
+            0.005,
+            ModelParams {
+                downtime_target: Some(target),
+                ..ModelParams::default()
+            },
+        );
+        assert!(r.chosen.downtime_s <= target, "{:?}", r.chosen);
+        assert!(r.values.feasible.iter().all(|&f| f));
+    }
+
+    /// The plan family contains every named fixed strategy and the grid:
+    /// the chosen plan's objective is at least each of theirs, QEMU's
+    /// hybrid is a one-pass pre-copy of everything with the overflow
+    /// freeze, and a candidate's figures are its full prediction's.
+    #[test]
+    fn the_plan_is_at_least_as_good_as_every_strategy_of_the_family() {
+        for w in Workload::ALL {
+            let p = profile(w);
+            for (mbit, target) in [(40.0, Some(0.3)), (40.0, None), (1000.0, Some(0.1))] {
+                let params = ModelParams {
+                    downtime_target: target,
+                    ..ModelParams::default()
+                };
+                let link = Link {
+                    bandwidth: mbit * 1e6 / 8.0,
+                    rtt: 0.005,
+                    wire: crate::model::WireCost::ONE,
+                };
+                let model = Model::new(&p, link, params).unwrap();
+                let r = search(&model, &SearchOptions { threads: 2 });
+                let names: Vec<&str> = r.candidates.iter().map(|c| c.name.as_str()).collect();
+                assert_eq!(
+                    names,
+                    [
+                        "classic_precopy",
+                        "precopy_overflow",
+                        "qemu_hybrid",
+                        "postcopy"
+                    ]
+                );
+                assert!(
+                    r.chosen.objective >= r.grid.objective,
+                    "{w}: {:?}",
+                    r.chosen
+                );
+                for c in &r.candidates {
+                    assert!(
+                        r.chosen.objective >= c.point.objective,
+                        "{w} {mbit} {target:?}: {} beats the plan: {:?} vs {:?}",
+                        c.name,
+                        c.point,
+                        r.chosen
+                    );
+                    let pred = model.predict_with(c.point.m, c.point.s, c.point.strategy);
+                    assert_eq!(pred.meets_downtime_limit, c.point.feasible);
+                    assert!((pred.downtime_s - c.point.downtime_s).abs() <= 1e-9 * pred.downtime_s);
+                    if c.point.feasible {
+                        assert!((pred.gamma - c.point.gamma).abs() <= 1e-9, "{}", c.name);
+                    }
+                }
+                let hybrid = &r.candidates[2];
+                assert_eq!((hybrid.point.m, hybrid.point.s), (1.0, 1.0));
+                assert_eq!(hybrid.point.strategy.max_rounds, 1);
+                assert_eq!(hybrid.point.strategy.freeze, FreezePolicy::Overflow);
+                let pred = model.predict_with(1.0, 1.0, hybrid.point.strategy);
+                assert_eq!(pred.rounds.len(), 1, "one pass");
+                // The chosen point is what it says it is.
+                match r.chosen_from.as_str() {
+                    "grid" => assert_eq!(r.chosen, r.grid),
+                    name => {
+                        let c = r.candidates.iter().find(|c| c.name == name).unwrap();
+                        assert_eq!(r.chosen, c.point);
+                    }
+                }
+            }
+        }
+    }
+
+    /// With a downtime target that a non-converging pre-copy misses, the
+    /// classic freeze rules most of the grid out; the overflow freeze keeps
+    /// every plan of a guest without disk writes within the target, and its
+    /// plan is at least as good as the classic freeze's (whose feasible
+    /// plans it contains unchanged).
+    #[test]
+    fn the_overflow_freeze_opens_the_grid_and_never_loses() {
+        let p = class_profile(&SynthConfig::new(GIB, 0, Workload::MemoryHeavy));
+        let target = Some(0.3);
+        let run_with = |freeze| {
+            let params = ModelParams {
+                downtime_target: target,
+                freeze,
+                ..ModelParams::default()
+            };
+            run(&p, 40.0, 0.005, params)
+        };
+        let classic = run_with(FreezePolicy::Classic);
+        let overflow = run_with(FreezePolicy::Overflow);
+        let feasible = |r: &SearchResult| r.values.feasible.iter().filter(|&&f| f).count();
+        let n = (GRID_STEPS + 1) * (GRID_STEPS + 1);
+        assert!(
+            feasible(&classic) < n / 2,
+            "the test needs a binding target: {} of {n}",
+            feasible(&classic)
+        );
+        assert_eq!(feasible(&overflow), n, "every plan keeps the target");
+        assert!(overflow.chosen.gamma >= classic.chosen.gamma - 1e-12);
+        assert!(overflow.chosen.downtime_s <= 0.3);
+        // Where the classic freeze meets the target, the two agree.
+        for k in 0..n {
+            if classic.values.feasible[k] {
+                assert_eq!(
+                    classic.values.gamma[k], overflow.values.gamma[k],
+                    "point {k}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //!     participant S as segment (/dev/shm)
 //!     participant E as engine (wanmig, source)
 //!     P->>S: create (mode 0600), lock the plan region
-//!     P->>S: publish_plan: generation 1, M, S, page/chunk rules, predicted T U D P Gamma, link
+//!     P->>S: publish_plan: generation 1, M, S, page/chunk rules, round limit and freeze policy, predicted T U D P Gamma, link
 //!     E->>S: open, read_plan (seqlock: retry until a stable snapshot)
 //!     E->>E: rank pages with the profile, check the rule, pre-copy the top M
 //!     loop every pre-copy round
@@ -32,7 +32,7 @@
 //!     P->>S: unlink on exit
 //! ```
 //!
-//! # Layout (version 2, little-endian `u64` words, all accessed atomically)
+//! # Layout (version 3, little-endian `u64` words, all accessed atomically)
 //!
 //! ```text
 //! offset  size  region
@@ -48,7 +48,9 @@
 //! at compile time. Floating-point figures are stored as their IEEE-754
 //! bits. Version 2 added the profile fingerprint (also in each rule word
 //! block), `DeltaT`, the downtime limit and the largest live storage
-//! fraction.
+//! fraction; version 3 the plan's strategy (round limit and freeze policy:
+//! the engine executes every plan the planner can choose, a one-pass
+//! pre-copy or a freeze that post-copies what does not fit included).
 //!
 //! # One writer per region
 //!
@@ -105,7 +107,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::model::Link;
+use crate::model::{FreezePolicy, Link, PlanStrategy};
 use crate::plan::Plan;
 use crate::profile::Kind;
 use crate::rule::{PrecopyRule, RULE_WORDS, RuleDecodeError};
@@ -113,7 +115,7 @@ use crate::rule::{PrecopyRule, RULE_WORDS, RuleDecodeError};
 /// `"WMSEG\0\0\x01"` as a little-endian word.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"WMSEG\0\0\x01");
 /// The layout version.
-pub const LAYOUT_VERSION: u64 = 2;
+pub const LAYOUT_VERSION: u64 = 3;
 /// The segment size in bytes.
 pub const SEGMENT_SIZE: usize = 4096;
 /// How long a reader waits for a live writer to finish an update.
@@ -191,8 +193,31 @@ pub struct PlanRegion {
     pub downtime_limit_s: AtomicU64,
     /// The largest live storage fraction (f64 bits; NaN bits = none).
     pub max_live_s: AtomicU64,
+    /// The plan's pre-copy round limit, round 0 included.
+    pub max_rounds: AtomicU64,
+    /// The plan's freeze policy: 1 classic, 2 overflow
+    /// ([`freeze_code`]).
+    pub freeze: AtomicU64,
     /// Reserved.
-    pub reserved: [AtomicU64; 22],
+    pub reserved: [AtomicU64; 20],
+}
+
+/// The segment's word for a freeze policy (0 is never written: a plan
+/// region without one is not a plan).
+pub fn freeze_code(f: FreezePolicy) -> u64 {
+    match f {
+        FreezePolicy::Classic => 1,
+        FreezePolicy::Overflow => 2,
+    }
+}
+
+/// The freeze policy of a segment word, if it names one.
+pub fn freeze_from_code(code: u64) -> Option<FreezePolicy> {
+    match code {
+        1 => Some(FreezePolicy::Classic),
+        2 => Some(FreezePolicy::Overflow),
+        _ => None,
+    }
 }
 
 /// The telemetry region (written by the engine).
@@ -275,6 +300,8 @@ const _: () = {
     assert!(offset_of!(PlanRegion, published_unix_ns) == 296);
     assert!(offset_of!(PlanRegion, profile_fingerprint) == 304);
     assert!(offset_of!(PlanRegion, max_live_s) == 328);
+    assert!(offset_of!(PlanRegion, max_rounds) == 336);
+    assert!(offset_of!(PlanRegion, freeze) == 344);
     assert!(offset_of!(TelemetryRegion, bandwidth_bps) == 56);
     assert!(offset_of!(TelemetryRegion, faults_served) == 120);
     assert!(align_of::<SegmentLayout>() == 8);
@@ -378,6 +405,9 @@ pub struct PlanSnapshot {
     pub max_live_s: Option<f64>,
     /// The downtime limit `L` (s).
     pub downtime_limit_s: f64,
+    /// The plan's round limit and freeze policy: how the engine pre-copies
+    /// and freezes.
+    pub strategy: PlanStrategy,
     /// Fingerprint of the class profile the plan was made from: the engine
     /// checks it against its own profile
     /// ([`Profile::fingerprint`](crate::profile::Profile::fingerprint)), and
@@ -414,6 +444,7 @@ impl PlanSnapshot {
             live_possible: plan.search.live.possible,
             max_live_s: plan.search.live.max_live_s,
             downtime_limit_s: plan.params.downtime_limit(),
+            strategy: plan.search.chosen.strategy,
             profile_fingerprint: plan.profile.fingerprint,
             published_unix_ns: 0,
         }
@@ -588,6 +619,14 @@ pub enum SegmentError {
         kind: Kind,
         /// The decode error.
         source: RuleDecodeError,
+    },
+    /// A published plan field holds a value no plan has.
+    #[error("segment plan region: {field} = {value} is not a valid value")]
+    BadField {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
     },
     /// Another writer holds the region's lock.
     #[error(
@@ -1051,6 +1090,8 @@ impl Segment {
             relaxed(&r.delta_t_s, f(p.delta_t_s));
             relaxed(&r.downtime_limit_s, f(plan.downtime_limit_s));
             relaxed(&r.max_live_s, f(plan.max_live_s.unwrap_or(f64::NAN)));
+            relaxed(&r.max_rounds, plan.strategy.max_rounds.into());
+            relaxed(&r.freeze, freeze_code(plan.strategy.freeze));
             generation
         })
     }
@@ -1092,6 +1133,8 @@ impl Segment {
                         l(&r.delta_t_s),
                         l(&r.downtime_limit_s),
                         l(&r.max_live_s),
+                        l(&r.max_rounds),
+                        l(&r.freeze),
                     ],
                     words(&r.page_rule),
                     words(&r.chunk_rule),
@@ -1111,6 +1154,14 @@ impl Segment {
         };
         let target = fb(v[13]);
         let max_live = fb(v[20]);
+        let bad = |field: &'static str, value: u64| SegmentError::BadField { field, value };
+        let strategy = PlanStrategy {
+            max_rounds: u32::try_from(v[21])
+                .ok()
+                .filter(|&r| r >= 1)
+                .ok_or_else(|| bad("max_rounds", v[21]))?,
+            freeze: freeze_from_code(v[22]).ok_or_else(|| bad("freeze", v[22]))?,
+        };
         Ok(Some(PlanSnapshot {
             generation: v[0],
             m: fb(v[1]),
@@ -1138,6 +1189,7 @@ impl Segment {
             live_possible: v[15] != 0,
             max_live_s: (!max_live.is_nan()).then_some(max_live),
             downtime_limit_s: fb(v[19]),
+            strategy,
             profile_fingerprint: v[17],
             published_unix_ns: v[16],
         }))
@@ -1331,6 +1383,14 @@ mod tests {
             live_possible: i % 3 == 0,
             max_live_s: (i % 3 == 0).then_some(x * 16.0),
             downtime_limit_s: x * 17.0,
+            strategy: PlanStrategy {
+                max_rounds: (i % 40) as u32 + 1,
+                freeze: if i % 2 == 0 {
+                    FreezePolicy::Overflow
+                } else {
+                    FreezePolicy::Classic
+                },
+            },
             profile_fingerprint: i ^ 0xfeed,
             published_unix_ns: 0,
         }

@@ -222,7 +222,7 @@ impl<'a> Server<'a> {
             let model = &self.plan.model;
             let sel = model.selection(self.plan.search.chosen.m, self.plan.search.chosen.s);
             let round = u32::try_from(t.last_round).unwrap_or(u32::MAX);
-            let curve = model.round_dirty(sel, round);
+            let curve = model.round_dirty_with(sel, round, self.plan.search.chosen.strategy);
             let duration = t.last_round_duration_ns as f64 * 1e-9;
             let expected = curve.bytes(duration, 1.0);
             // In link bytes, as the model counts them (dirty units are

@@ -170,6 +170,12 @@ pub trait DestBackend: Send {
     /// Makes page `index` absent again before the guest runs (it will read as
     /// zero or fault, as the engine decides).
     fn discard_page(&mut self, index: u64) -> Result<(), BackendError>;
+    /// [`discard_page`](Self::discard_page) for pages `first..first +
+    /// count` (the freeze's `AbsentPages`: one call per run, where the
+    /// backend can do a run at once).
+    fn discard_pages(&mut self, first: u64, count: u64) -> Result<(), BackendError> {
+        (first..first + count).try_for_each(|p| self.discard_page(p))
+    }
     /// Page `index` arrived as all zeros before the guest runs (`was_present`:
     /// it held data here until now). By default it becomes absent (a hole
     /// reads as zero); a backend whose guests tell a zero page from no

@@ -6,9 +6,11 @@
 //! pre-copy     rounds: pages written with pwrite (all-zero ones left as
 //!              holes, known zero), ZeroPages announcements; disk chunks
 //!              stored whole in the post-copy images
-//! Freeze       the dirty remainder, ZeroPages for every page the source has
-//!              not populated, the device state pieces (a deadline runs from
-//!              Freeze until the device state is loaded)
+//! Freeze       the dirty remainder, AbsentPages / AbsentChunks for the
+//!              dirty units it had no room for (dropped here: post-copied),
+//!              ZeroPages for every page the source has not populated, the
+//!              device state pieces (a deadline runs from Freeze until the
+//!              device state is loaded)
 //! DeviceStateEnd
 //!              start the fault threads, load the device state, send Loaded;
 //!              any failure up to here: Abort{DestinationFailed} to the
@@ -34,6 +36,14 @@
 //!   zero pages: a page here gets `EEXIST` and a wake, a page discarded since
 //!   reads as zero);
 //! - the fault-answer receiver installs the answers.
+//!
+//! The post-copy penalty P is every wait of the guest for something that
+//! has not arrived, from the resume on: each fault on a page not here
+//! (whatever its state: absent, already requested by another fault or the
+//! sweep, on its way in the push, or a zero page the requester installs)
+//! from the moment the requester sees it until the page is in place, and
+//! each guest disk request that waits for chunks (the post-copy images time
+//! those); overlapping waits count once (the length of their union).
 //!
 //! The fault threads start before the device state is loaded: QEMU touches
 //! guest RAM while loading it. After the commit the destination owns the
@@ -106,19 +116,33 @@ pub struct DestTimes {
     pub complete: Instant,
 }
 
-/// The end-to-end integrity check.
+/// The end-to-end integrity check of the guest's memory: present only if
+/// it ran (every digest arrived and nothing failed).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct IntegrityReport {
-    /// Pages compared with the source's frozen pages (those the guest has not
-    /// written since the resume).
+    /// Pages compared with the source's frozen pages (every page the guest
+    /// has not written since the resume), `holes` included: of these,
+    /// [`populated_compared`](Self::populated_compared) held data.
     pub pages_compared: u64,
-    /// Compared pages whose digest differs.
+    /// Compared pages whose digest differs (holes included).
     pub pages_differing: u64,
     /// Pages skipped because the guest wrote them after the resume.
     pub pages_written_since_resume: u64,
-    /// Of the pages compared, those with no memory here at all (a Xen
-    /// guest's physmap holes), compared as zero pages without a read.
+    /// Of the pages compared, those no data of which ever came from the
+    /// source: the pages it announced as holding nothing (`ZeroPages`: never
+    /// populated there, or a post-copy page all zeros since round 0). They
+    /// read as zeros here (QEMU: a hole of the RAM file) or are no memory at
+    /// all (a Xen guest's physmap holes, compared without a read); comparing
+    /// them shows only that nothing stale is there.
     pub holes: u64,
+}
+
+impl IntegrityReport {
+    /// Pages compared that hold data from the source (`pages_compared -
+    /// holes`): the count that shows the guest's memory arrived.
+    pub fn populated_compared(&self) -> u64 {
+        self.pages_compared.saturating_sub(self.holes)
+    }
 }
 
 /// What the destination did with the guest's disks.
@@ -131,6 +155,10 @@ pub struct DestStorageReport {
     /// The images' counters: chunks fetched on demand, whole-block
     /// overwrites (no fetch), partial-block merges.
     pub counters: StorageCounters,
+    /// Whether the chunk comparison ran (every chunk digest arrived and
+    /// nothing failed); if not, `chunks_compared` and `chunks_differing` are
+    /// 0 and prove nothing.
+    pub chunks_checked: bool,
     /// Chunks compared with the source's frozen chunks (those the guest has
     /// not modified since the resume).
     pub chunks_compared: u64,
@@ -138,15 +166,96 @@ pub struct DestStorageReport {
     pub chunks_differing: u64,
 }
 
-/// Post-copy faults over time: per bin of [`FaultTimeline::BIN`] after the
-/// resume, the faults that started in it and the stall they cost.
+/// One wait of the guest, `(start, end)` on this host's monotonic clock.
+type Wait = (Instant, Instant);
+
+/// The union of `waits` from `from` on (a wait that began earlier counts
+/// from `from`): sorted, disjoint, non-empty intervals.
+fn union_from(waits: &[Wait], from: Instant) -> Vec<Wait> {
+    let mut v: Vec<Wait> = waits
+        .iter()
+        .map(|&(a, b)| (a.max(from), b))
+        .filter(|(a, b)| b > a)
+        .collect();
+    v.sort_unstable_by_key(|w| w.0);
+    let mut out: Vec<Wait> = Vec::with_capacity(v.len());
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Seconds of `union` (disjoint intervals).
+fn seconds(union: &[Wait]) -> f64 {
+    union
+        .iter()
+        .map(|&(a, b)| (b - a).as_secs_f64())
+        // Folded from +0.0: an empty f64 sum is -0.0.
+        .fold(0.0, |x, y| x + y)
+}
+
+/// Seconds of `union` (disjoint intervals) before `end`.
+fn seconds_before(union: &[Wait], end: Instant) -> f64 {
+    union
+        .iter()
+        .filter(|(a, _)| *a < end)
+        .map(|&(a, b)| b.min(end).saturating_duration_since(a).as_secs_f64())
+        // Folded from +0.0: an empty f64 sum is -0.0.
+        .fold(0.0, |x, y| x + y)
+}
+
+/// The guest's waits after the resume, as the report shows them.
+#[derive(Debug, Clone)]
+struct WaitFigures {
+    /// The union of every wait (pages and chunks), s: the penalty P.
+    penalty_s: f64,
+    /// Its part within the Γ window, s.
+    penalty_in_window_s: f64,
+    /// The union of the page waits alone, s.
+    page_stall_s: f64,
+    /// The union of the chunk waits alone, s.
+    chunk_stall_s: f64,
+    /// The longest single wait, s.
+    max_stall_s: f64,
+    timeline: FaultTimeline,
+}
+
+impl WaitFigures {
+    /// The figures of page waits `pages` and chunk waits `chunks`, counted
+    /// from `resumed` (what came before is downtime), the Γ window `dt`
+    /// after it.
+    fn of(pages: &[Wait], chunks: &[Wait], resumed: Instant, dt: Duration) -> WaitFigures {
+        let all: Vec<Wait> = pages.iter().chain(chunks).copied().collect();
+        let union = union_from(&all, resumed);
+        WaitFigures {
+            penalty_s: seconds(&union),
+            penalty_in_window_s: seconds_before(&union, resumed + dt),
+            page_stall_s: seconds(&union_from(pages, resumed)),
+            chunk_stall_s: seconds(&union_from(chunks, resumed)),
+            max_stall_s: all
+                .iter()
+                .map(|&(a, b)| b.saturating_duration_since(a.max(resumed)).as_secs_f64())
+                .fold(0.0, f64::max),
+            timeline: FaultTimeline::of(&all, resumed),
+        }
+    }
+}
+
+/// The guest's post-copy waits over time: per bin of [`FaultTimeline::BIN`]
+/// after the resume, the waits (page faults and disk chunk waits) that
+/// started in it and the time the guest spent waiting in it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct FaultTimeline {
     /// The bins' width, s.
     pub bin_s: f64,
-    /// Faults that started in each bin.
+    /// Waits that started in each bin (a wait that began before the resume
+    /// is in the first).
     pub faults: Vec<u32>,
-    /// Their stall time, s.
+    /// Time within each bin during which the guest waited (the union of
+    /// the waits, overlaps counted once), s: the bins add up to P.
     pub stall_s: Vec<f64>,
 }
 
@@ -154,31 +263,48 @@ impl FaultTimeline {
     /// The bins' width.
     pub const BIN: Duration = Duration::from_millis(250);
 
-    /// Bins `stalls` (start, length) that started at or after `resumed`.
-    pub fn of(stalls: &[(Instant, Duration)], resumed: Instant) -> FaultTimeline {
-        let bin = Self::BIN.as_secs_f64();
+    /// Bins `waits` (start, end) from `resumed` on; the part of a wait
+    /// before `resumed` is left out (it is downtime).
+    pub fn of(waits: &[(Instant, Instant)], resumed: Instant) -> FaultTimeline {
+        let bin = Self::BIN;
         let mut t = FaultTimeline {
-            bin_s: bin,
+            bin_s: bin.as_secs_f64(),
             ..FaultTimeline::default()
         };
-        for (start, len) in stalls {
-            let Some(after) = start.checked_duration_since(resumed) else {
-                continue;
-            };
-            let i = (after.as_secs_f64() / bin) as usize;
+        let index = |at: Instant| {
+            (at.saturating_duration_since(resumed).as_nanos() / bin.as_nanos()) as usize
+        };
+        let grow = |t: &mut FaultTimeline, i: usize| {
             if t.faults.len() <= i {
                 t.faults.resize(i + 1, 0);
                 t.stall_s.resize(i + 1, 0.0);
             }
+        };
+        for &(start, end) in waits {
+            if end <= resumed {
+                continue;
+            }
+            let i = index(start);
+            grow(&mut t, i);
             t.faults[i] += 1;
-            t.stall_s[i] += len.as_secs_f64();
+        }
+        for (a, b) in union_from(waits, resumed) {
+            let mut at = a;
+            while at < b {
+                let i = index(at);
+                let bin_end = resumed + bin * (i as u32 + 1);
+                let to = b.min(bin_end);
+                grow(&mut t, i);
+                t.stall_s[i] += (to - at).as_secs_f64();
+                at = to;
+            }
         }
         t
     }
 }
 
 /// What the destination did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct DestReport {
     /// Pre-copy pages received (with resends).
     pub precopy_pages: u64,
@@ -186,18 +312,36 @@ pub struct DestReport {
     pub pushed_pages: u64,
     /// Post-copy faults that fetched a page from the source.
     pub faults: u64,
+    /// Post-copy faults on a page already on its way (requested by an
+    /// earlier fault or the sweep): no new request, but timed.
+    pub faults_in_flight: u64,
     /// Faults on zero pages, served locally.
     pub zero_faults: u64,
     /// Pages fetched over the fault connection because the bulk connection
     /// ended early.
     pub swept_pages: u64,
-    /// Total time faulting vCPUs waited for fetched pages, s.
+    /// The post-copy penalty P, s: the wall time after the resume during
+    /// which the guest waited for anything that had not arrived, page
+    /// faults (whatever the page's state: absent, on its way, or a zero
+    /// page installed here) and disk requests waiting for chunks alike,
+    /// overlapping waits counted once (the length of their union). At most
+    /// `page_stall_s + chunk_stall_s`.
     pub penalty_s: f64,
-    /// Of that, the part within the first `dt` after the resume, s.
+    /// Of that, the part within the first `dt` after the resume (the Γ
+    /// window), s.
     pub penalty_in_window_s: f64,
-    /// Longest single fault stall, s.
+    /// The page faults' share alone: the union of their waits, s.
+    pub page_stall_s: f64,
+    /// The disks' share alone: the union of the guest's disk requests'
+    /// waits for chunks, s.
+    pub chunk_stall_s: f64,
+    /// Guest disk requests that waited for chunks (reads of absent data,
+    /// partial-block writes fetching first) after the resume.
+    pub chunk_waits: u64,
+    /// Longest single wait (a page fault or a chunk wait), s.
     pub max_stall_s: f64,
-    /// Faults over the post-copy, in bins after the resume.
+    /// The guest's waits over the post-copy, in bins after the resume (its
+    /// `stall_s` adds up to `penalty_s`).
     pub fault_timeline: FaultTimeline,
     /// Device state bytes.
     pub device_state_bytes: u64,
@@ -217,28 +361,44 @@ pub struct DestReport {
     pub times: Option<DestTimes>,
 }
 
-/// Fault timing shared by the three threads.
+/// Page-fault waits, shared by the three threads. A fault on a page that
+/// is not here opens a wait (the earliest fault on the page, if several
+/// vCPUs fault on it); the page's arrival closes it. A fault the requester
+/// serves itself (a zero page) is a wait closed as it is served.
 #[derive(Debug, Default)]
 struct Stalls {
     pending: Mutex<HashMap<u64, Instant>>,
-    done: Mutex<Vec<(Instant, Duration)>>,
+    done: Mutex<Vec<Wait>>,
 }
 
 impl Stalls {
-    fn started(&self, p: u64, at: Instant) {
+    /// A fault on page `p`, seen at `at`, waits for the page, which is on
+    /// its way (requested). If it arrived meanwhile the wait ends now: no
+    /// wait is left open, whichever thread gets there first.
+    fn started(&self, p: u64, at: Instant, states: &PageStates) {
         self.pending
             .lock()
             .expect("stall lock")
             .entry(p)
             .or_insert(at);
+        if states.get(p) == PageState::Present {
+            self.resolved(p, Instant::now());
+        }
     }
+
+    /// Page `p` is in place: closes its wait, if one is open.
     fn resolved(&self, p: u64, at: Instant) {
         if let Some(t) = self.pending.lock().expect("stall lock").remove(&p) {
-            self.done
-                .lock()
-                .expect("stall lock")
-                .push((t, at.saturating_duration_since(t)));
+            self.done.lock().expect("stall lock").push((t, at.max(t)));
         }
+    }
+
+    /// A wait from `start` to `end` that no arrival closes.
+    fn served(&self, start: Instant, end: Instant) {
+        self.done
+            .lock()
+            .expect("stall lock")
+            .push((start, end.max(start)));
     }
 }
 
@@ -254,6 +414,10 @@ struct Shared {
     /// The guest runs: fault stalls are post-copy penalty (not QEMU loading
     /// the device state).
     running: AtomicBool,
+    /// Faults after the resume that sent a request.
+    faults: AtomicU64,
+    /// Faults after the resume on a page already requested.
+    faults_in_flight: AtomicU64,
     zero_faults: AtomicU64,
     swept: AtomicU64,
 }
@@ -462,6 +626,9 @@ struct Bulk<'a> {
     device_state_bytes: u64,
     /// Pages the push may still bring (absent when the device state ended).
     pushable: Option<DirtyBitmap>,
+    /// Pages whose last word from the source before the commit was
+    /// `ZeroPages` (nothing there): no data of theirs crossed the link.
+    announced: DirtyBitmap,
     run: InstallRun,
     precopy_pages: u64,
     pushed_pages: u64,
@@ -483,6 +650,7 @@ impl Bulk<'_> {
     /// A page before the guest can run: written to the file (an all-zero
     /// page becomes a hole known to be zero).
     fn precopy_page(&mut self, index: u64, payload: &UnitPayload<'_>) -> Result<(), EngineError> {
+        self.announced.unset(index);
         let states = &self.shared.states;
         if payload.encoding() == Encoding::Zero {
             let was_present = states.swap(index, PageState::Zero) == PageState::Present;
@@ -675,6 +843,30 @@ impl Bulk<'_> {
                     let was_present =
                         self.shared.states.swap(p, PageState::Zero) == PageState::Present;
                     self.backend.hole_page(p, was_present)?;
+                    self.announced.set(p);
+                }
+                Ok(Flow::Continue)
+            }
+            (P::Frozen, C::AbsentPages { first, count }) => {
+                // Pre-copied, dirtied since, and left out of the freeze (the
+                // overflow policy): the copy here is stale. Dropped, the
+                // pages are post-copy pages: pushed, or fetched on a fault.
+                for p in first..first + count {
+                    self.shared.states.set(p, PageState::Absent);
+                    self.announced.unset(p);
+                }
+                self.backend.discard_pages(first, count)?;
+                Ok(Flow::Continue)
+            }
+            (P::Frozen, C::AbsentChunks { first, count }) => {
+                // The same for disk chunks: their blocks are absent again.
+                let Some(disks) = &self.disks else {
+                    return protocol(format!(
+                        "chunks {first}.. absent, but the guest has no disk"
+                    ));
+                };
+                for c in first..first + count {
+                    disks.discard(c)?;
                 }
                 Ok(Flow::Continue)
             }
@@ -901,6 +1093,8 @@ pub fn run_destination(
         stop: AtomicBool::new(false),
         sweep: AtomicBool::new(false),
         running: AtomicBool::new(false),
+        faults: AtomicU64::new(0),
+        faults_in_flight: AtomicU64::new(0),
         zero_faults: AtomicU64::new(0),
         swept: AtomicU64::new(0),
     });
@@ -929,6 +1123,7 @@ pub fn run_destination(
         pieces: Vec::new(),
         device_state_bytes: 0,
         pushable: None,
+        announced: page_bitmap(pages, ps),
         run: InstallRun::new(ps),
         precopy_pages: 0,
         pushed_pages: 0,
@@ -1063,13 +1258,20 @@ fn finish(
     // Integrity, when the whole stream arrived: compare every page the guest
     // has not written since the resume with the source's frozen page.
     let integrity = match (&cause, st.digests.len() as u64 == st.pages) {
-        (None, true) => Some(integrity(st.backend, &st.digests, st.pages, st.ps)),
+        (None, true) => Some(integrity(
+            st.backend,
+            &st.digests,
+            &st.announced,
+            st.pages,
+            st.ps,
+        )),
         _ => None,
     }
     .transpose();
     if let (Some(d), None) = (&disks, &cause) {
         if st.chunk_digests.len() as u64 == d.space().chunks() && !st.chunk_digests.is_empty() {
             let (compared, differing) = chunk_integrity(d, &st.chunk_digests)?;
+            st.storage.chunks_checked = true;
             st.storage.chunks_compared = compared;
             st.storage.chunks_differing = differing;
         }
@@ -1100,34 +1302,23 @@ fn finish(
     };
     let integrity = integrity?;
 
-    let done = shared.stalls.done.lock().expect("stall lock").clone();
-    let window_end = resumed + st.cfg.dt;
-    // Folded from +0.0: an empty f64 sum is -0.0.
-    let penalty_s = done
-        .iter()
-        .map(|(_, d)| d.as_secs_f64())
-        .fold(0.0, |a, b| a + b);
-    let penalty_in_window_s: f64 = done
-        .iter()
-        .filter(|(t, _)| *t < window_end)
-        .map(|(t, d)| {
-            let end = (*t + *d).min(window_end);
-            end.saturating_duration_since(*t).as_secs_f64()
-        })
-        .fold(0.0, |a, b| a + b);
+    let page_waits = shared.stalls.done.lock().expect("stall lock").clone();
+    let chunk_waits = disks.as_ref().map_or_else(Vec::new, |d| d.waits());
+    let w = WaitFigures::of(&page_waits, &chunk_waits, resumed, st.cfg.dt);
     Ok(DestReport {
         precopy_pages: st.precopy_pages,
         pushed_pages: st.pushed_pages,
-        faults: done.len() as u64,
+        faults: shared.faults.load(Ordering::Relaxed),
+        faults_in_flight: shared.faults_in_flight.load(Ordering::Relaxed),
         zero_faults: shared.zero_faults.load(Ordering::Relaxed),
         swept_pages: shared.swept.load(Ordering::Relaxed),
-        penalty_s,
-        penalty_in_window_s,
-        max_stall_s: done
-            .iter()
-            .map(|(_, d)| d.as_secs_f64())
-            .fold(0.0, f64::max),
-        fault_timeline: FaultTimeline::of(&done, resumed),
+        penalty_s: w.penalty_s,
+        penalty_in_window_s: w.penalty_in_window_s,
+        page_stall_s: w.page_stall_s,
+        chunk_stall_s: w.chunk_stall_s,
+        chunk_waits: chunk_waits.len() as u64,
+        max_stall_s: w.max_stall_s,
+        fault_timeline: w.timeline,
         device_state_bytes: st.device_state_bytes,
         uptime_s: complete.saturating_duration_since(resumed).as_secs_f64(),
         integrity,
@@ -1146,10 +1337,13 @@ fn finish(
 
 /// Compares every page the guest has not written since the resume with the
 /// source's digest of its frozen page. Reads first, then looks at which
-/// pages were written: a page written in between is skipped.
+/// pages were written: a page written in between is skipped. A page the
+/// source `announced` as holding nothing, or no memory here at all, is a
+/// hole: compared, and counted apart.
 fn integrity(
     backend: &mut dyn DestBackend,
     digests: &[u32],
+    announced: &DirtyBitmap,
     pages: u64,
     ps: usize,
 ) -> Result<IntegrityReport, EngineError> {
@@ -1157,13 +1351,16 @@ fn integrity(
     let mut before = page_bitmap(pages, ps);
     backend.written_pages(&mut before)?;
     let mut mismatched = Vec::new();
-    let mut holes = 0u64;
+    let mut holes = Vec::new();
     for p in 0..pages {
         if before.get(p) {
             continue;
         }
-        let crc = if backend.is_hole(p) {
-            holes += 1;
+        let no_memory = backend.is_hole(p);
+        if no_memory || announced.get(p) {
+            holes.push(p);
+        }
+        let crc = if no_memory {
             crate::wire::HOLE_DIGEST
         } else {
             backend.read_page(p, &mut page)?;
@@ -1175,13 +1372,13 @@ fn integrity(
     }
     let mut after = page_bitmap(pages, ps);
     backend.written_pages(&mut after)?;
-    let differing = mismatched.iter().filter(|&&p| !after.get(p)).count() as u64;
+    let compared = |v: &[u64]| v.iter().filter(|&&p| !after.get(p)).count() as u64;
     let written = after.count();
     Ok(IntegrityReport {
         pages_compared: pages - written,
-        pages_differing: differing,
+        pages_differing: compared(&mismatched),
         pages_written_since_resume: written,
-        holes,
+        holes: compared(&holes),
     })
 }
 
@@ -1251,7 +1448,11 @@ fn start_fault_threads(
     })
 }
 
-/// Serves one fault on page `p`; true if it sent a request.
+/// Serves one fault on page `p`, seen at `now`; true if it sent a request.
+/// After the resume every fault on a page not here is a timed wait: one
+/// that sends the request, one on a page already on its way, one on a zero
+/// page (until it is installed). A fault on a page already here was a race
+/// with its install, whose arrival closed any wait.
 fn serve_fault(
     tx: &mut UnitSender,
     installer: &dyn PageInstaller,
@@ -1260,6 +1461,7 @@ fn serve_fault(
     now: Instant,
 ) -> Result<bool, EngineError> {
     let states = &shared.states;
+    let timed = shared.running.load(Ordering::Acquire);
     // Two rounds at most: a page that stops being absent under us is then
     // zero, requested or present.
     for _ in 0..2 {
@@ -1272,16 +1474,26 @@ fn serve_fault(
             }
             PageState::Zero => {
                 let installed = installer.install_zero(p)? == Install::Installed;
+                if timed {
+                    shared.stalls.served(now, Instant::now());
+                }
                 if states.transition(p, PageState::Zero, PageState::Present) && installed {
                     shared.zero_faults.fetch_add(1, Ordering::Relaxed);
                 }
                 return Ok(false);
             }
-            PageState::Requested => return Ok(false),
+            PageState::Requested => {
+                if timed {
+                    shared.faults_in_flight.fetch_add(1, Ordering::Relaxed);
+                    shared.stalls.started(p, now, states);
+                }
+                return Ok(false);
+            }
             PageState::Absent => {
                 if states.transition(p, PageState::Absent, PageState::Requested) {
-                    if shared.running.load(Ordering::Acquire) {
-                        shared.stalls.started(p, now);
+                    if timed {
+                        shared.faults.fetch_add(1, Ordering::Relaxed);
+                        shared.stalls.started(p, now, states);
                     }
                     tx.send_request(UnitKind::Page, p, 1)
                         .map_err(EngineError::send("fault"))?;
@@ -1421,26 +1633,38 @@ fn receive_answers(
 mod tests {
     use super::*;
 
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn close(got: f64, want: f64) -> bool {
+        (got - want).abs() < 1e-9
+    }
+
     #[test]
-    fn the_fault_timeline_bins_post_copy_faults_by_start() {
-        let ms = Duration::from_millis;
+    fn the_fault_timeline_bins_the_waits_union_from_the_resume() {
         let t0 = Instant::now();
         let resumed = t0 + ms(100);
-        let stalls = [
-            // Before the resume (QEMU loading the device state): left out.
-            (t0, ms(3)),
-            (resumed, ms(2)),
-            (resumed + ms(249), ms(4)),
-            (resumed + ms(250), ms(1)),
-            (resumed + ms(1000), ms(8)),
+        let at = |n: u64| resumed + ms(n);
+        let waits = [
+            // Before the resume (downtime): left out.
+            (t0, t0 + ms(3)),
+            // Across it: counts from the resume on.
+            (resumed - ms(1), at(2)),
+            // Across a bin boundary: 1 ms in bin 0, 3 ms in bin 1.
+            (at(249), at(253)),
+            // Within the previous wait (another vCPU): counted as a wait,
+            // its time once.
+            (at(250), at(251)),
+            (at(1000), at(1008)),
         ];
-        let t = FaultTimeline::of(&stalls, resumed);
+        let t = FaultTimeline::of(&waits, resumed);
         assert_eq!(t.bin_s, 0.25);
         assert_eq!(t.faults, vec![2, 1, 0, 0, 1]);
-        let want = [0.006, 0.001, 0.0, 0.0, 0.008];
+        let want = [0.003, 0.003, 0.0, 0.0, 0.008];
         assert_eq!(t.stall_s.len(), want.len());
         for (got, want) in t.stall_s.iter().zip(want) {
-            assert!((got - want).abs() < 1e-12, "{:?}", t.stall_s);
+            assert!(close(*got, want), "{:?}", t.stall_s);
         }
         assert_eq!(
             FaultTimeline::of(&[], resumed),
@@ -1449,5 +1673,101 @@ mod tests {
                 ..FaultTimeline::default()
             }
         );
+    }
+
+    #[test]
+    fn the_penalty_is_the_union_of_page_and_chunk_waits() {
+        let resumed = Instant::now();
+        let at = |n: u64| resumed + ms(n);
+        // Two vCPUs fault, overlapping; a disk read waits across the end of
+        // the second fault, another one alone later.
+        let pages = [(at(0), at(100)), (at(50), at(150))];
+        let chunks = [(at(120), at(300)), (at(450), at(600))];
+        let w = WaitFigures::of(&pages, &chunks, resumed, ms(500));
+        // [0, 300] and [450, 600].
+        assert!(close(w.penalty_s, 0.450), "{w:?}");
+        // Up to the end of the window at 500 ms: 300 + 50.
+        assert!(close(w.penalty_in_window_s, 0.350), "{w:?}");
+        assert!(close(w.page_stall_s, 0.150), "{w:?}");
+        assert!(close(w.chunk_stall_s, 0.330), "{w:?}");
+        assert!(close(w.max_stall_s, 0.180), "{w:?}");
+        let binned: f64 = w.timeline.stall_s.iter().sum();
+        assert!(close(binned, w.penalty_s), "{:?}", w.timeline);
+        assert_eq!(w.timeline.faults.iter().sum::<u32>(), 4);
+        // Without the disk's waits P would be the pages' alone: they count.
+        let pages_only = WaitFigures::of(&pages, &[], resumed, ms(500));
+        assert!(close(pages_only.penalty_s, 0.150));
+        assert!(w.penalty_s > pages_only.penalty_s + 0.29);
+        // Nothing waited: zeros (+0.0, not -0.0).
+        let none = WaitFigures::of(&[], &[], resumed, ms(500));
+        for x in [
+            none.penalty_s,
+            none.penalty_in_window_s,
+            none.page_stall_s,
+            none.chunk_stall_s,
+            none.max_stall_s,
+        ] {
+            assert!(x == 0.0 && x.is_sign_positive(), "{none:?}");
+        }
+        assert!(none.timeline.faults.is_empty() && none.timeline.stall_s.is_empty());
+    }
+
+    #[test]
+    fn the_union_merges_overlaps_and_clips_at_the_start() {
+        let t = Instant::now();
+        let at = |n: u64| t + ms(n);
+        let u = union_from(
+            &[
+                (at(30), at(40)),
+                (at(0), at(10)),
+                (at(5), at(20)),
+                (at(20), at(25)),
+                (at(50), at(50)),
+            ],
+            at(2),
+        );
+        assert_eq!(u, vec![(at(2), at(25)), (at(30), at(40))]);
+        assert!(close(seconds(&u), 0.033));
+        assert!(close(seconds_before(&u, at(35)), 0.028));
+    }
+
+    #[test]
+    fn a_fault_on_a_page_already_in_flight_waits_until_it_arrives() {
+        let shared = Shared {
+            states: PageStates::new(8),
+            stalls: Stalls::default(),
+            stop: AtomicBool::new(false),
+            sweep: AtomicBool::new(false),
+            running: AtomicBool::new(true),
+            faults: AtomicU64::new(0),
+            faults_in_flight: AtomicU64::new(0),
+            zero_faults: AtomicU64::new(0),
+            swept: AtomicU64::new(0),
+        };
+        let t = Instant::now();
+        // Page 3 was requested by the sweep (no fault waited then); a fault
+        // on it now waits for the answer.
+        assert!(
+            shared
+                .states
+                .transition(3, PageState::Absent, PageState::Requested)
+        );
+        shared.stalls.started(3, t, &shared.states);
+        // A second fault on it (another vCPU) opens no second wait.
+        shared.stalls.started(3, t + ms(5), &shared.states);
+        shared.arrived(3, t + ms(40));
+        // A fault that finds the page arrived under it: the wait ends then.
+        assert!(
+            shared
+                .states
+                .transition(4, PageState::Absent, PageState::Requested)
+        );
+        shared.arrived(4, t + ms(50));
+        shared.stalls.started(4, t + ms(45), &shared.states);
+        let done = shared.stalls.done.lock().unwrap().clone();
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert_eq!(done[0], (t, t + ms(40)));
+        assert_eq!(done[1].0, t + ms(45));
+        assert!(shared.stalls.pending.lock().unwrap().is_empty());
     }
 }

@@ -7,6 +7,15 @@
 //! resume arrive first. Without a profile the order is address order (the
 //! guest's low memory, where kernels keep their hottest data, first); with a
 //! profile it is the planner's ranking.
+//!
+//! A plan also says how the source pre-copies besides its sets: a round
+//! limit and a freeze policy ([`PageOrder::with_strategy`]). Without them
+//! the engine's round limit applies, and the freeze follows the plan's
+//! shape ([`PageOrder::freeze_policy`]): a plan that post-copies anything
+//! keeps the downtime target (the overflow policy), a plan that pre-copies
+//! everything is classic pre-copy.
+
+use wanmig_planner::model::FreezePolicy;
 
 /// A priority order of all pages and the size of its pre-copy prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +29,10 @@ pub struct PageOrder {
     /// post-copy push: after this page ([`NO_PAGE`]: before every page).
     /// `None`: every chunk after every page.
     chunk_after: Option<Vec<u64>>,
+    /// The plan's freeze policy (`None`: by the plan's shape).
+    freeze: Option<FreezePolicy>,
+    /// The plan's round limit, round 0 included (`None`: the engine's).
+    max_rounds: Option<u32>,
 }
 
 /// The post-copy push of a [`PageOrder`], unit by unit.
@@ -123,7 +136,71 @@ impl PageOrder {
             in_precopy,
             chunks: None,
             chunk_after: None,
+            freeze: None,
+            max_rounds: None,
         }
+    }
+
+    /// This order with the plan's pre-copy strategy: its freeze policy
+    /// (`None`: by the plan's shape, see [`freeze_policy`](Self::freeze_policy))
+    /// and round limit, round 0 included (`None`: the engine's; `Some(1)`:
+    /// one pass over the pre-copy set, then the freeze).
+    pub fn with_strategy(mut self, freeze: Option<FreezePolicy>, max_rounds: Option<u32>) -> Self {
+        self.freeze = freeze;
+        self.max_rounds = max_rounds;
+        self
+    }
+
+    /// What the freeze does with a dirty set that does not fit the downtime
+    /// target: the plan's policy, else [`FreezePolicy::Overflow`] when the
+    /// plan leaves pages or chunks to post-copy (its freeze keeps the
+    /// target, the post-copy phase takes the rest) and
+    /// [`FreezePolicy::Classic`] when it pre-copies everything (classic
+    /// pre-copy, `M = S = 1`).
+    pub fn freeze_policy(&self) -> FreezePolicy {
+        self.freeze.unwrap_or_else(|| {
+            let post = !self.postcopy().is_empty()
+                || self.chunks().is_some_and(|c| !c.postcopy().is_empty());
+            if post {
+                FreezePolicy::Overflow
+            } else {
+                FreezePolicy::Classic
+            }
+        })
+    }
+
+    /// Each chunk's place in the merged ranking of pages and chunks (the
+    /// post-copy push's), indexed by chunk: `(2 r + 2, j)` for a chunk that
+    /// follows the page of rank `r` (`(0, j)` ahead of every page;
+    /// `(u64::MAX, j)` without a joint ranking: after every page), `j` its
+    /// position in the chunk order. A page of rank `r` sits at `(2 r + 1,
+    /// 0)`. `page_ranks` gives each page's rank (its position in
+    /// [`units`](Self::units)). `None` without chunks.
+    pub fn merged_chunk_keys(&self, page_ranks: &[u32]) -> Option<Vec<(u64, u64)>> {
+        let chunks = self.chunks()?;
+        let mut keys = vec![(u64::MAX, 0); chunks.pages() as usize];
+        for (j, &c) in chunks.units().iter().enumerate() {
+            let after = self.chunk_after.as_ref().map(|a| a[j]);
+            let k = match after {
+                None => u64::MAX,
+                Some(NO_PAGE) => 0,
+                Some(p) => {
+                    2 * u64::from(page_ranks.get(p as usize).copied().unwrap_or(u32::MAX)) + 2
+                }
+            };
+            keys[c as usize] = (k, j as u64);
+        }
+        Some(keys)
+    }
+
+    /// The plan's own freeze policy, if it gave one.
+    pub fn planned_freeze(&self) -> Option<FreezePolicy> {
+        self.freeze
+    }
+
+    /// The plan's round limit, round 0 included, if it gave one.
+    pub fn max_rounds(&self) -> Option<u32> {
+        self.max_rounds
     }
 
     /// The order to go on with when a newer plan arrives between pre-copy
@@ -134,6 +211,7 @@ impl PageOrder {
     /// it adds, hottest first.
     pub fn adopt(&self, newer: &PageOrder) -> Result<Adopted, PageOrderError> {
         let (order, pages) = self.adopt_one(newer)?;
+        let order = order.with_strategy(newer.freeze, newer.max_rounds);
         let (order, chunks) = match (self.chunks(), newer.chunks()) {
             (Some(a), Some(b)) => {
                 let (c, added) = a.adopt_one(b)?;
@@ -358,6 +436,100 @@ mod tests {
         assert_eq!(same.order, a.order);
         // Another guest is refused.
         assert!(old.adopt(&PageOrder::by_address(9, 0.5).unwrap()).is_err());
+    }
+
+    #[test]
+    fn chunks_take_their_place_among_the_pages() {
+        // Pages ranked 5 4 3 2 1 0; chunks ranked 1 0 2: chunk 1 ahead of
+        // every page, chunk 0 after page 4, chunk 2 after page 0 (last).
+        let pages = PageOrder::new((0..6).rev().collect(), 0.5).unwrap();
+        let order = pages
+            .with_ranked_chunks(
+                PageOrder::new(vec![1, 0, 2], 1.0).unwrap(),
+                vec![NO_PAGE, 4, 0],
+            )
+            .unwrap();
+        let ranks: Vec<u32> = vec![5, 4, 3, 2, 1, 0];
+        let keys = order.merged_chunk_keys(&ranks).unwrap();
+        // Chunk 0 follows page 4 (rank 1): 2 x 1 + 2; chunk 2 page 0 (rank 5).
+        assert_eq!(keys, vec![(4, 1), (0, 0), (12, 2)]);
+        // Merged with the pages' keys (2 r + 1, 0): the push's order.
+        let mut units: Vec<((u64, u64), PushUnit)> = (0..6)
+            .map(|p| ((2 * u64::from(ranks[p]) + 1, 0), PushUnit::Page(p as u64)))
+            .chain(
+                keys.iter()
+                    .enumerate()
+                    .map(|(c, &k)| (k, PushUnit::Chunk(c as u64))),
+            )
+            .collect();
+        units.sort_by_key(|u| u.0);
+        let merged: Vec<PushUnit> = units.into_iter().map(|u| u.1).collect();
+        use PushUnit::{Chunk, Page};
+        assert_eq!(
+            merged,
+            [
+                Chunk(1),
+                Page(5),
+                Page(4),
+                Chunk(0),
+                Page(3),
+                Page(2),
+                Page(1),
+                Page(0),
+                Chunk(2)
+            ]
+        );
+        // Without a joint ranking every chunk comes after every page.
+        let plain = PageOrder::by_address(4, 1.0)
+            .unwrap()
+            .with_chunks(PageOrder::by_address(2, 1.0).unwrap());
+        assert_eq!(
+            plain.merged_chunk_keys(&[0, 1, 2, 3]).unwrap(),
+            vec![(u64::MAX, 0), (u64::MAX, 1)]
+        );
+        assert_eq!(
+            PageOrder::by_address(4, 1.0)
+                .unwrap()
+                .merged_chunk_keys(&[]),
+            None
+        );
+    }
+
+    #[test]
+    fn the_freeze_follows_the_plan_or_its_shape() {
+        // Without a policy of its own: classic when everything is
+        // pre-copied (chunks too), overflow when anything is post-copied.
+        let all = PageOrder::by_address(8, 1.0).unwrap();
+        assert_eq!(all.freeze_policy(), FreezePolicy::Classic);
+        let disks = |s| {
+            all.clone()
+                .with_chunks(PageOrder::by_address(4, s).unwrap())
+        };
+        assert_eq!(disks(1.0).freeze_policy(), FreezePolicy::Classic);
+        assert_eq!(disks(0.5).freeze_policy(), FreezePolicy::Overflow);
+        let half = PageOrder::by_address(8, 0.5).unwrap();
+        assert_eq!(half.freeze_policy(), FreezePolicy::Overflow);
+        assert_eq!((half.planned_freeze(), half.max_rounds()), (None, None));
+        // The plan's own policy and round limit win, and survive chunks.
+        let hybrid = all
+            .with_strategy(Some(FreezePolicy::Overflow), Some(1))
+            .with_chunks(PageOrder::by_address(4, 1.0).unwrap());
+        assert_eq!(hybrid.freeze_policy(), FreezePolicy::Overflow);
+        assert_eq!(hybrid.max_rounds(), Some(1));
+        let classic = half
+            .clone()
+            .with_strategy(Some(FreezePolicy::Classic), None);
+        assert_eq!(classic.freeze_policy(), FreezePolicy::Classic);
+        // A newer plan brings its own.
+        let adopted = classic.adopt(&hybrid_pages()).unwrap().order;
+        assert_eq!(adopted.planned_freeze(), Some(FreezePolicy::Overflow));
+        assert_eq!(adopted.max_rounds(), Some(1));
+    }
+
+    fn hybrid_pages() -> PageOrder {
+        PageOrder::by_address(8, 1.0)
+            .unwrap()
+            .with_strategy(Some(FreezePolicy::Overflow), Some(1))
     }
 
     #[test]

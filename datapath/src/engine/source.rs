@@ -13,14 +13,20 @@
 //!              … until the stop rule says freeze (its bandwidth estimate
 //!              is what the peer acknowledged, from TCP_INFO)
 //! freeze       pause; send the dirty remainder of the pre-copy sets,
-//!              ZeroPages for every page not populated now (both sets: a
-//!              page discarded after it was sent must not stay stale) and
-//!              for the post-copy pages zero since round 0, the device
-//!              state; start the fault server (loading the device state
-//!              faults); wait for Loaded, within the freeze deadline
+//!              pages and chunks (the plan's freeze policy: all of it, or
+//!              hottest first, pages and chunks merged as in the push, what
+//!              fits the downtime target, the rest announced AbsentPages /
+//!              AbsentChunks and post-copied), ZeroPages for every page not
+//!              populated now (both sets: a page discarded after it was
+//!              sent must not stay stale) and for the post-copy pages zero
+//!              since round 0, the device state; start the fault server
+//!              (loading the device state faults); wait for Loaded, within
+//!              the freeze deadline
 //! commit       PostcopyBegin (from here on the destination owns the guest)
-//! post-copy    push the rest hottest first (pages, then chunks), skipping
-//!              units the destination already fetched; a separate thread
+//! post-copy    push the freeze's absent pages, then its absent chunks,
+//!              then the rest, hottest first (pages and chunks in one
+//!              ranking when the plan has one), skipping units the
+//!              destination already fetched; a separate thread
 //!              answers fault requests (pages and chunks) on the fault
 //!              connection; Done, then per-page and per-chunk digests of the
 //!              frozen memory and disks for the destination's integrity check
@@ -49,18 +55,22 @@ use crate::storage::SourceDisks;
 use crate::transport::{Flow, RecvEnd, RecvError, tcp};
 use crate::uffd::{DirtyBitmap, RemoteAddr, RemoteRange};
 use crate::unit_stream::UnitSender;
-use crate::wire::{AbortReason, ControlCode, FrameRef, MAX_DIGEST_UNITS, UnitKind, is_zero};
+use crate::wire::{
+    AbortReason, ControlCode, FrameRef, HEADER_LEN, MAX_DIGEST_UNITS, UnitKind, is_zero,
+};
 
 use crate::bits::runs_of;
 
 use super::plan_channel::{AppliedPlan, NoPlanChannel, Phase, PlanChannel, Telemetry};
+use wanmig_planner::model::FreezePolicy;
 
 /// Tuning of the source engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceConfig {
     /// Freeze once the predicted downtime is at most this.
     pub downtime_target: Duration,
-    /// Freeze after this many rounds at the latest.
+    /// Freeze after this many rounds at the latest, round 0 included (a
+    /// plan's own limit, [`PageOrder::max_rounds`], applies when lower).
     pub max_rounds: u32,
     /// Freeze when a round's dirty set is not below this fraction of the
     /// previous one (pre-copy stopped converging).
@@ -140,6 +150,20 @@ pub struct SourceReport {
     pub stop_reason: String,
     /// Pre-copy pages sent while frozen.
     pub remainder_pages: u64,
+    /// Frame bytes of the dirty remainder sent while frozen (pages and
+    /// chunks; what the overflow policy's budget counts).
+    pub remainder_bytes: u64,
+    /// What the freeze did with a dirty set that did not fit the downtime
+    /// target (the plan's policy, [`PageOrder::freeze_policy`]).
+    pub freeze_policy: FreezePolicy,
+    /// The freeze's budget for the dirty remainder under the overflow
+    /// policy, link bytes: the downtime target at the stop rule's rate,
+    /// less the RTT and the device state's estimate (`None`: classic).
+    pub freeze_budget_bytes: Option<u64>,
+    /// Dirty pre-copy pages the freeze had no room for: announced absent
+    /// at the destination and post-copied (pushed first, or fetched; the
+    /// disks' chunks alike: [`SourceStorageReport::overflow_chunks`]).
+    pub overflow_pages: u64,
     /// Device state bytes.
     pub device_state_bytes: u64,
     /// Post-copy pages pushed in the background.
@@ -190,6 +214,9 @@ pub struct SourceStorageReport {
     pub precopy_sends: u64,
     /// Pre-copy chunks sent while frozen (dirtied since their last send).
     pub remainder_chunks: u64,
+    /// Dirty pre-copy chunks the freeze had no room for: announced absent
+    /// at the destination and post-copied (pushed first, or fetched).
+    pub overflow_chunks: u64,
     /// Post-copy chunks pushed in the background.
     pub chunks_pushed: u64,
     /// Post-copy chunks not pushed because a fault had fetched them.
@@ -436,6 +463,31 @@ fn sender_bound(link: f64, rounds: &[RoundReport]) -> f64 {
     }
 }
 
+/// The rate the freeze's budget is spent at: the stop rule's, but no more
+/// than the link carried over the longest-lasting evidence, the best round
+/// that spent 0.2 s or more sending (its frame bytes over that time). The
+/// stop rule's rate is a maximum of short samples (delivery rate, bytes
+/// acknowledged per 50 ms), which runs ahead of a shaped link; a budget at
+/// that rate overshoots the downtime target by as much.
+fn freeze_bandwidth(stop_rule: f64, rounds: &[RoundReport]) -> f64 {
+    rounds
+        .iter()
+        .filter(|r| r.send_s >= 0.2 && r.bytes > 0)
+        .map(|r| r.bytes as f64 / r.send_s)
+        .reduce(f64::max)
+        .map_or(stop_rule, |carried| carried.min(stop_rule))
+}
+
+/// Each page's position in `order` (0 = hottest), to sort a sparse set of
+/// pages hottest first (positions past `u32::MAX` saturate).
+fn rank_index(order: &PageOrder) -> Vec<u32> {
+    let mut ranks = vec![u32::MAX; order.pages() as usize];
+    for (i, &p) in order.units().iter().enumerate() {
+        ranks[p as usize] = u32::try_from(i).unwrap_or(u32::MAX);
+    }
+    ranks
+}
+
 /// The thread answering fault requests.
 struct FaultServer {
     handle: std::thread::JoinHandle<Result<FaultStats, EngineError>>,
@@ -659,6 +711,9 @@ fn migrate(
     let mut previous = u64::MAX;
     let stop_reason;
     let mut round = 1u64;
+    // The stop rule's last estimate of the link (bytes/s, RTT s): the
+    // freeze's budget.
+    let mut freeze_rate;
     loop {
         dirty.clear();
         backend.dirty_log_collect(&mut dirty)?;
@@ -736,6 +791,13 @@ fn migrate(
         let freeze_bytes =
             (n - nc) * (ps as u64 + 32) + nc * (chunk_len + 32) + cfg.device_state_estimate;
         let freeze_s = freeze_bytes as f64 / bandwidth + rtt;
+        freeze_rate = (bandwidth, rtt);
+        // The plan's round limit (e.g. one pass) when lower than the
+        // engine's; round 0 included.
+        let max_rounds = order
+            .max_rounds()
+            .map_or(cfg.max_rounds, |r| r.min(cfg.max_rounds))
+            .max(1);
         if n == 0 {
             stop_reason = "clean: nothing dirtied".to_string();
             break;
@@ -751,8 +813,8 @@ fn migrate(
             stop_reason = format!("not converging: {n} dirty pages after {previous}");
             break;
         }
-        if round > u64::from(cfg.max_rounds) {
-            stop_reason = format!("round limit {} reached", cfg.max_rounds);
+        if round >= u64::from(max_rounds) {
+            stop_reason = format!("round limit {max_rounds} reached");
             break;
         }
         let t = Instant::now();
@@ -804,6 +866,14 @@ fn migrate(
         round += 1;
     }
 
+    // Should the freeze have to choose among the dirty pages, it ranks them
+    // with this (made while the guest still runs).
+    let ranks = (order.freeze_policy() == FreezePolicy::Overflow).then(|| rank_index(&order));
+    let chunk_keys = ranks
+        .as_ref()
+        .and_then(|r| order.merged_chunk_keys(r))
+        .unwrap_or_default();
+
     // Freeze. From the first attempt to stop the guest on, a failure must
     // resume it (a stop that "failed" may have stopped it all the same).
     *paused = true;
@@ -842,19 +912,106 @@ fn migrate(
         dirty.set(p);
         zero.unset(p);
     }
-    let mut remainder = 0u64;
-    for p in dirty
+    // The dirty pre-copy remainder: all of it (classic), or hottest first
+    // (the plan's ranking, pages and chunks merged as in the push) what
+    // fits the downtime target; the rest stays behind, post-copied.
+    let freeze_start = tx.stats().wire_bytes;
+    let freeze_policy = order.freeze_policy();
+    let mut todo: Vec<PushUnit> = dirty
         .iter_set()
         .filter(|&p| p < pages && order.is_precopy(p) && populated.get(p))
-    {
-        send_page(tx, mem.as_ref(), p, ps, "bulk")?;
-        remainder += 1;
-    }
+        .map(PushUnit::Page)
+        .collect();
     if let Some(st) = &mut storage {
         // The guest is stopped (QEMU drained its disk requests): the last
         // dirty pre-copy chunks.
         st.collect();
-        st.report.remainder_chunks = st.send_pending(tx)?;
+        todo.extend(
+            std::mem::take(&mut st.pending)
+                .into_iter()
+                .map(PushUnit::Chunk),
+        );
+    }
+    let budget = (freeze_policy == FreezePolicy::Overflow).then(|| {
+        let (bandwidth, rtt) = freeze_rate;
+        let bandwidth = freeze_bandwidth(bandwidth, &rounds);
+        let bytes = (cfg.downtime_target.as_secs_f64() - rtt) * bandwidth
+            - cfg.device_state_estimate as f64;
+        bytes.max(0.0) as u64
+    });
+    // A unit costs at most its bytes and a frame header on the link.
+    let chunk_len = storage
+        .as_ref()
+        .map_or(0, |st| st.disks.space().chunk_size());
+    let cost = |u: &PushUnit| match u {
+        PushUnit::Page(_) => ps as u64 + HEADER_LEN as u64,
+        PushUnit::Chunk(_) => chunk_len + HEADER_LEN as u64,
+    };
+    if let Some(b) = budget {
+        if todo.iter().map(cost).sum::<u64>() > b {
+            // They may not all fit: hottest first.
+            let ranks = ranks.as_deref().unwrap_or_default();
+            todo.sort_unstable_by_key(|u| match *u {
+                PushUnit::Page(p) => {
+                    let r = ranks.get(p as usize).copied().unwrap_or(u32::MAX);
+                    (2 * u64::from(r) + 1, 0, 0, p)
+                }
+                PushUnit::Chunk(c) => {
+                    let (k, j) = chunk_keys.get(c as usize).copied().unwrap_or((u64::MAX, c));
+                    (k, 1, j, c)
+                }
+            });
+        }
+    }
+    let (mut remainder, mut remainder_chunks) = (0u64, 0u64);
+    let mut overflow: Vec<PushUnit> = Vec::new();
+    for u in todo {
+        let fits = budget.is_none_or(|b| {
+            overflow.is_empty() && tx.stats().wire_bytes - freeze_start + cost(&u) <= b
+        });
+        match (u, fits) {
+            (_, false) => overflow.push(u),
+            (PushUnit::Page(p), true) => {
+                send_page(tx, mem.as_ref(), p, ps, "bulk")?;
+                remainder += 1;
+            }
+            (PushUnit::Chunk(c), true) => {
+                if let Some(st) = &mut storage {
+                    st.send(tx, c)?;
+                    remainder_chunks += 1;
+                }
+            }
+        }
+    }
+    // The push sends them first: the pages hottest first, then the chunks
+    // hottest first (as the planner's model integrates the overflow).
+    overflow.sort_by_key(|u| matches!(u, PushUnit::Chunk(_)));
+    let (overflow_pages, overflow_chunks): (Vec<u64>, Vec<u64>) = {
+        let (mut p, mut c) = (Vec::new(), Vec::new());
+        for u in &overflow {
+            match *u {
+                PushUnit::Page(x) => p.push(x),
+                PushUnit::Chunk(x) => c.push(x),
+            }
+        }
+        p.sort_unstable();
+        c.sort_unstable();
+        (p, c)
+    };
+    if let Some(st) = &mut storage {
+        st.report.remainder_chunks = remainder_chunks;
+        st.report.overflow_chunks = overflow_chunks.len() as u64;
+    }
+    let remainder_bytes = tx.stats().wire_bytes - freeze_start;
+    // The destination drops its stale copies of the units left behind:
+    // they are post-copy units now.
+    for (first, count) in runs_of(overflow_pages.iter().copied()) {
+        tx.send_control(ControlCode::AbsentPages { first, count })
+            .map_err(EngineError::send("bulk"))?;
+    }
+    for (first, count) in runs_of(overflow_chunks.iter().copied()) {
+        tx.send_control(ControlCode::AbsentChunks { first, count })
+            .map_err(EngineError::send("bulk"))?;
     }
     // Zero at the freeze: every page not populated now, in both sets (a
     // pre-copy page discarded after it was sent is stale at the destination
@@ -889,12 +1046,17 @@ fn migrate(
 
     // The destination loads the device state, which faults: serve them, and
     // wait for its word that the guest can run there.
-    // Pages not to push: never populated, zero (announced), or pre-copied.
+    // Pages not to push: never populated, zero (announced), or pre-copied
+    // (and not left behind by the freeze).
+    let mut sent_before = order.precopy_words().to_vec();
+    for &p in &overflow_pages {
+        sent_before[(p / 64) as usize] &= !(1 << (p % 64));
+    }
     let not_pushed = populated
         .words()
         .iter()
         .zip(zero.words())
-        .zip(order.precopy_words())
+        .zip(&sent_before)
         .map(|((pop, z), pre)| !pop | z | pre);
     let sent_by_fault = Arc::new(SentByFault::from_words(pages, not_pushed));
     let chunk_served = storage.as_ref().map(|st| {
@@ -929,6 +1091,7 @@ fn migrate(
         bulk,
         mem.as_ref(),
         &order,
+        &overflow,
         cfg,
         &zero,
         &populated,
@@ -965,6 +1128,10 @@ fn migrate(
         rounds,
         stop_reason,
         remainder_pages: remainder,
+        remainder_bytes,
+        freeze_policy,
+        freeze_budget_bytes: budget,
+        overflow_pages: overflow_pages.len() as u64,
         device_state_bytes,
         postcopy_pushed: pushed,
         postcopy_skipped: skipped,
@@ -1036,6 +1203,7 @@ fn postcopy(
     bulk: &mut Connection,
     mem: &dyn PageReader,
     order: &PageOrder,
+    overflow: &[PushUnit],
     cfg: &SourceConfig,
     zero: &DirtyBitmap,
     populated: &DirtyBitmap,
@@ -1064,6 +1232,7 @@ fn postcopy(
             tx,
             mem,
             order,
+            overflow,
             cfg,
             zero,
             populated,
@@ -1115,6 +1284,7 @@ fn push(
     tx: &mut UnitSender,
     mem: &dyn PageReader,
     order: &PageOrder,
+    overflow: &[PushUnit],
     cfg: &SourceConfig,
     zero: &DirtyBitmap,
     populated: &DirtyBitmap,
@@ -1128,7 +1298,10 @@ fn push(
     // ranking when the plan has one (as the model integrates the push),
     // else every page, then every chunk.
     let (mut pushed, mut skipped) = (0u64, 0u64);
-    for unit in order.push_sequence() {
+    // First the units the freeze left behind (pre-copy units: hotter than
+    // every post-copy unit of their kind), hottest first.
+    let units = overflow.iter().copied().chain(order.push_sequence());
+    for unit in units {
         match unit {
             PushUnit::Page(p) => {
                 if zero.get(p) || !populated.get(p) {
@@ -1391,5 +1564,27 @@ mod tests {
         // Compressible pages over a link: more unit bytes than the link
         // carried, so the link's rate stands.
         assert_eq!(sender_bound(link, &[round(80_000_000, 9.0)]), link);
+    }
+
+    #[test]
+    fn the_freeze_budget_is_spent_at_no_more_than_a_long_round_carried() {
+        // A 100 Mbit/s link whose short samples said 16.6 MB/s: the long
+        // rounds carried 12.5 MB/s (frame bytes over sending time).
+        let rounds = [round(200_000_000, 8.0), round(50_000, 0.01)];
+        assert_eq!(freeze_bandwidth(16.6e6, &rounds), 12.5e6);
+        // No long round: the stop rule's rate.
+        assert_eq!(freeze_bandwidth(16.6e6, &rounds[1..]), 16.6e6);
+        // A round slower than the stop rule's rate does not raise it.
+        assert_eq!(freeze_bandwidth(5e6, &rounds), 5e6);
+    }
+
+    #[test]
+    fn ranks_sort_pages_hottest_first() {
+        let order = PageOrder::new(vec![3, 0, 2, 1], 0.5).unwrap();
+        let ranks = rank_index(&order);
+        assert_eq!(ranks, vec![1, 3, 2, 0]);
+        let mut pages = vec![0, 1, 2, 3];
+        pages.sort_unstable_by_key(|&p| (ranks.get(p as usize).copied(), p));
+        assert_eq!(pages, order.units());
     }
 }

@@ -411,6 +411,25 @@ impl QmpClient {
         }
     }
 
+    /// Waits for the next event, whatever its name (a buffered one first),
+    /// and removes it from the buffer.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<QmpEvent, QmpError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(e);
+        }
+        let what = "the next event";
+        if self.closed {
+            return Err(QmpError::Disconnected { what: what.into() });
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read_incoming(deadline, timeout, what)? {
+                Incoming::Event(e) => return Ok(e),
+                Incoming::Reply { .. } => {}
+            }
+        }
+    }
+
     /// `stop`: pauses the guest.
     pub fn stop(&mut self) -> Result<(), QmpError> {
         self.execute("stop", None).map(drop)
@@ -883,6 +902,40 @@ mod tests {
         ));
         assert!(!c.is_connected());
         assert!(c.quit().is_ok());
+    }
+
+    #[test]
+    fn next_event_takes_buffered_events_first_then_waits_for_any_name() {
+        let (client, server) = with_server(
+            |r, w| {
+                greet(r, w);
+                let (_, id) = read_cmd(r);
+                writeln!(w, r#"{{"event": "STOP"}}"#).unwrap();
+                writeln!(w, r#"{{"return": {{}}, "id": {id}}}"#).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                writeln!(
+                    w,
+                    r#"{{"event": "MIGRATION", "data": {{"status": "completed"}}}}"#
+                )
+                .unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+            },
+            T,
+        );
+        let mut c = client.unwrap();
+        c.execute("stop", None).unwrap();
+        assert_eq!(c.next_event(T).unwrap().name, "STOP");
+        let e = c.next_event(T).unwrap();
+        assert_eq!(
+            (e.name.as_str(), &e.data["status"]),
+            ("MIGRATION", &json!("completed"))
+        );
+        assert!(matches!(
+            c.next_event(Duration::from_millis(50)),
+            Err(QmpError::Timeout { .. })
+        ));
+        server.join().unwrap();
+        assert!(c.next_event(T).is_err());
     }
 
     #[test]

@@ -195,6 +195,13 @@ impl DestDisks {
         img.store_chunk(c, data)
     }
 
+    /// Drops a pre-copied chunk before the resume: the freeze left it to
+    /// post-copy ([`PostcopyImage::discard_chunk`]).
+    pub fn discard(&self, index: u64) -> Result<(), DeviceError> {
+        let (img, c) = self.at(index)?;
+        img.discard_chunk(c)
+    }
+
     /// A chunk after the resume: fills the blocks still absent.
     pub fn install(&self, index: u64, data: Option<&[u8]>) -> Result<(), DeviceError> {
         let (img, c) = self.at(index)?;
@@ -228,6 +235,12 @@ impl DestDisks {
     pub fn digest(&self, index: u64) -> Result<u32, DeviceError> {
         let (img, c) = self.at(index)?;
         img.chunk_digest(c)
+    }
+
+    /// Every wait of a guest request for chunks since the resume, on every
+    /// disk: `(start, end)` (see [`PostcopyImage::waits`]).
+    pub fn waits(&self) -> Vec<(std::time::Instant, std::time::Instant)> {
+        self.images.iter().flat_map(|i| i.waits()).collect()
     }
 
     /// Counters summed over the disks.

@@ -12,8 +12,12 @@
 //!   overwritten. Writes and installs of one chunk are serialised by a
 //!   striped lock.
 //! - `FLUSH` and `FUA` sync the image, then the presence file.
+//! - Once the guest runs here, every guest request that waits for chunks
+//!   (a read of absent data, a partial write's fetch) is timed: the
+//!   [`waits`] are part of the post-copy penalty P.
 //!
 //! [`install_chunk`]: PostcopyImage::install_chunk
+//! [`waits`]: PostcopyImage::waits
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -100,6 +104,8 @@ pub struct PostcopyImage {
     resumed: AtomicBool,
     /// Blocks the guest has modified since the resume, one bit each.
     written: crate::bits::AtomicBitmap,
+    /// Guest requests that waited for chunks since the resume: (start, end).
+    waits: Mutex<Vec<(Instant, Instant)>>,
 }
 
 impl std::fmt::Debug for PostcopyImage {
@@ -184,6 +190,7 @@ impl PostcopyImage {
             counters: Counters::default(),
             resumed: AtomicBool::new(false),
             written: crate::bits::AtomicBitmap::new(blocks),
+            waits: Mutex::new(Vec::new()),
         })
     }
 
@@ -282,10 +289,47 @@ impl PostcopyImage {
         Ok(())
     }
 
+    /// Drops a pre-copy chunk the source's freeze left to post-copy (the
+    /// guest dirtied it after it was sent, and the freeze had no room for
+    /// it): its blocks are absent again, to be fetched or pushed like any
+    /// post-copy chunk's (the stale bytes stay until then: an absent block
+    /// is never read). Refused once the guest runs here.
+    pub fn discard_chunk(&self, chunk: u64) -> Result<(), DeviceError> {
+        let blocks = self.blocks_of_chunk(chunk);
+        if self.resumed.load(Ordering::Acquire) {
+            let from = blocks.start * BLOCK;
+            return Err(DeviceError {
+                op: "discard pre-copy chunk",
+                offset: from,
+                len: (blocks.end * BLOCK).min(self.image.size()) - from,
+                image: self.image.path().display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the guest runs here: its blocks are its own",
+                ),
+            });
+        }
+        let _g = self.lock_chunks(chunk, chunk);
+        for b in blocks {
+            self.presence.set_absent(b);
+        }
+        Ok(())
+    }
+
     /// The guest runs here from now on: its writes are tracked (for the
     /// integrity check) and pre-copy stores refused.
     pub fn mark_resumed(&self) {
         self.resumed.store(true, Ordering::Release);
+    }
+
+    /// Every wait of a guest request for chunks not here yet, since the
+    /// resume (a read of absent data, or the fetch before a partial-block
+    /// write): `(start, end)`, from the moment the request found a block
+    /// absent until every block it needs was here (or its fetch timed out).
+    /// Waits before the resume (QEMU's own reads while it loads) are not
+    /// the guest's and are not recorded.
+    pub fn waits(&self) -> Vec<(Instant, Instant)> {
+        self.waits.lock().expect("waits lock").clone()
     }
 
     /// True if the guest has modified some block of `chunk` since the resume.
@@ -357,8 +401,35 @@ impl PostcopyImage {
     }
 
     /// Makes every block in `blocks` present: requests the chunks of absent
-    /// ones (once per chunk) and waits.
+    /// ones (once per chunk) and waits. A wait after the resume is recorded
+    /// (see [`waits`](Self::waits)).
     fn ensure_present(&self, blocks: std::ops::Range<u64>) -> Result<(), DeviceError> {
+        let start = Instant::now();
+        let present = || {
+            blocks
+                .clone()
+                .all(|b| self.presence.get(b) == BlockState::Present)
+        };
+        if present() {
+            return Ok(());
+        }
+        let waited = self.fetch_and_wait(blocks.clone(), present);
+        if self.resumed.load(Ordering::Acquire) {
+            self.waits
+                .lock()
+                .expect("waits lock")
+                .push((start, Instant::now()));
+        }
+        waited
+    }
+
+    /// Requests the chunks of the absent blocks in `blocks` (once per
+    /// chunk), then waits until `present()` or the fetch timeout.
+    fn fetch_and_wait(
+        &self,
+        blocks: std::ops::Range<u64>,
+        present: impl Fn() -> bool,
+    ) -> Result<(), DeviceError> {
         let mut asked: Option<(u64, u32)> = None;
         let flush = |run: &mut Option<(u64, u32)>| {
             if let Some((first, n)) = run.take() {
@@ -397,10 +468,7 @@ impl PostcopyImage {
         let deadline = Instant::now() + self.fetch_timeout;
         let mut seen = self.arrivals.lock().expect("arrivals lock");
         loop {
-            if blocks
-                .clone()
-                .all(|b| self.presence.get(b) == BlockState::Present)
-            {
+            if present() {
                 return Ok(());
             }
             let now = Instant::now();
@@ -537,5 +605,90 @@ impl BlockDevice for PostcopyImage {
         self.modify(offset, len, fua, || {
             self.image.write_zeroes(offset, len, may_punch, false)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{OnceLock, Weak};
+
+    use super::*;
+
+    const CHUNK: u64 = 64 << 10;
+    const DELAY: Duration = Duration::from_millis(150);
+
+    /// Answers every request with a chunk of `0xab`s, `DELAY` later, from
+    /// its own thread.
+    #[derive(Default)]
+    struct Delayed {
+        image: OnceLock<Weak<PostcopyImage>>,
+    }
+
+    impl ChunkFetcher for Delayed {
+        fn fetch(&self, first: u64, count: u32) {
+            let image = self.image.get().cloned().expect("image set");
+            std::thread::spawn(move || {
+                std::thread::sleep(DELAY);
+                if let Some(img) = image.upgrade() {
+                    for c in first..first + u64::from(count) {
+                        img.install_chunk(c, Some(&[0xab; CHUNK as usize])).unwrap();
+                    }
+                }
+            });
+        }
+    }
+
+    fn image(tag: &str) -> (Arc<PostcopyImage>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("wanmig-pci-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fetcher = Arc::new(Delayed::default());
+        let img = Arc::new(
+            PostcopyImage::create(
+                &dir.join("disk.raw"),
+                &dir.join("disk.presence"),
+                8 * CHUNK,
+                CHUNK,
+                fetcher.clone(),
+                Duration::from_secs(10),
+            )
+            .unwrap(),
+        );
+        fetcher.image.set(Arc::downgrade(&img)).ok().unwrap();
+        (img, dir)
+    }
+
+    #[test]
+    fn the_guests_waits_for_chunks_are_recorded_from_the_resume() {
+        let (img, dir) = image("waits");
+        let mut buf = vec![0u8; 8192];
+        // Before the resume (QEMU's own reads while it loads): not the
+        // guest's wait.
+        img.read_at(0, &mut buf).unwrap();
+        assert!(img.waits().is_empty());
+        img.mark_resumed();
+        // Present data: no wait.
+        img.read_at(100, &mut buf).unwrap();
+        assert!(img.waits().is_empty());
+        // A read of an absent chunk waits for the delayed fetch.
+        let t = Instant::now();
+        img.read_at(3 * CHUNK + 10, &mut buf).unwrap();
+        assert_eq!(buf, vec![0xab; 8192]);
+        let w = img.waits();
+        assert_eq!(w.len(), 1, "{w:?}");
+        let (start, end) = w[0];
+        assert!(start >= t && end <= Instant::now(), "{w:?}");
+        assert!(end - start >= DELAY, "waited {:?}", end - start);
+        // A write to part of an absent block fetches first: a wait too.
+        img.write_at(5 * CHUNK + 100, &[1; 10], false).unwrap();
+        let w = img.waits();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[1].1 - w[1].0 >= DELAY);
+        // A write of whole absent blocks needs no fetch, hence no wait.
+        img.write_at(6 * CHUNK, &[2; BLOCK as usize], false)
+            .unwrap();
+        assert_eq!(img.waits().len(), 2);
+        drop(img);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! A block goes `Absent` → `Requested` (a fetch of its chunk is out) →
 //! `Present` (its bytes are in the image: fetched, pushed, or written by the
-//! guest), and never back. The states live in memory; [`BlockPresence::persist`]
+//! guest), and never back once the guest runs; before that, a pre-copied
+//! block goes back to `Absent` when the source's freeze leaves its chunk to
+//! post-copy ([`BlockPresence::set_absent`]). The states live in memory; [`BlockPresence::persist`]
 //! writes the bitmap pages that changed since the last call to the presence
 //! file and syncs it (called on every `FLUSH` and `FUA`, after the image is
 //! synced), so that an engine restarted on the same files knows which blocks
@@ -188,6 +190,19 @@ impl BlockPresence {
         }
     }
 
+    /// Marks `b` absent again (before the guest runs: the source's copy
+    /// here went stale and the chunk is post-copied); true if it was present.
+    pub fn set_absent(&self, b: u64) -> bool {
+        let was = self.states[b as usize].swap(BlockState::Absent as u8, Ordering::AcqRel);
+        if was != BlockState::Absent as u8 {
+            self.dirty
+                .lock()
+                .expect("presence lock")
+                .insert(b as usize / 8 / BITMAP_PAGE);
+        }
+        was == BlockState::Present as u8
+    }
+
     /// Blocks not present.
     pub fn missing(&self) -> u64 {
         self.states
@@ -270,6 +285,30 @@ mod tests {
         }
         assert_eq!(pr.get(7), BlockState::Absent);
         assert_eq!(pr.missing(), blocks - 3);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn a_block_dropped_before_the_resume_is_absent_again_and_stays_so() {
+        let p = path("absent");
+        let pr = BlockPresence::create(&p, 70_000).unwrap();
+        for b in [3, 4, 65_000] {
+            assert!(pr.set_present(b));
+        }
+        pr.persist().unwrap();
+        // The freeze left the chunk of blocks 3 and 4 to post-copy.
+        assert!(pr.set_absent(3));
+        assert!(pr.set_absent(4));
+        assert!(!pr.set_absent(5), "it was not present");
+        assert_eq!(pr.get(3), BlockState::Absent);
+        assert_eq!(pr.missing(), 70_000 - 1);
+        assert!(pr.request(3), "a fetch may go out for it");
+        pr.persist().unwrap();
+        drop(pr);
+        let pr = BlockPresence::open(&p, 70_000).unwrap();
+        assert_eq!(pr.get(3), BlockState::Absent);
+        assert_eq!(pr.get(4), BlockState::Absent);
+        assert_eq!(pr.get(65_000), BlockState::Present);
         let _ = std::fs::remove_file(&p);
     }
 

@@ -1226,9 +1226,23 @@ fn parse_fixed<'a>(
 
 fn parse_control(msg: &ControlMsg, limits: Option<&Limits>) -> Result<ControlCode, DecodeError> {
     let code = ControlCode::from_wire(msg)?;
-    if let (ControlCode::ZeroPages { first, count }, Some(l)) = (code, limits) {
+    if let (
+        ControlCode::ZeroPages { first, count } | ControlCode::AbsentPages { first, count },
+        Some(l),
+    ) = (code, limits)
+    {
         let pages = l.index_limit(UnitKind::Page);
         if first >= pages || count > pages - first {
+            return Err(DecodeError::BadControl {
+                code: msg.code.get(),
+                arg0: first,
+                arg1: count,
+            });
+        }
+    }
+    if let (ControlCode::AbsentChunks { first, count }, Some(l)) = (code, limits) {
+        let chunks = l.index_limit(UnitKind::Chunk);
+        if first >= chunks || count > chunks - first {
             return Err(DecodeError::BadControl {
                 code: msg.code.get(),
                 arg0: first,

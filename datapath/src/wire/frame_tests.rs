@@ -983,6 +983,39 @@ fn zero_page_ranges_must_lie_within_the_guest() {
                 arg1: count
             }
         );
+        // The freeze's absent pages alike.
+        let f = control(ControlCode::AbsentPages { first, count });
+        assert_eq!(
+            err(&f),
+            DecodeError::BadControl {
+                code: 11,
+                arg0: first,
+                arg1: count
+            }
+        );
+    }
+    let ok = control(ControlCode::AbsentPages {
+        first: pages - 3,
+        count: 3,
+    });
+    assert!(decoder().decode(&ok).is_ok());
+    // Chunks against the chunk count.
+    let chunks = limits().index_limit(UnitKind::Chunk);
+    let ok = control(ControlCode::AbsentChunks {
+        first: chunks - 2,
+        count: 2,
+    });
+    assert!(decoder().decode(&ok).is_ok());
+    for (first, count) in [(chunks - 2, 3), (chunks, 1), (1, u64::MAX)] {
+        let f = control(ControlCode::AbsentChunks { first, count });
+        assert_eq!(
+            err(&f),
+            DecodeError::BadControl {
+                code: 12,
+                arg0: first,
+                arg1: count
+            }
+        );
     }
     // A zero count is not a range.
     let msg = ControlMsg {

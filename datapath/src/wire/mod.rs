@@ -80,7 +80,8 @@
 //!     D-->>S: [fault] Ping(nonce, sent_ns)
 //!     S-->>D: [fault] Pong(same nonce, sent_ns): fault-path RTT under load
 //!     S->>D: [bulk] Control Freeze (guest stopped)
-//!     S->>D: [bulk] Unit(Page, the dirty pre-copy remainder)
+//!     S->>D: [bulk] Unit(Page/Chunk, the dirty pre-copy remainder: all of it, or hottest first what fits the downtime target)
+//!     S->>D: [bulk] Control AbsentPages{first, count} / AbsentChunks{first, count} (overflow freeze: the dirty pre-copy units that did not fit)
 //!     S->>D: [bulk] Control ZeroPages{first, count} (every page not populated now, both sets)
 //!     S->>D: [bulk] Unit(DeviceState, piece 0..k), exactly ceil(total_bytes / piece)
 //!     S->>D: [bulk] Control DeviceStateEnd{total_bytes}
@@ -94,7 +95,7 @@
 //!         D->>S: [fault] Request(Page, index, count)
 //!         S->>D: [fault] Unit(Page, index..index+count) (ahead of bulk)
 //!     and background push
-//!         S->>D: [bulk] Unit(remaining pages and chunks, each once)
+//!         S->>D: [bulk] Unit(the absent pages of the freeze first, then the remaining pages and chunks, each once)
 //!     end
 //!     S->>D: [bulk] Control Done{units_total}
 //!     S->>D: [bulk] Digest(Page, first, CRC32 ×n) covering every page
@@ -115,6 +116,17 @@
 //! destination owns the guest: if the bulk connection breaks it fetches any
 //! page still missing over the fault connection, which the source keeps
 //! serving until the destination's `Goodbye` on it.
+//!
+//! **A freeze that keeps the downtime target.** Under the overflow freeze
+//! policy the source sends the dirty pre-copy units hottest first only
+//! while they fit the downtime target; the others were sent in an earlier
+//! round and are stale at the destination. `AbsentPages{first, count}`
+//! (during the freeze, before `DeviceStateEnd`) tells the destination to
+//! drop its copies and treat them as post-copy pages: absent, so the
+//! guest's first access faults and fetches them, and the push sends them
+//! first. `AbsentChunks{first, count}` does the same for disk chunks (their
+//! blocks become absent in the destination's image). A destination that does not know the code refuses it before the
+//! commit (the guest goes on at the source).
 //!
 //! # Versions
 //!

@@ -106,6 +106,28 @@ pub enum ControlCode {
     /// ready to run the guest (code 10). The source commits (sends
     /// [`PostcopyBegin`](Self::PostcopyBegin)) only after this.
     Loaded,
+    /// Sent during the freeze: pages `first..first + count` were pre-copied
+    /// but dirtied since, and the freeze has no room for them (the overflow
+    /// freeze policy keeps the downtime target): whatever copy the
+    /// destination holds is stale. It drops it and treats the pages as
+    /// post-copy pages (absent: pushed later, fetched on a fault) (code 11,
+    /// arg0 = first, arg1 = count ≥ 1, within the geometry).
+    AbsentPages {
+        /// First page.
+        first: u64,
+        /// Number of pages.
+        count: u64,
+    },
+    /// [`AbsentPages`](Self::AbsentPages) for disk chunks `first..first +
+    /// count`: the destination marks their blocks absent again, and they
+    /// are post-copied (code 12, arg0 = first, arg1 = count ≥ 1, within the
+    /// geometry).
+    AbsentChunks {
+        /// First chunk.
+        first: u64,
+        /// Number of chunks.
+        count: u64,
+    },
 }
 
 impl ControlCode {
@@ -122,6 +144,8 @@ impl ControlCode {
             Self::ZeroPages { first, count } => (8, first, count),
             Self::Resumed => (9, 0, 0),
             Self::Loaded => (10, 0, 0),
+            Self::AbsentPages { first, count } => (11, first, count),
+            Self::AbsentChunks { first, count } => (12, first, count),
         };
         ControlMsg {
             code: U32::new(code),
@@ -151,6 +175,8 @@ impl ControlCode {
             (8, count) if count > 0 => Self::ZeroPages { first: arg0, count },
             (9, 0) if arg0 == 0 => Self::Resumed,
             (10, 0) if arg0 == 0 => Self::Loaded,
+            (11, count) if count > 0 => Self::AbsentPages { first: arg0, count },
+            (12, count) if count > 0 => Self::AbsentChunks { first: arg0, count },
             _ => return Err(bad),
         };
         Ok(parsed)
@@ -490,6 +516,8 @@ mod tests {
             ControlCode::ZeroPages { first: 4, count: 2 },
             ControlCode::Resumed,
             ControlCode::Loaded,
+            ControlCode::AbsentPages { first: 9, count: 3 },
+            ControlCode::AbsentChunks { first: 2, count: 5 },
         ];
         for c in all {
             assert_eq!(ControlCode::from_wire(&c.to_wire()), Ok(c));
@@ -506,6 +534,8 @@ mod tests {
         for (code, arg0, arg1) in [
             (0, 0, 0),
             (8, 0, 0),
+            (11, 5, 0),
+            (12, 5, 0),
             (u32::MAX, 1, 2),
             (1, 0, 1),
             (3, 1, 0),

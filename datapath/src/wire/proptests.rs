@@ -61,6 +61,7 @@ fn unit_frame() -> impl Strategy<Value = Frame> {
 fn control_code() -> impl Strategy<Value = ControlCode> {
     let dsm = test_geometry().device_state_max();
     let pages = test_geometry().page_count();
+    let chunks = test_geometry().chunk_count();
     let reason = prop_oneof![
         Just(AbortReason::Cancelled),
         Just(AbortReason::SourceFailed),
@@ -80,6 +81,12 @@ fn control_code() -> impl Strategy<Value = ControlCode> {
         (0..pages)
             .prop_flat_map(move |first| (Just(first), 1..=pages - first))
             .prop_map(|(first, count)| ControlCode::ZeroPages { first, count }),
+        (0..pages)
+            .prop_flat_map(move |first| (Just(first), 1..=pages - first))
+            .prop_map(|(first, count)| ControlCode::AbsentPages { first, count }),
+        (0..chunks)
+            .prop_flat_map(move |first| (Just(first), 1..=chunks - first))
+            .prop_map(|(first, count)| ControlCode::AbsentChunks { first, count }),
         Just(ControlCode::Resumed),
         Just(ControlCode::Loaded),
     ]

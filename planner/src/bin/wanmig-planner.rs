@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[cfg(feature = "heatmap")]
 use wanmig_planner::heatmap::{self, HeatmapOptions};
-use wanmig_planner::model::{Link, Model, ModelParams, Policy, Prediction, WireCost};
+use wanmig_planner::model::{FreezePolicy, Link, Model, ModelParams, Policy, Prediction, WireCost};
 use wanmig_planner::plan::{Plan, PredictedReport, make_plan};
 use wanmig_planner::profile::format::AtomicFile;
 use wanmig_planner::profile::summary::Summary;
@@ -86,9 +86,14 @@ struct ModelArgs {
     /// Ranking horizon H (reported only: the ranking does not depend on it).
     #[arg(long, value_parser = parse_duration)]
     horizon: Option<Duration>,
-    /// Pre-copy round limit.
+    /// Pre-copy round limit, round 0 included (1: one pass).
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
+    /// What the freeze does with a dirty remainder that misses the downtime
+    /// limit: `overflow` (what fits goes, hottest first; the coldest dirty
+    /// pages are post-copied) or `classic` (everything dirty goes).
+    #[arg(long, default_value = "overflow")]
+    freeze: FreezePolicy,
     /// Minimum relative shrink of the dirty set for another round.
     #[arg(long, default_value_t = 0.05)]
     min_shrink: f64,
@@ -170,6 +175,7 @@ impl ModelArgs {
             write_scale: self.write_scale,
             state_bytes: self.state.map(|s| s.bytes()),
             pool_reads: !self.per_page_reads,
+            freeze: self.freeze,
             policy: match self.policy {
                 PolicyArg::Gamma => Policy::Gamma,
                 PolicyArg::Weighted => Policy::Weighted {
@@ -394,6 +400,20 @@ fn describe_prediction(p: &Prediction) {
         "  Gamma = {:.5}, weighted 1/(w1 D + w2 P) = {:.5}, downtime limit {} s met: {}",
         p.gamma, p.gamma_weighted, p.downtime_limit_s, p.meets_downtime_limit
     );
+    println!(
+        "  freeze: {} policy, at most {} round(s); {:.0} dirty bytes sent while frozen{}",
+        p.strategy.freeze,
+        p.strategy.max_rounds,
+        p.remainder_bytes,
+        if p.overflow_bytes > 0.0 {
+            format!(
+                ", {:.0} bytes ({:.1} pages) did not fit the limit: post-copied first",
+                p.overflow_bytes, p.overflow_pages
+            )
+        } else {
+            String::new()
+        }
+    );
 }
 
 fn describe_rule(r: &PrecopyRule) -> String {
@@ -431,8 +451,13 @@ fn print_plan(path: &Path, a: &ModelArgs, classes: &ClassProfile, plan: &Plan) {
             r.live.limit_s
         );
     }
+    let from = if r.chosen_from == "grid" {
+        "grid optimum".to_string()
+    } else {
+        format!("named strategy {}", r.chosen_from)
+    };
     println!(
-        "plan: M = {:.2}, S = {:.2} (grid optimum; the seed recursion {} it)",
+        "plan: M = {:.2}, S = {:.2} ({from}; the seed recursion {} the grid optimum)",
         r.chosen.m,
         r.chosen.s,
         if r.ternary_is_global {
@@ -455,6 +480,23 @@ fn print_plan(path: &Path, a: &ModelArgs, classes: &ClassProfile, plan: &Plan) {
         if r.ternary_is_global { "yes" } else { "no" },
         r.ternary_evaluations
     );
+    for c in &r.candidates {
+        println!(
+            "  {}: {}",
+            c.name,
+            if c.point.feasible {
+                format!(
+                    "objective {:.5} (Gamma {:.5}, D {:.4} s)",
+                    c.point.objective, c.point.gamma, c.point.downtime_s
+                )
+            } else {
+                format!(
+                    "infeasible: D {:.4} s > L {} s",
+                    c.point.downtime_s, r.live.limit_s
+                )
+            }
+        );
+    }
     println!("  pages:  {}", describe_rule(&plan.page_rule));
     println!("  chunks: {}", describe_rule(&plan.chunk_rule));
     println!(

@@ -13,6 +13,7 @@
 //! See the crate docs for the model's equations and decisions;
 //! [`precopy`] and [`postcopy`] hold the per-phase formulas.
 
+mod overflow;
 pub mod postcopy;
 pub mod precopy;
 pub mod rates;
@@ -27,9 +28,10 @@ use serde::{Deserialize, Serialize};
 use crate::profile::classes::ClassProfileError;
 use crate::profile::{ClassProfile, Kind, UnitCounters};
 use crate::units::Rate;
+use overflow::{GroupTables, Overflow};
 use postcopy::{StallTable, zero_weight};
+pub use precopy::{FreezePolicy, PlanStrategy, Round, RoundDirty, StopReason, UnknownFreezePolicy};
 use precopy::{Group, PrecopyLink};
-pub use precopy::{Round, RoundDirty, StopReason};
 use rates::{MAX_SAMPLES, RateTable};
 
 /// Grid resolution: fractions `i / GRID_STEPS`, `i = 0..=GRID_STEPS`.
@@ -171,7 +173,7 @@ pub struct ModelParams {
     /// it, and it is the downtime limit `L` (see
     /// [`ModelParams::downtime_limit`]).
     pub downtime_target: Option<f64>,
-    /// Pre-copy round limit (default 30).
+    /// Pre-copy round limit, round 0 included (default 30).
     pub max_rounds: u32,
     /// A round must shrink the dirty set by at least this fraction to be
     /// followed by another (default 0.05).
@@ -195,6 +197,11 @@ pub struct ModelParams {
     /// never saw read keeps a small rate. Off: each page's own count.
     #[serde(default = "pool_reads_default")]
     pub pool_reads: bool,
+    /// What the freeze does with a dirty remainder that does not fit the
+    /// downtime limit (default [`FreezePolicy::Overflow`]: what fits goes,
+    /// the coldest dirty pages are post-copied; see [`precopy`]).
+    #[serde(default)]
+    pub freeze: FreezePolicy,
 }
 
 fn pool_reads_default() -> bool {
@@ -230,6 +237,7 @@ impl Default for ModelParams {
             state_bytes: None,
             policy: Policy::Gamma,
             pool_reads: true,
+            freeze: FreezePolicy::Overflow,
         }
     }
 }
@@ -241,6 +249,15 @@ impl ModelParams {
     /// feasible plan exists, and never called live.
     pub fn downtime_limit(&self) -> f64 {
         self.downtime_target.unwrap_or(self.delta_t)
+    }
+
+    /// The strategy of these parameters: their round limit and freeze
+    /// policy (what the `(M, S)` grid is searched under).
+    pub fn strategy(&self) -> PlanStrategy {
+        PlanStrategy {
+            max_rounds: self.max_rounds,
+            freeze: self.freeze,
+        }
     }
 }
 
@@ -291,6 +308,16 @@ pub struct Prediction {
     pub precopy_s: f64,
     /// Dirty link bytes sent during the freeze.
     pub remainder_bytes: f64,
+    /// Dirty link bytes the freeze moved to post-copy (the overflow policy:
+    /// the coldest dirty units that did not fit the downtime limit); they
+    /// are in [`postcopy_bytes`](Self::postcopy_bytes), pushed first.
+    pub overflow_bytes: f64,
+    /// Expected pages in that overflow.
+    pub overflow_pages: f64,
+    /// Expected chunks in that overflow.
+    pub overflow_chunks: f64,
+    /// The round limit and freeze policy of the plan.
+    pub strategy: PlanStrategy,
     /// `D`: downtime (s).
     pub downtime_s: f64,
     /// Link bytes pushed after resume.
@@ -322,12 +349,15 @@ pub struct Prediction {
 
 impl Prediction {
     /// Every figure, by name.
-    fn figures(&self) -> [(&'static str, f64); 16] {
+    fn figures(&self) -> [(&'static str, f64); 19] {
         [
             ("m", self.m),
             ("s", self.s),
             ("precopy_s", self.precopy_s),
             ("remainder_bytes", self.remainder_bytes),
+            ("overflow_bytes", self.overflow_bytes),
+            ("overflow_pages", self.overflow_pages),
+            ("overflow_chunks", self.overflow_chunks),
             ("downtime_s", self.downtime_s),
             ("postcopy_bytes", self.postcopy_bytes),
             ("uptime_s", self.uptime_s),
@@ -389,6 +419,9 @@ pub struct Evaluation {
     pub feasible: bool,
     /// Why pre-copy stopped.
     pub stop: StopReason,
+    /// Dirty link bytes the freeze moved to post-copy (0 unless the
+    /// overflow policy needed to).
+    pub overflow_bytes: f64,
 }
 
 /// The top `k` units of a kind in rank order, as classes.
@@ -430,7 +463,7 @@ impl RClass {
     }
 }
 
-const NO_GROUP: u32 = u32::MAX;
+pub(crate) const NO_GROUP: u32 = u32::MAX;
 
 #[derive(Debug, Clone)]
 pub(crate) struct KindModel {
@@ -551,6 +584,7 @@ pub struct Scratch {
     groups: Vec<Group>,
     sent: Vec<f64>,
     zeros: Vec<ZeroRest>,
+    ov: Overflow,
 }
 
 /// How much of the post-copy phase an evaluation integrates.
@@ -619,6 +653,10 @@ pub struct Model {
     merged: Vec<(u8, u32)>,
     /// `before[p]` = classes of each kind at merged positions `< p`.
     before: Vec<[u32; 2]>,
+    /// Page write groups (the first groups of `group_lambda`).
+    page_groups: usize,
+    /// Per write group, stall tables for the freeze's overflow.
+    group_tables: GroupTables,
 }
 
 fn check(what: &'static str, value: f64, ok: bool, reason: &'static str) -> Result<(), ModelError> {
@@ -957,6 +995,12 @@ impl Model {
         });
         let converged_bytes =
             p.converged * (state + profile.page_size.max(profile.chunk_size) as f64);
+        let page_groups = ws[0].len();
+        let group_tables = GroupTables::build(
+            &grid_t,
+            group_lambda.len(),
+            [&kinds[0].classes, &kinds[1].classes],
+        );
         Ok(Model {
             link,
             params,
@@ -971,6 +1015,8 @@ impl Model {
             window,
             merged,
             before,
+            page_groups,
+            group_tables,
         })
     }
 
@@ -1093,18 +1139,19 @@ impl Model {
                     lambda: self.group_lambda[g],
                     bytes,
                     raw: self.group_raw[g],
+                    id: g as u32,
                 });
             }
         }
         round0
     }
 
-    fn precopy_link(&self) -> PrecopyLink {
+    fn precopy_link(&self, max_rounds: u32) -> PrecopyLink {
         PrecopyLink {
             bandwidth: self.link.bandwidth,
             freeze_fixed: self.freeze_fixed,
             target: self.params.downtime_target,
-            max_rounds: self.params.max_rounds,
+            max_rounds: max_rounds.max(1),
             min_shrink: self.params.min_shrink,
             converged_bytes: self.converged_bytes,
         }
@@ -1116,25 +1163,34 @@ impl Model {
     /// `DeltaT` needs), [`Post::Whole`] to its end (`P`), [`Post::IfFeasible`]
     /// like `Window` but not at all when `D > L` (the objective is then
     /// `-D`, and `DeltaT`, `Gamma` are reported as NaN).
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         scratch: &mut Scratch,
         mem: Option<Part>,
         sto: Part,
+        strategy: PlanStrategy,
         post: Post,
         rounds: Option<&mut Vec<Round>>,
     ) -> (Evaluation, Option<Full>) {
         let round0 = self.load_groups(scratch, mem, sto);
-        let link = self.precopy_link();
+        let link = self.precopy_link(strategy.max_rounds);
         let pre = precopy::run(&scratch.groups, round0, &link, &mut scratch.sent, rounds);
-        let downtime = pre.remainder / self.link.bandwidth + self.freeze_fixed;
-        let limit = self.params.downtime_limit();
-        let feasible = downtime <= limit * (1.0 + 1e-12);
-        let whole = post == Post::Whole;
-
         let cursor = |kind: Kind, part: Option<Part>| {
             part.map(|p| self.kind(kind).boundary_of(self.units(kind, p)))
         };
+        let frozen = self.freeze(
+            scratch,
+            [cursor(Kind::Page, mem), cursor(Kind::Chunk, Some(sto))],
+            strategy.freeze,
+            pre.remainder,
+        );
+        let downtime = frozen / self.link.bandwidth + self.freeze_fixed;
+        let limit = self.params.downtime_limit();
+        let feasible = downtime <= limit * (1.0 + 1e-12);
+        let whole = post == Post::Whole;
+        let overflow_bytes = scratch.ov.bytes;
+
         let post = if post == Post::IfFeasible && !feasible {
             PostOutcome {
                 window_stall: f64::NAN,
@@ -1169,13 +1225,52 @@ impl Model {
             objective,
             feasible,
             stop: pre.stop,
+            overflow_bytes,
         };
         let full = whole.then_some(Full {
             precopy: pre,
+            frozen,
+            overflow_units: scratch.ov.units,
             downtime,
             post,
         });
         (eval, full)
+    }
+
+    /// The freeze (see [`precopy`] and [`overflow`]): the link bytes it
+    /// sends of the dirty remainder `rem` under `policy`. With the overflow
+    /// policy and a remainder that misses the downtime limit, the coldest
+    /// dirty units of the pre-copy sets (per kind, cursor `(b, take)`:
+    /// classes `..b` and `take` units of class `b`; `None`: no set) go to
+    /// `scratch.ov`, the post-copy's first push; otherwise `scratch.ov` is
+    /// left empty.
+    fn freeze(
+        &self,
+        scratch: &mut Scratch,
+        cuts: [Option<(usize, u64)>; 2],
+        policy: FreezePolicy,
+        rem: f64,
+    ) -> f64 {
+        scratch.ov.clear();
+        let b = self.link.bandwidth;
+        let limit = self.params.downtime_limit();
+        if policy == FreezePolicy::Classic || rem / b + self.freeze_fixed <= limit * (1.0 + 1e-12) {
+            return rem;
+        }
+        let budget = nonneg((limit - self.freeze_fixed) * b);
+        let ov = &mut scratch.ov;
+        ov.phi.clear();
+        ov.phi.resize(self.group_lambda.len(), 0.0);
+        for (g, &d) in scratch.groups.iter().zip(&scratch.sent) {
+            ov.phi[g.id as usize] = d / g.bytes;
+        }
+        // The dirty units hottest first while they fit; the coldest leave.
+        let target = rem - budget;
+        if target.is_nan() || target <= 0.0 {
+            return rem;
+        }
+        let moved = self.overflow_region(ov, cuts, target);
+        sent_in_freeze(rem, moved, budget)
     }
 
     /// The post-copy set of one kind for a cursor `(class, units of it
@@ -1392,16 +1487,21 @@ impl Model {
             z.before = zero_total;
             zero_total += z.q * z.units * z.wire;
         }
-        let zeros = &scratch.zeros[..];
+        let Scratch { zeros, ov, .. } = scratch;
+        let zeros = &zeros[..];
         let mut total = zero_total;
         for (k, r) in rest.iter().enumerate() {
             if r.included {
                 total += nonneg(self.kinds[k].cum_bytes[self.kinds[k].classes.len()] - r.pre_bytes);
             }
         }
+        // The freeze's overflow is pushed first: the rest of the push starts
+        // `lead` bytes later.
+        let lead = if ov.active { ov.bytes } else { 0.0 };
+        let all = lead + total;
         let mut out = PostOutcome {
-            duration: total / b,
-            bytes: total,
+            duration: all / b,
+            bytes: all,
             ..PostOutcome::default()
         };
         let steps = if full {
@@ -1415,26 +1515,49 @@ impl Model {
         for k in 0..steps {
             let (t0, t1) = (self.grid_t[k], self.grid_t[k + 1]);
             let x = (t0 + s) * b;
-            if x >= total {
+            if x >= all {
                 break;
             }
-            if x >= front_end {
-                (front, front_bytes) = self.locate(&rest, zeros, zero_total, front, front_bytes, x);
+            // The rest of the post-copy set (all absent while the overflow
+            // is pushed).
+            let xr = nonneg(x - lead);
+            let here = (xr < total).then(|| {
+                if xr >= front_end {
+                    (front, front_bytes) =
+                        self.locate(&rest, zeros, zero_total, front, front_bytes, xr);
+                }
+                let here = self.front(&rest, zeros, t_pre, front, front_bytes, k);
+                front_end = here.start + here.cost * here.units as f64;
+                here
+            });
+            let (mut a, mut af) = here.map_or((0.0, 0.0), |h| h.absent(xr));
+            if x < lead {
+                let (oa, of) = self.overflow_absent(ov, x, k, false);
+                a += oa;
+                af += of;
             }
-            let here = self.front(&rest, zeros, t_pre, front, front_bytes, k);
-            front_end = here.start + here.cost * here.units as f64;
-            let (a, af) = here.absent(x);
             if af > 0.0 {
                 let x2 = (t1 + s + a) * b;
-                let (c, cf) = if x2 >= total {
+                let (c, cf) = if x2 >= all {
                     (0.0, 0.0)
-                } else if x2 < front_end {
-                    here.absent(x2)
                 } else {
-                    let (probe, probe_bytes) =
-                        self.locate(&rest, zeros, zero_total, front, front_bytes, x2);
-                    self.front(&rest, zeros, t_pre, probe, probe_bytes, k)
-                        .absent(x2)
+                    let xr2 = nonneg(x2 - lead);
+                    let (mut c, mut cf) = match here {
+                        _ if xr2 >= total => (0.0, 0.0),
+                        Some(h) if xr2 < front_end => h.absent(xr2),
+                        _ => {
+                            let (probe, probe_bytes) =
+                                self.locate(&rest, zeros, zero_total, front, front_bytes, xr2);
+                            self.front(&rest, zeros, t_pre, probe, probe_bytes, k)
+                                .absent(xr2)
+                        }
+                    };
+                    if x2 < lead {
+                        let (oc, of) = self.overflow_absent(ov, x2, k, true);
+                        c += oc;
+                        cf += of;
+                    }
+                    (c, cf)
                 };
                 s += 0.5 * (a + c);
                 f += 0.5 * (af + cf);
@@ -1466,6 +1589,7 @@ impl Model {
             scratch,
             Some(Part::Grid(i)),
             Part::Grid(j),
+            self.params.strategy(),
             self.search_post(),
             None,
         )
@@ -1476,26 +1600,53 @@ impl Model {
     /// when `D > L` (for reports).
     pub fn evaluate_grid_point(&self, scratch: &mut Scratch, i: usize, j: usize) -> Evaluation {
         let post = self.search_post().or_window();
-        self.run(scratch, Some(Part::Grid(i)), Part::Grid(j), post, None)
-            .0
+        self.run(
+            scratch,
+            Some(Part::Grid(i)),
+            Part::Grid(j),
+            self.params.strategy(),
+            post,
+            None,
+        )
+        .0
     }
 
     /// Evaluates storage grid point `j / 100` with memory instantly copied
     /// (the seed's first search step); `DeltaT` and `Gamma` always computed.
     pub fn evaluate_storage_only(&self, scratch: &mut Scratch, j: usize) -> Evaluation {
         let post = self.search_post().or_window();
-        self.run(scratch, None, Part::Grid(j), post, None).0
+        self.run(
+            scratch,
+            None,
+            Part::Grid(j),
+            self.params.strategy(),
+            post,
+            None,
+        )
+        .0
     }
 
     /// Evaluates arbitrary fractions (fast path; `DeltaT` and `Gamma`
     /// always computed).
     pub fn evaluate(&self, scratch: &mut Scratch, m: f64, s: f64) -> Evaluation {
+        self.evaluate_with(scratch, m, s, self.params.strategy())
+    }
+
+    /// [`Model::evaluate`] under `strategy` instead of the parameters'.
+    pub fn evaluate_with(
+        &self,
+        scratch: &mut Scratch,
+        m: f64,
+        s: f64,
+        strategy: PlanStrategy,
+    ) -> Evaluation {
         let sel = self.selection(m, s);
         let post = self.search_post().or_window();
         self.run(
             scratch,
             Some(Part::Units(sel.pages)),
             Part::Units(sel.chunks),
+            strategy,
             post,
             None,
         )
@@ -1504,8 +1655,13 @@ impl Model {
 
     /// The full prediction for fractions `(m, s)`.
     pub fn predict(&self, m: f64, s: f64) -> Prediction {
+        self.predict_with(m, s, self.params.strategy())
+    }
+
+    /// [`Model::predict`] under `strategy` instead of the parameters'.
+    pub fn predict_with(&self, m: f64, s: f64, strategy: PlanStrategy) -> Prediction {
         let sel = self.selection(m, s);
-        let mut p = self.predict_selection(sel, false);
+        let mut p = self.predict_selection_with(sel, false, strategy);
         p.m = m;
         p.s = s;
         p
@@ -1521,6 +1677,16 @@ impl Model {
 
     /// The full prediction for a selection in units.
     pub fn predict_selection(&self, sel: Selection, memory_magic: bool) -> Prediction {
+        self.predict_selection_with(sel, memory_magic, self.params.strategy())
+    }
+
+    /// [`Model::predict_selection`] under `strategy`.
+    pub fn predict_selection_with(
+        &self,
+        sel: Selection,
+        memory_magic: bool,
+        strategy: PlanStrategy,
+    ) -> Prediction {
         let mut scratch = Scratch::default();
         let mut rounds = Vec::new();
         let mem = (!memory_magic).then_some(Part::Units(sel.pages));
@@ -1528,6 +1694,7 @@ impl Model {
             &mut scratch,
             mem,
             Part::Units(sel.chunks),
+            strategy,
             Post::Whole,
             Some(&mut rounds),
         );
@@ -1549,7 +1716,11 @@ impl Model {
             rounds,
             stop: f.precopy.stop,
             precopy_s: f.precopy.duration,
-            remainder_bytes: f.precopy.remainder,
+            remainder_bytes: f.frozen,
+            overflow_bytes: eval.overflow_bytes,
+            overflow_pages: f.overflow_units[0],
+            overflow_chunks: f.overflow_units[1],
+            strategy,
             downtime_s: f.downtime,
             postcopy_bytes: f.post.bytes,
             uptime_s: f.post.duration,
@@ -1569,17 +1740,40 @@ impl Model {
     /// The model side of the engine's dirty telemetry for round `round` of
     /// plan `sel`: what that round sent, as a function of its duration.
     pub fn round_dirty(&self, sel: Selection, round: u32) -> RoundDirty {
+        self.round_dirty_with(sel, round, self.params.strategy())
+    }
+
+    /// [`Model::round_dirty`] for a plan under `strategy` (its round limit).
+    pub fn round_dirty_with(
+        &self,
+        sel: Selection,
+        round: u32,
+        strategy: PlanStrategy,
+    ) -> RoundDirty {
         let mut scratch = Scratch::default();
         let round0 = self.load_groups(
             &mut scratch,
             Some(Part::Units(sel.pages)),
             Part::Units(sel.chunks),
         );
-        let sent = precopy::sent_in_round(&scratch.groups, round0, &self.precopy_link(), round);
+        let link = self.precopy_link(strategy.max_rounds);
+        let sent = precopy::sent_in_round(&scratch.groups, round0, &link, round);
         RoundDirty {
             groups: scratch.groups,
             sent,
         }
+    }
+}
+
+/// What the freeze sends of a dirty remainder `rem` whose coldest `moved`
+/// link bytes leave it, within `budget`: a residue below the remainder's
+/// rounding (every dirty unit left) is nothing.
+pub(crate) fn sent_in_freeze(rem: f64, moved: f64, budget: f64) -> f64 {
+    let left = rem - moved;
+    if left <= rem * 1e-12 {
+        0.0
+    } else {
+        left.min(budget)
     }
 }
 
@@ -1601,6 +1795,10 @@ struct PostOutcome {
 #[derive(Debug, Clone, Copy)]
 struct Full {
     precopy: precopy::PrecopyOutcome,
+    /// Link bytes sent during the freeze.
+    frozen: f64,
+    /// Expected pages and chunks the freeze moved to post-copy.
+    overflow_units: [f64; 2],
     downtime: f64,
     post: PostOutcome,
 }

@@ -43,10 +43,85 @@
 //!
 //! Rounds are pipelined: no per-round RTT (the source re-reads its dirty log
 //! locally).
+//!
+//! # The freeze
+//!
+//! What the freeze does with the dirty remainder is the plan's
+//! [`FreezePolicy`]:
+//!
+//! - [`FreezePolicy::Classic`]: everything dirty crosses while the guest is
+//!   paused, however long that takes (classic pre-copy);
+//! - [`FreezePolicy::Overflow`]: the freeze keeps the downtime limit `L`.
+//!   Its budget is `(L - state/B - RTT - overhead) B` link bytes. The dirty
+//!   units (pages and chunks) go hottest first (the merged ranking order)
+//!   while they fit; those that do not, the coldest, become absent at the
+//!   destination and are post-copied like any post-copy unit (pushed
+//!   first, hottest first; fetched on a fault). When everything fits, the
+//!   two policies are the same freeze. See the crate docs for how the
+//!   overflow enters `D`, `U` and `P`.
 
 use serde::{Deserialize, Serialize};
 
 use super::rates::{p_any, p_redirty, redirty_and_any};
+
+/// What the freeze does with a dirty remainder that does not fit the
+/// downtime limit (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FreezePolicy {
+    /// Everything dirty crosses during the freeze (classic pre-copy).
+    Classic,
+    /// What fits the downtime limit crosses during the freeze, hottest
+    /// first; the dirty pages that do not fit are post-copied.
+    #[default]
+    Overflow,
+}
+
+impl FreezePolicy {
+    /// The policy's name (`classic`, `overflow`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FreezePolicy::Classic => "classic",
+            FreezePolicy::Overflow => "overflow",
+        }
+    }
+}
+
+impl std::fmt::Display for FreezePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown freeze policy name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown freeze policy {0:?} (classic, overflow)")]
+pub struct UnknownFreezePolicy(pub String);
+
+impl std::str::FromStr for FreezePolicy {
+    type Err = UnknownFreezePolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "classic" => Ok(FreezePolicy::Classic),
+            "overflow" => Ok(FreezePolicy::Overflow),
+            other => Err(UnknownFreezePolicy(other.to_string())),
+        }
+    }
+}
+
+/// How a plan pre-copies besides its `(M, S)`: the round limit and the
+/// freeze policy. The planner's plan family is the `(M, S)` grid under the
+/// parameters' strategy plus a few named strategies (see
+/// [`search`](crate::search)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PlanStrategy {
+    /// Pre-copy rounds at most, round 0 included (1: one pass over the
+    /// pre-copy set, then the freeze).
+    pub max_rounds: u32,
+    /// What the freeze does with a remainder that does not fit.
+    pub freeze: FreezePolicy,
+}
 
 /// Why pre-copy ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +206,8 @@ pub(crate) struct Group {
     /// Unit bytes per link byte of the group's units (`1 / cost`: one kind
     /// per group, all written), what the engine's freeze estimate counts.
     pub raw: f64,
+    /// The group's index among all write groups (pages' groups first).
+    pub id: u32,
 }
 
 /// Runs the recursion. `groups` holds only groups with `lambda > 0` and

@@ -4,16 +4,24 @@
 
 use std::cmp::Ordering;
 
+use super::overflow::COVER_TOLERANCE;
 use super::postcopy::work_grid;
 use super::rates::{RateTable, p_any, p_redirty};
-use super::{Link, ModelParams, Policy, Selection};
+use super::{FreezePolicy, Link, ModelParams, Policy, Selection, nonneg};
 use crate::profile::{Kind, UnitCounters};
 
 /// What the reference model predicts.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RefResult {
     pub precopy_s: f64,
+    /// Link bytes sent during the freeze.
     pub remainder: f64,
+    /// Dirty link bytes the freeze moved to post-copy.
+    pub overflow: f64,
+    /// Expected pages among them.
+    pub overflow_pages: f64,
+    /// Expected chunks among them.
+    pub overflow_chunks: f64,
     pub rounds: u32,
     pub downtime: f64,
     pub uptime: f64,
@@ -161,7 +169,41 @@ pub(crate) fn predict(
         bytes = rem;
         k += 1;
     }
-    let downtime = remainder / b + fixed;
+    // The freeze (see `overflow`): with the overflow policy and a
+    // remainder that misses the limit, the dirty units go hottest first
+    // (merged order) while they fit; the coldest, unit by unit, are
+    // post-copied, each absent with its dirty probability.
+    let limit = params.downtime_limit();
+    let mut frozen = remainder;
+    let mut overflow: Vec<(U, f64)> = Vec::new();
+    let (mut overflow_bytes, mut overflow_pages, mut overflow_chunks) = (0.0, 0.0, 0.0);
+    if params.freeze == FreezePolicy::Overflow && remainder / b + fixed > limit * (1.0 + 1e-12) {
+        let budget = nonneg((limit - fixed) * b);
+        let target = remainder - budget;
+        if target > 0.0 {
+            let cover = target * (1.0 - COVER_TOLERANCE);
+            let mut merged: Vec<usize> = (0..set.len()).collect();
+            merged.sort_by(|&x, &y| order(&set[x], &set[y]));
+            for &i in merged.iter().rev() {
+                let (u, d) = (set[i], sent[i]);
+                if d.is_nan() || d <= 0.0 {
+                    continue;
+                }
+                if overflow_bytes >= cover {
+                    break;
+                }
+                overflow_bytes += d;
+                match u.kind {
+                    Kind::Page => overflow_pages += d / u.wire,
+                    Kind::Chunk => overflow_chunks += d / u.wire,
+                }
+                overflow.push((u, d / u.wire));
+            }
+            overflow.reverse();
+            frozen = super::sent_in_freeze(remainder, overflow_bytes, budget);
+        }
+    }
+    let downtime = frozen / b + fixed;
 
     // Post-copy, unit by unit (see `postcopy`): the same work-time grid and
     // predictor-corrector, with every unit's arrival (in pushed bytes)
@@ -183,6 +225,26 @@ pub(crate) fn predict(
     // (arrival in pushed bytes, q, lambda_a, stall)
     let mut arrivals = Vec::new();
     let mut pushed = 0.0;
+    // The overflow first: its pages hottest first, then its chunks, each
+    // chunk absent for a uniform point of their segment (see `overflow`).
+    for (u, q) in overflow.iter().filter(|(u, _)| u.kind == Kind::Page) {
+        pushed += q * u.wire;
+        arrivals.push((pushed, *q, u.lam_a, u.stall));
+    }
+    let segment = (
+        pushed,
+        overflow
+            .iter()
+            .filter(|(u, _)| u.kind == Kind::Chunk)
+            .map(|(u, q)| q * u.wire)
+            .sum::<f64>(),
+    );
+    let chunk_overflow: Vec<(f64, f64, f64)> = overflow
+        .iter()
+        .filter(|(u, _)| u.kind == Kind::Chunk)
+        .map(|(u, q)| (*q, u.lam_a, u.stall))
+        .collect();
+    pushed += segment.1;
     for u in &rest {
         let q = if u.c.zero {
             p_any(u.lam_w * duration)
@@ -194,6 +256,14 @@ pub(crate) fn predict(
     }
     let absent = |x: f64, k: usize| -> (f64, f64) {
         let (mut stall, mut faults) = (0.0, 0.0);
+        if segment.1 > 0.0 {
+            let left = 1.0 - ((x - segment.0) / segment.1).clamp(0.0, 1.0);
+            for &(q, lam, st) in &chunk_overflow {
+                let m = left * q * ((-lam * grid[k]).exp() - (-lam * grid[k + 1]).exp());
+                faults += m;
+                stall += m * st;
+            }
+        }
         for &(arrive, q, lam, st) in &arrivals {
             if arrive > x && q > 0.0 {
                 let m = q * ((-lam * grid[k]).exp() - (-lam * grid[k + 1]).exp());
@@ -228,7 +298,10 @@ pub(crate) fn predict(
     };
     RefResult {
         precopy_s: duration,
-        remainder,
+        remainder: frozen,
+        overflow: overflow_bytes,
+        overflow_pages,
+        overflow_chunks,
         rounds,
         downtime,
         uptime: a,

@@ -77,9 +77,10 @@ fn params() -> impl Strategy<Value = (Link, ModelParams)> {
         )),
         // Read rates pooled across pages, or each page's own.
         prop::bool::ANY,
+        prop::sample::select(vec![FreezePolicy::Classic, FreezePolicy::Overflow]),
     )
         .prop_map(
-            |(bw, rtt, dt, target, rounds, shrink, scale, weighted, wire, pool_reads)| {
+            |(bw, rtt, dt, target, rounds, shrink, scale, weighted, wire, pool_reads, freeze)| {
                 (
                     Link {
                         bandwidth: bw,
@@ -102,6 +103,7 @@ fn params() -> impl Strategy<Value = (Link, ModelParams)> {
                         write_scale: scale,
                         state_bytes: None,
                         pool_reads,
+                        freeze,
                         policy: if weighted {
                             Policy::Weighted { w1: 1.0, w2: 0.5 }
                         } else {
@@ -132,6 +134,9 @@ proptest! {
         let pairs = [
             ("precopy", got.precopy_s, want.precopy_s),
             ("remainder", got.remainder_bytes, want.remainder),
+            ("overflow", got.overflow_bytes, want.overflow),
+            ("overflow pages", got.overflow_pages, want.overflow_pages),
+            ("overflow chunks", got.overflow_chunks, want.overflow_chunks),
             ("D", got.downtime_s, want.downtime),
             ("U", got.uptime_s, want.uptime),
             ("T", got.total_s, want.total),
@@ -148,9 +153,9 @@ proptest! {
         // The fast path (search) agrees with the full prediction.
         let mut scratch = Scratch::default();
         let fast = if magic {
-            model.run(&mut scratch, None, Part::Units(sel.chunks), Post::Window, None).0
+            model.run(&mut scratch, None, Part::Units(sel.chunks), params.strategy(), Post::Window, None).0
         } else {
-            model.run(&mut scratch, Some(Part::Units(sel.pages)), Part::Units(sel.chunks), Post::Window, None).0
+            model.run(&mut scratch, Some(Part::Units(sel.pages)), Part::Units(sel.chunks), params.strategy(), Post::Window, None).0
         };
         prop_assert!(close(fast.delta_t, got.delta_t_s), "fast dT {} vs {}", fast.delta_t, got.delta_t_s);
         prop_assert!(close(fast.downtime, got.downtime_s));
@@ -721,9 +726,13 @@ fn random_small_profile(
         pages,
         chunks,
     };
+    // The classic freeze: this Monte Carlo draws the post-copy set's
+    // accesses, not which dirty pages a freeze leaves behind (the overflow
+    // has its own Monte Carlo below).
     let params = ModelParams {
         delta_t: dt,
         horizon: dt,
+        freeze: FreezePolicy::Classic,
         ..ModelParams::default()
     };
     let plan = (rng.unit() * 0.5, rng.unit() * 0.5);
@@ -902,4 +911,345 @@ fn single_class_guests_match_the_reviewers_simulation() {
             pred.delta_t_s
         );
     }
+}
+
+// The freeze's overflow.
+
+/// A guest whose hot set is rewritten faster than the link resends it:
+/// 10 000 pages, 1 000 written in every one of 10 one-second intervals
+/// (about 3 writes/s each), the rest read now and then; no disks.
+fn non_converging() -> ClassProfile {
+    let pages = [
+        vec![UnitCounters::rw(10, 10); 1000],
+        vec![UnitCounters::rw(2, 0); 9000],
+    ]
+    .concat();
+    ClassProfile::from_units(10, 1.0, 4096, 65536, 100_000, &pages, &[])
+}
+
+/// 10 Mbit/s, 5 ms.
+const SLOW: Link = Link {
+    bandwidth: 1.25e6,
+    rtt: 0.005,
+    wire: WireCost::ONE,
+};
+
+fn freeze_params(freeze: FreezePolicy, target: Option<f64>) -> ModelParams {
+    ModelParams {
+        downtime_target: target,
+        freeze,
+        ..ModelParams::default()
+    }
+}
+
+/// When the dirty set at the freeze misses the target, the overflow policy
+/// sends what fits (D within the target, the budget filled to within a
+/// page) and post-copies the rest, which the post-copy figures then carry
+/// (pushed first: U and the push bytes; faulted: P); the classic freeze of
+/// the same plan sends it all (D far over the target, nothing post-copied
+/// at M = 1). Both run the same pre-copy and split the same dirty set.
+#[test]
+fn an_overflowing_freeze_keeps_the_downtime_target() {
+    let p = non_converging();
+    let target = 0.3;
+    let classic_model = Model::new(&p, SLOW, freeze_params(FreezePolicy::Classic, Some(target)));
+    let model = Model::new(
+        &p,
+        SLOW,
+        freeze_params(FreezePolicy::Overflow, Some(target)),
+    );
+    let (classic_model, model) = (classic_model.unwrap(), model.unwrap());
+    for m in [1.0, 0.5, 0.2] {
+        let classic = classic_model.predict(m, 0.0);
+        let ov = model.predict(m, 0.0);
+        assert!(
+            classic.downtime_s > 2.0 * target && !classic.meets_downtime_limit,
+            "the test needs a dirty set that does not fit: {classic:?}"
+        );
+        assert_eq!(classic.overflow_bytes, 0.0);
+        assert_eq!(classic.overflow_pages, 0.0);
+        assert_eq!(classic.strategy.freeze, FreezePolicy::Classic);
+        // D keeps the target, and what fits fills it (within one page).
+        assert!(ov.meets_downtime_limit, "{ov:?}");
+        assert!(ov.downtime_s <= target, "D {} > {target}", ov.downtime_s);
+        let page = 4096.0 / SLOW.bandwidth;
+        assert!(
+            ov.downtime_s >= target - page,
+            "D {} wastes the budget",
+            ov.downtime_s
+        );
+        // The same pre-copy, the same dirty set, split.
+        assert_eq!(ov.rounds, classic.rounds);
+        assert_eq!(ov.precopy_s, classic.precopy_s);
+        assert!(close(
+            ov.remainder_bytes + ov.overflow_bytes,
+            classic.remainder_bytes
+        ));
+        assert!(ov.overflow_bytes > 0.0);
+        // The dirty pages minus those that fit the budget (within a page).
+        let fit = ((target - model.min_downtime()) * SLOW.bandwidth / 4096.0).floor();
+        let dirty = classic.remainder_bytes / 4096.0;
+        assert!(
+            (ov.overflow_pages - (dirty - fit)).abs() <= 1.0,
+            "{} pages overflow, {dirty} dirty, {fit} fit",
+            ov.overflow_pages
+        );
+        // The overflow is post-copied: pushed first, and faulted.
+        assert!(close(
+            ov.postcopy_bytes,
+            classic.postcopy_bytes + ov.overflow_bytes
+        ));
+        assert!(close(ov.uptime_s, ov.postcopy_bytes / SLOW.bandwidth));
+        assert!(close(
+            ov.total_s,
+            ov.precopy_s + ov.downtime_s + ov.uptime_s
+        ));
+        assert!(
+            ov.penalty_s > classic.penalty_s,
+            "{} vs {}",
+            ov.penalty_s,
+            classic.penalty_s
+        );
+        assert!(ov.expected_faults > classic.expected_faults + 100.0);
+        assert!(ov.window_stall_s > classic.window_stall_s);
+        if m == 1.0 {
+            // Classic pre-copy post-copies nothing.
+            assert_eq!(classic.postcopy_bytes, 0.0);
+            assert_eq!(classic.penalty_s, 0.0);
+            assert_eq!(classic.uptime_s, 0.0);
+        }
+        // Here the overflow wins: hot pages fetched on demand cost less
+        // than seconds of downtime.
+        assert!(ov.gamma > classic.gamma);
+    }
+}
+
+/// Where the dirty set fits the limit, the overflow policy is the classic
+/// freeze: the same prediction, figure for figure.
+#[test]
+fn the_overflow_policy_is_the_classic_freeze_when_everything_fits() {
+    let p = non_converging();
+    for target in [Some(10.0), None] {
+        let classic = Model::new(&p, SLOW, freeze_params(FreezePolicy::Classic, target)).unwrap();
+        let model = Model::new(&p, SLOW, freeze_params(FreezePolicy::Overflow, target)).unwrap();
+        for m in [1.0, 0.5, 0.0] {
+            let (a, mut b) = (classic.predict(m, 0.0), model.predict(m, 0.0));
+            assert!(a.meets_downtime_limit, "{a:?}");
+            assert_eq!(b.overflow_bytes, 0.0);
+            b.strategy.freeze = FreezePolicy::Classic;
+            assert_eq!(a, b, "target {target:?}, M = {m}");
+        }
+    }
+}
+
+/// The overflow leaves the freeze coldest first: with a hot and a warm
+/// written set both dirty at the freeze and an overflow smaller than the
+/// warm set's dirty bytes, every overflowed page is a warm one (the
+/// overflow's pages are exactly what the warm set alone must give up).
+#[test]
+fn the_overflow_is_the_coldest_dirty_pages() {
+    let pages = [
+        vec![UnitCounters::rw(10, 10); 400],
+        vec![UnitCounters::rw(7, 7); 400],
+        vec![UnitCounters::rw(1, 0); 5000],
+    ]
+    .concat();
+    let p = ClassProfile::from_units(10, 1.0, 4096, 65536, 100_000, &pages, &[]);
+    let link = Link {
+        bandwidth: 1.25e6,
+        rtt: 0.005,
+        wire: WireCost::ONE,
+    };
+    let classic = Model::new(&p, link, freeze_params(FreezePolicy::Classic, Some(0.3)))
+        .unwrap()
+        .predict(1.0, 0.0);
+    // A target that leaves room for every hot page and some warm ones.
+    let fixed = 100_000.0 / link.bandwidth + link.rtt;
+    let target = fixed + (classic.remainder_bytes * 0.75) / link.bandwidth;
+    let model = Model::new(
+        &p,
+        link,
+        freeze_params(FreezePolicy::Overflow, Some(target)),
+    )
+    .unwrap();
+    let ov = model.predict(1.0, 0.0);
+    assert!(ov.overflow_bytes > 0.0 && ov.downtime_s <= target);
+    // The warm class alone (its dirty probability from the same pre-copy,
+    // as the same model with the hot pages never written sees it) covers
+    // the overflow: the expected overflow pages are the warm class's units
+    // times its dirty probability, up to one unit.
+    let mut scratch = Scratch::default();
+    let sel = model.selection(1.0, 0.0);
+    model.run(
+        &mut scratch,
+        Some(Part::Units(sel.pages)),
+        Part::Units(sel.chunks),
+        model.params().strategy(),
+        Post::Window,
+        None,
+    );
+    let warm = model.kinds[0]
+        .classes
+        .iter()
+        .position(|c| c.key == UnitCounters::rw(7, 7))
+        .unwrap();
+    let hot = model.kinds[0]
+        .classes
+        .iter()
+        .position(|c| c.key == UnitCounters::rw(10, 10))
+        .unwrap();
+    assert!(hot < warm, "the hot class ranks first");
+    let phi = |i: usize| scratch.ov.phi[model.kinds[0].classes[i].group as usize];
+    assert!(
+        phi(hot) > 0.5 && phi(warm) > 0.5,
+        "{} {}",
+        phi(hot),
+        phi(warm)
+    );
+    let warm_dirty = 400.0 * phi(warm) * 4096.0;
+    assert!(
+        ov.overflow_bytes <= warm_dirty,
+        "{} > {warm_dirty}",
+        ov.overflow_bytes
+    );
+    assert!(close(ov.overflow_pages, ov.overflow_bytes / 4096.0));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// With the overflow policy, any plan keeps any downtime limit the
+    /// device state can meet (dirty pages and chunks alike leave the
+    /// freeze); its `D` never exceeds the classic freeze's, and equals it
+    /// (every figure does) whenever the classic freeze meets the limit.
+    #[test]
+    fn the_overflow_policy_keeps_every_reachable_limit(
+        p in unit_profile(),
+        (link, params) in params(),
+        m in 0.0f64..=1.0,
+        target in 0.0f64..1.0,
+    ) {
+        let classes = classes_of(&p);
+        let classic = ModelParams {
+            downtime_target: Some(target),
+            freeze: FreezePolicy::Classic,
+            ..params
+        };
+        let ov = ModelParams { freeze: FreezePolicy::Overflow, ..classic };
+        let a = Model::new(&classes, link, classic).unwrap().predict(m, 1.0);
+        let model = Model::new(&classes, link, ov).unwrap();
+        let b = model.predict(m, 1.0);
+        prop_assert!(b.downtime_s <= a.downtime_s * (1.0 + 1e-12));
+        if model.min_downtime() <= target {
+            prop_assert!(b.meets_downtime_limit, "{b:?}");
+        }
+        if a.meets_downtime_limit {
+            prop_assert_eq!(b.overflow_bytes, 0.0);
+            prop_assert_eq!(a.downtime_s, b.downtime_s);
+            prop_assert_eq!(a.penalty_s, b.penalty_s);
+            prop_assert_eq!(a.uptime_s, b.uptime_s);
+        } else if b.overflow_bytes > 0.0 {
+            prop_assert!(b.postcopy_bytes >= a.postcopy_bytes);
+            prop_assert!(close(b.postcopy_bytes, a.postcopy_bytes + b.overflow_bytes));
+        }
+    }
+}
+
+/// The class model equals the per-unit model where the overflow policy
+/// acts: random small guests under tight downtime targets (the property
+/// test above draws targets that rarely bind). Counts the cases in which
+/// the freeze overflowed, so that the comparison cannot pass vacuously.
+#[test]
+fn class_model_equals_per_unit_model_when_the_freeze_overflows() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    // Small guests, and larger ones whose written page classes outnumber
+    // the overflow's prefix-sum stride several times.
+    let larger = (8u32..=14).prop_flat_map(|n| {
+        (
+            Just(n),
+            prop::collection::vec(counters(n, false), 150..400),
+            prop::collection::vec(counters(n, true), 0..20),
+        )
+            .prop_map(|(samples, pages, chunks)| UnitProfile {
+                samples,
+                interval_s: 1.0,
+                page_size: 4096,
+                chunk_size: 65536,
+                state_bytes: 100_000,
+                pages,
+                chunks,
+            })
+    });
+    let strategy = (
+        prop_oneof![3 => unit_profile(), 1 => larger],
+        params(),
+        0.0f64..=1.0,
+        0.0f64..=1.0,
+        0.0f64..0.2,
+    );
+    let mut overflowed = 0;
+    let mut many_classes = 0;
+    let mut with_chunks = 0;
+    let cases = 3000;
+    for _ in 0..cases {
+        let (p, (link, params), m, s, target) = strategy.new_tree(&mut runner).unwrap().current();
+        let params = ModelParams {
+            downtime_target: Some(target),
+            freeze: FreezePolicy::Overflow,
+            ..params
+        };
+        let model = Model::new(&classes_of(&p), link, params).unwrap();
+        let sel = model.selection(m, s);
+        let got = model.predict_selection(sel, false);
+        let want = reference::predict(&p, link, &params, sel, false);
+        if got.overflow_chunks > 0.0 {
+            with_chunks += 1;
+        }
+        if got.overflow_bytes > 0.0 {
+            overflowed += 1;
+            let written = model.kinds[0]
+                .classes
+                .iter()
+                .filter(|c| c.key.w > 0)
+                .count();
+            if written > 3 * overflow::STRIDE {
+                many_classes += 1;
+            }
+        }
+        for (what, a, b) in [
+            ("remainder", got.remainder_bytes, want.remainder),
+            ("overflow", got.overflow_bytes, want.overflow),
+            ("overflow pages", got.overflow_pages, want.overflow_pages),
+            ("overflow chunks", got.overflow_chunks, want.overflow_chunks),
+            ("D", got.downtime_s, want.downtime),
+            ("U", got.uptime_s, want.uptime),
+            ("P", got.penalty_s, want.penalty),
+            ("faults", got.expected_faults, want.faults),
+            ("window", got.window_stall_s, want.window_stall),
+            ("gamma", got.gamma, want.gamma),
+        ] {
+            assert!(
+                close(a, b),
+                "{what}: class {a} vs unit {b} ({p:?}, {params:?}, {sel:?})"
+            );
+        }
+    }
+    eprintln!(
+        "the freeze overflowed in {overflowed} of {cases} cases, {with_chunks} with chunks, {many_classes} with over {} written page classes",
+        3 * overflow::STRIDE
+    );
+    assert!(
+        with_chunks >= 100,
+        "only {with_chunks} overflows hold chunks"
+    );
+    assert!(
+        overflowed >= cases / 10,
+        "only {overflowed} of {cases} cases overflowed"
+    );
+    assert!(
+        many_classes >= 50,
+        "only {many_classes} overflows over many classes"
+    );
 }

@@ -388,6 +388,20 @@ impl ClassProfile {
         self.pages.len() + self.chunks.len()
     }
 
+    /// The unscaled read rates `ell(0..=n)`, by read count, that
+    /// [`Model::new`](crate::model::Model::new) gives this profile's
+    /// populated pages: pooled across them with `pool`
+    /// ([`ModelParams::pool_reads`](crate::model::ModelParams::pool_reads)),
+    /// else each page's own. (Never-populated pages and chunks keep the
+    /// per-unit [`RateTable`](crate::model::rates::RateTable).)
+    pub fn page_read_rates(&self, pool: bool) -> Vec<f64> {
+        crate::model::page_read_rates(
+            self.samples,
+            self.pages.iter().map(|c| (c.key, c.count)),
+            pool,
+        )
+    }
+
     /// Checks the invariants (used on summaries read from JSON).
     pub fn validate(&self) -> Result<(), ClassProfileError> {
         let bad = |field, value: f64, reason| ClassProfileError::BadField {

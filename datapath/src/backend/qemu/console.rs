@@ -158,12 +158,30 @@ impl SerialLog {
             .count() as u64
     }
 
-    /// Every error the guest's checkers reported so far: the page
-    /// checker's, the disk checker's and sysbench's validation failures.
+    /// Every failure the guest reported so far, the figure that judges a
+    /// migrated guest: each checker's error count (the page checker's and
+    /// the disk checker's, the larger of the last heartbeat's `errors` and
+    /// the checker's error lines, so an error printed before its heartbeat
+    /// still counts), plus one for every other failure line (see
+    /// [`error_lines`](Self::error_lines): a checker that failed, sysbench's
+    /// validation failures, ext4 errors, stress-ng failures, a workload that
+    /// exited with an error, a kernel crash).
     pub fn checker_errors(&self) -> u64 {
-        self.last_heartbeat().map_or(0, |h| h.errors)
-            + self.last_disk_heartbeat().map_or(0, |h| h.errors)
-            + self.sysbench_failures()
+        let count =
+            |prefix: &str| self.lines.iter().filter(|l| l.starts_with(prefix)).count() as u64;
+        let pages = self
+            .last_heartbeat()
+            .map_or(0, |h| h.errors)
+            .max(count("PAGECHECK-ERROR "));
+        let disk = self
+            .last_disk_heartbeat()
+            .map_or(0, |h| h.errors)
+            .max(count("DISKCHECK-ERROR "));
+        let others = self
+            .error_lines()
+            .filter(|l| !l.starts_with("PAGECHECK-ERROR") && !l.starts_with("DISKCHECK-ERROR"))
+            .count() as u64;
+        pages + disk + others
     }
 
     /// The disk workloads the guest started (`WANMIG-DISK-WORKLOAD
@@ -181,20 +199,16 @@ impl SerialLog {
         self.disk_heartbeats.last().map(|&(_, h)| h)
     }
 
-    /// Lines reporting a checker error or a guest crash.
+    /// Lines reporting a failure: a checker's error or its failure
+    /// (`PAGECHECK-`, `DISKCHECK-`, `DISKSB-ERROR`, `DISKSB-FAILED`; the
+    /// checkers' `-ERROR-LIMIT` lines too), a damaged file system (`EXT4-fs
+    /// error`), stress-ng's failures and errors (`stress-ng: fail:`, its
+    /// `--verify` finding bad memory, and `stress-ng: error:`), a workload
+    /// that ended with an error (`WANMIG-WORKLOAD-EXIT`, `WANMIG-DISK-
+    /// WORKLOAD-EXIT` with `rc` not 0), or a kernel crash (`Kernel panic`,
+    /// `BUG:`, `Oops:`).
     pub fn error_lines(&self) -> impl Iterator<Item = &String> {
-        self.lines.iter().filter(|l| {
-            l.starts_with("PAGECHECK-ERROR")
-                || l.starts_with("DISKCHECK-ERROR")
-                || l.starts_with("DISKCHECK-FAILED")
-                || l.starts_with("PAGECHECK-FAILED")
-                || l.starts_with("DISKSB-ERROR")
-                || l.starts_with("DISKSB-FAILED")
-                || l.contains("EXT4-fs error")
-                || l.contains("Kernel panic")
-                || l.contains("BUG:")
-                || l.contains("Oops")
-        })
+        self.lines.iter().filter(|l| is_failure_line(l))
     }
 
     /// Waits until a line containing `marker` appears.
@@ -233,6 +247,42 @@ impl SerialLog {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Whether a console line reports a failure (see [`SerialLog::error_lines`]).
+fn is_failure_line(l: &str) -> bool {
+    const PREFIXES: [&str; 6] = [
+        "PAGECHECK-ERROR",
+        "PAGECHECK-FAILED",
+        "DISKCHECK-ERROR",
+        "DISKCHECK-FAILED",
+        "DISKSB-ERROR",
+        "DISKSB-FAILED",
+    ];
+    const ANYWHERE: [&str; 4] = [
+        "EXT4-fs error",
+        "Kernel panic",
+        "stress-ng: fail:",
+        "stress-ng: error:",
+    ];
+    PREFIXES.iter().any(|p| l.starts_with(p))
+        || ANYWHERE.iter().any(|w| l.contains(w))
+        || ["BUG:", "Oops:"].iter().any(|w| has_word(l, w))
+        || ((l.starts_with("WANMIG-WORKLOAD-EXIT ") || l.starts_with("WANMIG-DISK-WORKLOAD-EXIT "))
+            && l.split_whitespace()
+                .filter_map(|f| f.strip_prefix("rc="))
+                .any(|rc| rc != "0"))
+}
+
+/// Whether `word` occurs in `line` not preceded by a letter (`BUG:` in a
+/// kernel line, not in `DEBUG:`).
+fn has_word(line: &str, word: &str) -> bool {
+    line.match_indices(word).any(|(i, _)| {
+        !line[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+    })
 }
 
 #[cfg(test)]
@@ -284,5 +334,76 @@ mod tests {
         assert_eq!(log.last_heartbeat().unwrap().errors, 1);
         assert_eq!(log.error_lines().count(), 1);
         std::fs::remove_file(&p).unwrap();
+    }
+
+    /// A log holding `text`.
+    fn log_of(tag: &str, text: &str) -> SerialLog {
+        let p = std::env::temp_dir().join(format!("wanmig-serial-{tag}-{}", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        let mut log = SerialLog::new(&p);
+        log.poll().unwrap();
+        std::fs::remove_file(&p).unwrap();
+        log
+    }
+
+    #[test]
+    fn every_failure_line_the_guest_prints_counts_as_a_checker_error() {
+        let log = log_of(
+            "failures",
+            "WANMIG-GUEST-UP uptime=1\n\
+             HB 1 t=1 written=5 verified=6 errors=0 gen=1\n\
+             DHB 1 t=1 written=5 verified=6 errors=0 gen=1\n\
+             PAGECHECK-FAILED mlock: Cannot allocate memory\n\
+             DISKCHECK-FAILED read /dev/vda block 12: Input/output error\n\
+             DISKSB-ERROR FATAL: Validation failed on file test_file.1, offset 0x1000\n\
+             DISKSB-FAILED sysbench run stopped (rc 1)\n\
+             [   42.123456] EXT4-fs error (device vda): ext4_find_entry:1453: inode #2: comm ls: reading directory lblock 0\n\
+             stress-ng: fail:  [211] vm: detected 7 bit errors while stressing memory\n\
+             stress-ng: error: [212] vm: mmap failed\n\
+             WANMIG-WORKLOAD-EXIT name=stress-vm rc=2 uptime=80\n\
+             [   50.0] BUG: kernel NULL pointer dereference, address: 0000000000000000\n\
+             [   50.1] Oops: 0000 [#1] PREEMPT SMP\n\
+             [   50.2] Kernel panic - not syncing: Fatal exception\n",
+        );
+        assert_eq!(log.error_lines().count(), 11);
+        assert_eq!(log.checker_errors(), 11);
+
+        // Lines that report no failure.
+        let log = log_of(
+            "fine",
+            "HB 1 t=1 written=5 verified=6 errors=0 gen=1\n\
+             stress-ng: info:  [211] dispatching hogs: 1 vm\n\
+             stress-ng: info:  [211] successful run completed in 10.00s\n\
+             WANMIG-WORKLOAD-EXIT name=stress-vm rc=0 uptime=80\n\
+             WANMIG-DISK-WORKLOAD-EXIT mode=check rc=0 uptime=80\n\
+             DEBUG: nothing wrong\n\
+             PAGECHECK-START run=0123456789abcdef pages=4096 mib=16\n",
+        );
+        assert_eq!(log.error_lines().count(), 0, "{:?}", log.lines());
+        assert_eq!(log.checker_errors(), 0);
+    }
+
+    #[test]
+    fn checker_errors_count_once_whether_in_lines_or_heartbeats() {
+        // Two bad pages printed, the heartbeat counting them not read yet:
+        // they count.
+        let log = log_of(
+            "before-hb",
+            "HB 1 t=1 written=5 verified=6 errors=0 gen=1\n\
+             PAGECHECK-ERROR page=3 expected_gen=2 found=zero\n\
+             PAGECHECK-ERROR page=9 expected_gen=2 found=stale gen=1\n",
+        );
+        assert_eq!(log.checker_errors(), 2);
+        // The heartbeat counts more than the lines printed (the checker
+        // prints the first 20): the heartbeat's count, not the sum.
+        let log = log_of(
+            "limit",
+            "PAGECHECK-ERROR page=3 expected_gen=2 found=zero\n\
+             PAGECHECK-ERROR-LIMIT\n\
+             HB 2 t=2 written=5 verified=6 errors=25 gen=1\n\
+             DISKCHECK-ERROR page=7 expected_gen=1 found=corrupt\n\
+             DHB 2 t=2 written=5 verified=6 errors=1 gen=1\n",
+        );
+        assert_eq!(log.checker_errors(), 25 + 1);
     }
 }

@@ -255,6 +255,13 @@ pub struct NativeLaunch<'a> {
     pub disk_images: &'a [PathBuf],
     /// Wait for an incoming migration, paused.
     pub incoming: bool,
+    /// Empty, or one qcow2 overlay per disk (made beforehand, no backing
+    /// file of its own): the guest's device then writes into the overlay
+    /// (node `wmover{i}`, backed by the raw node `wmdisk{i}`, which stays
+    /// writable for an NBD export beneath it). The raw image keeps what
+    /// arrived before the guest ran here: a snapshot at the resume that
+    /// costs the migration nothing.
+    pub overlays: &'a [PathBuf],
 }
 
 /// The QEMU arguments of disk `i` as a raw image file QEMU opens itself:
@@ -270,6 +277,31 @@ pub fn native_disk_args(i: usize, image: &Path) -> [String; 6] {
         format!("driver=raw,file=wmfile{i},node-name=wmdisk{i}"),
         "-device".into(),
         format!("virtio-blk-pci,drive=wmdisk{i},id=wmvd{i}"),
+    ]
+}
+
+/// The QEMU arguments of disk `i` as raw image `image` under qcow2 overlay
+/// `overlay`: the device (`wmvd{i}`, sharing writes so that the raw node
+/// beneath may be written too) on overlay node `wmover{i}`, whose backing is
+/// the raw node `wmdisk{i}`.
+pub fn native_overlaid_disk_args(i: usize, image: &Path, overlay: &Path) -> [String; 10] {
+    [
+        "-blockdev".into(),
+        format!(
+            "driver=file,filename={},node-name=wmfile{i}",
+            image.display()
+        ),
+        "-blockdev".into(),
+        format!("driver=raw,file=wmfile{i},node-name=wmdisk{i}"),
+        "-blockdev".into(),
+        format!(
+            "driver=file,filename={},node-name=wmoverfile{i}",
+            overlay.display()
+        ),
+        "-blockdev".into(),
+        format!("driver=qcow2,file=wmoverfile{i},backing=wmdisk{i},node-name=wmover{i}"),
+        "-device".into(),
+        format!("virtio-blk-pci,drive=wmover{i},id=wmvd{i},share-rw=on"),
     ]
 }
 
@@ -340,7 +372,10 @@ impl QemuProcess {
             .arg(guest.memory_mib.to_string())
             .args(["-machine", "pc"]);
         for (i, image) in launch.disk_images.iter().enumerate() {
-            cmd.args(native_disk_args(i, image));
+            match launch.overlays.get(i) {
+                Some(overlay) => cmd.args(native_overlaid_disk_args(i, image, overlay)),
+                None => cmd.args(native_disk_args(i, image)),
+            };
         }
         if launch.incoming {
             cmd.args(["-incoming", "defer", "-S"]);

@@ -22,7 +22,7 @@ pub use console::{Heartbeat, SerialLog};
 pub use dest::{QemuDest, UffdInstaller};
 pub use launch::{
     DEFAULT_GUEST_DIR, DiskSpec, GuestSpec, LaunchError, NativeLaunch, QemuPaths, QemuProcess,
-    disk_args, locate_preload, native_disk_args,
+    disk_args, locate_preload, native_disk_args, native_overlaid_disk_args,
 };
 pub use registration::{Registration, RegistrationFailure, RegistrationListener};
 pub use source::QemuSource;
