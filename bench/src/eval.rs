@@ -906,9 +906,12 @@ fn workload_result(
         .iter()
         .map(|(k, m)| (k.clone(), m.gamma_spread))
         .collect();
+    // Every run that completed held its integrity (one that did not
+    // complete failed, and counts as Gamma 0, but corrupted nothing seen).
     let intact = modes
         .values()
-        .all(|m| !m.failed || m.runs.iter().all(|r| r.integrity.is_none_or(|i| i.holds())));
+        .flat_map(|m| &m.runs)
+        .all(|r| r.integrity.is_none_or(|i| i.holds()));
     let gamma_regret = regret(&gamma);
     let rec = recovered(&gamma);
     WorkloadResult {

@@ -264,9 +264,9 @@ pub struct NativeLaunch<'a> {
     pub overlays: &'a [PathBuf],
 }
 
-/// The QEMU arguments of disk `i` as a raw image file QEMU opens itself:
-/// the same device and node names as [`disk_args`].
-pub fn native_disk_args(i: usize, image: &Path) -> [String; 6] {
+/// The `-blockdev` arguments of disk `i`'s raw image `image`: file node
+/// `wmfile{i}` under raw node `wmdisk{i}`.
+fn raw_blockdev_args(i: usize, image: &Path) -> [String; 4] {
     [
         "-blockdev".into(),
         format!(
@@ -275,24 +275,27 @@ pub fn native_disk_args(i: usize, image: &Path) -> [String; 6] {
         ),
         "-blockdev".into(),
         format!("driver=raw,file=wmfile{i},node-name=wmdisk{i}"),
+    ]
+}
+
+/// The QEMU arguments of disk `i` as a raw image file QEMU opens itself:
+/// the same device and node names as [`disk_args`].
+pub fn native_disk_args(i: usize, image: &Path) -> Vec<String> {
+    let mut args = raw_blockdev_args(i, image).to_vec();
+    args.extend([
         "-device".into(),
         format!("virtio-blk-pci,drive=wmdisk{i},id=wmvd{i}"),
-    ]
+    ]);
+    args
 }
 
 /// The QEMU arguments of disk `i` as raw image `image` under qcow2 overlay
 /// `overlay`: the device (`wmvd{i}`, sharing writes so that the raw node
 /// beneath may be written too) on overlay node `wmover{i}`, whose backing is
 /// the raw node `wmdisk{i}`.
-pub fn native_overlaid_disk_args(i: usize, image: &Path, overlay: &Path) -> [String; 10] {
-    [
-        "-blockdev".into(),
-        format!(
-            "driver=file,filename={},node-name=wmfile{i}",
-            image.display()
-        ),
-        "-blockdev".into(),
-        format!("driver=raw,file=wmfile{i},node-name=wmdisk{i}"),
+pub fn native_overlaid_disk_args(i: usize, image: &Path, overlay: &Path) -> Vec<String> {
+    let mut args = raw_blockdev_args(i, image).to_vec();
+    args.extend([
         "-blockdev".into(),
         format!(
             "driver=file,filename={},node-name=wmoverfile{i}",
@@ -302,7 +305,8 @@ pub fn native_overlaid_disk_args(i: usize, image: &Path, overlay: &Path) -> [Str
         format!("driver=qcow2,file=wmoverfile{i},backing=wmdisk{i},node-name=wmover{i}"),
         "-device".into(),
         format!("virtio-blk-pci,drive=wmover{i},id=wmvd{i},share-rw=on"),
-    ]
+    ]);
+    args
 }
 
 /// A running QEMU: started here (killed when dropped), or attached to
