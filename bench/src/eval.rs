@@ -676,6 +676,7 @@ fn wanmig_run(
     o: &EvalOptions,
     w: &Workload,
     mode: &str,
+    k: u32,
     wan: &Wan,
     sample: bool,
 ) -> Result<(RunResult, Option<(MigrationReport, timeline::WanSamples)>), EvalError> {
@@ -724,7 +725,18 @@ fn wanmig_run(
     };
     let r = out.report.clone();
     out.cleanup();
-    let mut run = RunResult::completed(r.measured, ModeIntegrity::of_wanmig(&r), String::new());
+    // The engines' whole report, to read a figure's cause afterwards.
+    let kept = o
+        .dir
+        .join(format!("{}-{mode}-{}.report.json", w.name, k + 1));
+    let note = match serde_json::to_vec_pretty(&r)
+        .map_err(std::io::Error::other)
+        .and_then(|json| std::fs::write(&kept, json))
+    {
+        Ok(()) => String::new(),
+        Err(e) => format!("report not kept ({}: {e})", kept.display()),
+    };
+    let mut run = RunResult::completed(r.measured, ModeIntegrity::of_wanmig(&r), note);
     run.plan = Some(PlanMs {
         m: r.plan.m,
         s: r.plan.s,
@@ -807,7 +819,7 @@ pub fn run(o: &EvalOptions) -> Result<EvalReport, EvalError> {
                     && o.plot_workload.as_deref() == Some(&w.name)
                     && timeline.is_none()
                     && plots.is_empty();
-                let (run, sampled) = wanmig_run(o, w, mode, &wan, plotted)?;
+                let (run, sampled) = wanmig_run(o, w, mode, k, &wan, plotted)?;
                 progress(&w.name, mode, k, repeat, &run);
                 if let Some((r, samples)) = sampled.filter(|_| !run.failed) {
                     let (t, p) = plot(o, w, &r, &samples).map_err(|message| EvalError::Plot {
