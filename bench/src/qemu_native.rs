@@ -320,6 +320,16 @@ impl Side {
         self.qmp("query-migrate", QmpClient::query_migrate)
     }
 
+    /// QEMU's migration ended badly on this side: the error, with QEMU's
+    /// own description.
+    fn migration_failure(&mut self) -> Result<QemuRunError, QemuRunError> {
+        let info = self.query_migrate()?;
+        Ok(QemuRunError::Migration {
+            status: info.status,
+            desc: info.error_desc.unwrap_or_default(),
+        })
+    }
+
     /// Keeps the events this module reads that came so far.
     fn drain(&mut self) {
         let new = self.qemu.qmp().take_events();
@@ -376,6 +386,11 @@ impl Side {
     fn migration_event(&self, status: &str) -> Option<SystemTime> {
         self.event_time("MIGRATION", |d| d["status"] == status)
     }
+}
+
+/// A `MIGRATION` event saying the migration failed or was cancelled.
+fn ended_badly(e: &QmpEvent) -> bool {
+    e.name == "MIGRATION" && matches!(e.data["status"].as_str(), Some("failed" | "cancelled"))
 }
 
 /// The events this module reads (the mirror's job-status flood is left
@@ -677,13 +692,7 @@ fn migrate(
                 src.execute("migrate-start-postcopy", Value::Null)?;
                 postcopy_after_s = Some(migrate_at.elapsed().as_secs_f64());
             }
-            Some(e) if matches!(e.data["status"].as_str(), Some("failed" | "cancelled")) => {
-                let info = src.query_migrate()?;
-                return Err(QemuRunError::Migration {
-                    status: info.status,
-                    desc: info.error_desc.unwrap_or_default(),
-                });
-            }
+            Some(e) if ended_badly(&e) => return Err(src.migration_failure()?),
             Some(_) => break,
         }
     }
@@ -692,15 +701,11 @@ fn migrate(
     // migration completed. Post-copy: at once (`cont` while the device
     // state is still loading starts the guest as soon as it is loaded).
     if !run.mode.uses_postcopy() {
-        dst.wait_for(LONG_WAIT, "the destination's MIGRATION completed", |e| {
+        let e = dst.wait_for(LONG_WAIT, "the destination's MIGRATION completed", |e| {
             switched_over(e, false)
         })?;
-        if dst.migration_event("failed").is_some() {
-            let info = dst.query_migrate()?;
-            return Err(QemuRunError::Migration {
-                status: info.status,
-                desc: info.error_desc.unwrap_or_default(),
-            });
+        if ended_badly(&e) {
+            return Err(dst.migration_failure()?);
         }
     }
     if disks > 0 {

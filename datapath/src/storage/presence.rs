@@ -178,29 +178,26 @@ impl BlockPresence {
 
     /// Marks `b` present (its bytes are in the image); true if it was not.
     pub fn set_present(&self, b: u64) -> bool {
-        let was = self.states[b as usize].swap(BlockState::Present as u8, Ordering::AcqRel);
-        if was != BlockState::Present as u8 {
-            self.dirty
-                .lock()
-                .expect("presence lock")
-                .insert(b as usize / 8 / BITMAP_PAGE);
-            true
-        } else {
-            false
-        }
+        self.set_state(b, BlockState::Present) != BlockState::Present as u8
     }
 
     /// Marks `b` absent again (before the guest runs: the source's copy
     /// here went stale and the chunk is post-copied); true if it was present.
     pub fn set_absent(&self, b: u64) -> bool {
-        let was = self.states[b as usize].swap(BlockState::Absent as u8, Ordering::AcqRel);
-        if was != BlockState::Absent as u8 {
+        self.set_state(b, BlockState::Absent) == BlockState::Present as u8
+    }
+
+    /// Sets `b` to `state`, marking its bitmap page for the next save if the
+    /// state changed; returns the state it had.
+    fn set_state(&self, b: u64, state: BlockState) -> u8 {
+        let was = self.states[b as usize].swap(state as u8, Ordering::AcqRel);
+        if was != state as u8 {
             self.dirty
                 .lock()
                 .expect("presence lock")
                 .insert(b as usize / 8 / BITMAP_PAGE);
         }
-        was == BlockState::Present as u8
+        was
     }
 
     /// Blocks not present.
