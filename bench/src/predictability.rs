@@ -10,12 +10,13 @@
 //!   rate `ell(k) / tau`, its own count and nothing else;
 //! - **the planner's** ([`PlannerPredictability`]): the rates the planner's
 //!   model uses for fault probabilities, taken from the planner's own code
-//!   ([`ClassProfile::page_read_rates`]): populated pages' read rates pooled
-//!   across the guest ([`ModelParams::pool_reads`], the default), so a page
-//!   the profile never saw read keeps a small rate; writes scaled by
+//!   ([`ClassProfile::read_rates`]): populated pages' read rates pooled
+//!   across the guest's pages and populated chunks' across its chunks
+//!   ([`ModelParams::pool_reads`], the default), so a unit the profile never
+//!   saw read keeps a small rate; writes scaled by
 //!   [`ModelParams::write_scale`] (1 by default); never-populated pages and
-//!   chunks read at their own `ell(k) / tau`. Only memory reads differ from
-//!   the per-unit predictor under the default parameters. (The planner's
+//!   chunks read at their own `ell(k) / tau`. Only reads differ from the
+//!   per-unit predictor under the default parameters. (The planner's
 //!   *ranking* is by the per-unit counters whatever the pooling; the pooled
 //!   rates decide how often the pages left to post-copy fault.)
 //!
@@ -206,12 +207,13 @@ pub fn compare_with(
         path: predicting.display().to_string(),
         message: e.to_string(),
     })?;
-    let page_reads = classes.page_read_rates(params.pool_reads);
+    let reads = [Kind::Page, Kind::Chunk].map(|k| classes.read_rates(k, params.pool_reads));
     let own = RateTable::new(n);
     let planner_read = |kind: Kind, c: &UnitCounters| {
-        within(match kind {
-            Kind::Page if !c.zero => page_reads[c.r.min(n) as usize],
-            _ => own.ell(c.r),
+        within(if c.zero {
+            own.ell(c.r)
+        } else {
+            reads[usize::from(kind == Kind::Chunk)][c.r.min(n) as usize]
         })
     };
     let planner_write = |c: &UnitCounters| within(own.ell(c.w) * params.write_scale);
@@ -491,10 +493,10 @@ mod tests {
         // populated page likely read within the horizon (H / tau = 80),
         // while its own count gives it rate 0.
         let classes = ClassProfile::from_profile(&Profile::open(&a).unwrap()).unwrap();
-        let pooled = classes.page_read_rates(true);
+        let pooled = classes.read_rates(Kind::Page, true);
         assert!(ModelParams::default().pool_reads, "the planner pools");
         assert!(p_any(pooled[0] * 80.0) >= 0.5, "{pooled:?}");
-        assert_eq!(classes.page_read_rates(false)[0], 0.0);
+        assert_eq!(classes.read_rates(Kind::Page, false)[0], 0.0);
 
         let t = compare(&a, &b).unwrap();
         // Per unit: pages 0..4 predicted (0, 1 read; 2, 3 not); of the
@@ -520,10 +522,29 @@ mod tests {
             }
         );
         assert_eq!(t.planner.memory_read.accuracy, 8.0 / 21.0);
-        // Writes and chunks are not pooled: the same tables.
+        // Writes are not pooled: the same tables.
         assert_eq!(t.planner.memory_write, t.memory_write);
-        assert_eq!(t.planner.storage_read, t.storage_read);
         assert_eq!(t.planner.storage_write, t.storage_write);
+        // Chunks' reads are pooled across the chunks: chunk 1, never seen
+        // read, is predicted read beside chunk 0 (neither was).
+        assert_eq!(
+            t.storage_read.unwrap().table,
+            Confusion {
+                predicted_and_accessed: 0,
+                predicted_not_accessed: 1,
+                accessed_not_predicted: 0,
+                neither: 1
+            }
+        );
+        assert_eq!(
+            t.planner.storage_read.unwrap().table,
+            Confusion {
+                predicted_and_accessed: 0,
+                predicted_not_accessed: 2,
+                accessed_not_predicted: 0,
+                neither: 0
+            }
+        );
         assert_eq!(t.memory_write.table.predicted_and_accessed, 2);
         assert_eq!(t.memory_write.table.predicted_not_accessed, 2);
 

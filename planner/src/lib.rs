@@ -95,9 +95,10 @@
 //!
 //! **Pre-copy rounds** ([`model::precopy`]). Round 0 sends the whole set
 //! (zero/never-populated units as a flag: 0 bytes). With `x_w` the set's bytes
-//! of write rate `lambda_w` and `s_w` the bytes sent in round `k` (length
-//! `t_k = bytes_k / B`), the bytes dirty at its end are
-//! `d_w = s_w (1 - (1 - e^{-lambda t}) / (lambda t)) + (x_w - s_w)(1 - e^{-lambda t})`
+//! of write rate `lambda_w`, round `k` (length `t_k = bytes_k / B`) leaves
+//! `d_w = x_w (1 - e^{-lambda t})` bytes dirty, every unit written at any
+//! time during it (the engine collects its dirty log once per round, so a
+//! unit written before its own send in the round is resent all the same),
 //! and round `k + 1` sends `d_w`. Memory and storage share the rounds and `B`.
 //! Only `w` matters, so the state is one number per distinct `w`. Stop after
 //! round `k` when: nothing is dirty (`Clean`); or the freeze time meets the
@@ -150,10 +151,11 @@
 //! (`lambda_a = lambda_r + lambda_w` for pages, `lambda_r + lambda_w (1 -
 //! o/w)` for chunks: whole-block overwrites never fetch); it faults iff the
 //! unit has not arrived by then in **wall** time, `W(t_u) < A_u`, and each
-//! fault stalls the guest `RTT + unit c(k, written) / B`. The push goes on while the
+//! fault stalls the guest `2 RTT + unit c(k, written) / B` (one round trip of
+//! bulk data queued ahead of the reply: [`model::FAULT_QUEUE_RTTS`]). The push goes on while the
 //! guest stalls, so a stalled guest finds more units present when it
 //! resumes. In expectation (mean field),
-//! `dS/dt = sum over units not arrived by W(t) of q lambda_a e^{-lambda_a t} (RTT + unit / B)`,
+//! `dS/dt = sum over units not arrived by W(t) of q lambda_a e^{-lambda_a t} stall`,
 //! integrated over a fixed work-time grid (geometric, ratio <= 1.3, from
 //! `min(1e-4 dT, 0.01 / lambda_max)` to `dT` (~36 steps), then on to the
 //! push time of everything, beyond which all units have arrived) with a

@@ -1,18 +1,18 @@
 """Independent reference for tests/golden.rs: the planner's documented model
 (model.md + the crate docs) written from the documentation, not from the Rust
 code. Derived from the reviewer's ref.py (first-order model) with the documented
-changes: exact integer ranking, the B-independent converged threshold, and
+changes: exact integer ranking, the B-independent converged threshold,
 post-copy stalls integrated in wall-clock time on the documented work-time grid
-with the predictor-corrector step.
+with the predictor-corrector step, a round resending every unit written during
+it (the engine's dirty log is collected once per round), and a fault stalling
+two round trips (one of bulk data queued ahead of the reply) plus the unit's
+transmission.
 
 Run: python3 tests/golden_ref.py   (prints the tiny.wmp and tie.wmp figures)"""
 import math
 def ell(k,n):
     k=min(k,n-0.5); return -math.log(1-k/n)
 def p_any(x): return -math.expm1(-x)
-def p_redirty(x):
-    if x<=0: return 0.0
-    return (x+math.expm1(-x))/x
 def grid(dT, lam_max, u_max):
     t=[0.0]
     if lam_max>0:
@@ -49,7 +49,7 @@ def model(n,tau,pages,chunks,state,B,rtt,M,S,dT=20.0,target=None,maxr=30,shrink=
         t=byts/B; Tpre+=t; rem=0
         for j,u in enumerate(setu):
             x=u['lw']*t
-            d=sent[j]*p_redirty(x)+(u['size']-sent[j])*p_any(x)
+            d=u['size']*p_any(x)
             sent[j]=d; rem+=d
         rounds.append((byts,t,rem))
         if rem<=0 or (target is not None and rem/B+fixed<=target) or rem<=conv_bytes or rem>=(1-shrink)*byts or k+1>=maxr: break
@@ -63,7 +63,7 @@ def model(n,tau,pages,chunks,state,B,rtt,M,S,dT=20.0,target=None,maxr=30,shrink=
     for u in rest:
         q=p_any(u['lw']*Tpre) if u['z'] else 1.0
         pushed+=q*u['size']
-        arr.append((pushed,q,u['la'],rtt+u['size']/B))
+        arr.append((pushed,q,u['la'],2*rtt+u['size']/B))
     def absent(x,k):
         st=0.0; fl=0.0
         for (a,q,la,s) in arr:

@@ -121,8 +121,9 @@ struct ModelArgs {
     /// Grid worker threads (default: available CPUs).
     #[arg(long)]
     threads: Option<usize>,
-    /// Use each page's own read count, not read rates pooled across the
-    /// guest (a page never seen read then never faults in the model).
+    /// Use each page's and chunk's own read count, not read rates pooled
+    /// across the guest's pages and across its chunks (a unit never seen
+    /// read then never faults in the model).
     #[arg(long)]
     per_page_reads: bool,
     /// How units compress on the wire, as `wanmig profile` reports it: unit

@@ -40,6 +40,16 @@ pub const GRID_STEPS: usize = 100;
 /// The shortest profile interval `tau` the model accepts (seconds).
 pub const MIN_INTERVAL_S: f64 = 1e-9;
 
+/// Bulk data queued at the bottleneck ahead of a fault's reply while the
+/// post-copy push runs, in round trips. The engine paces its bulk
+/// connection to `gain x BDP` in flight (`gain` 2, `wanmig_datapath`'s
+/// `PacingConfig`), so about one BDP waits in the bottleneck queue, one
+/// round trip's worth at the link's rate: a fault's reply queues behind it.
+/// On the emulated 40 Mbit/s, 5 ms WAN a page fault measured 10 ms from
+/// request to arrival during the push (25 serial faults per 250 ms),
+/// against the 5.8 ms of round trip and transmission alone.
+pub const FAULT_QUEUE_RTTS: f64 = 1.0;
+
 /// The migration link.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Link {
@@ -135,6 +145,14 @@ impl Link {
         }
     }
 
+    /// How long a post-copy fault stalls the guest when its reply carries
+    /// `bytes` link bytes: the round trip, the bulk data queued ahead of
+    /// the reply at the bottleneck ([`FAULT_QUEUE_RTTS`] round trips), and
+    /// the reply's own transmission.
+    pub fn fault_stall(&self, bytes: f64) -> f64 {
+        self.rtt * (1.0 + FAULT_QUEUE_RTTS) + bytes / self.bandwidth
+    }
+
     /// This link with its bandwidth scaled by `factor` (a measured rate
     /// against the planned one); the wire costs stay.
     pub fn scaled(self, factor: f64) -> Link {
@@ -192,9 +210,11 @@ pub struct ModelParams {
     pub state_bytes: Option<u64>,
     /// Search objective.
     pub policy: Policy,
-    /// Pool the pages' read rates across the guest
-    /// ([`rates::pooled_read_rates`]; default true): a page the profile
-    /// never saw read keeps a small rate. Off: each page's own count.
+    /// Pool the read rates across the guest, pages with pages and chunks
+    /// with chunks ([`rates::pooled_read_rates`]; default true): a unit the
+    /// profile never saw read keeps a small rate (a random reader, such as
+    /// a database over its file, reads far more chunks after the resume than
+    /// a few seconds of profile saw). Off: each unit's own count.
     #[serde(default = "pool_reads_default")]
     pub pool_reads: bool,
     /// What the freeze does with a dirty remainder that does not fit the
@@ -208,14 +228,15 @@ fn pool_reads_default() -> bool {
     true
 }
 
-/// The unscaled read rates `ell(0..=n)` of populated pages: pooled over
-/// them ([`rates::pooled_read_rates`]) with `pool`, else each page's own.
-pub(crate) fn page_read_rates(
+/// The unscaled read rates `ell(0..=n)` of one kind's populated units
+/// (pages, or chunks): pooled over them ([`rates::pooled_read_rates`])
+/// with `pool`, else each unit's own.
+pub(crate) fn read_rates(
     n: u32,
-    pages: impl Iterator<Item = (UnitCounters, u64)>,
+    units: impl Iterator<Item = (UnitCounters, u64)>,
     pool: bool,
 ) -> Vec<f64> {
-    let counts = pages.filter(|(k, _)| !k.zero).map(|(k, m)| (k.r, m));
+    let counts = units.filter(|(k, _)| !k.zero).map(|(k, m)| (k.r, m));
     if pool {
         rates::pooled_read_rates(n, counts)
     } else {
@@ -468,7 +489,7 @@ pub(crate) const NO_GROUP: u32 = u32::MAX;
 #[derive(Debug, Clone)]
 pub(crate) struct KindModel {
     pub total: u64,
-    /// `RTT + unit x written cost / B`.
+    /// [`Link::fault_stall`] of one unit at its written cost.
     pub stall: f64,
     /// Classes in rank order.
     pub classes: Vec<RClass>,
@@ -582,7 +603,8 @@ impl Front {
 pub struct Scratch {
     x: Vec<f64>,
     groups: Vec<Group>,
-    sent: Vec<f64>,
+    /// Each write group's dirty link bytes when pre-copy stops.
+    dirty: Vec<f64>,
     zeros: Vec<ZeroRest>,
     ov: Overflow,
 }
@@ -827,13 +849,19 @@ impl Model {
             .flat_map(|(&kind, ws)| ws.iter().map(move |_| 1.0 / link.wire.of(kind, true)))
             .collect();
         let groups = group_lambda.len();
-        let page_reads = page_read_rates(
+        let page_reads = read_rates(
             profile.samples,
             profile.pages.iter().map(|c| (c.key, c.count)),
             p.pool_reads,
         );
+        let chunk_reads = read_rates(
+            profile.samples,
+            profile.chunks.iter().map(|c| (c.key, c.count)),
+            p.pool_reads,
+        );
         let lam_r = |kind: Kind, k: UnitCounters| match kind {
             Kind::Page if !k.zero => page_reads[k.r.min(profile.samples) as usize] / tau,
+            Kind::Chunk if !k.zero => chunk_reads[k.r.min(profile.samples) as usize] / tau,
             _ => lam(k.r),
         };
 
@@ -922,7 +950,7 @@ impl Model {
 
         let build = |kind: Kind, classes: Vec<RClass>, cum: Vec<u64>| -> KindModel {
             let unit = profile.unit_size(kind) as f64;
-            let stall = link.rtt + unit * link.wire.of(kind, true) / b;
+            let stall = link.fault_stall(unit * link.wire.of(kind, true));
             let mut cum_bytes = Vec::with_capacity(classes.len() + 1);
             cum_bytes.push(0.0);
             for c in &classes {
@@ -1175,7 +1203,7 @@ impl Model {
     ) -> (Evaluation, Option<Full>) {
         let round0 = self.load_groups(scratch, mem, sto);
         let link = self.precopy_link(strategy.max_rounds);
-        let pre = precopy::run(&scratch.groups, round0, &link, &mut scratch.sent, rounds);
+        let pre = precopy::run(&scratch.groups, round0, &link, &mut scratch.dirty, rounds);
         let cursor = |kind: Kind, part: Option<Part>| {
             part.map(|p| self.kind(kind).boundary_of(self.units(kind, p)))
         };
@@ -1261,7 +1289,7 @@ impl Model {
         let ov = &mut scratch.ov;
         ov.phi.clear();
         ov.phi.resize(self.group_lambda.len(), 0.0);
-        for (g, &d) in scratch.groups.iter().zip(&scratch.sent) {
+        for (g, &d) in scratch.groups.iter().zip(&scratch.dirty) {
             ov.phi[g.id as usize] = d / g.bytes;
         }
         // The dirty units hottest first while they fit; the coldest leave.
@@ -1737,30 +1765,19 @@ impl Model {
         }
     }
 
-    /// The model side of the engine's dirty telemetry for round `round` of
-    /// plan `sel`: what that round sent, as a function of its duration.
-    pub fn round_dirty(&self, sel: Selection, round: u32) -> RoundDirty {
-        self.round_dirty_with(sel, round, self.params.strategy())
-    }
-
-    /// [`Model::round_dirty`] for a plan under `strategy` (its round limit).
-    pub fn round_dirty_with(
-        &self,
-        sel: Selection,
-        round: u32,
-        strategy: PlanStrategy,
-    ) -> RoundDirty {
+    /// The model side of the engine's dirty telemetry for plan `sel`: what
+    /// one round dirties as a function of its duration (any round: the
+    /// engine resends whatever was written during the round, see
+    /// [`precopy`]).
+    pub fn round_dirty(&self, sel: Selection) -> RoundDirty {
         let mut scratch = Scratch::default();
-        let round0 = self.load_groups(
+        self.load_groups(
             &mut scratch,
             Some(Part::Units(sel.pages)),
             Part::Units(sel.chunks),
         );
-        let link = self.precopy_link(strategy.max_rounds);
-        let sent = precopy::sent_in_round(&scratch.groups, round0, &link, round);
         RoundDirty {
             groups: scratch.groups,
-            sent,
         }
     }
 }

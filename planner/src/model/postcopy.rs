@@ -27,8 +27,9 @@
 //! A unit's first access comes at work time `t_u ~ Exp(lambda_a)` (`lambda_a
 //! = lambda_r + lambda_w` for pages, `lambda_r + lambda_w (1 - o/w)` for
 //! chunks); it faults iff the unit has not arrived by then in **wall**
-//! time, `W(t_u) < A_u`, and each fault stalls the guest `stall = RTT +
-//! unit c / B` (`c` the kind's cost for written units). In expectation (mean field: `S` replaced by its mean),
+//! time, `W(t_u) < A_u`, and each fault stalls the guest `stall =
+//! [Link::fault_stall](super::Link::fault_stall)(unit c)` (`2 RTT + unit c
+//! / B`, `c` the kind's cost for written units). In expectation (mean field: `S` replaced by its mean),
 //!
 //! ```text
 //! dS/dt = sum over units u not arrived by W(t) of  q_u lambda_u e^{-lambda_u t} stall_u

@@ -196,41 +196,6 @@ pub fn p_any(x: f64) -> f64 {
     -(-x).exp_m1()
 }
 
-/// Probability that a unit sent at a uniformly random point of a round of
-/// length `t` is written again before the round ends, with `x = lambda * t`:
-/// `1 - (1 - exp(-x)) / x`, computed without cancellation for small `x`.
-#[inline]
-pub fn p_redirty(x: f64) -> f64 {
-    if x <= 0.0 {
-        0.0
-    } else if x < 1e-4 {
-        // x/2 - x^2/6 + x^3/24: truncation error below 1e-17 relative here.
-        x * (0.5 - x * (1.0 / 6.0 - x / 24.0))
-    } else {
-        (x + (-x).exp_m1()) / x
-    }
-}
-
-/// `(p_redirty(x), p_any(x))` with one `exp_m1`, or none for `x < 1e-3`
-/// (Taylor series to `x^5`: truncation below `1e-15` relative there);
-/// equal to calling both to within `1e-15` relative.
-#[inline]
-pub fn redirty_and_any(x: f64) -> (f64, f64) {
-    if x <= 0.0 {
-        return (0.0, 0.0);
-    }
-    if x < 1e-3 {
-        // 1 - e^{-x} = x - x^2/2 + x^3/6 - x^4/24 + x^5/120
-        // 1 - (1 - e^{-x})/x = x/2 - x^2/6 + x^3/24 - x^4/120 + x^5/720
-        let any = x * (1.0 - x * (0.5 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x / 120.0))));
-        let redirty =
-            x * (0.5 - x * (1.0 / 6.0 - x * (1.0 / 24.0 - x * (1.0 / 120.0 - x / 720.0))));
-        return (redirty, any);
-    }
-    let e = (-x).exp_m1();
-    ((x + e) / x, -e)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,28 +323,8 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_pair_matches_the_separate_functions() {
-        for x in [
-            1e-12f64, 1e-9, 1e-6, 5e-4, 9.99e-4, 1e-3, 0.01, 0.5, 3.0, 60.0,
-        ] {
-            let (r, a) = redirty_and_any(x);
-            assert!((r - p_redirty(x)).abs() <= 1e-11 * p_redirty(x), "{x}");
-            assert!((a - p_any(x)).abs() <= 1e-14 * p_any(x), "{x}");
-        }
-        assert_eq!(redirty_and_any(0.0), (0.0, 0.0));
-    }
-
-    #[test]
-    fn redirty_probability_is_smooth_at_zero() {
-        for x in [1e-9f64, 1e-6, 9.9e-5, 1e-4, 1e-3, 0.1, 1.0, 50.0] {
-            let direct = 1.0 - (1.0 - (-x).exp()) / x;
-            let ours = p_redirty(x);
-            if x >= 1e-3 {
-                assert!((direct - ours).abs() < 1e-12, "{x}");
-            }
-            assert!(ours > 0.0 && ours < 1.0 && ours < x / 2.0 + 1e-18);
-        }
-        assert_eq!(p_redirty(0.0), 0.0);
+    fn any_event_probability_is_accurate_near_zero() {
+        assert_eq!(p_any(0.0), 0.0);
         assert!((p_any(1e-12) - 1e-12).abs() < 1e-24);
     }
 }

@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 
 use super::overflow::COVER_TOLERANCE;
 use super::postcopy::work_grid;
-use super::rates::{RateTable, p_any, p_redirty};
+use super::rates::{RateTable, p_any};
 use super::{FreezePolicy, Link, ModelParams, Policy, Selection, nonneg};
 use crate::profile::{Kind, UnitCounters};
 
@@ -67,14 +67,17 @@ pub(crate) fn predict(
 ) -> RefResult {
     let rates = RateTable::new(p.samples);
     let lam = |k: u32| rates.ell(k) / p.interval_s;
-    let page_reads = super::page_read_rates(
-        p.samples,
-        p.pages.iter().map(|&c| (c, 1)),
-        params.pool_reads,
-    );
-    let lam_r = |kind: Kind, c: UnitCounters| match kind {
-        Kind::Page if !c.zero => page_reads[c.r.min(p.samples.max(1)) as usize] / p.interval_s,
-        _ => lam(c.r),
+    let reads = |units: &[UnitCounters]| {
+        super::read_rates(p.samples, units.iter().map(|&c| (c, 1)), params.pool_reads)
+    };
+    let (page_reads, chunk_reads) = (reads(&p.pages), reads(&p.chunks));
+    let lam_r = |kind: Kind, c: UnitCounters| {
+        let k = c.r.min(p.samples.max(1)) as usize;
+        match kind {
+            _ if c.zero => lam(c.r),
+            Kind::Page => page_reads[k] / p.interval_s,
+            Kind::Chunk => chunk_reads[k] / p.interval_s,
+        }
     };
     let unit = |kind: Kind, index: usize, c: UnitCounters| {
         let size = match kind {
@@ -92,7 +95,7 @@ pub(crate) fn predict(
             index,
             c,
             wire: size * link.wire.of(kind, c.w > 0),
-            stall: link.rtt + size * link.wire.of(kind, true) / link.bandwidth,
+            stall: link.fault_stall(size * link.wire.of(kind, true)),
             lam_w,
             lam_a: lam_r(kind, c) + lam_w * fetch,
         }
@@ -145,7 +148,8 @@ pub(crate) fn predict(
         let (mut rem, mut raw) = (0.0, 0.0);
         for (u, s) in set.iter().zip(sent.iter_mut()) {
             let x = u.lam_w * t;
-            let d = *s * p_redirty(x) + (u.wire - *s) * p_any(x);
+            // Written at any time during the round: sent again.
+            let d = u.wire * p_any(x);
             *s = d;
             rem += d;
             // The engine's estimate: written units, uncompressed.

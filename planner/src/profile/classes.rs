@@ -390,14 +390,14 @@ impl ClassProfile {
 
     /// The unscaled read rates `ell(0..=n)`, by read count, that
     /// [`Model::new`](crate::model::Model::new) gives this profile's
-    /// populated pages: pooled across them with `pool`
+    /// populated units of `kind`: pooled across them with `pool`
     /// ([`ModelParams::pool_reads`](crate::model::ModelParams::pool_reads)),
-    /// else each page's own. (Never-populated pages and chunks keep the
-    /// per-unit [`RateTable`](crate::model::rates::RateTable).)
-    pub fn page_read_rates(&self, pool: bool) -> Vec<f64> {
-        crate::model::page_read_rates(
+    /// else each unit's own. (Never-populated units keep the per-unit
+    /// [`RateTable`](crate::model::rates::RateTable).)
+    pub fn read_rates(&self, kind: Kind, pool: bool) -> Vec<f64> {
+        crate::model::read_rates(
             self.samples,
-            self.pages.iter().map(|c| (c.key, c.count)),
+            self.classes(kind).iter().map(|c| (c.key, c.count)),
             pool,
         )
     }
