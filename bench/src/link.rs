@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use wanmig_datapath::connection::{self, Connection, LinkConfig};
+use wanmig_datapath::transport::{Encryption, IoPath};
 use wanmig_datapath::transport::{Flow, IoPreference, PacingConfig, SendStats};
 use wanmig_datapath::unit_stream::UnitStats;
 use wanmig_datapath::wire::{
@@ -66,6 +67,8 @@ pub struct LinkOptions {
     pub pacing_config: PacingConfig,
     /// I/O backend.
     pub io: IoPreference,
+    /// TLS 1.3 (the default) or plaintext.
+    pub encryption: Encryption,
     /// Whether LZ4 is tried.
     pub compression: Compression,
     /// Interval between fault probes during the transfer.
@@ -88,6 +91,7 @@ impl LinkOptions {
             pacing: true,
             pacing_config: PacingConfig::default(),
             io: IoPreference::Auto,
+            encryption: Encryption::Tls,
             compression: Compression::Lz4,
             probe_interval: Duration::from_millis(100),
             seed: 1,
@@ -147,6 +151,9 @@ pub struct LinkReport {
     pub size_bytes: u64,
     /// I/O backend of the bulk sender.
     pub backend: String,
+    /// How the bulk connection's bytes travelled: backend, cipher and
+    /// where records were sealed.
+    pub io: IoPath,
     /// Whether the bulk sender was paced.
     pub pacing: bool,
     /// Frame bytes per second at the destination (both connections), Mbit/s.
@@ -225,6 +232,7 @@ struct SrcOutcome {
     units: UnitStats,
     send: SendStats,
     backend: String,
+    io: IoPath,
 }
 
 /// Runs the benchmark.
@@ -283,6 +291,7 @@ pub fn run(opts: &LinkOptions) -> Result<LinkReport, LinkError> {
         content: opts.content,
         size_bytes: opts.size,
         backend: source.backend,
+        io: source.io,
         pacing: opts.pacing,
         goodput_mbps,
         iperf3_mbps,
@@ -314,6 +323,7 @@ fn compare(src: &[u8], dst: &[u8]) -> Integrity {
 
 fn link_config(opts: &LinkOptions) -> LinkConfig {
     let mut cfg = LinkConfig::default().with_io(opts.io);
+    cfg.encryption = opts.encryption;
     cfg.compression = opts.compression;
     cfg.bulk.pacing = opts.pacing.then_some(opts.pacing_config);
     cfg
@@ -406,6 +416,7 @@ fn source(
         units: bulk.tx.stats(),
         send: bulk.tx.sender().stats(),
         backend,
+        io: bulk.io_path(),
     })
 }
 

@@ -1,5 +1,6 @@
-//! Opening a migration's two connections: TCP, socket tuning, the
-//! authenticated handshake, then the io_uring sender and receiver.
+//! Opening a migration's two connections: TCP, socket tuning, TLS 1.3 (unless
+//! [`Encryption::Plaintext`]), the authenticated handshake bound to it, then
+//! the io_uring sender and receiver (sealing and opening TLS records).
 //!
 //! The source connects (`bulk` first, then `fault`); the destination accepts
 //! both, in whatever order they arrive, and insists that the second belongs to
@@ -12,8 +13,10 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::transport::tls::{Encryption, IoPath, SharedTls, TlsError, TlsHandshake, TlsRole};
 use crate::transport::{
     ConnRole, FrameReceiver, FrameSender, IoPreference, RecvConfig, RecvError, SendConfig,
     SendError, tcp,
@@ -21,7 +24,8 @@ use crate::transport::{
 use crate::unit_stream::UnitSender;
 use crate::wire::{
     ClientParams, Compression, ConnKind, Geometry, HANDSHAKE_TIMEOUT, HandshakeError, MigrationId,
-    PskKey, ServerPolicy, Session, client_handshake, server_handshake,
+    PskKey, ServerPolicy, Session, client_handshake, client_handshake_bound, server_handshake,
+    server_handshake_bound,
 };
 
 /// One authenticated connection, ready for frames in both directions.
@@ -33,6 +37,22 @@ pub struct Connection {
     pub tx: UnitSender,
     /// Frames from the peer.
     pub rx: FrameReceiver,
+}
+
+impl Connection {
+    /// How this connection's bytes travel (for reports).
+    pub fn io_path(&self) -> IoPath {
+        let tx = self.tx.frame_sender();
+        IoPath {
+            backend: tx.backend().to_string(),
+            fallback: tx.fallback_reason().map(str::to_string),
+            zero_copy: false,
+            cipher: tx
+                .tls()
+                .map_or_else(|| "none".to_string(), |t| t.cipher().to_string()),
+            cipher_in: tx.tls().map_or("none", |t| t.cipher_in()).to_string(),
+        }
+    }
 }
 
 /// A migration's connections.
@@ -59,6 +79,8 @@ pub struct LinkConfig {
     pub handshake_timeout: Duration,
     /// How long [`accept`] waits for the source's two connections.
     pub accept_timeout: Duration,
+    /// TLS 1.3 (the default) or plaintext; both ends must agree.
+    pub encryption: Encryption,
 }
 
 impl Default for LinkConfig {
@@ -70,6 +92,7 @@ impl Default for LinkConfig {
             compression: Compression::Lz4,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             accept_timeout: Duration::from_secs(60),
+            encryption: Encryption::Tls,
         }
     }
 }
@@ -98,6 +121,18 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
+    /// TLS failed: a peer that does not speak TLS 1.3 (a plaintext engine,
+    /// a stray client), a downgrade, a bad record during the handshake.
+    #[error("{conn:?} connection with {peer}: TLS")]
+    Tls {
+        /// Which connection (as far as we know).
+        conn: ConnKind,
+        /// The peer address.
+        peer: SocketAddr,
+        /// The error.
+        #[source]
+        source: TlsError,
+    },
     /// The handshake failed (wrong key, version, geometry, migration id...).
     #[error("{conn:?} connection handshake with {peer}")]
     Handshake {
@@ -110,12 +145,16 @@ pub enum ConnectError {
         source: HandshakeError,
     },
     /// The source's connections did not arrive in time.
-    #[error("no migration connected to {local} within {after:?}")]
+    #[error("no migration connected to {local} within {after:?}{}", refused_note(*.refused, .last_refused))]
     AcceptTimeout {
         /// The listening address.
         local: SocketAddr,
         /// How long it waited.
         after: Duration,
+        /// Connections refused meanwhile (failed TLS or the handshake).
+        refused: u64,
+        /// Why the last of them was refused.
+        last_refused: Option<String>,
     },
     /// Waiting for the source's connections was called off.
     #[error("stopped waiting for connections on {local}")]
@@ -139,6 +178,24 @@ pub enum ConnectError {
     Recv(#[from] RecvError<std::convert::Infallible>),
 }
 
+fn refused_note(refused: u64, last: &Option<String>) -> String {
+    match last {
+        Some(why) if refused > 0 => format!(" ({refused} connection(s) refused, the last: {why})"),
+        _ => String::new(),
+    }
+}
+
+/// Says on stderr that a connection was refused: one line each for the
+/// first few, then one in a hundred (a flood costs no more than that).
+fn log_refusal(count: u64, e: &ConnectError) {
+    if count <= 10 || count % 100 == 0 {
+        eprintln!(
+            "wanmig: refused connection #{count}: {}",
+            crate::error_chain(e)
+        );
+    }
+}
+
 fn tcp_err(conn: ConnKind, peer: SocketAddr) -> impl FnOnce(io::Error) -> ConnectError {
     move |source| ConnectError::Tcp { conn, peer, source }
 }
@@ -160,14 +217,8 @@ pub fn connect(
             migration_id,
             geometry,
         };
-        let session = client_handshake(&mut sock, &params, key).map_err(|source| {
-            ConnectError::Handshake {
-                conn,
-                peer: dst,
-                source,
-            }
-        })?;
-        finish(sock, session, dst, cfg)
+        let (session, tls) = client_side(&mut sock, &params, key, cfg, dst)?;
+        finish(sock, session, dst, cfg, tls)
     };
     let bulk = open(ConnKind::Bulk)?;
     let fault = open(ConnKind::Fault)?;
@@ -193,10 +244,13 @@ const ACCEPT_POLL: Duration = Duration::from_millis(10);
 /// Destination side: accepts the two connections of one migration on
 /// `listener`, in either order. `policy` may pin the migration id and
 /// geometry; the second connection must match the first either way. A
-/// connection that fails its handshake is dropped and reported: nothing it
-/// sent has been accepted.
+/// connection that fails TLS or the handshake (a port scan, a stray client,
+/// a plaintext peer, the wrong key, another migration's second connection)
+/// is dropped with one line on stderr (rate-limited) and the wait goes on:
+/// nothing it sent has been accepted, and it cannot end the migration.
 ///
-/// Gives up with [`ConnectError::AcceptTimeout`] at `deadline`, or with
+/// Gives up with [`ConnectError::AcceptTimeout`] at `deadline` (saying how
+/// many were refused and why the last was), or with
 /// [`ConnectError::AcceptCancelled`] as soon as `cancelled` returns true
 /// (looked at every few milliseconds while no connection is pending): the
 /// listener is polled, never blocked on. It is left in blocking mode.
@@ -215,7 +269,7 @@ pub fn accept_until(
         .set_nonblocking(true)
         .map_err(tcp_err(ConnKind::Bulk, local))?;
     let started = Instant::now();
-    let result = accept_pair(listener, local, policy, key, cfg, &mut || {
+    let result = accept_pair(listener, local, policy, key, cfg, &mut |refused| {
         if cancelled() {
             return Err(ConnectError::AcceptCancelled { local });
         }
@@ -223,6 +277,8 @@ pub fn accept_until(
             return Err(ConnectError::AcceptTimeout {
                 local,
                 after: deadline.saturating_duration_since(started),
+                refused: refused.0,
+                last_refused: refused.1.clone(),
             });
         }
         Ok(())
@@ -235,18 +291,24 @@ pub fn accept_until(
     Ok(pair)
 }
 
+/// Connections refused so far, and why the last was.
+type Refused = (u64, Option<String>);
+
 fn accept_pair(
     listener: &TcpListener,
     local: SocketAddr,
     policy: &ServerPolicy,
     key: &PskKey,
     cfg: &LinkConfig,
-    go_on: &mut dyn FnMut() -> Result<(), ConnectError>,
+    go_on: &mut dyn FnMut(&Refused) -> Result<(), ConnectError>,
 ) -> Result<ConnectionPair, ConnectError> {
     let mut policy = *policy;
     let mut bulk = None;
     let mut fault = None;
+    let mut refused: Refused = (0, None);
     while bulk.is_none() || fault.is_none() {
+        // The deadline holds however many strays keep connecting.
+        go_on(&refused)?;
         let (mut sock, peer) = match listener.accept() {
             Ok(pair) => pair,
             Err(e)
@@ -255,7 +317,6 @@ fn accept_pair(
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                 ) =>
             {
-                go_on()?;
                 wait_for_connection(listener, ACCEPT_POLL)
                     .map_err(tcp_err(ConnKind::Bulk, local))?;
                 continue;
@@ -275,13 +336,25 @@ fn accept_pair(
             accept_conn: want,
             ..policy
         };
-        let session = server_handshake(&mut sock, &this_policy, key).map_err(|source| {
-            ConnectError::Handshake {
-                conn: want.unwrap_or(ConnKind::Bulk),
-                peer,
-                source,
+        let (session, tls) = match server_side(
+            &mut sock,
+            &this_policy,
+            key,
+            cfg,
+            want.unwrap_or(ConnKind::Bulk),
+            peer,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                // Not the source (a scan, a stray, the wrong key, a
+                // plaintext peer): nothing it sent was accepted. Keep
+                // waiting for the one that proves the key.
+                refused.0 += 1;
+                log_refusal(refused.0, &e);
+                refused.1 = Some(crate::error_chain(&e));
+                continue;
             }
-        })?;
+        };
         // The second connection must belong to the same migration.
         policy.expect_migration_id = Some(session.migration_id);
         policy.expect_geometry = Some(session.geometry);
@@ -295,7 +368,7 @@ fn accept_pair(
                 peer,
             });
         }
-        *slot = Some(finish(sock, session, peer, cfg)?);
+        *slot = Some(finish(sock, session, peer, cfg, tls)?);
     }
     Ok(ConnectionPair {
         bulk: bulk.expect("loop ends with both"),
@@ -339,6 +412,8 @@ pub fn accept_destination(
             break Err(ConnectError::AcceptTimeout {
                 local,
                 after: deadline.saturating_duration_since(started),
+                refused: refused.len() as u64,
+                last_refused: refused.last().map(|e| crate::error_chain(e)),
             });
         }
         let (mut sock, peer) = match listener.accept() {
@@ -364,9 +439,8 @@ pub fn accept_destination(
                 migration_id,
                 geometry,
             };
-            let session = client_handshake(&mut sock, &params, key)
-                .map_err(|source| ConnectError::Handshake { conn, peer, source })?;
-            finish(sock, session, peer, cfg)
+            let (session, tls) = client_side(&mut sock, &params, key, cfg, peer)?;
+            finish(sock, session, peer, cfg, tls)
         })();
         match opened {
             Ok(c) if conn == ConnKind::Bulk => bulk = Some(c),
@@ -406,15 +480,10 @@ pub fn connect_to_source(
             accept_conn: Some(conn),
             ..policy
         };
-        let session =
-            server_handshake(&mut sock, &this, key).map_err(|source| ConnectError::Handshake {
-                conn,
-                peer: src,
-                source,
-            })?;
+        let (session, tls) = server_side(&mut sock, &this, key, cfg, conn, src)?;
         policy.expect_migration_id = Some(session.migration_id);
         policy.expect_geometry = Some(session.geometry);
-        finish(sock, session, src, cfg)
+        finish(sock, session, src, cfg, tls)
     };
     let bulk = open(ConnKind::Bulk)?;
     let fault = open(ConnKind::Fault)?;
@@ -439,11 +508,66 @@ fn wait_for_connection(listener: &TcpListener, timeout: Duration) -> io::Result<
     Ok(())
 }
 
+/// The handshakes' client side (the source's, whoever dialled) on `sock`:
+/// TLS 1.3 unless plaintext, then the PSK proofs, bound to the TLS session.
+fn client_side(
+    sock: &mut TcpStream,
+    params: &ClientParams,
+    key: &PskKey,
+    cfg: &LinkConfig,
+    peer: SocketAddr,
+) -> Result<(Session, Option<SharedTls>), ConnectError> {
+    let conn = params.conn;
+    let psk = |source| ConnectError::Handshake { conn, peer, source };
+    let tls_err = |source| ConnectError::Tls { conn, peer, source };
+    match cfg.encryption {
+        Encryption::Plaintext => Ok((
+            client_handshake(&mut *sock, params, key).map_err(psk)?,
+            None,
+        )),
+        Encryption::Tls => {
+            let mut tls = TlsHandshake::run(sock, TlsRole::Client).map_err(tls_err)?;
+            let binding = tls.binding().map_err(tls_err)?;
+            let session =
+                client_handshake_bound(tls.stream(sock), params, key, &binding).map_err(psk)?;
+            Ok((session, Some(Arc::new(tls.into_channel()))))
+        }
+    }
+}
+
+/// The handshakes' server side (the destination's) on `sock`; `conn`
+/// names the connection in errors until the client said which it is.
+fn server_side(
+    sock: &mut TcpStream,
+    policy: &ServerPolicy,
+    key: &PskKey,
+    cfg: &LinkConfig,
+    conn: ConnKind,
+    peer: SocketAddr,
+) -> Result<(Session, Option<SharedTls>), ConnectError> {
+    let psk = |source| ConnectError::Handshake { conn, peer, source };
+    let tls_err = |source| ConnectError::Tls { conn, peer, source };
+    match cfg.encryption {
+        Encryption::Plaintext => Ok((
+            server_handshake(&mut *sock, policy, key).map_err(psk)?,
+            None,
+        )),
+        Encryption::Tls => {
+            let mut tls = TlsHandshake::run(sock, TlsRole::Server).map_err(tls_err)?;
+            let binding = tls.binding().map_err(tls_err)?;
+            let session =
+                server_handshake_bound(tls.stream(sock), policy, key, &binding).map_err(psk)?;
+            Ok((session, Some(Arc::new(tls.into_channel()))))
+        }
+    }
+}
+
 fn finish(
     sock: TcpStream,
     session: Session,
     peer: SocketAddr,
     cfg: &LinkConfig,
+    tls: Option<SharedTls>,
 ) -> Result<Connection, ConnectError> {
     let conn = session.conn;
     set_timeouts(&sock, None).map_err(tcp_err(conn, peer))?;
@@ -453,8 +577,18 @@ fn finish(
     };
     tcp::tune(&sock, role).map_err(tcp_err(conn, peer))?;
     let rx_sock = sock.try_clone().map_err(tcp_err(conn, peer))?;
-    let tx = UnitSender::new(FrameSender::new(sock, send_cfg)?, cfg.compression);
-    let rx = FrameReceiver::new(rx_sock, cfg.recv)?;
+    let mut sender = FrameSender::new(sock, send_cfg)?;
+    if let Some(why) = sender.fallback_reason() {
+        // Once per process: every connection falls back for the same reason.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| eprintln!("wanmig: io_uring unusable ({why}): blocking calls instead"));
+    }
+    let mut rx = FrameReceiver::new(rx_sock, cfg.recv)?;
+    if let Some(t) = tls {
+        sender = sender.with_tls(t.clone());
+        rx = rx.with_tls(t);
+    }
+    let tx = UnitSender::new(sender, cfg.compression);
     Ok(Connection { session, tx, rx })
 }
 

@@ -506,7 +506,13 @@ mod tests {
             &classes,
             Some(&profile),
             Link::new("40mbit".parse().unwrap(), Duration::from_millis(5)),
-            ModelParams::default(),
+            // Each unit's own read count: with reads pooled, every unit
+            // this profile never saw read would be pre-copied (M = S =
+            // 0.99), leaving too little post-copy to interleave.
+            ModelParams {
+                pool_reads: false,
+                ..ModelParams::default()
+            },
             &SearchOptions::default(),
         )
         .unwrap();

@@ -152,6 +152,9 @@ pub struct StorageFigures {
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationReport {
+    /// How the bytes travelled: the I/O backend and the cipher, and where
+    /// it ran (the source's; the destination's is in `destination.io`).
+    pub io: crate::transport::IoPath,
     /// The plan.
     pub plan: PlanFigures,
     /// What happened.
@@ -211,6 +214,7 @@ impl MigrationReport {
         });
         let s = source.storage.as_ref().map_or(s, |st| st.s);
         MigrationReport {
+            io: source.io.clone(),
             plan: PlanFigures { m: source.m, s },
             measured: Figures {
                 total_s,

@@ -206,6 +206,11 @@ impl UnitSender {
         &mut self.tx
     }
 
+    /// The frame sender, to look at.
+    pub fn frame_sender(&self) -> &FrameSender {
+        &self.tx
+    }
+
     /// Gives the frame sender back.
     pub fn into_inner(self) -> FrameSender {
         self.tx

@@ -1,8 +1,10 @@
-//! Opening a migration's two connections over real TCP: both sides agree on
-//! the session, the destination accepts the connections in either order, and
-//! a peer with the wrong key or another migration's id is refused before any
-//! frame of it is accepted; waiting for connections has a deadline and can be
-//! called off, and so can waiting for frames on an established connection.
+//! Opening a migration's two connections over real TCP (TLS 1.3 by default):
+//! both sides agree on the session, the destination accepts the connections
+//! in either order, and a peer with the wrong key, another migration's id or
+//! no TLS is refused before any frame of it is accepted while the
+//! destination goes on waiting for its source; waiting for connections has a
+//! deadline and can be called off, and so can waiting for frames on an
+//! established connection.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -10,10 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use wanmig_datapath::connection::{ConnectError, LinkConfig, accept, accept_until, connect};
+use wanmig_datapath::transport::tls::{Encryption, TlsHandshake, TlsRole};
 use wanmig_datapath::transport::{Flow, RecvEnd, RecvError};
 use wanmig_datapath::wire::{
     ClientParams, ConnKind, ControlCode, FrameRef, Geometry, HandshakeError, MigrationId, PskKey,
-    ServerPolicy, client_handshake,
+    ServerPolicy, client_handshake, client_handshake_bound,
 };
 
 fn geometry() -> Geometry {
@@ -86,23 +89,36 @@ fn both_connections_authenticate_and_carry_frames_both_ways() {
     assert_eq!(sb.geometry, geometry());
 }
 
+/// A source's connection made by hand: TLS, then the handshake bound to
+/// it (the session is kept open with the socket).
 fn raw_client(
     addr: SocketAddr,
     conn: ConnKind,
     id: MigrationId,
     key: &PskKey,
-) -> Result<TcpStream, HandshakeError> {
+) -> Result<(TcpStream, TlsHandshake), HandshakeError> {
     let mut s = TcpStream::connect(addr).unwrap();
-    client_handshake(
-        &mut s,
+    let mut tls = TlsHandshake::run(&mut s, TlsRole::Client).unwrap();
+    let binding = tls.binding().unwrap();
+    client_handshake_bound(
+        tls.stream(&mut s),
         &ClientParams {
             conn,
             migration_id: id,
             geometry: geometry(),
         },
         key,
+        &binding,
     )?;
-    Ok(s)
+    Ok((s, tls))
+}
+
+/// A short wait, for tests where the destination must give up.
+fn impatient() -> LinkConfig {
+    LinkConfig {
+        accept_timeout: Duration::from_millis(1500),
+        ..LinkConfig::default()
+    }
 }
 
 #[test]
@@ -129,7 +145,7 @@ fn a_wrong_key_is_refused_on_both_sides() {
             &l,
             &ServerPolicy::default(),
             &PskKey::generate(),
-            &LinkConfig::default(),
+            &impatient(),
         )
     });
     let client = connect(
@@ -151,35 +167,114 @@ fn a_wrong_key_is_refused_on_both_sides() {
         ),
         "client: {c:?}"
     );
+    // The destination refused it and went on waiting, until its deadline.
     let s = server.join().unwrap().unwrap_err();
     assert!(
-        matches!(&s, ConnectError::Handshake { .. }),
+        matches!(&s, ConnectError::AcceptTimeout { refused: 1, last_refused: Some(why), .. } if why.contains("authentication")),
         "server: {s:?}"
     );
 }
 
 #[test]
-fn a_second_connection_from_another_migration_is_refused() {
+fn strays_never_end_the_wait_for_the_source() {
     let key = PskKey::generate();
+    let id = MigrationId::random();
     let (l, addr) = listener();
     let k2 = key.clone();
     let server = std::thread::spawn(move || {
         accept(&l, &ServerPolicy::default(), &k2, &LinkConfig::default())
     });
-    let _b = raw_client(addr, ConnKind::Bulk, MigrationId::random(), &key).unwrap();
-    let other = raw_client(addr, ConnKind::Fault, MigrationId::random(), &key);
-    assert!(other.is_err(), "a stranger's fault connection was accepted");
+    // A port scan (connect, close), garbage, a plaintext engine, the wrong
+    // key: each refused.
+    drop(TcpStream::connect(addr).unwrap());
+    {
+        use std::io::Write;
+        let mut g = TcpStream::connect(addr).unwrap();
+        let _ = g.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    }
+    let mut plain = TcpStream::connect(addr).unwrap();
+    let p = client_handshake(
+        &mut plain,
+        &ClientParams {
+            conn: ConnKind::Bulk,
+            migration_id: id,
+            geometry: geometry(),
+        },
+        &key,
+    );
+    assert!(p.is_err(), "a plaintext peer passed the handshake");
+    assert!(raw_client(addr, ConnKind::Bulk, id, &PskKey::generate()).is_err());
+    // Then the source.
+    let mut pair = connect(addr, id, geometry(), &key, &LinkConfig::default()).unwrap();
+    let mut theirs = server.join().unwrap().unwrap();
+    assert_eq!(theirs.bulk.session.migration_id, id);
+    pair.bulk
+        .tx
+        .send_control(ControlCode::RoundBegin { round: 3 })
+        .unwrap();
+    pair.bulk.tx.flush().unwrap();
+    let dec = theirs.bulk.session.decoder();
+    let mut got = None;
+    theirs
+        .bulk
+        .rx
+        .run(&dec, |f| -> Result<Flow, ()> {
+            if let FrameRef::Control(c) = f {
+                got = Some(c);
+            }
+            Ok(Flow::Stop)
+        })
+        .unwrap();
+    assert_eq!(got, Some(ControlCode::RoundBegin { round: 3 }));
+}
+
+#[test]
+fn both_ends_must_agree_on_plaintext() {
+    let key = PskKey::generate();
+    let (l, addr) = listener();
+    let k2 = key.clone();
+    let server =
+        std::thread::spawn(move || accept(&l, &ServerPolicy::default(), &k2, &impatient()));
+    let plaintext = LinkConfig {
+        encryption: Encryption::Plaintext,
+        ..LinkConfig::default()
+    };
+    let c = connect(addr, MigrationId::random(), geometry(), &key, &plaintext).unwrap_err();
+    assert!(matches!(c, ConnectError::Handshake { .. }), "{c:?}");
     let s = server.join().unwrap().unwrap_err();
     assert!(
-        matches!(
-            &s,
-            ConnectError::Handshake {
-                conn: ConnKind::Fault,
-                ..
-            }
-        ),
-        "server: {s:?}"
+        matches!(&s, ConnectError::AcceptTimeout { refused: 1, last_refused: Some(why), .. } if why.contains("TLS")),
+        "{s:?}"
     );
+    // Both in plaintext: it works, and says so.
+    let (l, addr) = listener();
+    let k2 = key.clone();
+    let p2 = plaintext;
+    let server = std::thread::spawn(move || accept(&l, &ServerPolicy::default(), &k2, &p2));
+    let pair = connect(addr, MigrationId::random(), geometry(), &key, &plaintext).unwrap();
+    let theirs = server.join().unwrap().unwrap();
+    assert_eq!(pair.bulk.io_path().cipher, "none");
+    assert_eq!(theirs.fault.io_path().cipher_in, "none");
+}
+
+#[test]
+fn a_second_connection_from_another_migration_is_refused() {
+    let key = PskKey::generate();
+    let id = MigrationId::random();
+    let (l, addr) = listener();
+    let k2 = key.clone();
+    let server = std::thread::spawn(move || {
+        accept(&l, &ServerPolicy::default(), &k2, &LinkConfig::default())
+    });
+    let _b = raw_client(addr, ConnKind::Bulk, id, &key).unwrap();
+    let other = raw_client(addr, ConnKind::Fault, MigrationId::random(), &key);
+    assert!(other.is_err(), "a stranger's fault connection was accepted");
+    // The migration's own fault connection still completes the pair.
+    let _f = raw_client(addr, ConnKind::Fault, id, &key).unwrap();
+    let pair = server.join().unwrap().unwrap();
+    assert_eq!(pair.fault.session.migration_id, id);
+    assert_eq!(pair.bulk.io_path().cipher, "TLS13_AES_128_GCM_SHA256");
+    assert_eq!(pair.bulk.io_path().cipher_in, "userspace");
 }
 
 #[test]

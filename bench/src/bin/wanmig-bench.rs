@@ -24,7 +24,7 @@ use wanmig_bench::link::{self, LinkOptions, LinkReport};
 use wanmig_bench::wan::check::{self, WanMeasurement};
 use wanmig_bench::wan::daemon::{self, Probe, WanState};
 use wanmig_bench::wan::{self, Wan, WanConfig};
-use wanmig_datapath::transport::IoPreference;
+use wanmig_datapath::transport::{Encryption, IoPreference};
 use wanmig_datapath::wire::Compression;
 use wanmig_planner::units::{ByteSize, Rate, format_duration, parse_duration};
 
@@ -270,6 +270,10 @@ struct LinkBenchArgs {
     /// I/O backend: auto, uring or blocking.
     #[arg(long, default_value = "auto")]
     io: IoPreference,
+    /// Move the pages unencrypted (prints a warning); by default the
+    /// engines' TLS 1.3 carries them, as in a migration.
+    #[arg(long)]
+    plaintext: bool,
     /// Interval between post-copy fault probes during the transfer.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     probe_interval: Duration,
@@ -729,6 +733,10 @@ fn link_cmd(args: LinkBenchArgs) -> Result<ExitCode> {
         opts.pacing_config.gain = g;
     }
     opts.io = args.io;
+    if args.plaintext {
+        eprintln!("wanmig-bench: {}", Encryption::PLAINTEXT_WARNING);
+        opts.encryption = Encryption::Plaintext;
+    }
     opts.probe_interval = args.probe_interval;
     if args.no_compression {
         opts.compression = Compression::None;
@@ -775,6 +783,16 @@ fn link_cmd(args: LinkBenchArgs) -> Result<ExitCode> {
 
 fn print_link(r: &LinkReport) {
     let u = &r.units;
+    println!(
+        "link: {} ({}), I/O {}",
+        r.io.cipher,
+        if r.io.cipher == "none" {
+            "unencrypted".to_string()
+        } else {
+            format!("sealed in {}", r.io.cipher_in)
+        },
+        r.io.backend
+    );
     println!(
         "moved {} MiB in {:.2} s: goodput {:.2} Mbit/s, iperf3 {:.2} Mbit/s, ratio {:.3}",
         r.size_bytes >> 20,

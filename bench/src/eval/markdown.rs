@@ -17,6 +17,12 @@ pub fn markdown(r: &EvalReport) -> String {
         "{} run(s) per mode; a failed run, or one whose integrity does not hold or was not checked, counts as Gamma 0.\n\n",
         r.repeat
     ));
+    if let Some(io) = &r.io {
+        s.push_str(&format!(
+            "The engines' link: {} (sealed in {}), I/O {}; QEMU's own migration streams run unencrypted.\n\n",
+            io.cipher, io.cipher_in, io.backend
+        ));
+    }
     for w in &r.workloads {
         let plan = w.plan.map_or("no planned run completed".into(), |p| {
             format!("M = {:.2}, S = {:.2}", p.m, p.s)

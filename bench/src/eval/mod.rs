@@ -345,6 +345,10 @@ pub struct RunResult {
     /// What to know to read the figures (a suspended pre-copy, pro-rated
     /// stalls).
     pub note: String,
+    /// How the engines' bytes travelled: I/O backend and cipher (wanmig
+    /// modes; QEMU's own migration streams are not encrypted here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io: Option<wanmig_datapath::transport::IoPath>,
 }
 
 impl RunResult {
@@ -357,6 +361,7 @@ impl RunResult {
             plan: None,
             predicted: None,
             note: String::new(),
+            io: None,
         }
     }
 
@@ -370,6 +375,7 @@ impl RunResult {
             plan: None,
             predicted: None,
             note,
+            io: None,
         }
     }
 
@@ -527,6 +533,9 @@ pub struct EvalReport {
     pub max_prediction_error_floored: Option<f64>,
     /// Every target of every workload met.
     pub all_targets_met: bool,
+    /// How the engines' bytes travelled (the first completed engine run's
+    /// I/O backend and cipher; `null`: none completed).
+    pub io: Option<wanmig_datapath::transport::IoPath>,
 }
 
 /// The evaluation could not run (a mode's failure is a result, not this).
@@ -748,6 +757,7 @@ fn wanmig_run(
         s: r.plan.s,
     });
     run.predicted = r.predicted.map(Headline::from);
+    run.io = Some(r.io.clone());
     if mode == PLANNED && run.predicted.is_none() && !run.failed {
         run.failed = true;
         run.error = Some("the planned migration carries no prediction".into());
@@ -972,7 +982,13 @@ fn report(o: &EvalOptions, repeat: u32, workloads: Vec<WorkloadResult>) -> EvalR
         && workloads.iter().all(|w| {
             w.targets.gamma_regret && w.targets.intact && w.targets.gamma_recovered != Some(false)
         });
+    let io = workloads
+        .iter()
+        .flat_map(|w| w.modes.values())
+        .flat_map(|m| &m.runs)
+        .find_map(|r| r.io.clone());
     EvalReport {
+        io,
         rate_bps: o.rate.bytes_per_second() * 8.0,
         rtt_s: o.rtt.as_secs_f64(),
         repeat,

@@ -30,7 +30,7 @@ use wanmig_datapath::migration::{
     FreezePolicy, LocalMigration, LocalOutcome, MigrationError, Planning, run_local, run_over_wan,
 };
 use wanmig_datapath::report::{IntegrityFigures, MigrationReport};
-use wanmig_datapath::transport::IoPreference;
+use wanmig_datapath::transport::{Encryption, IoPreference};
 use wanmig_datapath::wire::PskKey;
 use wanmig_planner::units::{Rate, format_duration, parse_duration};
 use wanmig_wan::{Wan, WanConfig};
@@ -77,6 +77,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Carry guest memory and disks unencrypted after the handshake
+        /// (prints a warning).
+        #[arg(long)]
+        plaintext: bool,
     },
 }
 
@@ -129,6 +133,11 @@ struct DestinationArgs {
     /// Directory for sockets, logs and pid files [default: /run/wanmig/<tag>].
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Accept the migration unencrypted after the handshake (the source
+    /// must say --plaintext too; prints a warning). Only for links already
+    /// inside IPsec, WireGuard or a trusted network.
+    #[arg(long)]
+    plaintext: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -220,6 +229,12 @@ struct MigrateArgs {
     /// I/O backend: auto, uring or blocking.
     #[arg(long, default_value = "auto")]
     io: IoPreference,
+    /// Carry guest memory and disks unencrypted after the handshake (the
+    /// destination must say --plaintext too; prints a warning). Only for
+    /// links already inside IPsec, WireGuard or a trusted network. By
+    /// default every byte after TCP connect is TLS 1.3.
+    #[arg(long)]
+    plaintext: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -256,7 +271,7 @@ fn main() -> ExitCode {
         Command::Destination(args) => destination(&args),
         Command::Source(args) => source(&args),
         Command::Profile(args) => profile(&args),
-        Command::Demo { json } => migrate(&MigrateArgs {
+        Command::Demo { json, plaintext } => migrate(&MigrateArgs {
             m: None,
             s: 0.5,
             freeze: None,
@@ -279,6 +294,7 @@ fn main() -> ExitCode {
             downtime_target: Duration::from_millis(300),
             run_dir: None,
             io: IoPreference::Auto,
+            plaintext,
             json,
         }),
     };
@@ -407,7 +423,10 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
             hold: args.hold,
             ..DestConfig::default()
         },
-        link: LinkConfig::default().with_io(args.io),
+        link: LinkConfig {
+            encryption: encryption(args.plaintext),
+            ..LinkConfig::default().with_io(args.io)
+        },
         run_dir,
         tag,
         warmup_heartbeats: 3,
@@ -486,11 +505,23 @@ fn guest_spec(g: &GuestArgs) -> Result<GuestSpec> {
     Ok(guest)
 }
 
+/// The encryption `--plaintext` asks for; says so on stderr when it is
+/// none.
+fn encryption(plaintext: bool) -> Encryption {
+    if plaintext {
+        eprintln!("wanmig: {}", Encryption::PLAINTEXT_WARNING);
+        Encryption::Plaintext
+    } else {
+        Encryption::Tls
+    }
+}
+
 fn host_spec(
     guest: GuestSpec,
     key: &std::path::Path,
     run_dir: Option<&PathBuf>,
     role: &str,
+    plaintext: bool,
 ) -> Result<HostSpec> {
     let key = PskKey::load(key).with_context(|| format!("reading the key {}", key.display()))?;
     let tag = format!("{role}{}", std::process::id());
@@ -502,7 +533,10 @@ fn host_spec(
         run_dir,
         tag,
         key,
-        link: LinkConfig::default(),
+        link: LinkConfig {
+            encryption: encryption(plaintext),
+            ..LinkConfig::default()
+        },
         attach: None,
     })
 }
@@ -512,7 +546,13 @@ fn destination(args: &DestinationArgs) -> Result<ExitCode> {
         bail!("must run as root (QEMU's userfaultfd)");
     }
     let guest = guest_spec(&args.guest)?;
-    let spec = host_spec(guest, &args.key, args.run_dir.as_ref(), "dst")?;
+    let spec = host_spec(
+        guest,
+        &args.key,
+        args.run_dir.as_ref(),
+        "dst",
+        args.plaintext,
+    )?;
     let listener = std::net::TcpListener::bind(args.listen)
         .with_context(|| format!("listening on {}", args.listen))?;
     if !args.json {
@@ -541,6 +581,7 @@ fn destination(args: &DestinationArgs) -> Result<ExitCode> {
             })
         );
     } else {
+        println!("link: {}", describe_io(&r.io));
         println!(
             "the guest runs here: QEMU pid {}, QMP {}, console {}",
             out.dest.pid(),
@@ -579,7 +620,7 @@ fn source(args: &SourceArgs) -> Result<ExitCode> {
     }
     let m = &args.migrate;
     let guest = guest_spec(&m.guest)?;
-    let mut spec = host_spec(guest, &args.key, m.run_dir.as_ref(), "src")?;
+    let mut spec = host_spec(guest, &args.key, m.run_dir.as_ref(), "src", m.plaintext)?;
     if let (Some(qmp), Some(ram)) = (&args.attach_qmp, &args.attach_ram) {
         spec.attach = Some(AttachTo {
             qmp: qmp.clone(),
@@ -617,6 +658,7 @@ fn source(args: &SourceArgs) -> Result<ExitCode> {
             "plan: M = {:.2}, S = {:.2} ({})",
             r.m, out.s, out.plan_origin
         );
+        println!("link: {}", describe_io(&r.io));
         println!(
             "downtime (source clock): {} (upper bound {}), {:.1} MB sent, pre-copy {:.2} s, push {:.2} s",
             r.downtime_estimate_s
@@ -697,6 +739,25 @@ fn describe(p: &Planning) -> String {
     }
 }
 
+/// One line: the cipher, where it ran, the I/O backend (and why it fell
+/// back).
+fn describe_io(io: &wanmig_datapath::transport::IoPath) -> String {
+    let cipher = if io.cipher == "none" {
+        "unencrypted (--plaintext)".to_string()
+    } else {
+        format!("{}, sealed in {}", io.cipher, io.cipher_in)
+    };
+    let fallback = io
+        .fallback
+        .as_deref()
+        .map_or(String::new(), |why| format!(" (io_uring unusable: {why})"));
+    format!(
+        "{cipher}; I/O {}{fallback}{}",
+        io.backend,
+        if io.zero_copy { ", zero-copy" } else { "" }
+    )
+}
+
 fn report(outcome: &LocalOutcome, json: bool) -> Result<ExitCode> {
     let r: &MigrationReport = &outcome.report;
     if json {
@@ -707,6 +768,7 @@ fn report(outcome: &LocalOutcome, json: bool) -> Result<ExitCode> {
             "plan: M = {:.2}, S = {:.2} ({})",
             r.plan.m, r.plan.s, r.plan_origin
         );
+        println!("link: {}", describe_io(&r.io));
         if let Some(p) = &r.predicted {
             println!(
                 "predicted: total {:.2} s, downtime {:.0} ms, remote uptime {:.2} s, penalty {:.3} s, Gamma {:.3}",

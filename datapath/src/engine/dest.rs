@@ -306,6 +306,8 @@ impl FaultTimeline {
 /// What the destination did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DestReport {
+    /// How the destination's bytes travelled (I/O backend, cipher).
+    pub io: crate::transport::IoPath,
     /// Pre-copy pages received (with resends).
     pub precopy_pages: u64,
     /// Post-copy pages installed from the push.
@@ -1051,6 +1053,7 @@ pub fn run_destination(
     cfg: &DestConfig,
 ) -> Result<DestReport, EngineError> {
     let ConnectionPair { bulk, fault } = conns;
+    let io = bulk.io_path();
     let mut bulk = bulk;
     let pages = backend.page_count();
     let ps = backend.page_size();
@@ -1158,7 +1161,7 @@ pub fn run_destination(
         return Err(e);
     }
     let freeze_received = st.freeze_received.expect("Freeze precedes the commit");
-    finish(st, received, freeze_received)
+    finish(st, received, freeze_received).map(|r| DestReport { io, ..r })
 }
 
 /// Receives the bulk stream until `Goodbye`, with the freeze deadline and
@@ -1306,6 +1309,7 @@ fn finish(
     let chunk_waits = disks.as_ref().map_or_else(Vec::new, |d| d.waits());
     let w = WaitFigures::of(&page_waits, &chunk_waits, resumed, st.cfg.dt);
     Ok(DestReport {
+        io: Default::default(),
         precopy_pages: st.precopy_pages,
         pushed_pages: st.pushed_pages,
         faults: shared.faults.load(Ordering::Relaxed),

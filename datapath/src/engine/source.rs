@@ -136,6 +136,8 @@ pub struct SourceTimes {
 /// What the source did.
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceReport {
+    /// How the source's bytes travelled (I/O backend, cipher).
+    pub io: crate::transport::IoPath,
     /// Fraction of pages in the pre-copy set.
     pub m: f64,
     /// Pages of the guest.
@@ -340,6 +342,7 @@ pub fn run_source_adaptive(
     channel: &mut dyn PlanChannel,
 ) -> Result<SourceReport, EngineError> {
     let ConnectionPair { bulk, fault } = conns;
+    let io = bulk.io_path();
     let mut bulk = bulk;
     let mut fault = Some(fault);
     let mut paused = false;
@@ -363,7 +366,7 @@ pub fn run_source_adaptive(
         ..Telemetry::default()
     });
     match result {
-        Ok(r) => Ok(r),
+        Ok(r) => Ok(SourceReport { io, ..r }),
         Err(PhaseError::BeforeResume(e)) => {
             // The destination never ran the guest: it goes on here, first.
             let resumed = if paused { backend.resume() } else { Ok(()) };
@@ -1121,6 +1124,7 @@ fn migrate(
     let fault_stats = server.join().map_err(PhaseError::AfterResume)?;
     let end = Instant::now();
     Ok(SourceReport {
+        io: Default::default(),
         m: order.m(),
         pages,
         precopy_pages: order.precopy().len() as u64,

@@ -1,5 +1,8 @@
 //! Moving frames over TCP with io_uring.
 //!
+//! Every byte after TCP connect is TLS 1.3 ([`tls`]) unless the migration
+//! was asked to run in plaintext.
+//!
 //! Each migration uses two connections: `bulk` (pre-copy rounds, the freeze
 //! remainder, the post-copy background push) and `fault` (post-copy requests
 //! and their answers). [`FrameSender`] and [`FrameReceiver`] drive one socket
@@ -20,6 +23,7 @@ pub mod probe;
 pub mod recv;
 pub mod send;
 pub mod tcp;
+pub mod tls;
 
 pub use pacing::{Pacer, PacingConfig};
 pub use probe::{
@@ -28,3 +32,4 @@ pub use probe::{
 pub use recv::{Flow, FrameHandler, FrameReceiver, RecvConfig, RecvEnd, RecvError, RecvStats};
 pub use send::{FrameSender, SendConfig, SendError, SendStats};
 pub use tcp::{ConnRole, TcpInfo};
+pub use tls::{Encryption, IoPath, TlsError};

@@ -14,6 +14,12 @@
 //! is also told whenever every complete frame in the buffer has been
 //! delivered, before the receiver waits for more bytes (a consumer batching
 //! work flushes there).
+//!
+//! With TLS ([`super::tls`]) the kernel fills a ciphertext buffer of the
+//! receiver's own and records are opened from it into the frame buffer; a
+//! record that fails to open (modified, injected, replayed, reordered) or a
+//! stream cut without `close_notify` poisons the receiver with
+//! [`RecvError::Tls`] before any byte of it reaches the decoder.
 
 use std::io;
 use std::net::TcpStream;
@@ -24,6 +30,10 @@ use io_uring::{IoUring, opcode, types};
 
 use super::buf::IoBuf;
 use super::probe::{IoBackend, IoPreference, ProbeError, select_backend};
+use super::tls::{Opened, SharedTls, TlsError};
+
+/// The ciphertext buffer of a TLS receiver.
+const CIPHER_BUFFER: usize = 512 << 10;
 use crate::wire::{DecodeError, Decoded, FrameDecoder, FrameRef};
 
 /// Tuning of a [`FrameReceiver`].
@@ -134,6 +144,16 @@ pub enum RecvError<E> {
     /// The receiver is still usable: a partial frame stays buffered.
     #[error("no frame arrived before the deadline")]
     TimedOut,
+    /// A TLS record failed to open, or the TLS stream was cut: nothing of
+    /// it was delivered.
+    #[error("TLS record refused after plaintext stream offset {offset}")]
+    Tls {
+        /// Plaintext stream offset of the first undelivered byte.
+        offset: u64,
+        /// What was wrong.
+        #[source]
+        source: TlsError,
+    },
 }
 
 /// What a receiver has done.
@@ -181,6 +201,19 @@ pub struct FrameReceiver {
     offset: u64,
     stats: RecvStats,
     poisoned: bool,
+    /// TLS: ciphertext received and not yet opened (`None`: plaintext).
+    tls: Option<Opening>,
+}
+
+/// Ciphertext waiting to be opened.
+#[derive(Debug)]
+struct Opening {
+    chan: SharedTls,
+    mem: IoBuf,
+    start: usize,
+    end: usize,
+    /// The socket reached end of stream.
+    eof: bool,
 }
 
 impl FrameReceiver {
@@ -206,7 +239,21 @@ impl FrameReceiver {
             offset: 0,
             stats: RecvStats::default(),
             poisoned: false,
+            tls: None,
         })
+    }
+
+    /// Opens everything this receiver receives from `chan`'s TLS records
+    /// (bytes the TLS session already holds come first).
+    pub fn with_tls(mut self, chan: SharedTls) -> Self {
+        self.tls = Some(Opening {
+            chan,
+            mem: IoBuf::new(CIPHER_BUFFER),
+            start: 0,
+            end: 0,
+            eof: false,
+        });
+        self
     }
 
     /// The backend in use.
@@ -307,6 +354,12 @@ impl FrameReceiver {
     /// Waits until the socket is readable (or has an error or hang-up for the
     /// next receive to report); false once `deadline` passed without.
     fn wait_readable<E>(&mut self, deadline: Instant) -> Result<bool, RecvError<E>> {
+        if let Some(t) = &self.tls {
+            // Ciphertext or plaintext already here needs no socket.
+            if t.start < t.end || t.eof || t.chan.has_plaintext() {
+                return Ok(true);
+            }
+        }
         if matches!(
             self.engine,
             Engine::Uring {
@@ -371,11 +424,57 @@ impl FrameReceiver {
         self.end = buffered;
     }
 
-    /// One receive into the free tail of the buffer; 0 means end of stream.
+    /// Bytes into the free tail of the buffer (plaintext: one receive;
+    /// TLS: as many receives as it takes to open a record); 0 means end of
+    /// stream.
     fn receive<E>(&mut self) -> Result<usize, RecvError<E>> {
-        let cap = self.buf.capacity();
-        let ptr = self.buf.ptr_at(self.end);
-        let len = (cap - self.end).min(u32::MAX as usize);
+        if self.tls.is_none() {
+            let cap = self.buf.capacity();
+            let ptr = self.buf.ptr_at(self.end);
+            let len = (cap - self.end).min(u32::MAX as usize);
+            let n = self.receive_raw(ptr, len)?;
+            self.end += n;
+            return Ok(n);
+        }
+        loop {
+            let cap = self.buf.capacity();
+            let t = self.tls.as_mut().expect("checked above");
+            let mut cipher = t.mem.slice(t.start, t.end);
+            let before = cipher.len();
+            let opened = t
+                .chan
+                .open(&mut cipher, t.eof, self.buf.slice_mut(self.end, cap));
+            t.start += before - cipher.len();
+            match opened {
+                Ok(Opened::Plain(n)) => {
+                    self.end += n;
+                    return Ok(n);
+                }
+                Ok(Opened::Closed) => return Ok(0),
+                Ok(Opened::NeedCipher) => {}
+                Err(source) => {
+                    self.poisoned = true;
+                    return Err(RecvError::Tls {
+                        offset: self.offset + (self.end - self.start) as u64,
+                        source,
+                    });
+                }
+            }
+            // Everything received was handed to the session: receive more.
+            t.start = 0;
+            t.end = 0;
+            let ptr = t.mem.ptr_at(0);
+            let len = t.mem.capacity().min(u32::MAX as usize);
+            let n = self.receive_raw(ptr, len)?;
+            let t = self.tls.as_mut().expect("checked above");
+            t.end = n;
+            t.eof = n == 0;
+        }
+    }
+
+    /// One receive of at most `len` bytes at `ptr` (the free tail of the
+    /// frame buffer, or the ciphertext buffer); 0 means end of stream.
+    fn receive_raw<E>(&mut self, ptr: *mut u8, len: usize) -> Result<usize, RecvError<E>> {
         let fd = self.sock.as_raw_fd();
         loop {
             let res: i32 = match &mut self.engine {
@@ -385,9 +484,10 @@ impl FrameReceiver {
                             .build()
                             .user_data(RECV_TAG);
                         // SAFETY: `ptr..ptr+len` is the unused tail of the
-                        // buffer; no Rust reference to it exists until the
-                        // completion is reaped below, and `Drop` cancels an
-                        // outstanding request before the buffer is freed.
+                        // frame buffer or the emptied ciphertext buffer; no
+                        // Rust reference to it exists until the completion is
+                        // reaped below, and `Drop` cancels an outstanding
+                        // request before the buffers are freed.
                         unsafe { ring.submission().push(&sqe) }
                             .expect("the receive ring holds at most one request");
                         *in_flight = true;
@@ -409,8 +509,9 @@ impl FrameReceiver {
                     cqe.result()
                 }
                 Engine::Blocking => {
-                    // SAFETY: `ptr..ptr+len` is the unused tail of the buffer,
-                    // written by the kernel before the call returns.
+                    // SAFETY: `ptr..ptr+len` is the unused tail of the frame
+                    // buffer or the emptied ciphertext buffer, written by the
+                    // kernel before the call returns.
                     let rc = unsafe { libc::recv(fd, ptr.cast(), len, 0) };
                     if rc < 0 {
                         -io::Error::last_os_error()
@@ -432,7 +533,6 @@ impl FrameReceiver {
                 });
             }
             let n = res as usize;
-            self.end += n;
             self.stats.bytes += n as u64;
             self.stats.recvs += 1;
             return Ok(n);

@@ -19,6 +19,11 @@
 //! - A [`Pacer`] may hold data back so that unacknowledged bytes stay near the
 //!   bandwidth-delay product (see [`super::pacing`]).
 //! - With the blocking backend the same structure issues plain `send(2)` calls.
+//! - With TLS ([`super::tls`]) what the pacer lets go is sealed, at most
+//!   [`SEAL_CHUNK`] bytes at a time, into TLS records in a ciphertext buffer
+//!   of the sender's own, and that buffer is what the kernel gets; the slot
+//!   is free as soon as it is sealed. The sealed run goes out whole before
+//!   the next is sealed, so records leave in order.
 //!
 //! Zero-copy sends (`IORING_OP_SEND_ZC`) are deliberately not used: frames are
 //! already a private copy of guest memory (taken before CRC and compression,
@@ -38,6 +43,14 @@ use super::buf::IoBuf;
 use super::pacing::{Pacer, PacingConfig};
 use super::probe::{IoBackend, IoPreference, ProbeError, select_backend};
 use super::tcp;
+use super::tls::{SharedTls, TlsError};
+
+/// Plaintext sealed into TLS records at a time: a run of frames the pacer
+/// let go, at most this long.
+pub const SEAL_CHUNK: usize = 256 << 10;
+/// Room for a sealed run: each 16 KiB record adds 22 bytes (header, content
+/// type, tag), plus queued alerts or a key update.
+const CIPHER_BUFFER: usize = SEAL_CHUNK + (SEAL_CHUNK / 16384 + 1) * 32 + (32 << 10);
 
 /// Tuning of a [`FrameSender`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -115,6 +128,9 @@ pub enum SendError {
     /// An earlier error left the stream in an unknown state.
     #[error("the sender failed earlier and cannot continue")]
     Poisoned,
+    /// Sealing TLS records failed.
+    #[error("sealing TLS records")]
+    Tls(#[source] TlsError),
 }
 
 /// What a sender has done.
@@ -147,6 +163,23 @@ struct Slot {
     sent: usize,
     /// No more frames will be appended.
     closed: bool,
+}
+
+/// The ciphertext of the sealed run being sent.
+#[derive(Debug)]
+struct Sealed {
+    chan: SharedTls,
+    mem: IoBuf,
+    /// Ciphertext bytes in `mem`.
+    len: usize,
+    /// Of them, accepted by the kernel.
+    sent: usize,
+}
+
+impl Sealed {
+    fn pending(&self) -> usize {
+        self.len - self.sent
+    }
 }
 
 enum Engine {
@@ -199,6 +232,8 @@ pub struct FrameSender {
     /// Since when the pacer has held every send back (and `bytes_sent`
     /// then).
     paced_since: Option<(Instant, u64)>,
+    /// TLS: the run sealed last (`None`: plaintext).
+    tls: Option<Sealed>,
 }
 
 /// How long the pacer may hold the stream back without the peer
@@ -229,7 +264,32 @@ impl FrameSender {
             poisoned: false,
             fallback_reason: choice.fallback_reason,
             paced_since: None,
+            tls: None,
         })
+    }
+
+    /// Seals everything this sender sends into `chan`'s TLS records.
+    pub fn with_tls(mut self, chan: SharedTls) -> Self {
+        self.tls = Some(Sealed {
+            chan,
+            mem: IoBuf::new(CIPHER_BUFFER),
+            len: 0,
+            sent: 0,
+        });
+        self
+    }
+
+    /// The TLS session, if the sender seals.
+    pub fn tls(&self) -> Option<&SharedTls> {
+        self.tls.as_ref().map(|t| &t.chan)
+    }
+
+    /// Ciphertext sealed and not yet accepted by the kernel, or queued in
+    /// the TLS session.
+    fn tls_pending(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|t| t.pending() > 0 || t.chan.wants_write())
     }
 
     /// The backend in use.
@@ -328,7 +388,7 @@ impl FrameSender {
         if let Some(back) = self.slots.back_mut() {
             back.closed = true;
         }
-        while !self.slots.is_empty() {
+        while !self.slots.is_empty() || self.tls_pending() {
             self.progress(true)?;
         }
         Ok(())
@@ -372,6 +432,25 @@ impl FrameSender {
 
     /// Releases fully sent slots and decides what may go next.
     fn next_send(&mut self) -> Result<NextSend, SendError> {
+        // A sealed run (or ciphertext the session queued) goes out whole,
+        // before anything else is sealed: the pacer let it go already.
+        if let Some(t) = &mut self.tls {
+            if t.pending() == 0 && t.chan.wants_write() {
+                t.sent = 0;
+                t.len = 0;
+                let n = t
+                    .chan
+                    .drain(t.mem.slice_mut(0, CIPHER_BUFFER))
+                    .map_err(|e| {
+                        self.poisoned = true;
+                        SendError::Tls(e)
+                    })?;
+                t.len = n;
+            }
+            if t.pending() > 0 {
+                return Ok(NextSend::Go(t.pending()));
+            }
+        }
         while self
             .slots
             .front()
@@ -459,9 +538,37 @@ impl FrameSender {
     }
 
     fn submit(&mut self, n: usize) -> Result<(), SendError> {
-        let front = self.slots.front().expect("submit with a queued slot");
-        let ptr = front.mem.ptr_at(front.sent);
-        let len = n.min(u32::MAX as usize);
+        let (ptr, len) = match &mut self.tls {
+            None => {
+                let front = self.slots.front().expect("submit with a queued slot");
+                (front.mem.ptr_at(front.sent), n.min(u32::MAX as usize))
+            }
+            Some(t) => {
+                if t.pending() == 0 {
+                    // Seal the next run of the front slot; the slot is free
+                    // of it from here on.
+                    let front = self.slots.front_mut().expect("submit with a queued slot");
+                    let run = n.min(SEAL_CHUNK);
+                    let plain = front.mem.slice(front.sent, front.sent + run);
+                    let sealed = t.chan.seal(plain, t.mem.slice_mut(0, CIPHER_BUFFER));
+                    match sealed {
+                        Ok(c) => {
+                            front.sent += run;
+                            t.len = c;
+                            t.sent = 0;
+                        }
+                        Err(e) => {
+                            self.poisoned = true;
+                            return Err(SendError::Tls(e));
+                        }
+                    }
+                }
+                (t.mem.ptr_at(t.sent), t.pending().min(u32::MAX as usize))
+            }
+        };
+        if len == 0 {
+            return Ok(());
+        }
         self.stats.sends += 1;
         let fd = self.sock.as_raw_fd();
         match &mut self.engine {
@@ -470,11 +577,13 @@ impl FrameSender {
                     .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
                     .build()
                     .user_data(SEND_TAG);
-                // SAFETY: `ptr..ptr+len` lies in the front slot's buffer, which
-                // stays allocated and is never handed out for writing (only
-                // bytes past `len` of the open slot are) until the completion is
-                // reaped; `Drop` waits for or cancels the request before the
-                // buffers and the socket go away.
+                // SAFETY: `ptr..ptr+len` lies in the front slot's buffer (or,
+                // with TLS, the sealed run's), which stays allocated and is
+                // never handed out for writing (only bytes past `len` of the
+                // open slot are; a sealed run is replaced only once wholly
+                // sent) until the completion is reaped; `Drop` waits for or
+                // cancels the request before the buffers and the socket go
+                // away.
                 unsafe { ring.submission().push(&sqe) }
                     .expect("the send ring holds at most one request");
                 *in_flight = Some(len);
@@ -488,7 +597,8 @@ impl FrameSender {
             }
             Engine::Blocking => {
                 // SAFETY: `ptr..ptr+len` is initialised memory of the front
-                // slot; the call completes before we return.
+                // slot (or the sealed run); the call completes before we
+                // return.
                 let rc =
                     unsafe { libc::send(fd, ptr.cast_const().cast(), len, libc::MSG_NOSIGNAL) };
                 if rc < 0 {
@@ -509,6 +619,10 @@ impl FrameSender {
             self.stats.short_sends += 1;
         }
         self.stats.bytes_sent += done as u64;
+        if let Some(t) = &mut self.tls {
+            t.sent += done;
+            return;
+        }
         let front = self.slots.front_mut().expect("accounted send has a slot");
         front.sent += done;
     }
@@ -550,12 +664,42 @@ impl FrameSender {
     }
 }
 
+impl FrameSender {
+    /// Ends the TLS stream with `close_notify` (best effort, without
+    /// blocking): the peer's receiver then knows the stream ended here and
+    /// was not cut.
+    fn close_tls(&mut self) {
+        let Some(t) = &mut self.tls else { return };
+        if self.poisoned || t.pending() > 0 {
+            return;
+        }
+        t.chan.close();
+        let Ok(n) = t.chan.drain(t.mem.slice_mut(0, CIPHER_BUFFER)) else {
+            return;
+        };
+        let ptr = t.mem.ptr_at(0);
+        // SAFETY: `ptr..ptr+n` is initialised memory of the sealed run's
+        // buffer, nothing else uses it, and the call completes before we
+        // return.
+        unsafe {
+            libc::send(
+                self.sock.as_raw_fd(),
+                ptr.cast_const().cast(),
+                n,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            );
+        }
+    }
+}
+
 impl Drop for FrameSender {
     fn drop(&mut self) {
         let Engine::Uring { ring, in_flight } = &mut self.engine else {
+            self.close_tls();
             return;
         };
         if in_flight.is_none() {
+            self.close_tls();
             return;
         }
         // The kernel still reads from a slot: cancel and wait, or leak the

@@ -18,7 +18,14 @@
 //!
 //! Each proof covers both nonces (the client nonce is inside `H`), so it is
 //! bound to one connection and cannot be replayed on another; the role labels
-//! (both 16 bytes) keep a server proof from passing as a client proof. Proofs
+//! (both 16 bytes) keep a server proof from passing as a client proof.
+//!
+//! Inside TLS ([`crate::transport::tls`], the default) the handshake is
+//! *bound* to the TLS session: the labels are `"wanmig-v2 server"` and
+//! `"wanmig-v2 client"` and each proof also covers `E`, the session's
+//! 32-byte TLS exporter value (appended last). A proof made for one TLS
+//! session (or for none) fails in every other, so a machine in the middle
+//! that terminates TLS on both sides cannot relay the proofs. Proofs
 //! are compared in constant time. The server checks its policy only after the
 //! client proved knowledge of the key, so an unauthenticated peer learns
 //! nothing but the supported versions.
@@ -58,6 +65,12 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const SERVER_LABEL: &[u8; 16] = b"wanmig-v1 server";
 const CLIENT_LABEL: &[u8; 16] = b"wanmig-v1 client";
+/// The labels of a handshake bound to a TLS session.
+const BOUND_SERVER_LABEL: &[u8; 16] = b"wanmig-v2 server";
+const BOUND_CLIENT_LABEL: &[u8; 16] = b"wanmig-v2 client";
+
+/// A TLS session's exporter value the proofs are bound to.
+pub type Binding = [u8; 32];
 const HELLO_FRAME_LEN: usize = HEADER_LEN + HELLO_LEN;
 const MAX_HANDSHAKE_FRAME: usize = HEADER_LEN + MAX_HANDSHAKE_PAYLOAD;
 
@@ -214,6 +227,7 @@ pub enum HandshakeError {
 struct Options {
     versions: (u16, u16),
     rng: fn(&mut [u8]) -> io::Result<()>,
+    binding: Option<Binding>,
 }
 
 impl Default for Options {
@@ -221,6 +235,7 @@ impl Default for Options {
         Self {
             versions: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
             rng: fill_random,
+            binding: None,
         }
     }
 }
@@ -232,6 +247,36 @@ pub fn client_handshake<S: Read + Write>(
     key: &PskKey,
 ) -> Result<Session, HandshakeError> {
     client_with(stream, params, key, Options::default())
+}
+
+/// [`client_handshake`] inside a TLS session whose exporter value is
+/// `binding` (see the module docs).
+pub fn client_handshake_bound<S: Read + Write>(
+    stream: S,
+    params: &ClientParams,
+    key: &PskKey,
+    binding: &Binding,
+) -> Result<Session, HandshakeError> {
+    let opts = Options {
+        binding: Some(*binding),
+        ..Options::default()
+    };
+    client_with(stream, params, key, opts)
+}
+
+/// [`server_handshake`] inside a TLS session whose exporter value is
+/// `binding` (see the module docs).
+pub fn server_handshake_bound<S: Read + Write>(
+    stream: S,
+    policy: &ServerPolicy,
+    key: &PskKey,
+    binding: &Binding,
+) -> Result<Session, HandshakeError> {
+    let opts = Options {
+        binding: Some(*binding),
+        ..Options::default()
+    };
+    server_with(stream, policy, key, opts)
 }
 
 /// Runs the server (destination) side of the handshake on a blocking stream.
@@ -274,13 +319,36 @@ fn server_mac(
     hello_frame: &[u8],
     version: u16,
     nonce: &[u8; NONCE_LEN],
+    binding: Option<&Binding>,
 ) -> HmacSha256 {
-    transcript_mac(key, SERVER_LABEL, hello_frame, version, nonce)
+    let label = if binding.is_some() {
+        BOUND_SERVER_LABEL
+    } else {
+        SERVER_LABEL
+    };
+    let mut mac = transcript_mac(key, label, hello_frame, version, nonce);
+    if let Some(b) = binding {
+        mac.update(b);
+    }
+    mac
 }
 
-fn client_mac(key: &PskKey, hello_frame: &[u8], c: &Challenge) -> HmacSha256 {
-    let mut mac = transcript_mac(key, CLIENT_LABEL, hello_frame, c.version, &c.server_nonce);
+fn client_mac(
+    key: &PskKey,
+    hello_frame: &[u8],
+    c: &Challenge,
+    binding: Option<&Binding>,
+) -> HmacSha256 {
+    let label = if binding.is_some() {
+        BOUND_CLIENT_LABEL
+    } else {
+        CLIENT_LABEL
+    };
+    let mut mac = transcript_mac(key, label, hello_frame, c.version, &c.server_nonce);
     mac.update(&c.server_proof);
+    if let Some(b) = binding {
+        mac.update(b);
+    }
     mac
 }
 
@@ -451,6 +519,7 @@ fn client_with<S: Read + Write>(
         &hello_frame,
         challenge.version,
         &challenge.server_nonce,
+        opts.binding.as_ref(),
     );
     if expected_proof
         .verify_slice(&challenge.server_proof)
@@ -471,7 +540,12 @@ fn client_with<S: Read + Write>(
         return Err(conn.refuse(RejectReason::VersionMismatch, err));
     }
     let auth = Auth {
-        client_proof: tag(client_mac(key, &hello_frame, &challenge)),
+        client_proof: tag(client_mac(
+            key,
+            &hello_frame,
+            &challenge,
+            opts.binding.as_ref(),
+        )),
     };
     conn.send(
         &frame_bytes(FrameType::Auth, auth.to_wire().as_bytes()),
@@ -526,7 +600,13 @@ fn server_with<S: Read + Write>(
     let challenge = Challenge {
         version,
         server_nonce,
-        server_proof: tag(server_mac(key, &hello_frame, version, &server_nonce)),
+        server_proof: tag(server_mac(
+            key,
+            &hello_frame,
+            version,
+            &server_nonce,
+            opts.binding.as_ref(),
+        )),
     };
     let challenge_bytes = frame_bytes(FrameType::Challenge, challenge.to_wire().as_bytes());
     conn.send(&challenge_bytes, "send Challenge")?;
@@ -536,7 +616,7 @@ fn server_with<S: Read + Write>(
         Frame::Reject(r) => return Err(rejected(&r, opts.versions, Role::Client)),
         other => return Err(conn.unexpected(FrameType::Auth, &other)),
     };
-    if client_mac(key, &hello_frame, &challenge)
+    if client_mac(key, &hello_frame, &challenge, opts.binding.as_ref())
         .verify_slice(&auth.client_proof)
         .is_err()
     {
@@ -739,6 +819,48 @@ mod tests {
         ));
     }
 
+    /// Proofs bound to one TLS session fail in another (a machine in the
+    /// middle relaying them between its two sessions) and against an
+    /// unbound peer; equal bindings succeed.
+    #[test]
+    fn proofs_bound_to_another_session_fail_on_both_sides() {
+        let ok = run(
+            move |s| client_handshake_bound(s, &params(ConnKind::Bulk), &key(1), &[7; 32]),
+            move |s| server_handshake_bound(s, &strict_policy(), &key(1), &[7; 32]),
+        );
+        assert!(ok.0.is_ok() && ok.1.is_ok(), "{ok:?}");
+        let mismatched = run(
+            move |s| client_handshake_bound(s, &params(ConnKind::Bulk), &key(1), &[7; 32]),
+            move |s| server_handshake_bound(s, &strict_policy(), &key(1), &[8; 32]),
+        );
+        let unbound = run(
+            move |s| client_handshake(s, &params(ConnKind::Bulk), &key(1)),
+            move |s| server_handshake_bound(s, &strict_policy(), &key(1), &[0; 32]),
+        );
+        for (c, s) in [mismatched, unbound] {
+            assert!(
+                matches!(
+                    c,
+                    Err(HandshakeError::AuthFailed {
+                        peer_role: Role::Server,
+                        reported_by_peer: false
+                    })
+                ),
+                "{c:?}"
+            );
+            assert!(
+                matches!(
+                    s,
+                    Err(HandshakeError::AuthFailed {
+                        peer_role: Role::Client,
+                        reported_by_peer: true
+                    })
+                ),
+                "{s:?}"
+            );
+        }
+    }
+
     #[test]
     fn version_mismatch_fails_on_both_sides() {
         let p = params(ConnKind::Bulk);
@@ -787,7 +909,7 @@ mod tests {
                 let challenge = Challenge {
                     version: 9,
                     server_nonce: nonce,
-                    server_proof: tag(server_mac(&key(1), &hello, 9, &nonce)),
+                    server_proof: tag(server_mac(&key(1), &hello, 9, &nonce, None)),
                 };
                 s.write_all(&frame_bytes(
                     FrameType::Challenge,
@@ -895,7 +1017,7 @@ mod tests {
         let Frame::Challenge(c) = read_frame(s).0 else {
             panic!("no challenge")
         };
-        s.write_all(&auth_bytes(tag(client_mac(key, &hello, &c))))
+        s.write_all(&auth_bytes(tag(client_mac(key, &hello, &c, None))))
             .unwrap();
         hello
     }
@@ -1100,7 +1222,7 @@ mod tests {
                 let challenge = Challenge {
                     version: 1,
                     server_nonce: nonce,
-                    server_proof: tag(server_mac(&key(1), &hello, 1, &nonce)),
+                    server_proof: tag(server_mac(&key(1), &hello, 1, &nonce, None)),
                 };
                 s.write_all(&frame_bytes(
                     FrameType::Challenge,

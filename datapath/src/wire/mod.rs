@@ -62,11 +62,13 @@
 //! sequenceDiagram
 //!     participant S as Source (client)
 //!     participant D as Destination (server)
-//!     Note over S,D: each connection: bulk and fault
+//!     Note over S,D: each connection: bulk and fault, each inside TLS 1.3 (transport::tls) unless --plaintext
+//!     S->>D: [bulk] TLS 1.3 handshake; both derive the exporter E
 //!     S->>D: [bulk] Hello(versions, Bulk, migration id, nonce, geometry)
-//!     D->>S: [bulk] Challenge(version, nonce, server proof)
-//!     S->>D: [bulk] Auth(client proof)
+//!     D->>S: [bulk] Challenge(version, nonce, server proof over E)
+//!     S->>D: [bulk] Auth(client proof over E)
 //!     D->>S: [bulk] Accept
+//!     S->>D: [fault] TLS 1.3 handshake
 //!     S->>D: [fault] Hello(versions, Fault, same migration id, nonce, geometry)
 //!     D->>S: [fault] Challenge(version, nonce, server proof)
 //!     S->>D: [fault] Auth(client proof)
@@ -190,8 +192,8 @@ pub use geometry::{
 };
 pub use handoff::{HANDOFF_VERSION, Handoff, HandoffError, MAX_HANDOFF_LEN};
 pub use handshake::{
-    ClientParams, HANDSHAKE_TIMEOUT, HandshakeError, Role, ServerPolicy, Session, client_handshake,
-    server_handshake,
+    Binding, ClientParams, HANDSHAKE_TIMEOUT, HandshakeError, Role, ServerPolicy, Session,
+    client_handshake, client_handshake_bound, server_handshake, server_handshake_bound,
 };
 pub use header::{
     FLAG_LZ4, FLAG_ZERO, FrameType, HANDSHAKE_VERSION, HEADER_LEN, Header, KNOWN_FLAGS, MAGIC,
