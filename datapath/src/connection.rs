@@ -508,8 +508,47 @@ fn wait_for_connection(listener: &TcpListener, timeout: Duration) -> io::Result<
     Ok(())
 }
 
+/// Bounds a whole handshake (TLS and the PSK proofs) to a limit. The
+/// socket's timeouts bound each read and write, but a peer that trickles a
+/// byte now and then would hold the handshake (and a destination's accept
+/// loop) for as long as it likes: at the limit the socket is shut down,
+/// which fails whatever the handshake is doing.
+struct HandshakeDeadline {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    watch: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HandshakeDeadline {
+    fn arm(sock: &TcpStream, limit: Duration) -> io::Result<Self> {
+        let target = sock.try_clone()?;
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let watch = std::thread::Builder::new()
+            .name("handshake-deadline".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+                    let _ = target.shutdown(std::net::Shutdown::Both);
+                }
+            })?;
+        Ok(HandshakeDeadline {
+            done: Some(done),
+            watch: Some(watch),
+        })
+    }
+}
+
+impl Drop for HandshakeDeadline {
+    fn drop(&mut self) {
+        // Disconnecting ends the watch without touching the socket.
+        drop(self.done.take());
+        if let Some(w) = self.watch.take() {
+            let _ = w.join();
+        }
+    }
+}
+
 /// The handshakes' client side (the source's, whoever dialled) on `sock`:
-/// TLS 1.3 unless plaintext, then the PSK proofs, bound to the TLS session.
+/// TLS 1.3 unless plaintext, then the PSK proofs, bound to the TLS session;
+/// all within `cfg.handshake_timeout`.
 fn client_side(
     sock: &mut TcpStream,
     params: &ClientParams,
@@ -518,6 +557,8 @@ fn client_side(
     peer: SocketAddr,
 ) -> Result<(Session, Option<SharedTls>), ConnectError> {
     let conn = params.conn;
+    let _deadline =
+        HandshakeDeadline::arm(sock, cfg.handshake_timeout).map_err(tcp_err(conn, peer))?;
     let psk = |source| ConnectError::Handshake { conn, peer, source };
     let tls_err = |source| ConnectError::Tls { conn, peer, source };
     match cfg.encryption {
@@ -535,8 +576,9 @@ fn client_side(
     }
 }
 
-/// The handshakes' server side (the destination's) on `sock`; `conn`
-/// names the connection in errors until the client said which it is.
+/// The handshakes' server side (the destination's) on `sock`, within
+/// `cfg.handshake_timeout`; `conn` names the connection in errors until the
+/// client said which it is.
 fn server_side(
     sock: &mut TcpStream,
     policy: &ServerPolicy,
@@ -545,6 +587,8 @@ fn server_side(
     conn: ConnKind,
     peer: SocketAddr,
 ) -> Result<(Session, Option<SharedTls>), ConnectError> {
+    let _deadline =
+        HandshakeDeadline::arm(sock, cfg.handshake_timeout).map_err(tcp_err(conn, peer))?;
     let psk = |source| ConnectError::Handshake { conn, peer, source };
     let tls_err = |source| ConnectError::Tls { conn, peer, source };
     match cfg.encryption {
@@ -601,8 +645,30 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
-/// Connects, retrying while the destination is not listening yet (e.g. it is
-/// still starting), until `deadline`.
+/// Whether a failed connection is worth trying again: the destination was
+/// not listening yet, or its accept loop was busy with another peer (our
+/// handshake timed out waiting for it). A refusal of our key, a TLS
+/// protocol error, or a peer that hung up (one that does not speak TLS) is
+/// not.
+fn worth_retrying(e: &ConnectError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::WouldBlock
+            );
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Connects, retrying until `deadline` while the destination is not
+/// listening yet (e.g. it is still starting) or is busy with another peer
+/// (see [`worth_retrying`]).
 pub fn connect_with_retry(
     dst: SocketAddr,
     migration_id: MigrationId,
@@ -613,10 +679,7 @@ pub fn connect_with_retry(
 ) -> Result<ConnectionPair, ConnectError> {
     loop {
         match connect(dst, migration_id, geometry, key, cfg) {
-            Err(ConnectError::Tcp { source, .. })
-                if source.kind() == io::ErrorKind::ConnectionRefused
-                    && Instant::now() < deadline =>
-            {
+            Err(e) if worth_retrying(&e) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             other => return other,

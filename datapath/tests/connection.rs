@@ -418,3 +418,47 @@ fn a_receive_deadline_leaves_the_connection_usable() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_stray_trickling_bytes_holds_the_wait_no_longer_than_one_handshake() {
+    use std::io::Write;
+    let key = PskKey::generate();
+    let id = MigrationId::random();
+    let (l, addr) = listener();
+    let cfg = LinkConfig {
+        handshake_timeout: Duration::from_millis(600),
+        ..LinkConfig::default()
+    };
+    let k2 = key.clone();
+    let server = std::thread::spawn(move || accept(&l, &ServerPolicy::default(), &k2, &cfg));
+    // A TLS record header announcing a 16 KiB handshake record, then a
+    // byte of it every 100 ms: each read is in time, the whole never ends.
+    let stray = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00]);
+        for _ in 0..100 {
+            if s.write_all(&[0x01]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    // The source, behind it: its own handshake may time out while the
+    // destination is busy with the stray; it tries again.
+    let t = Instant::now();
+    let pair = wanmig_datapath::connection::connect_with_retry(
+        addr,
+        id,
+        geometry(),
+        &key,
+        &cfg,
+        Instant::now() + Duration::from_secs(20),
+    )
+    .unwrap();
+    let theirs = server.join().unwrap().unwrap();
+    assert_eq!(theirs.bulk.session.migration_id, id);
+    assert_eq!(pair.fault.session.migration_id, id);
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    drop(stray);
+}

@@ -330,13 +330,20 @@ impl FrameReceiver {
                 self.poisoned = true;
                 return Err(RecvError::Handler(e));
             }
-            if let Some(deadline) = deadline {
-                if !self.wait_readable(deadline)? {
-                    return Err(RecvError::TimedOut);
+            // Wait (within the deadline) and receive until bytes of the
+            // stream arrive: with TLS a receive may bring only part of a
+            // record, and the deadline holds for the rest of it too.
+            let n = loop {
+                if let Some(deadline) = deadline {
+                    if !self.wait_readable(deadline)? {
+                        return Err(RecvError::TimedOut);
+                    }
                 }
-            }
-            self.make_room(need);
-            let n = self.receive()?;
+                self.make_room(need);
+                if let Some(n) = self.receive()? {
+                    break n;
+                }
+            };
             if n == 0 {
                 return if self.start == self.end {
                     Ok(RecvEnd::Closed)
@@ -424,18 +431,20 @@ impl FrameReceiver {
         self.end = buffered;
     }
 
-    /// Bytes into the free tail of the buffer (plaintext: one receive;
-    /// TLS: as many receives as it takes to open a record); 0 means end of
-    /// stream.
-    fn receive<E>(&mut self) -> Result<usize, RecvError<E>> {
+    /// Bytes into the free tail of the buffer from one receive (plaintext)
+    /// or from what the TLS session already holds and at most one receive
+    /// of ciphertext (TLS); `Some(0)` means end of stream, `None` that the
+    /// ciphertext received so far opens no plaintext yet (part of a record).
+    fn receive<E>(&mut self) -> Result<Option<usize>, RecvError<E>> {
         if self.tls.is_none() {
             let cap = self.buf.capacity();
             let ptr = self.buf.ptr_at(self.end);
             let len = (cap - self.end).min(u32::MAX as usize);
             let n = self.receive_raw(ptr, len)?;
             self.end += n;
-            return Ok(n);
+            return Ok(Some(n));
         }
+        let mut received = false;
         loop {
             let cap = self.buf.capacity();
             let t = self.tls.as_mut().expect("checked above");
@@ -448,9 +457,10 @@ impl FrameReceiver {
             match opened {
                 Ok(Opened::Plain(n)) => {
                     self.end += n;
-                    return Ok(n);
+                    return Ok(Some(n));
                 }
-                Ok(Opened::Closed) => return Ok(0),
+                Ok(Opened::Closed) => return Ok(Some(0)),
+                Ok(Opened::NeedCipher) if received => return Ok(None),
                 Ok(Opened::NeedCipher) => {}
                 Err(source) => {
                     self.poisoned = true;
@@ -469,6 +479,7 @@ impl FrameReceiver {
             let t = self.tls.as_mut().expect("checked above");
             t.end = n;
             t.eof = n == 0;
+            received = true;
         }
     }
 

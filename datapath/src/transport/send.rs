@@ -241,6 +241,10 @@ pub struct FrameSender {
 /// kernel applies to unacknowledged data, `TCP_USER_TIMEOUT`).
 const PACED_STALL: std::time::Duration = super::tcp::USER_TIMEOUT;
 
+/// How long a TLS sender being dropped waits for room for its
+/// `close_notify`.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 impl FrameSender {
     /// Wraps a connected socket.
     pub fn new(sock: TcpStream, cfg: SendConfig) -> Result<Self, SendError> {
@@ -552,6 +556,14 @@ impl FrameSender {
                     let plain = front.mem.slice(front.sent, front.sent + run);
                     let sealed = t.chan.seal(plain, t.mem.slice_mut(0, CIPHER_BUFFER));
                     match sealed {
+                        Ok(0) if run > 0 => {
+                            // rustls refuses to seal past its sequence limit
+                            // (never reached: it updates its keys first).
+                            self.poisoned = true;
+                            return Err(SendError::Tls(TlsError::Setup(
+                                "the TLS session sealed nothing".into(),
+                            )));
+                        }
                         Ok(c) => {
                             front.sent += run;
                             t.len = c;
@@ -665,29 +677,51 @@ impl FrameSender {
 }
 
 impl FrameSender {
-    /// Ends the TLS stream with `close_notify` (best effort, without
-    /// blocking): the peer's receiver then knows the stream ended here and
-    /// was not cut.
+    /// Ends the TLS stream with `close_notify`, the peer's proof that the
+    /// stream ended here and was not cut. Only when everything committed
+    /// left (a sender dropped with frames unsent must look cut, not
+    /// finished); it waits at most [`CLOSE_WAIT`] for room in the socket.
     fn close_tls(&mut self) {
         let Some(t) = &mut self.tls else { return };
-        if self.poisoned || t.pending() > 0 {
+        let unsent = self.slots.iter().any(|s| s.sent < s.len);
+        if self.poisoned || t.pending() > 0 || unsent {
             return;
         }
         t.chan.close();
         let Ok(n) = t.chan.drain(t.mem.slice_mut(0, CIPHER_BUFFER)) else {
             return;
         };
-        let ptr = t.mem.ptr_at(0);
-        // SAFETY: `ptr..ptr+n` is initialised memory of the sealed run's
-        // buffer, nothing else uses it, and the call completes before we
-        // return.
-        unsafe {
-            libc::send(
-                self.sock.as_raw_fd(),
-                ptr.cast_const().cast(),
-                n,
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            );
+        let fd = self.sock.as_raw_fd();
+        let deadline = Instant::now() + CLOSE_WAIT;
+        let mut off = 0;
+        while off < n && Instant::now() < deadline {
+            let ptr = t.mem.ptr_at(off);
+            // SAFETY: `ptr..ptr+(n-off)` is initialised memory of the sealed
+            // run's buffer, nothing else uses it (no send is in flight), and
+            // the call completes before we return.
+            let rc = unsafe {
+                libc::send(
+                    fd,
+                    ptr.cast_const().cast(),
+                    n - off,
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if rc > 0 {
+                off += rc as usize;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            if rc == 0 || e.kind() != io::ErrorKind::WouldBlock {
+                return;
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd that lives across the call.
+            unsafe { libc::poll(&mut pfd, 1, 10) };
         }
     }
 }
