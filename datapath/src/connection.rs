@@ -16,16 +16,18 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::transport::tls::{Encryption, IoPath, SharedTls, TlsError, TlsHandshake, TlsRole};
+use crate::transport::tls::{
+    Encryption, HandshakeStream, IoPath, SharedTls, TlsError, TlsHandshake, TlsRole,
+};
 use crate::transport::{
     ConnRole, FrameReceiver, FrameSender, IoPreference, RecvConfig, RecvError, SendConfig,
     SendError, tcp,
 };
 use crate::unit_stream::UnitSender;
 use crate::wire::{
-    ClientParams, Compression, ConnKind, Geometry, HANDSHAKE_TIMEOUT, HandshakeError, MigrationId,
-    PskKey, ServerPolicy, Session, client_handshake, client_handshake_bound, server_handshake,
-    server_handshake_bound,
+    Binding, ClientParams, Compression, ConnKind, Geometry, HANDSHAKE_TIMEOUT, HandshakeError,
+    MigrationId, PskKey, ServerPolicy, Session, client_handshake, client_handshake_bound,
+    server_handshake, server_handshake_bound,
 };
 
 /// One authenticated connection, ready for frames in both directions.
@@ -556,24 +558,15 @@ fn client_side(
     cfg: &LinkConfig,
     peer: SocketAddr,
 ) -> Result<(Session, Option<SharedTls>), ConnectError> {
-    let conn = params.conn;
-    let _deadline =
-        HandshakeDeadline::arm(sock, cfg.handshake_timeout).map_err(tcp_err(conn, peer))?;
-    let psk = |source| ConnectError::Handshake { conn, peer, source };
-    let tls_err = |source| ConnectError::Tls { conn, peer, source };
-    match cfg.encryption {
-        Encryption::Plaintext => Ok((
-            client_handshake(&mut *sock, params, key).map_err(psk)?,
-            None,
-        )),
-        Encryption::Tls => {
-            let mut tls = TlsHandshake::run(sock, TlsRole::Client).map_err(tls_err)?;
-            let binding = tls.binding().map_err(tls_err)?;
-            let session =
-                client_handshake_bound(tls.stream(sock), params, key, &binding).map_err(psk)?;
-            Ok((session, Some(Arc::new(tls.into_channel()))))
-        }
-    }
+    secured(
+        sock,
+        TlsRole::Client,
+        cfg,
+        params.conn,
+        peer,
+        |s| client_handshake(s, params, key),
+        |s, binding| client_handshake_bound(s, params, key, binding),
+    )
 }
 
 /// The handshakes' server side (the destination's) on `sock`, within
@@ -587,20 +580,39 @@ fn server_side(
     conn: ConnKind,
     peer: SocketAddr,
 ) -> Result<(Session, Option<SharedTls>), ConnectError> {
+    secured(
+        sock,
+        TlsRole::Server,
+        cfg,
+        conn,
+        peer,
+        |s| server_handshake(s, policy, key),
+        |s, binding| server_handshake_bound(s, policy, key, binding),
+    )
+}
+
+/// One side's handshakes on `sock` within `cfg.handshake_timeout`: `plain`
+/// on the socket itself (plaintext), or TLS 1.3 in `role` and then `bound`
+/// inside it, given the session's exporter.
+fn secured(
+    sock: &mut TcpStream,
+    role: TlsRole,
+    cfg: &LinkConfig,
+    conn: ConnKind,
+    peer: SocketAddr,
+    plain: impl FnOnce(&mut TcpStream) -> Result<Session, HandshakeError>,
+    bound: impl FnOnce(HandshakeStream<'_>, &Binding) -> Result<Session, HandshakeError>,
+) -> Result<(Session, Option<SharedTls>), ConnectError> {
     let _deadline =
         HandshakeDeadline::arm(sock, cfg.handshake_timeout).map_err(tcp_err(conn, peer))?;
     let psk = |source| ConnectError::Handshake { conn, peer, source };
     let tls_err = |source| ConnectError::Tls { conn, peer, source };
     match cfg.encryption {
-        Encryption::Plaintext => Ok((
-            server_handshake(&mut *sock, policy, key).map_err(psk)?,
-            None,
-        )),
+        Encryption::Plaintext => Ok((plain(sock).map_err(psk)?, None)),
         Encryption::Tls => {
-            let mut tls = TlsHandshake::run(sock, TlsRole::Server).map_err(tls_err)?;
+            let mut tls = TlsHandshake::run(sock, role).map_err(tls_err)?;
             let binding = tls.binding().map_err(tls_err)?;
-            let session =
-                server_handshake_bound(tls.stream(sock), policy, key, &binding).map_err(psk)?;
+            let session = bound(tls.stream(sock), &binding).map_err(psk)?;
             Ok((session, Some(Arc::new(tls.into_channel()))))
         }
     }

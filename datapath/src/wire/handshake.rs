@@ -240,6 +240,16 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The defaults, bound to a TLS session.
+    fn bound(binding: &Binding) -> Self {
+        Options {
+            binding: Some(*binding),
+            ..Options::default()
+        }
+    }
+}
+
 /// Runs the client (source) side of the handshake on a blocking stream.
 pub fn client_handshake<S: Read + Write>(
     stream: S,
@@ -257,11 +267,7 @@ pub fn client_handshake_bound<S: Read + Write>(
     key: &PskKey,
     binding: &Binding,
 ) -> Result<Session, HandshakeError> {
-    let opts = Options {
-        binding: Some(*binding),
-        ..Options::default()
-    };
-    client_with(stream, params, key, opts)
+    client_with(stream, params, key, Options::bound(binding))
 }
 
 /// [`server_handshake`] inside a TLS session whose exporter value is
@@ -272,11 +278,7 @@ pub fn server_handshake_bound<S: Read + Write>(
     key: &PskKey,
     binding: &Binding,
 ) -> Result<Session, HandshakeError> {
-    let opts = Options {
-        binding: Some(*binding),
-        ..Options::default()
-    };
-    server_with(stream, policy, key, opts)
+    server_with(stream, policy, key, Options::bound(binding))
 }
 
 /// Runs the server (destination) side of the handshake on a blocking stream.

@@ -46,6 +46,7 @@
 //!    `Gamma`. The unit floor lets a guest with no device state converge;
 //!    with state 0 the threshold is 1 % of a unit.
 //! 4. the dirty set stopped shrinking: `rem >= (1 - min_shrink) * bytes_k`
+//!    (within a relative 1e-9: [`not_shrinking_floor`])
 //!    (default `min_shrink` 5 %): stop;
 //! 5. `k + 1 == max_rounds` (default 30): stop.
 //!
@@ -186,7 +187,7 @@ impl PrecopyLink {
             Some(StopReason::TargetMet)
         } else if rem <= self.converged_bytes {
             Some(StopReason::Converged)
-        } else if rem >= (1.0 - self.min_shrink) * bytes {
+        } else if rem >= not_shrinking_floor(self.min_shrink, bytes) {
             Some(StopReason::NotShrinking)
         } else if k + 1 >= self.max_rounds {
             Some(StopReason::RoundLimit)
@@ -194,6 +195,15 @@ impl PrecopyLink {
             None
         }
     }
+}
+
+/// Rule 4's threshold: `(1 - min_shrink) bytes`, less a relative `1e-9`.
+/// With `min_shrink = 0` and every unit of the set rewritten (`1 - e^{-x}`
+/// rounds to 1 for `x > 37`) the remainder equals the round's bytes, and
+/// which of two equal sums is larger is rounding: the margin makes "did not
+/// shrink" hold whichever way the sums were added up.
+pub(crate) fn not_shrinking_floor(min_shrink: f64, bytes: f64) -> f64 {
+    (1.0 - min_shrink) * bytes * (1.0 - 1e-9)
 }
 
 /// The outcome of the pre-copy phase.

@@ -164,7 +164,7 @@ pub(crate) fn predict(
         if rem <= 0.0
             || met
             || converged
-            || rem >= (1.0 - params.min_shrink) * bytes
+            || rem >= super::precopy::not_shrinking_floor(params.min_shrink, bytes)
             || k + 1 >= params.max_rounds
         {
             remainder = rem;
