@@ -31,10 +31,10 @@ use io_uring::{IoUring, opcode, types};
 use super::buf::IoBuf;
 use super::probe::{IoBackend, IoPreference, ProbeError, select_backend};
 use super::tls::{Opened, SharedTls, TlsError};
+use crate::wire::{DecodeError, Decoded, FrameDecoder, FrameRef};
 
 /// The ciphertext buffer of a TLS receiver.
 const CIPHER_BUFFER: usize = 512 << 10;
-use crate::wire::{DecodeError, Decoded, FrameDecoder, FrameRef};
 
 /// Tuning of a [`FrameReceiver`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
