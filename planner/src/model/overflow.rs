@@ -187,6 +187,25 @@ impl Overflow {
         self.ends = None;
         self.chunk_mass = None;
     }
+
+    /// Records that `missing` units of written class `w` (of `kind`: 0
+    /// pages, 1 chunks) are overflowed, each dirty with its group's
+    /// probability and stalling `stall` per fault.
+    fn push_partial(&mut self, kind: usize, w: &Written, missing: u64, stall: f64) {
+        let partial = Partial {
+            pos: w.pos,
+            group: w.group,
+            gidx: w.gidx,
+            phi: self.phi[w.group as usize],
+            missing,
+            stall,
+        };
+        if kind == 0 {
+            self.partial.push(partial);
+        } else {
+            self.cpartial.push(partial);
+        }
+    }
 }
 
 /// A class with `w > 0`, as the overflow sees it.
@@ -499,22 +518,8 @@ impl Model {
                 }
             }
         }
-        fn partials(ov: &mut Overflow, kind: usize) -> &mut Vec<Partial> {
-            if kind == 0 {
-                &mut ov.partial
-            } else {
-                &mut ov.cpartial
-            }
-        }
         if k < w.count {
-            partials(ov, ka).push(Partial {
-                pos: w.pos,
-                group: w.group,
-                gidx: w.gidx,
-                phi,
-                missing: w.count - k,
-                stall: self.kinds[ka].stall,
-            });
+            ov.push_partial(ka, &w, w.count - k, self.kinds[ka].stall);
         }
         for kind in 0..2 {
             let part = ov.parts[kind];
@@ -522,15 +527,7 @@ impl Model {
                 let tail = part.end - 1;
                 if tail >= part.first && !(kind == ka && tail == ia) {
                     let w = t.written[kind][tail];
-                    let phi = ov.phi[w.group as usize];
-                    partials(ov, kind).push(Partial {
-                        pos: w.pos,
-                        group: w.group,
-                        gidx: w.gidx,
-                        phi,
-                        missing: w.count - take,
-                        stall: self.kinds[kind].stall,
-                    });
+                    ov.push_partial(kind, &w, w.count - take, self.kinds[kind].stall);
                 }
             }
         }
