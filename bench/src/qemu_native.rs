@@ -172,6 +172,10 @@ pub struct QemuReport {
     pub disk_blocks_differing: u64,
     /// Errors the guest's checkers reported at the destination.
     pub checker_errors: u64,
+    /// Pages the guest's page checker verified at the destination between
+    /// its first and last heartbeat after the resume (QEMU's RAM cannot be
+    /// read from here: this is the memory check; 0 means it did not run).
+    pub pages_verified_after_resume: u64,
     /// What this harness did between the source's `STOP` and the
     /// destination's `RESUME` (`role: QMP command`, in order): only what
     /// libvirt itself does there (completing the mirrors, stopping the NBD
@@ -188,9 +192,12 @@ pub const LIBVIRT_STEPS_IN_DOWNTIME: [&str; 3] = [
 ];
 
 impl QemuReport {
-    /// Every check held: disks equal, no checker error.
+    /// Every check ran and held: disks equal, the page checker verified
+    /// pages at the destination, no checker error.
     pub fn intact(&self) -> bool {
-        self.disk_blocks_differing == 0 && self.checker_errors == 0
+        self.disk_blocks_differing == 0
+            && self.checker_errors == 0
+            && self.pages_verified_after_resume > 0
     }
 }
 
@@ -743,6 +750,16 @@ fn migrate(
         )));
     }
     let checker_errors = dst_log.checker_errors();
+    let after: Vec<u64> = dst_log
+        .heartbeats()
+        .iter()
+        .filter(|(t, _)| *t > resumed_at)
+        .map(|(_, h)| h.verified)
+        .collect();
+    let pages_verified_after_resume = match (after.first(), after.last()) {
+        (Some(first), Some(last)) => last.saturating_sub(*first),
+        _ => 0,
+    };
     src.drain();
     dst.drain();
 
@@ -808,6 +825,7 @@ fn migrate(
         disk_bytes_compared,
         disk_blocks_differing,
         checker_errors,
+        pages_verified_after_resume,
         steps_in_downtime,
     })
 }

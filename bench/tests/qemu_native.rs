@@ -65,6 +65,10 @@ fn qemu_moves_the_guest_and_its_disk_in_each_of_its_modes() {
         assert_eq!(r.disk_bytes_compared, DISK_MIB << 20, "{mode:?}");
         assert_eq!(r.disk_blocks_differing, 0, "{mode:?}: disks differ");
         assert_eq!(r.checker_errors, 0, "{mode:?}: the guest's checkers");
+        assert!(
+            r.pages_verified_after_resume > 0,
+            "{mode:?}: the page checker verified nothing at the destination"
+        );
         assert!(r.intact());
         // The downtime holds libvirt's steps, each once, in its order.
         assert_eq!(

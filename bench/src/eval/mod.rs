@@ -254,13 +254,18 @@ pub struct PlanMs {
 pub struct ModeIntegrity {
     /// Every check this mode can make ran (wanmig: the destination's
     /// populated pages and chunks compared with the source's frozen ones;
-    /// QEMU: every disk byte compared; both: the guest's checkers read).
+    /// QEMU: every disk byte compared and the guest's page checker
+    /// verified pages after the resume; both: the guest's checkers read).
     pub checked: bool,
     /// Failure lines the guest's checkers printed at the destination.
     pub checker_errors: u64,
     /// Populated pages compared (QEMU's RAM cannot be read: 0, the page
-    /// checker vouches for it).
+    /// checker vouches for it, see `guest_pages_verified`).
     pub pages_compared: u64,
+    /// QEMU modes: pages the guest's page checker verified at the
+    /// destination after the resume (0 for wanmig modes, whose pages are
+    /// compared byte for byte).
+    pub guest_pages_verified: u64,
     /// Pages compared apart from those: holes (never populated, or zero)
     /// at the source.
     pub holes_compared: u64,
@@ -288,6 +293,7 @@ impl ModeIntegrity {
             checked: i.checked && i.pages_compared > 0,
             checker_errors: i.checker_errors,
             pages_compared: i.pages_compared,
+            guest_pages_verified: 0,
             holes_compared: i.holes_compared,
             pages_differing: i.pages_differing,
             disk_compared: i.chunks_compared,
@@ -297,9 +303,11 @@ impl ModeIntegrity {
 
     fn of_qemu(r: &QemuReport, disk_bytes: u64) -> Self {
         ModeIntegrity {
-            checked: r.disk_bytes_compared == disk_bytes,
+            // The page checker is the only memory check: it must have run.
+            checked: r.disk_bytes_compared == disk_bytes && r.pages_verified_after_resume > 0,
             checker_errors: r.checker_errors,
             pages_compared: 0,
+            guest_pages_verified: r.pages_verified_after_resume,
             holes_compared: 0,
             pages_differing: 0,
             disk_compared: r.disk_bytes_compared,
@@ -441,6 +449,7 @@ impl ModeResult {
             checked: !done.is_empty() && done.iter().all(|i| i.checked),
             checker_errors: done.iter().map(|i| i.checker_errors).sum(),
             pages_compared: done.iter().map(|i| i.pages_compared).sum(),
+            guest_pages_verified: done.iter().map(|i| i.guest_pages_verified).sum(),
             holes_compared: done.iter().map(|i| i.holes_compared).sum(),
             pages_differing: done.iter().map(|i| i.pages_differing).sum(),
             disk_compared: done.iter().map(|i| i.disk_compared).sum(),

@@ -76,6 +76,36 @@ fn errors_are_floored_per_figure() {
     assert!(under.all().iter().all(|x| *x >= 0.0));
 }
 
+/// A QEMU run whose guest checker verified no page at the destination did
+/// not check its memory: unchecked, however equal its disks.
+#[test]
+fn a_qemu_run_whose_page_checker_verified_nothing_is_unchecked() {
+    let report = |verified: u64| QemuReport {
+        mode: QemuMode::Hybrid,
+        measured: figures(0.9),
+        window_stalls: crate::qemu_native::WindowStalls::Exact,
+        qemu_downtime_ms: None,
+        suspended_after_s: None,
+        postcopy_after_s: None,
+        ram_bytes: 1,
+        disk_bytes: 1 << 20,
+        mirror_ready_s: 0.0,
+        disk_bytes_compared: 1 << 20,
+        disk_blocks_differing: 0,
+        checker_errors: 0,
+        pages_verified_after_resume: verified,
+        steps_in_downtime: Vec::new(),
+    };
+    let silent = ModeIntegrity::of_qemu(&report(0), 1 << 20);
+    assert!(!silent.checked && !silent.holds(), "{silent:?}");
+    assert!(!report(0).intact());
+    let read = ModeIntegrity::of_qemu(&report(512), 1 << 20);
+    assert!(read.checked && read.holds(), "{read:?}");
+    assert_eq!(read.guest_pages_verified, 512);
+    // Its disks not all compared: unchecked too.
+    assert!(!ModeIntegrity::of_qemu(&report(512), 2 << 20).checked);
+}
+
 #[test]
 fn a_failed_or_unchecked_run_counts_as_gamma_zero() {
     let unchecked = RunResult::completed(figures(0.95), ModeIntegrity::default(), String::new());
