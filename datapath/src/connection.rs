@@ -13,6 +13,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,8 @@ pub struct LinkConfig {
     pub accept_timeout: Duration,
     /// TLS 1.3 (the default) or plaintext; both ends must agree.
     pub encryption: Encryption,
+    /// Congestion control of both connections (`None`: the host's default).
+    pub congestion: Option<tcp::Congestion>,
 }
 
 impl Default for LinkConfig {
@@ -95,6 +98,7 @@ impl Default for LinkConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             accept_timeout: Duration::from_secs(60),
             encryption: Encryption::Tls,
+            congestion: None,
         }
     }
 }
@@ -632,6 +636,9 @@ fn finish(
         ConnKind::Fault => (ConnRole::Fault, cfg.fault),
     };
     tcp::tune(&sock, role).map_err(tcp_err(conn, peer))?;
+    if let Some(cc) = cfg.congestion {
+        tcp::set_congestion(sock.as_fd(), cc).map_err(tcp_err(conn, peer))?;
+    }
     let rx_sock = sock.try_clone().map_err(tcp_err(conn, peer))?;
     let mut sender = FrameSender::new(sock, send_cfg)?;
     if let Some(why) = sender.fallback_reason() {

@@ -59,3 +59,36 @@ fn random_pages_cross_the_wan_intact_on_the_blocking_backend() {
     assert_eq!(r.units.raw, r.units.units);
     assert_eq!(r.backend, "blocking");
 }
+
+#[test]
+fn the_bulk_stream_measures_the_bottleneck_and_paces_just_below_it() {
+    // 40 Mbit/s, 5 ms: the rate controller's saturated windows must find
+    // the tbf's rate (TCP payload: 40 Mbit/s less ~3.5 % of headers), and
+    // the socket must end the push paced below it, not at or above it
+    // (which would queue behind every fault answer).
+    let mut opts = LinkOptions::new(
+        "tlnkrate",
+        "40mbit".parse().unwrap(),
+        Duration::from_millis(5),
+        Content::Random,
+    );
+    opts.size = 16 << 20;
+    opts.iperf_seconds = 0;
+    opts.probe_interval = Duration::from_millis(50);
+    let r = link::run(&opts).unwrap();
+    assert_eq!(r.integrity.pages_differing, 0);
+    let rate = r.send.rate.expect("rate pacing ran");
+    let measured_mbps = rate.bottleneck_bytes_per_s as f64 * 8e-6;
+    assert!(
+        (36.0..=41.0).contains(&measured_mbps),
+        "bottleneck measured at {measured_mbps:.2} Mbit/s: {rate:?}"
+    );
+    assert!(
+        r.send.pacing_rate > 0 && r.send.pacing_rate < rate.bottleneck_bytes_per_s,
+        "paced at {} B/s against a bottleneck of {} B/s",
+        r.send.pacing_rate,
+        rate.bottleneck_bytes_per_s
+    );
+    assert!(rate.probes + rate.drains > 0, "{rate:?}");
+    assert!(!r.congestion.is_empty());
+}

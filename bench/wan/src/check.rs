@@ -204,7 +204,7 @@ impl WanMeasurement {
 pub fn measure(wan: &Wan, duration: Duration) -> Result<WanMeasurement, CheckError> {
     let count = ((duration.as_secs_f64() * 10.0) as u32).max(20);
     let ping = ping_rtt(wan, count)?;
-    let iperf3 = iperf3_throughput(wan, duration)?;
+    let iperf3 = iperf3_throughput(wan, duration, None)?;
     Ok(WanMeasurement::judge(wan.config(), &iperf3, &ping))
 }
 
@@ -275,8 +275,13 @@ fn listens(pid: u32, addr: Ipv4Addr, port: u16) -> bool {
 /// Runs iperf3 over `wan` for `duration` (whole seconds, at least 1): a
 /// one-shot server (`iperf3 -s -1`) in the destination namespace, the client
 /// (`iperf3 -c <dst> -t N -J`) in the source namespace. Returns the goodput the
-/// receiver saw.
-pub fn iperf3_throughput(wan: &Wan, duration: Duration) -> Result<Iperf3Result, CheckError> {
+/// receiver saw. `congestion`: the client's congestion control (`-C`;
+/// `None`: the namespace's default).
+pub fn iperf3_throughput(
+    wan: &Wan,
+    duration: Duration,
+    congestion: Option<&str>,
+) -> Result<Iperf3Result, CheckError> {
     let seconds = duration.as_secs_f64().round().max(1.0) as u64;
     let dst = wan.dst_addr();
     let port = free_port(wan.dst_ns(), dst)?;
@@ -315,6 +320,9 @@ pub fn iperf3_throughput(wan: &Wan, duration: Duration) -> Result<Iperf3Result, 
         &seconds.to_string(),
         "-J",
     ]);
+    if let Some(cc) = congestion {
+        client.args(["-C", cc]);
+    }
     let command = cmd::display(&client);
     let output = client.output().map_err(|source| CheckError::Spawn {
         command: command.clone(),

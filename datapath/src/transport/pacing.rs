@@ -21,6 +21,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::rate::{RateConfig, RateControl, RateStats};
 use super::tcp::TcpInfo;
 
 /// Tuning of the bulk pacer.
@@ -39,6 +40,9 @@ pub struct PacingConfig {
     pub bandwidth_window: Duration,
     /// Do not submit sends smaller than this unless they finish a buffer.
     pub min_send: usize,
+    /// Rate pacing just below the bottleneck ([`super::rate`]); `None`
+    /// leaves the in-flight limit alone in charge.
+    pub rate: Option<RateConfig>,
 }
 
 impl Default for PacingConfig {
@@ -55,6 +59,7 @@ impl Default for PacingConfig {
             initial: 256 << 10,
             bandwidth_window: Duration::from_secs(2),
             min_send: 16 << 10,
+            rate: Some(RateConfig::default()),
         }
     }
 }
@@ -91,6 +96,7 @@ pub struct Pacer {
     cfg: Option<PacingConfig>,
     bandwidth: WindowedMax,
     min_rtt: Option<Duration>,
+    rate: Option<RateControl>,
 }
 
 impl Pacer {
@@ -100,6 +106,7 @@ impl Pacer {
             cfg: Some(cfg),
             bandwidth: WindowedMax::default(),
             min_rtt: None,
+            rate: cfg.rate.map(|r| RateControl::new(r, Instant::now())),
         }
     }
 
@@ -109,6 +116,7 @@ impl Pacer {
             cfg: None,
             bandwidth: WindowedMax::default(),
             min_rtt: None,
+            rate: None,
         }
     }
 
@@ -117,7 +125,8 @@ impl Pacer {
         self.cfg.is_some()
     }
 
-    /// Feeds one `TCP_INFO` reading.
+    /// Feeds one `TCP_INFO` reading, taken while the sender holds data the
+    /// socket has not been given yet.
     pub fn observe(&mut self, info: &TcpInfo, now: Instant) {
         let Some(cfg) = self.cfg else { return };
         if info.delivery_rate > 0 {
@@ -133,11 +142,33 @@ impl Pacer {
         if info.min_rtt > 0 {
             self.min_rtt = Some(Duration::from_micros(u64::from(info.min_rtt)));
         }
+        if let Some(rate) = &mut self.rate {
+            rate.observe(info, now, true);
+        }
     }
 
-    /// Estimated bottleneck bandwidth, bytes/s.
+    /// Estimated bottleneck bandwidth, bytes/s: the rate controller's
+    /// measurement once it has one, else the maximum delivery rate.
     pub fn bandwidth(&self) -> Option<u64> {
-        self.bandwidth.get()
+        self.rate
+            .as_ref()
+            .and_then(RateControl::bottleneck)
+            .or_else(|| self.bandwidth.get())
+    }
+
+    /// The pacing rate the socket should have, bytes/s (`None`: uncapped).
+    pub fn pacing_rate(&self) -> Option<u64> {
+        self.rate.as_ref().and_then(RateControl::rate)
+    }
+
+    /// The rate controller's counters (`None` when rate pacing is off).
+    pub fn rate_stats(&self) -> Option<RateStats> {
+        self.rate.as_ref().map(RateControl::stats)
+    }
+
+    /// Turns rate pacing off (the kernel refused the pacing rate).
+    pub fn disable_rate(&mut self) {
+        self.rate = None;
     }
 
     /// Minimum RTT seen.
@@ -150,7 +181,7 @@ impl Pacer {
         let Some(cfg) = self.cfg else {
             return usize::MAX;
         };
-        match (self.bandwidth.get(), self.min_rtt) {
+        match (self.bandwidth(), self.min_rtt) {
             (Some(bw), Some(rtt)) => {
                 let bdp = bw as f64 * rtt.as_secs_f64();
                 let l = (cfg.gain * bdp) as usize;
@@ -192,7 +223,7 @@ impl Pacer {
             .min_rtt
             .map_or(Duration::from_millis(2), |r| r / 2)
             .clamp(floor, Duration::from_millis(20));
-        match self.bandwidth.get() {
+        match self.bandwidth() {
             Some(bw) if bw > 0 => {
                 Duration::from_secs_f64(deficit as f64 / bw as f64).clamp(floor, cap)
             }

@@ -41,6 +41,7 @@ use io_uring::{IoUring, opcode, types};
 
 use super::buf::IoBuf;
 use super::pacing::{Pacer, PacingConfig};
+use super::rate::RateStats;
 use super::probe::{IoBackend, IoPreference, ProbeError, select_backend};
 use super::tcp;
 use super::tls::{SharedTls, TlsError};
@@ -152,6 +153,13 @@ pub struct SendStats {
     pub pacing_wait_ns: u64,
     /// Largest pacing limit applied, bytes.
     pub max_pacing_limit: u64,
+    /// The rate controller's counters (`None`: rate pacing off, or refused
+    /// by the kernel).
+    pub rate: Option<RateStats>,
+    /// Pacing rate the socket has now, bytes/s (0: uncapped).
+    pub pacing_rate: u64,
+    /// Times the socket's pacing rate was changed.
+    pub pacing_rate_changes: u64,
 }
 
 #[derive(Debug)]
@@ -316,7 +324,10 @@ impl FrameSender {
 
     /// Counters so far.
     pub fn stats(&self) -> SendStats {
-        self.stats
+        SendStats {
+            rate: self.pacer.rate_stats(),
+            ..self.stats
+        }
     }
 
     /// The pacer (for telemetry: bandwidth and RTT estimates).
@@ -476,6 +487,7 @@ impl FrameSender {
         }
         let info = tcp::tcp_info(self.sock.as_fd()).map_err(|e| self.io_error(e))?;
         self.pacer.observe(&info, Instant::now());
+        self.apply_pacing_rate();
         let queued = tcp::outq(self.sock.as_fd()).map_err(|e| self.io_error(e))?;
         let limit = self.pacer.limit();
         self.stats.max_pacing_limit = self.stats.max_pacing_limit.max(limit as u64);
@@ -488,6 +500,29 @@ impl FrameSender {
             // A small tail of the open slot: wait for more frames (or a flush).
             Ok(NextSend::Idle)
         }
+    }
+
+    /// Gives the socket the pacing rate the pacer wants, when it moved by
+    /// more than 0.5 %. A kernel that refuses the option leaves the
+    /// in-flight limit alone in charge.
+    fn apply_pacing_rate(&mut self) {
+        let want = self.pacer.pacing_rate();
+        let have = (self.stats.pacing_rate > 0).then_some(self.stats.pacing_rate);
+        let moved = match (want, have) {
+            (Some(w), Some(h)) => (w as f64 - h as f64).abs() > 0.005 * h as f64,
+            (w, h) => w != h,
+        };
+        if !moved {
+            return;
+        }
+        match tcp::set_max_pacing_rate(self.sock.as_fd(), want) {
+            Ok(()) => {
+                self.stats.pacing_rate = want.unwrap_or(0);
+                self.stats.pacing_rate_changes += 1;
+            }
+            Err(_) => self.pacer.disable_rate(),
+        }
+        self.stats.rate = self.pacer.rate_stats();
     }
 
     /// Moves data: submits what may go and reaps completions; with `wait`,

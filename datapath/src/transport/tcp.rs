@@ -172,6 +172,105 @@ pub fn outq(fd: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
+/// Caps the kernel's pacing of the socket (`SO_MAX_PACING_RATE`, bytes/s;
+/// `None` removes the cap). TCP paces itself at this rate with any
+/// congestion control (no `fq` qdisc needed).
+pub fn set_max_pacing_rate(fd: BorrowedFd<'_>, rate: Option<u64>) -> io::Result<()> {
+    let v: u64 = rate.unwrap_or(u64::MAX);
+    // SAFETY: passes a pointer to a live `u64` and its exact size (the
+    // kernel takes a 64-bit rate when the option is 8 bytes long).
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            (&v as *const u64).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A congestion-control algorithm for the migration's connections
+/// (`TCP_CONGESTION`; unset, the host's default applies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// BBR (this kernel's default).
+    Bbr,
+    /// CUBIC (what many WAN paths still run).
+    Cubic,
+}
+
+impl Congestion {
+    /// The kernel's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Bbr => "bbr",
+            Congestion::Cubic => "cubic",
+        }
+    }
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bbr" => Ok(Congestion::Bbr),
+            "cubic" => Ok(Congestion::Cubic),
+            other => Err(format!("unknown congestion control {other:?} (bbr or cubic)")),
+        }
+    }
+}
+
+/// Sets the socket's congestion control. A root process may pick any
+/// algorithm the kernel has (`tcp_available_congestion_control`), others
+/// only the allowed ones.
+pub fn set_congestion(fd: BorrowedFd<'_>, cc: Congestion) -> io::Result<()> {
+    let name = cc.name().as_bytes();
+    // SAFETY: passes a pointer to a live byte string and its exact length.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The socket's congestion control, by the kernel's name.
+pub fn congestion(fd: BorrowedFd<'_>) -> io::Result<String> {
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: `name` is a writable buffer of `len` bytes that outlives the
+    // call; the kernel writes at most `len` bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let name = &name[..(len as usize).min(name.len())];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
 /// How a connection is used, which decides its socket options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnRole {
@@ -305,6 +404,15 @@ mod tests {
         assert!(info.bytes_acked >= 100_000, "acked {}", info.bytes_acked);
         tune(&c, ConnRole::Fault).unwrap();
         assert!(c.nodelay().unwrap());
+        set_max_pacing_rate(c.as_fd(), Some(5_000_000)).unwrap();
+        assert_eq!(tcp_info(c.as_fd()).unwrap().max_pacing_rate, 5_000_000);
+        set_max_pacing_rate(c.as_fd(), None).unwrap();
+        assert_eq!(tcp_info(c.as_fd()).unwrap().max_pacing_rate, u64::MAX);
+        for cc in [Congestion::Cubic, Congestion::Bbr] {
+            set_congestion(c.as_fd(), cc).unwrap();
+            assert_eq!(congestion(c.as_fd()).unwrap(), cc.name());
+        }
+        assert!("vegas".parse::<Congestion>().is_err());
     }
 
     #[test]
