@@ -22,7 +22,9 @@
 //! Targets: on random pages `ratio >= 0.98`; on compressible content
 //! `effective_mbps >= 0.9 × compression_ratio × iperf3_mbps`; and with the
 //! push saturating the link, fault round trips p50 <= RTT + 1.5 ms and p99
-//! <= 2 × RTT.
+//! <= 2 × RTT. With `--no-wan` (one namespace's loopback, unpaced) the
+//! target is the engine's own speed: `effective_mbps >= 10000`, encrypted,
+//! and the report breaks the engines' CPU time down by stage ([`CpuCost`]).
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
@@ -34,7 +36,7 @@ use serde::Serialize;
 use wanmig_datapath::connection::{self, Connection, LinkConfig};
 use wanmig_datapath::transport::tcp::{self, Congestion};
 use wanmig_datapath::transport::{Encryption, IoPath};
-use wanmig_datapath::transport::{Flow, IoPreference, PacingConfig, SendStats};
+use wanmig_datapath::transport::{Flow, IoPreference, PacingConfig, RecvStats, SendStats};
 use wanmig_datapath::unit_stream::UnitStats;
 use wanmig_datapath::wire::{
     Compression, DecodeError, FrameRef, Geometry, MigrationId, PingMsg, PskKey, ServerPolicy,
@@ -82,6 +84,9 @@ pub struct LinkOptions {
     /// Congestion control of iperf3 and both engines' connections (`None`:
     /// the host's default).
     pub congestion: Option<Congestion>,
+    /// No WAN: both engines (and iperf3) in one namespace over its
+    /// loopback, unpaced, to measure what the engine itself can move.
+    pub no_wan: bool,
 }
 
 impl LinkOptions {
@@ -103,6 +108,7 @@ impl LinkOptions {
             probe_interval: Duration::from_millis(100),
             seed: 1,
             congestion: None,
+            no_wan: false,
         }
     }
 }
@@ -166,6 +172,77 @@ impl Target {
     }
 }
 
+/// CPU time of the two engines' threads (source: bulk sender and fault
+/// server; destination: bulk receiver and fault prober), in seconds per GB
+/// of page data moved (10^9 bytes of guest pages).
+///
+/// The stages are measured where they run: userspace stages with the clock
+/// around each call, the kernel's share of sending and receiving as the
+/// bulk threads' system time; `other` is the rest of the threads' CPU time
+/// (framing, the loops, the fault threads).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CpuCost {
+    /// User plus system time of the engines' threads, s.
+    pub seconds: f64,
+    /// `seconds` per GB moved.
+    pub seconds_per_gb: f64,
+    /// Copying pages out of the source region, s/GB.
+    pub read: f64,
+    /// Encoding (zero check, LZ4, CRC) into the send buffers, s/GB.
+    pub compress: f64,
+    /// Sealing TLS records, s/GB.
+    pub seal: f64,
+    /// The kernel's send path (the bulk sender's system time), s/GB.
+    pub send: f64,
+    /// The kernel's receive path (the bulk receiver's system time), s/GB.
+    pub receive: f64,
+    /// Opening TLS records, s/GB.
+    pub open: f64,
+    /// Decoding frames and installing pages (CRC check, LZ4, copy), s/GB.
+    pub install: f64,
+    /// Everything else, s/GB.
+    pub other: f64,
+}
+
+/// User and system CPU time of the calling thread.
+#[derive(Debug, Clone, Copy, Default)]
+struct ThreadCpu {
+    user: Duration,
+    sys: Duration,
+}
+
+impl ThreadCpu {
+    fn now() -> Self {
+        // SAFETY: an all-zero `rusage` is a valid value of the plain C
+        // struct, which getrusage overwrites.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a live, writable rusage for the duration of the
+        // call.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+        if rc != 0 {
+            return ThreadCpu::default();
+        }
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        ThreadCpu {
+            user: tv(ru.ru_utime),
+            sys: tv(ru.ru_stime),
+        }
+    }
+
+    fn since(self, start: ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            user: self.user.saturating_sub(start.user),
+            sys: self.sys.saturating_sub(start.sys),
+        }
+    }
+
+    fn total(self) -> Duration {
+        self.user + self.sys
+    }
+}
+
 /// The result of one run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LinkReport {
@@ -211,6 +288,10 @@ pub struct LinkReport {
     pub integrity: Integrity,
     /// Congestion control the bulk connection ran (the kernel's name).
     pub congestion: String,
+    /// Whether the run went over loopback instead of the emulated WAN.
+    pub no_wan: bool,
+    /// CPU the two engines spent, in all and by stage.
+    pub cpu: CpuCost,
     /// The targets that apply to this run: goodput (against iperf3, or the
     /// compressed equivalent) and fault latency under load (p50 <= RTT +
     /// 1.5 ms, p99 <= 2 RTT).
@@ -263,6 +344,11 @@ struct DstOutcome {
     bulk_rx_bytes: u64,
     end: Instant,
     latency: FaultLatency,
+    /// The bulk receiver thread's CPU during the push.
+    bulk_cpu: ThreadCpu,
+    /// The prober thread's CPU.
+    prober_cpu: ThreadCpu,
+    recv: RecvStats,
 }
 
 /// What the source measured.
@@ -273,6 +359,10 @@ struct SrcOutcome {
     backend: String,
     io: IoPath,
     congestion: String,
+    /// The bulk sender thread's CPU during the push.
+    bulk_cpu: ThreadCpu,
+    /// The fault server thread's CPU.
+    server_cpu: ThreadCpu,
 }
 
 /// Runs the benchmark.
@@ -283,14 +373,21 @@ pub fn run(opts: &LinkOptions) -> Result<LinkReport, LinkError> {
             opts.size
         )));
     }
-    let mut wan_config = WanConfig::new(opts.wan_name.clone(), opts.rate, opts.rtt);
-    if let Some(q) = opts.queue {
-        wan_config.queue = q;
-    }
-    let wan = Wan::up(wan_config)?;
+    let net = if opts.no_wan {
+        Net::Loopback(LoopbackNs::up(&opts.wan_name)?)
+    } else {
+        let mut wan_config = WanConfig::new(opts.wan_name.clone(), opts.rate, opts.rtt);
+        if let Some(q) = opts.queue {
+            wan_config.queue = q;
+        }
+        Net::Wan(Box::new(Wan::up(wan_config)?))
+    };
+    let (src_ns, dst_ns, dst_addr) = net.endpoints();
     let iperf3_mbps = if opts.iperf_seconds > 0 {
-        check::iperf3_throughput(
-            &wan,
+        check::iperf3_between(
+            &src_ns,
+            &dst_ns,
+            dst_addr,
             Duration::from_secs(opts.iperf_seconds),
             opts.congestion.map(Congestion::name),
         )?
@@ -302,8 +399,8 @@ pub fn run(opts: &LinkOptions) -> Result<LinkReport, LinkError> {
     let mut src = vec![0u8; opts.size as usize];
     fill_region(opts.content, opts.seed, PAGE, &mut src);
     let src = Arc::new(src);
-    let (dst, source) = transfer_pages(&wan, opts, pages, &src)?;
-    drop(wan);
+    let (dst, source) = transfer_pages(&net, opts, pages, &src)?;
+    drop(net);
 
     let integrity = compare(&src, &dst.region);
     let seconds = dst
@@ -324,27 +421,42 @@ pub fn run(opts: &LinkOptions) -> Result<LinkReport, LinkError> {
         )
     };
     let rtt_ms = opts.rtt.as_secs_f64() * 1e3;
-    let targets = vec![
-        goodput,
-        Target::at_most(
+    let mut targets = Vec::new();
+    if opts.no_wan {
+        // Loopback: what the engine itself moves, encrypted, on this host
+        // (iperf3 there is a reference, not a target: it neither seals
+        // nor encodes).
+        targets.push(Target::at_least(
+            "effective_mbps >= 10000 (loopback)",
+            10_000.0,
+            effective_mbps,
+        ));
+    } else {
+        targets.push(goodput);
+        targets.push(Target::at_most(
             "fault_latency.loaded_p50_ms <= rtt_ms + 1.5",
             rtt_ms + 1.5,
             dst.latency.loaded_p50_ms,
-        ),
-        Target::at_most(
+        ));
+        targets.push(Target::at_most(
             "fault_latency.loaded_p99_ms <= 2 * rtt_ms",
             2.0 * rtt_ms,
             dst.latency.loaded_p99_ms,
-        ),
-    ];
+        ));
+    }
+    let cpu = cpu_cost(&source, &dst);
     Ok(LinkReport {
-        rate_mbps: opts.rate.mbit(),
-        rtt_ms: opts.rtt.as_secs_f64() * 1e3,
+        rate_mbps: if opts.no_wan {
+            f64::NAN
+        } else {
+            opts.rate.mbit()
+        },
+        rtt_ms: if opts.no_wan { 0.0 } else { rtt_ms },
         content: opts.content,
         size_bytes: opts.size,
         backend: source.backend,
         io: source.io,
-        pacing: opts.pacing,
+        pacing: opts.pacing && !opts.no_wan,
         goodput_mbps,
         iperf3_mbps,
         ratio,
@@ -358,8 +470,91 @@ pub fn run(opts: &LinkOptions) -> Result<LinkReport, LinkError> {
         fault_latency: dst.latency,
         integrity,
         congestion: source.congestion,
+        no_wan: opts.no_wan,
+        cpu,
         targets,
     })
+}
+
+fn cpu_cost(src: &SrcOutcome, dst: &DstOutcome) -> CpuCost {
+    let gb = src.units.unit_bytes as f64 / 1e9;
+    let per_gb = |d: Duration| {
+        if gb > 0.0 {
+            d.as_secs_f64() / gb
+        } else {
+            f64::NAN
+        }
+    };
+    let ns = |n: u64| per_gb(Duration::from_nanos(n));
+    let total = src.bulk_cpu.total()
+        + src.server_cpu.total()
+        + dst.bulk_cpu.total()
+        + dst.prober_cpu.total();
+    let mut c = CpuCost {
+        seconds: total.as_secs_f64(),
+        seconds_per_gb: per_gb(total),
+        read: ns(src.units.copy_ns),
+        compress: ns(src.units.encode_ns),
+        seal: ns(src.send.seal_ns),
+        send: per_gb(src.bulk_cpu.sys),
+        receive: per_gb(dst.bulk_cpu.sys),
+        open: ns(dst.recv.open_ns),
+        install: ns(dst.recv.handle_ns),
+        other: 0.0,
+    };
+    let named = c.read + c.compress + c.seal + c.send + c.receive + c.open + c.install;
+    c.other = (c.seconds_per_gb - named).max(0.0);
+    c
+}
+
+/// Where the two engines run.
+enum Net {
+    /// The emulated WAN between two namespaces.
+    Wan(Box<Wan>),
+    /// One namespace's loopback.
+    Loopback(LoopbackNs),
+}
+
+impl Net {
+    /// Source namespace, destination namespace, destination address.
+    fn endpoints(&self) -> (String, String, std::net::Ipv4Addr) {
+        match self {
+            Net::Wan(w) => (w.src_ns().into(), w.dst_ns().into(), w.dst_addr()),
+            Net::Loopback(l) => (l.ns.clone(), l.ns.clone(), std::net::Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+/// A namespace of its own with only `lo` up, deleted on drop (so that a
+/// loopback run neither sees nor disturbs the host's own traffic).
+struct LoopbackNs {
+    ns: String,
+}
+
+impl LoopbackNs {
+    fn up(name: &str) -> Result<Self, LinkError> {
+        let ns = format!("wanmig-{name}-lo");
+        netns::delete(&ns).map_err(|e| LinkError::Options(format!("namespace {ns}: {e}")))?;
+        netns::add(&ns).map_err(|e| LinkError::Options(format!("namespace {ns}: {e}")))?;
+        let lo = LoopbackNs { ns };
+        let status = netns::command(&lo.ns, "ip")
+            .args(["link", "set", "dev", "lo", "up"])
+            .status()
+            .map_err(|e| LinkError::Options(format!("ip link set lo up: {e}")))?;
+        if !status.success() {
+            return Err(LinkError::Options(format!(
+                "ip link set lo up in {} failed",
+                lo.ns
+            )));
+        }
+        Ok(lo)
+    }
+}
+
+impl Drop for LoopbackNs {
+    fn drop(&mut self) {
+        let _ = netns::delete(&self.ns);
+    }
 }
 
 fn compare(src: &[u8], dst: &[u8]) -> Integrity {
@@ -378,13 +573,13 @@ fn link_config(opts: &LinkOptions) -> LinkConfig {
     let mut cfg = LinkConfig::default().with_io(opts.io);
     cfg.encryption = opts.encryption;
     cfg.compression = opts.compression;
-    cfg.bulk.pacing = opts.pacing.then_some(opts.pacing_config);
+    cfg.bulk.pacing = (opts.pacing && !opts.no_wan).then_some(opts.pacing_config);
     cfg.congestion = opts.congestion;
     cfg
 }
 
 fn transfer_pages(
-    wan: &Wan,
+    net: &Net,
     opts: &LinkOptions,
     pages: u64,
     src: &Arc<Vec<u8>>,
@@ -393,20 +588,18 @@ fn transfer_pages(
     let id = MigrationId::random();
     let geometry = Geometry::new(PAGE as u32, pages, 64 << 10, 1, 1 << 20);
     let cfg = link_config(opts);
-    let listener = netns::run_in(wan.dst_ns(), {
-        let addr = wan.dst_addr();
-        move || TcpListener::bind((addr, 0))
-    })?
-    .map_err(|e| transfer("destination")(format!("listen: {e}")))?;
+    let (src_ns, dst_ns, dst_addr) = net.endpoints();
+    let listener = netns::run_in(&dst_ns, move || TcpListener::bind((dst_addr, 0)))?
+        .map_err(|e| transfer("destination")(format!("listen: {e}")))?;
     let addr: SocketAddr = listener
         .local_addr()
         .map_err(|e| transfer("destination")(e.to_string()))?;
 
-    let dst_thread = netns::spawn_in(wan.dst_ns(), {
+    let dst_thread = netns::spawn_in(&dst_ns, {
         let (key, src, opts) = (key.clone(), src.clone(), opts.clone());
         move || destination(listener, &key, &cfg, geometry, &opts, &src)
     })?;
-    let src_thread = netns::spawn_in(wan.src_ns(), {
+    let src_thread = netns::spawn_in(&src_ns, {
         let src = src.clone();
         move || source(addr, id, geometry, &key, &cfg, &src)
     })?;
@@ -438,7 +631,11 @@ fn source(
     let (mut bulk, fault) = (pair.bulk, pair.fault);
     let server = {
         let src = src.clone();
-        std::thread::spawn(move || serve_faults(fault, &src))
+        std::thread::spawn(move || {
+            let cpu0 = ThreadCpu::now();
+            let served = serve_faults(fault, &src);
+            (served, ThreadCpu::now().since(cpu0))
+        })
     };
     // Wait for the destination's go (a Ping on bulk).
     let dec = bulk.session.decoder();
@@ -451,6 +648,7 @@ fn source(
         })
         .map_err(|e| err(e.to_string()))?;
     let start = Instant::now();
+    let cpu0 = ThreadCpu::now();
     for (i, page) in src.chunks(PAGE).enumerate() {
         bulk.tx
             .send_unit(UnitKind::Page, i as u64, PAGE, |out| {
@@ -460,7 +658,8 @@ fn source(
     }
     bulk.tx.send_goodbye().map_err(|e| err(e.to_string()))?;
     bulk.tx.flush().map_err(|e| err(e.to_string()))?;
-    let served = server
+    let bulk_cpu = ThreadCpu::now().since(cpu0);
+    let (served, server_cpu) = server
         .join()
         .map_err(|_| err("fault server panicked".into()))?;
     served.map_err(&err)?;
@@ -469,6 +668,8 @@ fn source(
         .map_err(|e| err(format!("reading TCP_CONGESTION: {e}")))?;
     Ok(SrcOutcome {
         congestion,
+        bulk_cpu,
+        server_cpu,
         start,
         units: bulk.tx.stats(),
         send: bulk.tx.sender().stats(),
@@ -586,7 +787,8 @@ fn destination(
     let stop = Arc::new(AtomicBool::new(false));
     let prober = {
         let (stop, src, interval) = (stop.clone(), src.clone(), opts.probe_interval);
-        std::thread::spawn(move || -> Result<(Vec<f64>, u64, u64), String> {
+        std::thread::spawn(move || -> Result<(Vec<f64>, u64, u64, ThreadCpu), String> {
+            let cpu0 = ThreadCpu::now();
             let mut loaded = Vec::new();
             let mut wrong = 0u64;
             let mut n = 1000;
@@ -601,11 +803,20 @@ fn destination(
             }
             fault.tx.send_goodbye().map_err(|e| e.to_string())?;
             fault.tx.flush().map_err(|e| e.to_string())?;
-            Ok((loaded, wrong, fault.rx.stats().bytes))
+            Ok((
+                loaded,
+                wrong,
+                fault.rx.stats().bytes,
+                ThreadCpu::now().since(cpu0),
+            ))
         })
     };
 
+    // Populate the region before the push: the destination's guest memory
+    // exists before a migration writes it, and the page allocator's work is
+    // not the datapath's (on loopback it cost more CPU than the datapath).
     let mut region = vec![0u8; (pages as usize) * PAGE];
+    region.fill(0xA5);
     bulk.tx
         .send_ping(PingMsg {
             nonce: 0,
@@ -614,6 +825,7 @@ fn destination(
         .and_then(|_| bulk.tx.flush())
         .map_err(|e| err(e.to_string()))?;
     let dec = bulk.session.decoder();
+    let cpu0 = ThreadCpu::now();
     let received = bulk.rx.run(&dec, |f| -> Result<Flow, DecodeError> {
         match f {
             FrameRef::Unit {
@@ -629,16 +841,20 @@ fn destination(
         }
     });
     let end = Instant::now();
+    let bulk_cpu = ThreadCpu::now().since(cpu0);
     stop.store(true, Ordering::Relaxed);
     let probes = prober.join().map_err(|_| err("prober panicked".into()))?;
     received.map_err(|e| err(e.to_string()))?;
-    let (mut loaded, wrong_loaded, fault_rx_bytes) = probes.map_err(&err)?;
+    let (mut loaded, wrong_loaded, fault_rx_bytes, prober_cpu) = probes.map_err(&err)?;
     idle.sort_by(f64::total_cmp);
     loaded.sort_by(f64::total_cmp);
     Ok(DstOutcome {
         rx_bytes: bulk.rx.stats().bytes + fault_rx_bytes - idle_fault_bytes,
         bulk_rx_bytes: bulk.rx.stats().bytes,
         end,
+        bulk_cpu,
+        prober_cpu,
+        recv: bulk.rx.stats(),
         latency: FaultLatency {
             idle_p50_ms: percentile(&idle, 0.5),
             loaded_p50_ms: percentile(&loaded, 0.5),

@@ -92,3 +92,47 @@ fn the_bulk_stream_measures_the_bottleneck_and_paces_just_below_it() {
     assert!(rate.probes + rate.drains > 0, "{rate:?}");
     assert!(!r.congestion.is_empty());
 }
+
+#[test]
+fn a_loopback_run_accounts_the_engines_cpu_by_stage() {
+    // `--no-wan`: one namespace's loopback, unpaced, TLS on. Every stage
+    // that ran must show its cost, the named stages must fit in the
+    // threads' CPU time, and an unpaced bulk sender must batch its sends
+    // (one send per 4 KiB frame cost 3.4 s of kernel CPU per GB).
+    let mut opts = LinkOptions::new(
+        "tlnklo",
+        "40mbit".parse().unwrap(),
+        Duration::from_millis(5),
+        Content::Random,
+    );
+    opts.no_wan = true;
+    opts.size = 64 << 20;
+    opts.iperf_seconds = 0;
+    let r = link::run(&opts).unwrap();
+    assert!(r.no_wan && !r.pacing);
+    assert_eq!(r.integrity.pages_differing, 0);
+    assert_eq!(r.integrity.pages_compared, (64 << 20) / 4096);
+    assert_ne!(r.io.cipher, "none");
+    let c = r.cpu;
+    for (stage, v) in [
+        ("read", c.read),
+        ("compress", c.compress),
+        ("seal", c.seal),
+        ("send", c.send),
+        ("open", c.open),
+        ("install", c.install),
+    ] {
+        assert!(v > 0.0, "{stage} shows no cost: {c:?}");
+    }
+    // (Userspace stages are clocked by wall time, which a busy two-core
+    // host inflates with preemption: the bound is loose.)
+    let named = c.read + c.compress + c.seal + c.send + c.receive + c.open + c.install;
+    assert!(named <= c.seconds_per_gb * 2.0, "{c:?}");
+    assert!(
+        r.send.sends * 64 * 1024 <= r.send.bytes_sent,
+        "{} sends for {} bytes: not batched",
+        r.send.sends,
+        r.send.bytes_sent
+    );
+    assert_eq!(r.targets.len(), 1, "{:?}", r.targets);
+}

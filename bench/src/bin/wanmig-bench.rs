@@ -276,6 +276,10 @@ struct LinkBenchArgs {
     /// Never try LZ4.
     #[arg(long)]
     no_compression: bool,
+    /// No WAN: both engines and iperf3 in one namespace over its loopback,
+    /// unpaced (what the engine itself can move, and its CPU cost).
+    #[arg(long, conflicts_with_all = ["queue", "no_pacing", "pacing_floor", "pacing_gain", "cruise_gain"])]
+    no_wan: bool,
     /// Congestion control of iperf3 and the engines' connections: bbr or
     /// cubic [default: the host's].
     #[arg(long)]
@@ -753,6 +757,7 @@ fn link_cmd(args: LinkBenchArgs) -> Result<ExitCode> {
     }
     opts.io = args.io;
     opts.congestion = args.congestion;
+    opts.no_wan = args.no_wan;
     if args.plaintext {
         eprintln!("wanmig-bench: {}", Encryption::PLAINTEXT_WARNING);
         opts.encryption = Encryption::Plaintext;
@@ -762,13 +767,14 @@ fn link_cmd(args: LinkBenchArgs) -> Result<ExitCode> {
         opts.compression = Compression::None;
     }
     if !args.json {
+        let over = if args.no_wan {
+            "loopback (no WAN, unpaced)".to_string()
+        } else {
+            format!("{} / {}", args.rate, format_duration(args.rtt))
+        };
         println!(
-            "link benchmark: {} of {} pages over {} / {} (iperf3 reference {} s first)",
-            args.size,
-            args.content,
-            args.rate,
-            format_duration(args.rtt),
-            args.iperf_seconds
+            "link benchmark: {} of {} pages over {over} (iperf3 reference {} s first)",
+            args.size, args.content, args.iperf_seconds
         );
     }
     // The run owns the WAN it brings up; on Ctrl-C tear it down by name.
@@ -849,6 +855,20 @@ fn print_link(r: &LinkReport) {
             rate.windows
         );
     }
+    let c = &r.cpu;
+    println!(
+        "CPU: {:.2} s in both engines, {:.3} s per GB moved: read {:.3}, compress {:.3}, seal {:.3}, send {:.3}, receive {:.3}, open {:.3}, install {:.3}, other {:.3}",
+        c.seconds,
+        c.seconds_per_gb,
+        c.read,
+        c.compress,
+        c.seal,
+        c.send,
+        c.receive,
+        c.open,
+        c.install,
+        c.other
+    );
     println!(
         "integrity: {} pages compared, {} differing",
         r.integrity.pages_compared, r.integrity.pages_differing

@@ -282,10 +282,27 @@ pub fn iperf3_throughput(
     duration: Duration,
     congestion: Option<&str>,
 ) -> Result<Iperf3Result, CheckError> {
+    iperf3_between(
+        wan.src_ns(),
+        wan.dst_ns(),
+        wan.dst_addr(),
+        duration,
+        congestion,
+    )
+}
+
+/// [`iperf3_throughput`] between any two namespaces (or one, over its
+/// loopback): the server on `dst` in `dst_ns`, the client in `src_ns`.
+pub fn iperf3_between(
+    src_ns: &str,
+    dst_ns: &str,
+    dst: Ipv4Addr,
+    duration: Duration,
+    congestion: Option<&str>,
+) -> Result<Iperf3Result, CheckError> {
     let seconds = duration.as_secs_f64().round().max(1.0) as u64;
-    let dst = wan.dst_addr();
-    let port = free_port(wan.dst_ns(), dst)?;
-    let mut server_cmd = tool_in(wan.dst_ns(), "iperf3")?;
+    let port = free_port(dst_ns, dst)?;
+    let mut server_cmd = tool_in(dst_ns, "iperf3")?;
     server_cmd
         .args(["-s", "-1", "-B", &dst.to_string(), "-p", &port.to_string()])
         .stdin(Stdio::null())
@@ -302,7 +319,7 @@ pub fn iperf3_throughput(
                 let _ = e.read_to_string(&mut stderr);
             }
             return Err(CheckError::ServerNotListening {
-                ns: wan.dst_ns().into(),
+                ns: dst_ns.into(),
                 addr: dst,
                 port,
                 stderr: stderr.trim().to_string(),
@@ -310,7 +327,7 @@ pub fn iperf3_throughput(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let mut client = tool_in(wan.src_ns(), "iperf3")?;
+    let mut client = tool_in(src_ns, "iperf3")?;
     client.args([
         "-c",
         &dst.to_string(),

@@ -277,7 +277,8 @@ impl RateControl {
         if self.phase == Phase::Drain && (drained_now || drain_over) {
             self.enter(Phase::Cruise, now);
         }
-        if self.phase == Phase::Cruise && now.duration_since(self.phase_since) >= self.cfg.probe_every
+        if self.phase == Phase::Cruise
+            && now.duration_since(self.phase_since) >= self.cfg.probe_every
         {
             self.enter(Phase::Probe, now);
         }
@@ -442,7 +443,11 @@ mod tests {
         p.run(&mut rc, 5_000_000.0, 18);
         assert_eq!(rc.phase(), Phase::Startup);
         p.run(&mut rc, 5_000_000.0, 5);
-        assert!(near(rc.bottleneck().unwrap(), 5e6, 0.01), "{:?}", rc.bottleneck());
+        assert!(
+            near(rc.bottleneck().unwrap(), 5e6, 0.01),
+            "{:?}",
+            rc.bottleneck()
+        );
         p.run(&mut rc, 5_000_000.0, 100);
         assert_eq!(rc.phase(), Phase::Cruise);
         assert!(near(rc.rate().unwrap(), cfg.cruise_gain * 5e6, 0.01));
@@ -466,7 +471,11 @@ mod tests {
         // The link halves: queues in Cruise measure it within a few cycles.
         // (It stops once Cruise no longer builds a queue: within 3 %.)
         p.run(&mut rc, 5_000_000.0, 1000);
-        assert!(near(rc.bottleneck().unwrap(), 5e6, 0.03), "{:?}", rc.bottleneck());
+        assert!(
+            near(rc.bottleneck().unwrap(), 5e6, 0.03),
+            "{:?}",
+            rc.bottleneck()
+        );
         assert!(rc.stats().drains >= 2);
         p.run(&mut rc, 5_000_000.0, 200);
         assert!(rc.rate().unwrap() < 5_000_000);
@@ -538,6 +547,9 @@ mod tests {
             );
         }
         let after = rc.bottleneck().unwrap();
-        assert!(after >= before / 2 && after >= cfg.min_rate, "{before} -> {after}");
+        assert!(
+            after >= before / 2 && after >= cfg.min_rate,
+            "{before} -> {after}"
+        );
     }
 }

@@ -165,6 +165,11 @@ pub struct RecvStats {
     pub bytes: u64,
     /// Receive requests completed.
     pub recvs: u64,
+    /// Time spent opening TLS records, ns.
+    pub open_ns: u64,
+    /// Time spent in the frame handler (decoding and installing what the
+    /// frames carry), ns.
+    pub handle_ns: u64,
 }
 
 enum Engine {
@@ -307,7 +312,10 @@ impl FrameReceiver {
                         self.start += consumed;
                         self.offset += consumed as u64;
                         self.stats.frames += 1;
-                        match handler.on_frame(frame) {
+                        let t0 = Instant::now();
+                        let flow = handler.on_frame(frame);
+                        self.stats.handle_ns += t0.elapsed().as_nanos() as u64;
+                        match flow {
                             Ok(Flow::Continue) => {}
                             Ok(Flow::Stop) => return Ok(RecvEnd::Stopped),
                             Err(e) => {
@@ -450,9 +458,11 @@ impl FrameReceiver {
             let t = self.tls.as_mut().expect("checked above");
             let mut cipher = t.mem.slice(t.start, t.end);
             let before = cipher.len();
+            let t0 = Instant::now();
             let opened = t
                 .chan
                 .open(&mut cipher, t.eof, self.buf.slice_mut(self.end, cap));
+            self.stats.open_ns += t0.elapsed().as_nanos() as u64;
             t.start += before - cipher.len();
             match opened {
                 Ok(Opened::Plain(n)) => {

@@ -222,7 +222,9 @@ impl std::str::FromStr for Congestion {
         match s {
             "bbr" => Ok(Congestion::Bbr),
             "cubic" => Ok(Congestion::Cubic),
-            other => Err(format!("unknown congestion control {other:?} (bbr or cubic)")),
+            other => Err(format!(
+                "unknown congestion control {other:?} (bbr or cubic)"
+            )),
         }
     }
 }
