@@ -47,6 +47,9 @@ use wanmig_planner::units::Rate;
 use crate::content::{Content, fill_page, fill_region};
 use crate::wan::{Wan, WanConfig, WanError, check, netns};
 
+/// Bytes per send of the unpaced bulk sender on loopback.
+pub const LOOPBACK_BATCH: usize = 256 << 10;
+
 /// Guest page size used by the benchmark.
 pub const PAGE: usize = 4096;
 
@@ -574,6 +577,10 @@ fn link_config(opts: &LinkOptions) -> LinkConfig {
     cfg.encryption = opts.encryption;
     cfg.compression = opts.compression;
     cfg.bulk.pacing = (opts.pacing && !opts.no_wan).then_some(opts.pacing_config);
+    if opts.no_wan {
+        // The push never stalls between pages here: batch the unpaced sends.
+        cfg.bulk.batch = LOOPBACK_BATCH;
+    }
     cfg.congestion = opts.congestion;
     cfg
 }

@@ -65,10 +65,14 @@ pub struct SendConfig {
     /// I/O backend preference.
     pub io: IoPreference,
     /// Unpaced, submit at least this many bytes at a time unless a flush
-    /// (or a full buffer) lets a smaller tail go: one send per frame costs
-    /// a system call and a TCP push per page (on loopback the kernel's
-    /// share of a 4 KiB-per-send stream was 3.4 s of CPU per GB). Paced,
-    /// the pacer's minimum send applies instead.
+    /// (or a full buffer) lets a smaller tail go (0: every frame leaves at
+    /// once). One send per frame costs a system call and a TCP push per
+    /// page (on loopback the kernel's share of a 4 KiB-per-send stream was
+    /// 3.4 s of CPU per GB), but a held tail leaves only with the next
+    /// frame or a flush: a post-copy push that stalls between pages would
+    /// hold a page the guest waits for, so migrations keep 0 (paced, the
+    /// pacer's minimum send applies instead, and the engine flushes where
+    /// it waits). The loopback benchmark batches.
     pub batch: usize,
 }
 
@@ -79,7 +83,7 @@ impl Default for SendConfig {
             buffers: 4,
             pacing: Some(PacingConfig::default()),
             io: IoPreference::Auto,
-            batch: 256 << 10,
+            batch: 0,
         }
     }
 }
@@ -93,7 +97,6 @@ impl SendConfig {
             buffers: 2,
             pacing: None,
             io: IoPreference::Auto,
-            // Answers leave at once (their senders flush anyway).
             batch: 0,
         }
     }
@@ -494,7 +497,10 @@ impl FrameSender {
             return Ok(NextSend::Idle);
         }
         if !self.pacer.enabled() {
-            return Ok(if pending >= self.cfg.batch || finishing {
+            // A held tail needs a later call to leave (a flush, the next
+            // frame): callers that stall between frames keep `batch` at 0.
+            let go = pending >= self.cfg.batch || finishing;
+            return Ok(if go {
                 NextSend::Go(pending)
             } else {
                 NextSend::Idle
