@@ -147,9 +147,23 @@ impl Pacer {
         }
     }
 
-    /// Estimated bottleneck bandwidth, bytes/s: the rate controller's
-    /// measurement once it has one, else the maximum delivery rate.
+    /// Estimated bottleneck bandwidth, bytes/s: the larger of the maximum
+    /// delivery rate and the rate controller's measurement (which a CPU
+    /// hiccup on a busy host can pull below what the path does; the
+    /// engine's freeze estimate and the in-flight limit must not shrink
+    /// with it).
     pub fn bandwidth(&self) -> Option<u64> {
+        let measured = self.rate.as_ref().and_then(RateControl::bottleneck);
+        match (self.bandwidth.get(), measured) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The bandwidth the in-flight limit is sized by: the rate controller's
+    /// measurement once it has one (the maximum delivery rate over-states
+    /// the path by several per cent), else the maximum delivery rate.
+    fn limit_bandwidth(&self) -> Option<u64> {
         self.rate
             .as_ref()
             .and_then(RateControl::bottleneck)
@@ -181,7 +195,7 @@ impl Pacer {
         let Some(cfg) = self.cfg else {
             return usize::MAX;
         };
-        match (self.bandwidth(), self.min_rtt) {
+        match (self.limit_bandwidth(), self.min_rtt) {
             (Some(bw), Some(rtt)) => {
                 let bdp = bw as f64 * rtt.as_secs_f64();
                 let l = (cfg.gain * bdp) as usize;
@@ -223,7 +237,7 @@ impl Pacer {
             .min_rtt
             .map_or(Duration::from_millis(2), |r| r / 2)
             .clamp(floor, Duration::from_millis(20));
-        match self.bandwidth() {
+        match self.limit_bandwidth() {
             Some(bw) if bw > 0 => {
                 Duration::from_secs_f64(deficit as f64 / bw as f64).clamp(floor, cap)
             }
