@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use wanmig_datapath::connection::{self, Connection, LinkConfig};
+use wanmig_datapath::transport::rate::RateConfig;
 use wanmig_datapath::transport::tcp::{self, Congestion};
 use wanmig_datapath::transport::{Encryption, IoPath};
 use wanmig_datapath::transport::{Flow, IoPreference, PacingConfig, RecvStats, SendStats};
@@ -104,7 +105,10 @@ impl LinkOptions {
             size: 256 << 20,
             iperf_seconds: 10,
             pacing: true,
-            pacing_config: PacingConfig::default(),
+            pacing_config: PacingConfig {
+                rate: Some(RateConfig::default()),
+                ..PacingConfig::default()
+            },
             io: IoPreference::Auto,
             encryption: Encryption::Tls,
             compression: Compression::Lz4,

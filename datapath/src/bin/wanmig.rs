@@ -30,6 +30,7 @@ use wanmig_datapath::migration::{
     FreezePolicy, LocalMigration, LocalOutcome, MigrationError, Planning, run_local, run_over_wan,
 };
 use wanmig_datapath::report::{IntegrityFigures, MigrationReport};
+use wanmig_datapath::transport::rate::RateConfig;
 use wanmig_datapath::transport::{Encryption, IoPreference};
 use wanmig_datapath::wire::PskKey;
 use wanmig_planner::units::{Rate, format_duration, parse_duration};
@@ -235,6 +236,11 @@ struct MigrateArgs {
     /// default every byte after TCP connect is TLS 1.3.
     #[arg(long)]
     plaintext: bool,
+    /// Pace the bulk connection just below the bottleneck rate it measures,
+    /// so post-copy faults never queue behind it (experimental: a host
+    /// whose CPU is saturated can read as a queue and slow the push).
+    #[arg(long)]
+    rate_pacing: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -295,6 +301,7 @@ fn main() -> ExitCode {
             run_dir: None,
             io: IoPreference::Auto,
             plaintext,
+            rate_pacing: false,
             json,
         }),
     };
@@ -423,9 +430,15 @@ fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
             hold: args.hold,
             ..DestConfig::default()
         },
-        link: LinkConfig {
-            encryption: encryption(args.plaintext),
-            ..LinkConfig::default().with_io(args.io)
+        link: {
+            let mut link = LinkConfig {
+                encryption: encryption(args.plaintext),
+                ..LinkConfig::default().with_io(args.io)
+            };
+            if let (true, Some(p)) = (args.rate_pacing, link.bulk.pacing.as_mut()) {
+                p.rate = Some(RateConfig::default());
+            }
+            link
         },
         run_dir,
         tag,

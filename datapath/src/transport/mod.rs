@@ -12,9 +12,9 @@
 //!   arrives ([`buf::IoBuf`]);
 //! - one request is in flight per socket and direction, so a byte stream can
 //!   never be reordered;
-//! - the bulk sender is paced ([`pacing`], [`rate`]) just below the
-//!   bottleneck's rate, so that the fault connection never sits behind a
-//!   queue on the path;
+//! - the bulk sender is paced ([`pacing`]; optionally [`rate`], just below
+//!   the bottleneck's rate) so that the fault connection never sits behind
+//!   a deep queue on the path;
 //! - the kernel is probed once ([`probe`]); without a usable io_uring the same
 //!   code runs on blocking calls, or refuses to start if io_uring was required.
 
