@@ -7,7 +7,7 @@
 //! bottleneck (at 40 Mbit/s, 5 ms a 2 × BDP limit kept ~28 kB there, and
 //! every fault answer waited 5.6 ms behind it), and a limit at one BDP
 //! starves the link whenever an ACK is late. A rate a little below the
-//! bottleneck's keeps the link ~97 % busy with nothing queued (the kernel
+//! bottleneck's keeps the link ~98.5 % busy with nothing queued (the kernel
 //! paces each socket at `SO_MAX_PACING_RATE`, for any congestion control,
 //! with its own high-resolution timer).
 //!
@@ -20,7 +20,7 @@
 //! ```text
 //!        pipe full (C := best rate)
 //!   Startup ───────────────────────────▶ Drain ──(queue gone)──▶ Cruise
-//!  (no rate cap)                          ▲  0.75 × C               │ 0.97 × C
+//!  (no rate cap)                          ▲  0.75 × C              │ 0.985 × C
 //!                                         │                          │
 //!         saturated window (C := rate) ───┴──── Probe ◀─(every 2 s)──┘
 //!                                             1.05 × C
@@ -40,6 +40,13 @@
 //! - A probe window that delivered clearly more than `C` (by half the
 //!   probe's margin) raises `C` without a queue: the link can do at least
 //!   that, and the probe goes on at the new rate.
+//!
+//! Limitation (why [`super::pacing::PacingConfig`] leaves it off by
+//! default): the queue signal is the RTT. On a host whose CPU is saturated,
+//! ACKs are processed late, the RTT rises with no queue at the bottleneck,
+//! and saturated windows measure what the CPU lets through; the pacing
+//! rate then follows the CPU down (a migration of a TCG guest on two busy
+//! cores overflowed most of its freeze into post-copy).
 
 use std::time::{Duration, Instant};
 
