@@ -156,6 +156,19 @@ struct Window {
     backlogged: bool,
 }
 
+impl Window {
+    /// A window that starts with this reading.
+    fn new(now: Instant, info: &TcpInfo, backlogged: bool) -> Self {
+        Window {
+            start: now,
+            last: now,
+            acked: info.bytes_acked,
+            min_srtt_us: info.rtt,
+            backlogged,
+        }
+    }
+}
+
 /// The rate controller of one bulk connection.
 #[derive(Debug)]
 pub struct RateControl {
@@ -205,7 +218,10 @@ impl RateControl {
 
     /// Counters so far.
     pub fn stats(&self) -> RateStats {
-        self.stats
+        RateStats {
+            bottleneck_bytes_per_s: self.bottleneck().unwrap_or(0),
+            ..self.stats
+        }
     }
 
     /// The estimated bottleneck rate, bytes/s.
@@ -298,13 +314,9 @@ impl RateControl {
             self.window_length(min_rtt)
         };
         let backlogged = waiting || info.notsent_bytes > 0;
-        let w = self.window.get_or_insert(Window {
-            start: now,
-            last: now,
-            acked: info.bytes_acked,
-            min_srtt_us: info.rtt,
-            backlogged,
-        });
+        let w = self
+            .window
+            .get_or_insert_with(|| Window::new(now, info, backlogged));
         w.min_srtt_us = w.min_srtt_us.min(info.rtt);
         // A gap between readings longer than the RTT: the sender may have
         // run dry in it.
@@ -329,13 +341,7 @@ impl RateControl {
                 Phase::Startup | Phase::Drain => false,
             };
         self.queue_stood_before = queue_stood;
-        self.window = Some(Window {
-            start: now,
-            last: now,
-            acked: info.bytes_acked,
-            min_srtt_us: info.rtt,
-            backlogged,
-        });
+        self.window = Some(Window::new(now, info, backlogged));
         self.stats.windows += 1;
         self.phase_windows += 1;
         if self.phase == Phase::Startup {
@@ -351,7 +357,6 @@ impl RateControl {
                 self.startup_best = self.startup_best.max(rate);
                 if self.startup_flat >= STARTUP_FLAT_WINDOWS {
                     self.bottleneck = Some(self.startup_best.max(self.cfg.min_rate as f64));
-                    self.stats.bottleneck_bytes_per_s = self.bottleneck().unwrap_or(0);
                     self.start_drain(now, queue_us, min_rtt);
                 }
             }
@@ -376,7 +381,6 @@ impl RateControl {
         } else if faster {
             self.bottleneck = Some(rate);
         }
-        self.stats.bottleneck_bytes_per_s = self.bottleneck().unwrap_or(0);
         match self.phase {
             Phase::Cruise | Phase::Probe if saturated => self.start_drain(now, queue_us, min_rtt),
             Phase::Probe if faster && self.phase_windows < self.cfg.max_phase_windows => {

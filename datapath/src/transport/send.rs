@@ -543,7 +543,6 @@ impl FrameSender {
             }
             Err(_) => self.pacer.disable_rate(),
         }
-        self.stats.rate = self.pacer.rate_stats();
     }
 
     /// Moves data: submits what may go and reaps completions; with `wait`,

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use zerocopy::{FromBytes, Immutable, KnownLayout};
@@ -137,24 +137,60 @@ impl TcpInfo {
     }
 }
 
-/// Reads `TCP_INFO` for a TCP socket.
-pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
-    let mut raw = [0u8; std::mem::size_of::<TcpInfo>()];
-    let mut len = raw.len() as libc::socklen_t;
-    // SAFETY: `raw` is a writable buffer of `len` bytes that outlives the call;
-    // the kernel writes at most `len` bytes and updates `len`.
+/// Reads socket option `name` at `level` into `out`; returns the length
+/// the kernel wrote.
+fn getsockopt_bytes(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    out: &mut [u8],
+) -> io::Result<usize> {
+    let mut len = out.len() as libc::socklen_t;
+    // SAFETY: `out` is a writable buffer of `len` bytes that outlives the
+    // call; the kernel writes at most `len` bytes and updates `len`.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            raw.as_mut_ptr().cast(),
+            level,
+            name,
+            out.as_mut_ptr().cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok((len as usize).min(out.len()))
+}
+
+/// Sets socket option `name` at `level` to the bytes of `value`.
+fn setsockopt_bytes(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &[u8],
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live byte slice and its exact length;
+    // the kernel only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads `TCP_INFO` for a TCP socket.
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    let mut raw = [0u8; std::mem::size_of::<TcpInfo>()];
+    getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut raw)?;
     // Older kernels return a shorter struct; the missing tail stays zero.
     Ok(TcpInfo::read_from_bytes(&raw).unwrap_or_default())
 }
@@ -176,22 +212,14 @@ pub fn outq(fd: BorrowedFd<'_>) -> io::Result<usize> {
 /// `None` removes the cap). TCP paces itself at this rate with any
 /// congestion control (no `fq` qdisc needed).
 pub fn set_max_pacing_rate(fd: BorrowedFd<'_>, rate: Option<u64>) -> io::Result<()> {
+    // The kernel takes a 64-bit rate when the option is 8 bytes long.
     let v: u64 = rate.unwrap_or(u64::MAX);
-    // SAFETY: passes a pointer to a live `u64` and its exact size (the
-    // kernel takes a 64-bit rate when the option is 8 bytes long).
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MAX_PACING_RATE,
-            (&v as *const u64).cast(),
-            std::mem::size_of::<u64>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt_bytes(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_MAX_PACING_RATE,
+        &v.to_ne_bytes(),
+    )
 }
 
 /// A congestion-control algorithm for the migration's connections
@@ -233,42 +261,19 @@ impl std::str::FromStr for Congestion {
 /// algorithm the kernel has (`tcp_available_congestion_control`), others
 /// only the allowed ones.
 pub fn set_congestion(fd: BorrowedFd<'_>, cc: Congestion) -> io::Result<()> {
-    let name = cc.name().as_bytes();
-    // SAFETY: passes a pointer to a live byte string and its exact length.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt_bytes(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_CONGESTION,
+        cc.name().as_bytes(),
+    )
 }
 
 /// The socket's congestion control, by the kernel's name.
 pub fn congestion(fd: BorrowedFd<'_>) -> io::Result<String> {
     let mut name = [0u8; 16];
-    let mut len = name.len() as libc::socklen_t;
-    // SAFETY: `name` is a writable buffer of `len` bytes that outlives the
-    // call; the kernel writes at most `len` bytes and updates `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CONGESTION,
-            name.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let name = &name[..(len as usize).min(name.len())];
+    let len = getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, &mut name)?;
+    let name = &name[..len];
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }
@@ -334,23 +339,9 @@ pub fn tune(sock: &TcpStream, role: ConnRole) -> io::Result<()> {
 
 /// Reads an integer socket option.
 pub fn get_int(sock: &TcpStream, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: passes a pointer to a live `c_int` and its exact size; the
-    // kernel writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(v)
+    let mut v = [0u8; std::mem::size_of::<libc::c_int>()];
+    getsockopt_bytes(sock.as_fd(), level, name, &mut v)?;
+    Ok(libc::c_int::from_ne_bytes(v))
 }
 
 fn set_int(
@@ -359,20 +350,7 @@ fn set_int(
     name: libc::c_int,
     v: libc::c_int,
 ) -> io::Result<()> {
-    // SAFETY: passes a pointer to a live `c_int` and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    setsockopt_bytes(sock.as_fd(), level, name, &v.to_ne_bytes())
 }
 
 #[cfg(test)]
